@@ -1,0 +1,42 @@
+"""Import an original ClipCap checkpoint (.pt) into a model bundle.
+
+  python jobs/import_clipcap.py coco_weights.pt --lm gpt2 --clip ViT-B-32:openai \
+      --mapper mlp --prefix-length 10 --out bundles/clipcap-coco
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import click
+
+from pipeline.models.clipcap_import import import_clipcap
+from pipeline.models.errors import ModelLoadError
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--lm", required=True, help="Hugging Face causal LM: hub name or local directory.")
+@click.option("--clip", required=True, help="open_clip ARCH[:WEIGHTS], e.g. ViT-B-32:openai.")
+@click.option("--mapper", type=click.Choice(["mlp", "transformer"]), required=True)
+@click.option("--prefix-length", type=click.IntRange(min=1), required=True)
+@click.option("--clip-length", type=click.IntRange(min=1), default=None,
+              help="Transformer mapper only; read from the checkpoint when omitted.")
+@click.option("--num-layers", type=click.IntRange(min=1), default=None,
+              help="Transformer mapper only; read from the checkpoint when omitted.")
+@click.option("--normalize-prefix", is_flag=True, help="The checkpoint was trained with --normalize_prefix.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+def main(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_length: int, clip_length: int | None,
+         num_layers: int | None, normalize_prefix: bool, out: Path) -> None:
+    try:
+        manifest = import_clipcap(checkpoint, lm=lm, clip=clip, mapper=mapper, prefix_length=prefix_length,
+                                  out=out, clip_length=clip_length, num_layers=num_layers,
+                                  normalize_prefix=normalize_prefix)
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote bundle {out} ({mapper} mapper, prefix {prefix_length}, sha256 {manifest['sha256'][:12]})")
+
+
+if __name__ == "__main__":
+    main()

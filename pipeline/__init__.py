@@ -1,0 +1,1 @@
+"""Turkish image-captioning pipeline: CLIP encoder, ClipCap prefix captioner, CLIP-score filter."""

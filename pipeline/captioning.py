@@ -1,0 +1,54 @@
+"""One batch through the three models: encode -> prefix -> decode -> score -> best of N.
+
+Plain PyTorch: the Ray model stage and the benchmarks' bare loop both call `caption_batch`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.decoding import DecodeSettings, decode_texts, generate
+from pipeline.models.bundle import Bundle
+
+
+@dataclass
+class CaptionedBatch:
+    captions: list[str]
+    clip_scores: np.ndarray            # float32 (B,): raw cosine of the chosen caption
+    image_embeddings: np.ndarray       # float32 (B, D): L2-normalized encoder embeddings
+    candidates: list[list[tuple[str, float]]]  # every candidate with its score, best first
+
+
+@torch.inference_mode()
+def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings,
+                  scorer_pixels: torch.Tensor | None = None) -> CaptionedBatch:
+    """uint8 (B, H, W, 3) images at the encoder's input size -> captions, scores and embeddings.
+
+    `scorer_pixels` are the same images at the scorer's input size, needed only when the scorer is
+    a different model with a different input size.
+    """
+    embeddings = bundle.encoder.encode_images(pixels)
+    token_lists = generate(bundle.captioner, bundle.captioner.prefix(embeddings), settings)
+    per_image = [len(candidates) for candidates in token_lists]
+    texts = decode_texts(bundle.captioner, [tokens for candidates in token_lists for tokens in candidates])
+    if bundle.scorer is bundle.encoder:
+        scorer_embeddings = embeddings
+    else:
+        scorer_embeddings = bundle.scorer.encode_images(pixels if scorer_pixels is None else scorer_pixels)
+    text_embeddings = bundle.scorer.encode_texts(texts)
+    owner = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor(per_image))
+    scores = (scorer_embeddings[owner.to(scorer_embeddings.device)] * text_embeddings).sum(-1).cpu().numpy()
+    captions, best_scores, candidates = [], [], []
+    start = 0
+    for count in per_image:
+        pairs = sorted(zip(texts[start:start + count], scores[start:start + count].tolist(), strict=True),
+                       key=lambda pair: -pair[1])
+        captions.append(pairs[0][0])
+        best_scores.append(pairs[0][1])
+        candidates.append(pairs)
+        start += count
+    return CaptionedBatch(captions=captions, clip_scores=np.asarray(best_scores, dtype=np.float32),
+                          image_embeddings=embeddings.cpu().numpy().astype(np.float32), candidates=candidates)

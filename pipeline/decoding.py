@@ -1,0 +1,189 @@
+"""Caption generation from prefix embeddings: batched greedy, beam search and sampling with a KV cache,
+plus the original ClipCap loop (one image, whole sequence recomputed each step) as the baseline.
+
+All methods stop a row at any of `stop_ids` (the LM's eos, and ClipCap's '.'), keep the stop token
+when it is text ('.') and drop it when it is the eos, and return token id lists; `decode_texts` turns
+them into clean Turkish text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from pipeline.models.captioner import PrefixCaptioner
+from pipeline.text import clean_caption
+
+METHODS = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    method: str = "greedy"
+    max_new_tokens: int = 20
+    num_candidates: int = 1       # beam: beams returned (<= beam_width); sample: samples per image
+    beam_width: int = 5
+    length_penalty: float = 1.0   # beam score = sum log p / length ** length_penalty
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown decoding method {self.method!r} (expected {', '.join(METHODS)})")
+        if self.max_new_tokens < 1 or self.num_candidates < 1:
+            raise ValueError("max_new_tokens and num_candidates must be at least 1")
+        if self.method == "beam" and self.num_candidates > self.beam_width:
+            raise ValueError(f"num_candidates ({self.num_candidates}) exceeds beam_width ({self.beam_width})")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def generate(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeSettings) -> list[list[list[int]]]:
+    """(B, L, E) prefixes -> for each image, its candidates' token ids (best first for beam)."""
+    stop_ids = captioner.stop_token_ids()
+    if settings.method == "beam":
+        return _beam_search(captioner, prefix, settings, stop_ids)
+    n = settings.num_candidates if settings.method == "sample" else 1
+    choose = _greedy_choice if settings.method == "greedy" else _sampler(settings, prefix.device)
+    rows = _decode_rows(captioner, prefix.repeat_interleave(n, dim=0), settings.max_new_tokens, stop_ids, choose)
+    return [rows[i * n:(i + 1) * n] for i in range(prefix.shape[0])]
+
+
+def decode_texts(captioner: PrefixCaptioner, token_lists: list[list[int]]) -> list[str]:
+    texts = captioner.tokenizer.batch_decode(token_lists, skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=False)
+    return [clean_caption(text) for text in texts]
+
+
+def _step(captioner: PrefixCaptioner, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    """One forward pass over new positions; returns float32 logits of the last position."""
+    return captioner.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+
+def _greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def _sampler(settings: DecodeSettings, device: torch.device):
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits / settings.temperature
+        if settings.top_k:
+            kth = logits.topk(min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if settings.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+            # drop a token once the mass before it already reaches top_p (the first token always stays)
+            drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= settings.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+    return choose
+
+
+def _decode_rows(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_tokens: int,
+                 stop_ids: list[int], choose) -> list[list[int]]:
+    """Greedy/sampling loop. Finished rows leave the batch (and the KV cache), so a batch of mixed
+    caption lengths costs what its live rows cost."""
+    cache = DynamicCache()
+    logits = _step(captioner, prefix, cache)
+    stops = torch.tensor(stop_ids, device=prefix.device)
+    eos = captioner.tokenizer.eos_token_id
+    outputs: list[list[int]] = [[] for _ in range(prefix.shape[0])]
+    live = list(range(prefix.shape[0]))
+    for _ in range(max_new_tokens):
+        tokens = choose(logits)
+        finished = torch.isin(tokens, stops)
+        for row, token, done in zip(live, tokens.tolist(), finished.tolist(), strict=True):
+            if not (done and token == eos):
+                outputs[row].append(token)
+        if finished.all():
+            break
+        if finished.any():
+            keep = (~finished).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            tokens = tokens[keep]
+            live = [live[i] for i in keep.tolist()]
+        logits = _step(captioner, captioner.embed_tokens(tokens[:, None]), cache)
+    return outputs
+
+
+def _beam_search(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeSettings,
+                 stop_ids: list[int]) -> list[list[list[int]]]:
+    """Batched beam search. A finished beam stays in its image's beam set with its score frozen
+    (its only continuation is a no-op of log-probability 0), so finished and live beams compete
+    on the length-normalized score."""
+    batch, k = prefix.shape[0], settings.beam_width
+    device = prefix.device
+    cache = DynamicCache()
+    logprobs = _step(captioner, prefix, cache).log_softmax(dim=-1)
+    cache.batch_repeat_interleave(k)
+    vocab = logprobs.shape[-1]
+    logprobs = logprobs.repeat_interleave(k, dim=0)
+    stops = torch.tensor(stop_ids, device=device)
+    scores = torch.zeros(batch, k, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    lengths = torch.zeros(batch * k, device=device)
+    finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
+    tokens = torch.empty(batch * k, 0, dtype=torch.long, device=device)
+    for _ in range(settings.max_new_tokens):
+        logprobs[finished] = float("-inf")
+        logprobs[finished, 0] = 0.0  # the frozen continuation; its token is never emitted
+        new_lengths = lengths + (~finished).float()
+        total = scores.view(-1, 1) + logprobs
+        normalized = total / new_lengths.clamp(min=1).pow(settings.length_penalty).view(-1, 1)
+        flat = normalized.view(batch, k * vocab).topk(k, dim=-1).indices
+        source = (flat // vocab + torch.arange(batch, device=device).view(-1, 1) * k).view(-1)
+        next_tokens = (flat % vocab).view(-1)
+        scores = total.view(-1)[source * vocab + next_tokens].view(batch, k)
+        was_finished = finished[source]
+        lengths = new_lengths[source]
+        finished = was_finished | torch.isin(next_tokens, stops)
+        tokens = torch.cat((tokens[source], torch.where(was_finished, -1, next_tokens)[:, None]), dim=1)
+        if finished.all():
+            break
+        cache.reorder_cache(source)
+        logprobs = _step(captioner, captioner.embed_tokens(next_tokens[:, None]), cache).log_softmax(dim=-1)
+    order = (scores / lengths.clamp(min=1).view(batch, k).pow(settings.length_penalty)).argsort(dim=-1,
+                                                                                             descending=True)
+    eos = captioner.tokenizer.eos_token_id
+    results = []
+    for image in range(batch):
+        beams = []
+        for beam in order[image, : settings.num_candidates].tolist():
+            ids = [t for t in tokens[image * k + beam].tolist() if t >= 0]
+            beams.append(ids[:-1] if ids and ids[-1] == eos else ids)
+        results.append(beams)
+    return results
+
+
+@torch.inference_mode()
+def reference_clipcap_generate(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """The original ClipCap greedy loop for ONE image: no KV cache, the whole sequence is fed again
+    at every step, stop at the stop token. The baseline that tests and benchmarks compare against."""
+    stop_ids = captioner.stop_token_ids()
+    eos = captioner.tokenizer.eos_token_id
+    generated = prefix[:1]
+    tokens: list[int] = []
+    for _ in range(max_new_tokens):
+        logits = captioner.lm(inputs_embeds=generated).logits[:, -1, :]
+        token = int(logits.argmax(-1).item())
+        if token in stop_ids and token == eos:
+            break
+        tokens.append(token)
+        if token in stop_ids:
+            break
+        next_embed = captioner.embed_tokens(torch.tensor([[token]], device=prefix.device))
+        generated = torch.cat((generated, next_embed), dim=1)
+    return tokens

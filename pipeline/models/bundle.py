@@ -1,0 +1,177 @@
+"""Model bundles: one directory holding encoder + captioner + scorer, described by bundle.json.
+
+Layout:
+  bundle.json           specs, captioner config and a sha256 for every file below
+  encoder.safetensors   CLIP weights (omitted when the encoder names an open_clip pretrained tag)
+  encoder_tokenizer.json   custom CLIP text tokenizer (custom architectures only)
+  mapper.safetensors    ClipCap mapper weights
+  lm/                   the language model and its tokenizer, Hugging Face `save_pretrained` form
+  scorer.*              only when the scorer is not the encoder itself
+Nothing is unpickled: weights are safetensors, and open_clip `.pt` files load with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
+from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip
+from pipeline.models.errors import ModelLoadError
+from pipeline.models.text_tokenizers import ClipTextTokenizer
+from pipeline.models.weights import load_weights, save_weights
+
+BUNDLE_FILE = "bundle.json"
+FORMAT = "clipcap-tr-bundle/1"
+SAME_AS_ENCODER = "encoder"
+LM_DIR = "lm"
+
+
+@dataclass
+class Bundle:
+    """The three frozen models of a run. `scorer` may be the very same object as `encoder`."""
+
+    encoder: ClipModel
+    captioner: PrefixCaptioner
+    scorer: ClipModel
+    manifest: dict[str, Any]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Bundle:
+        for module in {id(m): m for m in (self.encoder, self.captioner, self.scorer)}.values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """What run.json and the Parquet metadata record about the models."""
+        return {key: self.manifest[key] for key in ("name", "sha256", "encoder", "captioner", "scorer")}
+
+
+def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
+                scorer: ClipModel | None = None, scorer_spec: ClipSpec | None = None,
+                name: str | None = None) -> dict[str, Any]:
+    """Write a complete, self-contained bundle; returns its manifest (the bundle.json content)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name or path.name,
+        "encoder": _save_clip(path, "encoder", encoder, encoder_spec),
+        "captioner": {**captioner.config.to_json(), "weights": "mapper.safetensors", "language_model": LM_DIR},
+    }
+    save_weights(captioner.mapper, path / "mapper.safetensors")
+    captioner.lm.save_pretrained(path / LM_DIR)
+    captioner.tokenizer.save_pretrained(path / LM_DIR)
+    if scorer is None or scorer is encoder:
+        manifest["scorer"] = SAME_AS_ENCODER
+    else:
+        manifest["scorer"] = _save_clip(path, "scorer", scorer, scorer_spec or ClipSpec(arch=CUSTOM))
+    manifest["files"] = {
+        str(file.relative_to(path)): _sha256(file)
+        for file in sorted(path.rglob("*")) if file.is_file() and file.name != BUNDLE_FILE
+    }
+    text = json.dumps(manifest, indent=2, ensure_ascii=False)
+    (path / BUNDLE_FILE).write_text(text, encoding="utf-8")
+    return load_manifest(path)
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and check bundle.json and the files it lists (presence and sha256)."""
+    path = Path(path)
+    manifest_file = path / BUNDLE_FILE
+    if not path.is_dir():
+        raise ModelLoadError(f"model bundle not found: {path} is not a directory")
+    if not manifest_file.is_file():
+        raise ModelLoadError(f"not a model bundle: {manifest_file} is missing")
+    try:
+        raw = manifest_file.read_bytes()
+        manifest = json.loads(raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{manifest_file}: unreadable ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelLoadError(f"{manifest_file}: not a {FORMAT} manifest")
+    for key in ("encoder", "captioner", "scorer", "files"):
+        if key not in manifest:
+            raise ModelLoadError(f"{manifest_file}: missing entry {key!r}")
+    for relative, digest in manifest["files"].items():
+        file = path / relative
+        if not file.is_file():
+            raise ModelLoadError(f"bundle file missing: {file} (listed in {BUNDLE_FILE})")
+        if _sha256(file) != digest:
+            raise ModelLoadError(f"bundle file does not match {BUNDLE_FILE}: {file} (sha256 differs)")
+    manifest.setdefault("name", path.name)
+    manifest["sha256"] = hashlib.sha256(raw).hexdigest()
+    return manifest
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load all three models from a bundle directory, on CPU in float32, in eval mode."""
+    path = Path(path)
+    manifest = load_manifest(path)
+    encoder = create_clip(_clip_spec(manifest["encoder"], "encoder"), path)
+    scorer = (encoder if manifest["scorer"] == SAME_AS_ENCODER
+              else create_clip(_clip_spec(manifest["scorer"], "scorer"), path))
+    captioner = _load_captioner(path, manifest["captioner"])
+    if captioner.config.prefix_dim != encoder.embed_dim:
+        raise ModelLoadError(f"{path / BUNDLE_FILE}: captioner prefix_dim {captioner.config.prefix_dim} "
+                             f"does not match the encoder's embedding width {encoder.embed_dim}")
+    return Bundle(encoder=encoder, captioner=captioner, scorer=scorer, manifest=manifest)
+
+
+def load_language_model(name_or_dir: str | Path):
+    """A Hugging Face causal LM and its tokenizer from a local directory (never touching the network)
+    or a hub name. Returns (model, tokenizer)."""
+    local = Path(name_or_dir).is_dir()
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(name_or_dir, local_files_only=local)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local)
+    except (OSError, ValueError, KeyError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelLoadError(f"cannot load language model {str(name_or_dir)!r}: {reason}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm.eval(), tokenizer
+
+
+def _load_captioner(path: Path, entry: dict[str, Any]) -> PrefixCaptioner:
+    known = {f.name for f in fields(CaptionerConfig)}
+    config = CaptionerConfig(**{k: v for k, v in entry.items() if k in known})
+    if config.mapper not in MAPPERS:
+        raise ModelLoadError(f"{path / BUNDLE_FILE}: unknown mapper {config.mapper!r}")
+    lm_ref = entry.get("language_model", LM_DIR)
+    lm, tokenizer = load_language_model(path / lm_ref if (path / lm_ref).is_dir() else lm_ref)
+    captioner = PrefixCaptioner(config, lm, tokenizer)
+    load_weights(captioner.mapper, path / entry.get("weights", "mapper.safetensors"))
+    return captioner.eval()
+
+
+def _clip_spec(entry: Any, role: str) -> ClipSpec:
+    if not isinstance(entry, dict) or "arch" not in entry:
+        raise ModelLoadError(f"{BUNDLE_FILE}: {role} entry needs an 'arch'")
+    known = {f.name for f in fields(ClipSpec)}
+    return ClipSpec(**{k: v for k, v in entry.items() if k in known})
+
+
+def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec) -> dict[str, Any]:
+    """Custom models and local weight files are copied in as safetensors; pretrained tags stay tags."""
+    entry = spec.to_json()
+    if spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):
+        save_weights(model.clip, path / f"{role}.safetensors")
+        entry["weights"] = f"{role}.safetensors"
+    if isinstance(model.tokenizer, ClipTextTokenizer):
+        model.tokenizer.tokenizer.save(str(path / f"{role}_tokenizer.json"))
+        entry["tokenizer"] = f"{role}_tokenizer.json"
+    return entry
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,146 @@
+"""CLIP image encoder and scorer: any open_clip architecture, or a small custom one.
+
+Preprocessing is split where it is cheapest: resize + center crop to uint8 happen on CPU workers
+(`pipeline.images`), normalization with the model's own mean/std happens here, on the model's device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.images import ImageSpec
+from pipeline.models.errors import ModelLoadError
+from pipeline.models.text_tokenizers import ClipTextTokenizer, TextTokenizer
+from pipeline.models.weights import load_weights
+
+CUSTOM = "custom"
+_SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+@dataclass
+class ClipSpec:
+    """Where a CLIP model comes from.
+
+    arch: an open_clip model name ('ViT-B-32', 'hf-hub:org/repo', 'local-dir:/path') or 'custom'.
+    weights: an open_clip pretrained tag ('openai', 'laion2b_s34b_b79k') or a local file
+      (.safetensors / .pt / .bin, relative paths resolve against the bundle directory).
+    config: for 'custom', the keyword arguments of `open_clip.CLIP` plus an optional 'preprocess'
+      entry (size, mean, std, interpolation).
+    tokenizer: for 'custom', a `tokenizers` JSON file.
+    """
+
+    arch: str
+    weights: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ClipSpec:
+        """'ARCH[:WEIGHTS]', e.g. 'ViT-B-32:openai', 'RN50x4:/ckpt/rn50x4.pt', 'hf-hub:org/repo'."""
+        if text.startswith(_SCHEMAS):
+            return cls(arch=text)
+        arch, _, weights = text.partition(":")
+        if not arch:
+            raise ModelLoadError(f"empty CLIP architecture in {text!r} (expected ARCH[:WEIGHTS])")
+        return cls(arch=arch, weights=weights or None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+class ClipModel(nn.Module):
+    """An open_clip CLIP with its tokenizer and preprocessing; returns L2-normalized float32 embeddings."""
+
+    def __init__(self, clip: nn.Module, tokenizer: TextTokenizer, image_spec: ImageSpec,
+                 mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.clip = clip.eval()
+        self.tokenizer = tokenizer
+        self.image_spec = image_spec
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip.text_projection.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> normalized (B, 3, H, W) in the model's dtype, on its device."""
+        dtype = self.clip.logit_scale.dtype
+        pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) images, already resized/cropped to `image_spec.size`."""
+        features = self.clip.encode_image(self.normalize_pixels(pixels))
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
+
+
+def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
+    """Build a ClipModel from a spec; loads no network resource when all paths are local."""
+    if spec.arch == CUSTOM:
+        return _create_custom(spec, base_dir or Path("."))
+    weights = _resolve(spec.weights, base_dir)
+    try:
+        clip = open_clip.create_model(spec.arch, pretrained=weights, weights_only=True)
+        tokenizer = open_clip.get_tokenizer(spec.arch)
+    except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError) as exc:
+        what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
+        raise ModelLoadError(f"cannot load CLIP {what!r}: {_one_line(exc)}") from None
+    cfg = open_clip.get_model_preprocess_cfg(clip)
+    if cfg.get("resize_mode", "shortest") != "shortest":
+        raise ModelLoadError(f"CLIP {spec.arch!r}: resize_mode {cfg['resize_mode']!r} is not supported yet")
+    size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
+    image_spec = ImageSpec(size=size, interpolation=cfg.get("interpolation", "bicubic"))
+    return ClipModel(clip, tokenizer, image_spec, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
+    if not spec.config or not spec.tokenizer:
+        raise ModelLoadError("a custom CLIP needs 'config' and 'tokenizer' in its spec")
+    config = dict(spec.config)
+    preprocess = config.pop("preprocess", {})
+    try:
+        clip = open_clip.CLIP(**config)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ModelLoadError(f"invalid custom CLIP config: {_one_line(exc)}") from None
+    if spec.weights:
+        load_weights(clip, base_dir / spec.weights)
+    tokenizer_path = base_dir / spec.tokenizer
+    if not tokenizer_path.is_file():
+        raise ModelLoadError(f"CLIP tokenizer file missing: {tokenizer_path}")
+    tokenizer = ClipTextTokenizer.from_file(tokenizer_path, clip.context_length)
+    image_spec = ImageSpec(
+        size=int(preprocess.get("size", config["vision_cfg"]["image_size"])),
+        interpolation=preprocess.get("interpolation", "bicubic"),
+    )
+    mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
+    return ClipModel(clip, tokenizer, image_spec, mean, std)
+
+
+def _resolve(weights: str | None, base_dir: Path | None) -> str | None:
+    """A weights entry that names an existing file (relative to the bundle) is a file; else a tag."""
+    if weights and base_dir is not None and (base_dir / weights).is_file():
+        return str(base_dir / weights)
+    return weights
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"

@@ -1,0 +1,67 @@
+"""Tiny real models built and saved by the tests themselves: no weights can be downloaded here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
+from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip
+from pipeline.models.text_tokenizers import train_bpe_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TURKISH_SENTENCES = [
+    "Resimde büyük bir kırmızı daire var.",
+    "Solda küçük mavi bir kare duruyor.",
+    "Sağdaki yeşil üçgen dairenin altında.",
+    "İki sarı yıldız ortada görünüyor.",
+    "Kalbin üstünde mor bir altıgen var.",
+    "Işık, ağaç, çiçek, göğüs, şişe, öğrenci, ılık, İzmir.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_bpe_tokenizer(TURKISH_SENTENCES, vocab_size=400)
+
+
+def tiny_lm(tokenizer, n_embd: int = 32, seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=n_embd, n_layer=2, n_head=4,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        tie_word_embeddings=False, initializer_range=0.3)
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_clip_config(vocab_size: int, embed_dim: int = 24, image_size: int = 32) -> dict:
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": vocab_size, "width": 32, "heads": 2, "layers": 2,
+                     "pool_type": "eos", "eos_id": 1},
+    }
+
+
+def tiny_clip(tokenizer, tmp_path: Path, seed: int = 0) -> tuple[ClipModel, ClipSpec]:
+    """A custom open_clip CLIP with the project's own text tokenizer, saved so it can be reloaded."""
+    torch.manual_seed(seed)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    tokenizer_file = tmp_path / "clip_tokenizer.json"
+    tokenizer.backend_tokenizer.save(str(tokenizer_file))
+    spec = ClipSpec(arch=CUSTOM, config=tiny_clip_config(len(tokenizer)), tokenizer=tokenizer_file.name)
+    return create_clip(spec, tmp_path), spec
+
+
+def tiny_captioner(tokenizer, mapper: str = "mlp", prefix_dim: int = 24, seed: int = 0,
+                   **config) -> PrefixCaptioner:
+    lm = tiny_lm(tokenizer, seed=seed)
+    torch.manual_seed(seed + 1)
+    cfg = CaptionerConfig(mapper=mapper, prefix_dim=prefix_dim, prefix_length=4, clip_length=3, num_layers=2,
+                          **config)
+    return PrefixCaptioner(cfg, lm, tokenizer).eval()

@@ -1,0 +1,144 @@
+"""Batched KV-cache decoding against the original ClipCap loop, on random-init models."""
+
+from __future__ import annotations
+
+import itertools
+import unicodedata
+
+import pytest
+import torch
+from conftest import tiny_captioner
+
+from pipeline.decoding import DecodeSettings, decode_texts, generate, reference_clipcap_generate
+
+
+def _prefixes(captioner, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn(n, captioner.config.prefix_dim, generator=generator, dtype=dtype) * 3
+    return captioner.prefix(embeddings)
+
+
+def _captioner_with_mixed_lengths(tokenizer, max_new_tokens: int):
+    """Random models rarely emit '.', so pick as stop token a token the reference loop emits at
+    different positions for different images: then greedy runs end at mixed lengths."""
+    captioner = tiny_captioner(tokenizer, stop_token="").double()
+    prefix = _prefixes(captioner, 12)
+    runs = [reference_clipcap_generate(captioner, prefix[i:i + 1], max_new_tokens) for i in range(12)]
+    for token in sorted({t for run in runs for t in run}):
+        text = tokenizer.decode([token])
+        if tokenizer.encode(text, add_special_tokens=False)[:1] != [token]:
+            continue
+        first_positions = {run.index(token) if token in run else None for run in runs}
+        if len(first_positions) >= 3 and None in first_positions:
+            captioner.config.stop_token = text
+            return captioner, prefix
+    pytest.fail("no token gives mixed lengths; change the seed")
+
+
+def test_batched_greedy_equals_reference_loop_with_mixed_lengths(tokenizer):
+    max_new = 10
+    captioner, prefix = _captioner_with_mixed_lengths(tokenizer, max_new)
+    expected = [reference_clipcap_generate(captioner, prefix[i:i + 1], max_new) for i in range(len(prefix))]
+    got = generate(captioner, prefix, DecodeSettings(max_new_tokens=max_new))
+    assert [candidates[0] for candidates in got] == expected
+    lengths = {len(tokens) for tokens in expected}
+    assert len(lengths) >= 3 and min(lengths) < max_new  # really mixed, some stopped early
+    stop_id = tokenizer.encode(captioner.config.stop_token, add_special_tokens=False)[0]
+    assert any(tokens[-1] == stop_id for tokens in expected if len(tokens) < max_new)  # '.'-style stop kept
+
+
+def test_beam_width_one_equals_greedy(tokenizer):
+    captioner, prefix = _captioner_with_mixed_lengths(tokenizer, 10)
+    greedy = generate(captioner, prefix, DecodeSettings(max_new_tokens=10))
+    beam = generate(captioner, prefix, DecodeSettings(method="beam", beam_width=1, max_new_tokens=10))
+    assert beam == greedy
+
+
+def _sequence_logprob(captioner, prefix: torch.Tensor, tokens: list[int]) -> float:
+    embeds = torch.cat((prefix, captioner.embed_tokens(torch.tensor([tokens]))), dim=1)
+    logprobs = captioner.lm(inputs_embeds=embeds).logits.log_softmax(-1)[0]
+    start = prefix.shape[1] - 1
+    return float(sum(logprobs[start + i, t] for i, t in enumerate(tokens)))
+
+
+@torch.inference_mode()
+def test_beam_search_with_full_width_is_exact_over_two_tokens(tokenizer):
+    """With beam width >= vocabulary size and two steps, beam search is exhaustive: its best
+    candidate must be the most probable sequence (length penalty 0 = plain sum of log-probs)."""
+    captioner = tiny_captioner(tokenizer, stop_token="").double()
+    prefix = _prefixes(captioner, 2, seed=3)
+    vocab = captioner.lm.config.vocab_size
+    settings = DecodeSettings(method="beam", beam_width=vocab, num_candidates=3, max_new_tokens=2,
+                              length_penalty=0.0)
+    results = generate(captioner, prefix, settings)
+    eos = tokenizer.eos_token_id
+    for image, candidates in enumerate(results):
+        p = prefix[image:image + 1]
+        first = captioner.lm(inputs_embeds=p).logits[0, -1].log_softmax(-1)
+        best_score, best = float(first[eos]), []
+        top_first = first.topk(20).indices.tolist()
+        for a in top_first:
+            if a == eos:
+                continue
+            embeds = torch.cat((p, captioner.embed_tokens(torch.tensor([[a]]))), dim=1)
+            second = captioner.lm(inputs_embeds=embeds).logits[0, -1].log_softmax(-1)
+            b = int(second.argmax())
+            score = float(first[a] + second[b])
+            if score > best_score:
+                best_score, best = score, [a] if b == eos else [a, b]
+        assert candidates[0] == best
+        assert len(candidates) == 3 and len({tuple(c) for c in candidates}) == 3
+        scores = [_sequence_logprob(captioner, p, c + ([eos] if len(c) < 2 else [])) for c in candidates]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(tokenizer):
+    captioner = tiny_captioner(tokenizer).double()
+    prefix = _prefixes(captioner, 4)
+    settings = DecodeSettings(method="sample", num_candidates=3, max_new_tokens=8, temperature=1.5, seed=7)
+    first, again = generate(captioner, prefix, settings), generate(captioner, prefix, settings)
+    assert first == again and all(len(c) == 3 for c in first)
+    other_seed = generate(captioner, prefix, DecodeSettings(**{**settings.to_json(), "seed": 8}))
+    assert other_seed != first
+    greedy = generate(captioner, prefix, DecodeSettings(max_new_tokens=8))
+    top1 = generate(captioner, prefix, DecodeSettings(method="sample", num_candidates=2, top_k=1,
+                                                      max_new_tokens=8))
+    assert all(candidates == [g[0], g[0]] for candidates, g in zip(top1, greedy, strict=True))
+
+
+def test_top_p_keeps_only_the_nucleus(tokenizer):
+    captioner = tiny_captioner(tokenizer).double()
+    prefix = _prefixes(captioner, 1)
+    with torch.inference_mode():
+        probs = captioner.lm(inputs_embeds=prefix).logits[0, -1].softmax(-1)
+    ordered = probs.sort(descending=True)
+    nucleus = set(ordered.indices[: int((ordered.values.cumsum(0) < 0.5).sum()) + 1].tolist())
+    settings = DecodeSettings(method="sample", num_candidates=64, max_new_tokens=1, top_p=0.5, seed=1)
+    firsts = {candidate[0] for candidate in generate(captioner, prefix, settings)[0] if candidate}
+    assert firsts <= nucleus and len(nucleus) < len(probs)
+
+
+def test_decode_texts_are_clean_nfc_without_special_tokens(tokenizer):
+    captioner = tiny_captioner(tokenizer)
+    decomposed = unicodedata.normalize("NFD", "  Işık   ağacın  altında .")
+    ids = [*tokenizer.encode(decomposed, add_special_tokens=False), tokenizer.eos_token_id]
+    text = decode_texts(captioner, [ids])[0]
+    assert text == "Işık ağacın altında."
+    assert unicodedata.is_normalized("NFC", text)
+
+
+@pytest.mark.parametrize(("method", "extra"), [("greedy", {}), ("beam", {"beam_width": 3}),
+                                                ("sample", {"num_candidates": 2})])
+def test_bf16_runs_every_method(tokenizer, method, extra):
+    captioner = tiny_captioner(tokenizer).to(torch.bfloat16)
+    prefix = _prefixes(captioner, 3, dtype=torch.bfloat16)
+    result = generate(captioner, prefix, DecodeSettings(method=method, max_new_tokens=5, **extra))
+    assert len(result) == 3
+    assert all(len(tokens) <= 5 for tokens in itertools.chain.from_iterable(result))
+
+
+def test_invalid_settings_are_refused():
+    for bad in ({"method": "nucleus"}, {"max_new_tokens": 0}, {"method": "beam", "beam_width": 2,
+                                                                "num_candidates": 3}, {"top_p": 0}):
+        with pytest.raises(ValueError):
+            DecodeSettings(**bad)

@@ -1,0 +1,121 @@
+"""The three models as plain torch modules: shapes, loss masking, CLIP loading paths, scoring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import tiny_captioner, tiny_clip, tiny_clip_config
+from safetensors.torch import save_file
+
+from pipeline.captioning import caption_batch
+from pipeline.decoding import DecodeSettings
+from pipeline.models.bundle import Bundle
+from pipeline.models.captioner import MLPMapper, TransformerMapper
+from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.errors import ModelLoadError
+
+
+def test_mlp_mapper_has_clipcap_sizes():
+    mapper = MLPMapper(prefix_dim=512, embed_dim=768, prefix_length=10)
+    shapes = [tuple(p.shape) for p in mapper.parameters()]
+    assert shapes == [(3840, 512), (3840,), (7680, 3840), (7680,)]
+    assert mapper(torch.zeros(2, 512)).shape == (2, 10, 768)
+
+
+def test_transformer_mapper_outputs_prefix_length_tokens():
+    mapper = TransformerMapper(prefix_dim=24, embed_dim=32, prefix_length=5, clip_length=3, num_layers=2)
+    assert mapper(torch.randn(2, 24)).shape == (2, 5, 32)
+
+
+def test_caption_loss_is_only_on_caption_tokens(tokenizer):
+    captioner = tiny_captioner(tokenizer).double()
+    embeddings = torch.randn(2, 24, dtype=torch.float64)
+    tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    loss = captioner.caption_loss(embeddings, tokens, mask)
+    logits = captioner(embeddings, tokens, mask)
+    prefix_length = captioner.config.prefix_length
+    manual = [-logits[b, prefix_length - 1 + t].log_softmax(-1)[tokens[b, t]]
+              for b in range(2) for t in range(4) if mask[b, t]]
+    assert torch.allclose(loss.double(), torch.stack(manual).mean())
+    changed_padding = tokens.masked_fill(mask == 0, 42)
+    assert torch.allclose(captioner.caption_loss(embeddings, changed_padding, mask), loss)
+    changed_caption = tokens.clone()
+    changed_caption[0, 1] = 11
+    assert not torch.allclose(captioner.caption_loss(embeddings, changed_caption, mask), loss)
+
+
+def test_custom_clip_embeddings_are_normalized_and_match_open_clip_preprocessing(tokenizer, tmp_path):
+    clip, _ = tiny_clip(tokenizer, tmp_path)
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    embeddings = clip.encode_images(pixels)
+    assert embeddings.shape == (3, 24)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(3), atol=1e-5)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    expected = (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    assert torch.allclose(clip.normalize_pixels(pixels), expected, atol=1e-5)
+    texts = clip.encode_texts(["kırmızı daire", "mavi kare"])
+    assert torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_named_architecture_loads_a_local_weights_file(tmp_path):
+    """An open_clip name + a local .pt state dict (loaded with weights_only=True) reproduces the model."""
+    torch.manual_seed(0)
+    original = open_clip.create_model("ViT-B-32").eval()
+    weights = tmp_path / "vit_b32.pt"
+    torch.save(original.state_dict(), weights)
+    loaded = create_clip(ClipSpec.parse(f"ViT-B-32:{weights}"))
+    assert loaded.image_spec.size == 224
+    pixels = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(original.encode_image(loaded.normalize_pixels(pixels)), dim=-1)
+        assert torch.allclose(loaded.encode_images(pixels), expected, atol=1e-5)
+        tokens = open_clip.get_tokenizer("ViT-B-32")(["bir kedi"])
+        assert torch.allclose(loaded.encode_texts(["bir kedi"]),
+                              torch.nn.functional.normalize(original.encode_text(tokens), dim=-1), atol=1e-5)
+
+
+def test_local_dir_schema_loads_config_and_weights(tokenizer, tmp_path):
+    config = tiny_clip_config(49408)
+    config["text_cfg"] = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {
+        "size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}}))
+    torch.manual_seed(0)
+    reference = open_clip.CLIP(**config).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()},
+              str(tmp_path / "open_clip_model.safetensors"))
+    loaded = create_clip(ClipSpec.parse(f"local-dir:{tmp_path}"))
+    assert loaded.image_spec.size == 32 and loaded.image_spec.interpolation == "bilinear"
+    pixels = torch.full((1, 32, 32, 3), 128, dtype=torch.uint8)
+    assert torch.allclose(loaded.normalize_pixels(pixels), torch.full((1, 3, 32, 32), (128 / 255 - 0.5) / 0.25))
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(reference.encode_image(loaded.normalize_pixels(pixels)), dim=-1)
+        assert torch.allclose(loaded.encode_images(pixels), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["NoSuchNet-1", "ViT-B-32:no-such-tag", ":openai"])
+def test_bad_clip_names_raise_one_line(spec):
+    with pytest.raises(ModelLoadError) as info:
+        create_clip(ClipSpec.parse(spec))
+    assert "\n" not in str(info.value)
+
+
+def test_caption_batch_scores_candidates_and_picks_the_best(tokenizer, tmp_path):
+    clip, _ = tiny_clip(tokenizer, tmp_path)
+    bundle = Bundle(encoder=clip, captioner=tiny_captioner(tokenizer), scorer=clip, manifest={})
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    settings = DecodeSettings(method="sample", num_candidates=4, max_new_tokens=6, seed=1)
+    result = caption_batch(bundle, pixels, settings)
+    assert len(result.captions) == 3 and result.image_embeddings.shape == (3, 24)
+    for i, candidates in enumerate(result.candidates):
+        assert len(candidates) == 4
+        assert result.captions[i] == candidates[0][0]
+        assert result.clip_scores[i] == pytest.approx(max(score for _, score in candidates), abs=1e-6)
+        with torch.inference_mode():
+            text = clip.encode_texts([result.captions[i]])[0].numpy()
+        assert result.clip_scores[i] == pytest.approx(float(np.dot(result.image_embeddings[i], text)), abs=1e-5)
