@@ -65,3 +65,55 @@ def tiny_captioner(tokenizer, mapper: str = "mlp", prefix_dim: int = 24, seed: i
     cfg = CaptionerConfig(mapper=mapper, prefix_dim=prefix_dim, prefix_length=4, clip_length=3, num_layers=2,
                           **config)
     return PrefixCaptioner(cfg, lm, tokenizer).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tokenizer, tmp_path_factory) -> Path:
+    """A complete random-weight bundle (32x32 custom CLIP + 2-layer GPT-2), saved to disk."""
+    from pipeline.models.bundle import save_bundle
+
+    root = tmp_path_factory.mktemp("tiny_bundle")
+    clip, spec = tiny_clip(tokenizer, root / "src")
+    save_bundle(root / "bundle", clip, spec, tiny_captioner(tokenizer), name="tiny")
+    return root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the tests that run the pipeline in-process."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
+    """A distinct JPEG per seed (noise over a seed-dependent colour), so no two images tie in score."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = (rng.integers(0, 256, 3) * 0.7 + rng.integers(0, 77, (size[1], size[0], 3))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    """A WebDataset shard in img2dataset's layout: KEY.jpg, KEY.txt, KEY.json members."""
+    import io
+    import tarfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path

@@ -1,0 +1,77 @@
+"""Caption image shards into a filtered Turkish pseudo-label dataset (see README and SPEC.md).
+
+  python jobs/caption_shards.py --input 'shards/{00000..00009}.tar' --output out/
+  ray job submit --working-dir . -- python jobs/caption_shards.py --input ... --output ...
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import _bootstrap  # noqa: F401
+import click
+from pipeline.sources import InputError
+
+from pipeline.config import DTYPES, ActorRange, RunConfig
+from pipeline.decoding import METHODS, DecodeSettings
+from pipeline.filtering import FilterSettings
+from pipeline.models.errors import ModelLoadError
+from pipeline.run import UsageError, run
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--input", "inputs", multiple=True, required=True,
+              help="Shard path, glob, brace range or fsspec URL (.tar, .parquet, or a directory). Repeatable.")
+@click.option("--output", required=True, help="Output directory (local path or fsspec URL).")
+@click.option("--model", default="demo", show_default=True, help="'demo' or a model bundle directory.")
+@click.option("--image-column", default=None, help="Parquet image column (default: jpg, then image).")
+@click.option("--key-column", default="key", show_default=True, help="Parquet key column.")
+@click.option("--min-clip-score", type=float, default=None, help="Keep rows with clip_score >= this.")
+@click.option("--keep-top-fraction", type=float, default=None,
+              help="Keep this fraction of the run's best clip_scores (global quantile).")
+@click.option("--decode", "method", type=click.Choice(METHODS), default="greedy", show_default=True)
+@click.option("--num-candidates", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Best-of-N: candidates per image, reranked by CLIP score.")
+@click.option("--beam-width", type=click.IntRange(min=1), default=None,
+              help="Beam search width (default: max(num-candidates, 3)).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--actors", default="1", show_default=True, help="Model actors: N, or MIN-MAX to autoscale.")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=None,
+              help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Caption only the first N samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration.")
+def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, method,
+         num_candidates, beam_width, max_new_tokens, temperature, top_p, batch_size, actors, gpus_per_actor,
+         dtype, limit, seed, overwrite) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        decode = DecodeSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
+                                beam_width=beam_width or max(num_candidates, 3), temperature=temperature,
+                                top_p=top_p if method == "sample" else 1.0, seed=seed)
+        config = RunConfig(inputs=tuple(inputs), output=output, model=model, image_column=image_column,
+                           key_column=key_column,
+                           filter=FilterSettings(min_clip_score=min_clip_score, keep_top_fraction=keep_top_fraction),
+                           decode=decode, batch_size=batch_size, actors=ActorRange.parse(actors),
+                           gpus_per_actor=gpus_per_actor, dtype=dtype, limit=limit, overwrite=overwrite)
+    except ValueError as exc:  # settings that cannot work together
+        raise click.UsageError(str(exc)) from None
+    try:
+        summary = run(config)
+    except (UsageError, InputError, ModelLoadError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    counts, timings = summary["counts"], summary["timings"]
+    failed = counts["rows"] - counts["by_status"].get("ok", 0)
+    rate = timings.get("images_per_s")
+    click.echo(f"captioned {counts['rows']} rows ({failed} failed, {counts['kept']} kept) "
+               f"in {timings['wall_s']:.1f}s, {rate if rate is not None else 'n/a'} images/s -> {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Train a captioner and write a model bundle.
+
+The embedded demo model (reproduces pipeline/assets/demo_bundle):
+  python jobs/make_demo_corpus.py --out data/demo --seed 0
+  python jobs/train_captioner.py --data 'data/demo/train/*.tar' --out runs/demo --seed 0
+
+Real models and data:
+  python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip ViT-B-32:openai \
+      --lm redrussianarmy/gpt2-turkish-cased --out runs/coco-tr
+  python jobs/train_captioner.py --embeddings-from out/filtered --clip bundles/demo --out runs/next
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import _bootstrap  # noqa: F401
+import click
+import torch
+
+from pipeline.images import ImageSpec
+from pipeline.models.bundle import load_bundle, save_bundle
+from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.errors import ModelLoadError
+from pipeline.sources import InputError
+from pipeline.training import (
+    Checkpoints,
+    TrainConfig,
+    build_captioner,
+    build_custom_clip,
+    embed_images,
+    load_embedding_examples,
+    load_examples,
+    seed_everything,
+    train_captioner,
+    train_clip,
+    train_tokenizer,
+    write_summary,
+)
+
+log = logging.getLogger("train_captioner")
+
+
+def _encoder(config: TrainConfig):
+    """A pretrained encoder: a bundle directory's encoder, or an open_clip ARCH[:WEIGHTS]."""
+    if config.clip and Path(config.clip).is_dir():
+        bundle = load_bundle(config.clip)
+        return bundle.encoder, ClipSpec(**{k: v for k, v in bundle.manifest["encoder"].items()
+                                          if k in ClipSpec.__dataclass_fields__}), Path(config.clip)
+    spec = ClipSpec.parse(config.clip)
+    return create_clip(spec), spec, None
+
+
+def train(config: TrainConfig) -> dict:
+    started = time.time()
+    seed_everything(config.seed)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = Path(config.out)
+    work = out / "work"
+    checkpoints = Checkpoints(out / "checkpoints")
+    summary: dict = {}
+    if config.embeddings_from:
+        if not config.clip:
+            raise click.UsageError("--embeddings-from needs --clip: the encoder that made those embeddings")
+        examples, _ = load_embedding_examples(list(config.embeddings_from))
+        clip, spec, _ = _encoder(config)
+    elif config.clip:
+        clip, spec, _ = _encoder(config)
+        examples = load_examples(list(config.data), clip.image_spec, config.limit)
+    else:
+        image_spec = ImageSpec(size=config.clip_arch.image_size)
+        examples = load_examples(list(config.data), image_spec, config.limit)
+    log.info("%d training examples", len(examples.captions))
+
+    tokenizer = None
+    if config.lm is None:
+        tokenizer = train_tokenizer(examples.captions, config.vocab_size, work)
+    if not config.clip:
+        clip, spec = build_custom_clip(config.clip_arch, work / "text_tokenizer.json")
+        summary["clip_losses"] = train_clip(clip, examples, config, checkpoints)
+    if examples.embeddings is None:
+        examples.embeddings = embed_images(clip, examples.pixels, bf16=config.bf16)
+        examples.pixels = None
+    captioner = build_captioner(config, clip.embed_dim, tokenizer)
+    summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
+    manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), name=out.name)
+    summary.update({"examples": len(examples.captions), "bundle": str(out / "bundle"),
+                    "bundle_sha256": manifest["sha256"], "train_s": round(time.time() - started, 1)})
+    write_summary(out / "train_summary.json", config, summary)
+    return summary
+
+
+@click.command()
+@click.option("--data", multiple=True, help="Images + Turkish captions: WebDataset/Parquet/folder/JSONL. Repeatable.")
+@click.option("--embeddings-from", multiple=True, help="This project's output dir(s): stored embeddings + captions.")
+@click.option("--clip", default=None, help="open_clip ARCH[:WEIGHTS] or a bundle dir; omitted: train a small CLIP.")
+@click.option("--lm", default=None, help="Hugging Face causal LM name or dir; omitted: a small GPT-2 from config.")
+@click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True)
+@click.option("--freeze-lm", is_flag=True, help="Train the mapper only (ClipCap's transformer-mapper variant).")
+@click.option("--prefix-length", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--clip-epochs", type=click.IntRange(min=0), default=None)
+@click.option("--caption-epochs", type=click.IntRange(min=0), default=None)
+@click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N examples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
+def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
+         batch_size, limit, seed, out) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not data and not embeddings_from:
+        raise click.UsageError("give --data or --embeddings-from")
+    config = TrainConfig(out=out, data=tuple(data), embeddings_from=tuple(embeddings_from), clip=clip, lm=lm,
+                         mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length, limit=limit, seed=seed)
+    overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
+                 "caption_batch_size": batch_size}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        summary = train(config)
+    except (ModelLoadError, InputError, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"trained on {summary['examples']} examples in {summary['train_s']}s -> {summary['bundle']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The run's configuration: one typed object built by the CLI and recorded in run.json."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.decoding import DecodeSettings
+from pipeline.filtering import FilterSettings
+
+DEMO_MODEL = "demo"
+DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ActorRange:
+    """Size of the model actor pool: fixed (min == max) or autoscaling between the two."""
+
+    min: int = 1
+    max: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> ActorRange:
+        """'N' (fixed) or 'MIN-MAX' (autoscaling)."""
+        low, _, high = text.partition("-")
+        try:
+            lo, hi = int(low), int(high or low)
+        except ValueError:
+            raise ValueError(f"--actors takes N or MIN-MAX, got {text!r}") from None
+        if not 1 <= lo <= hi:
+            raise ValueError(f"--actors needs 1 <= MIN <= MAX, got {text!r}")
+        return cls(lo, hi)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    inputs: tuple[str, ...]
+    output: str
+    model: str = DEMO_MODEL
+    image_column: str | None = None
+    key_column: str = "key"
+    filter: FilterSettings = field(default_factory=FilterSettings)
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    batch_size: int = 32
+    actors: ActorRange = field(default_factory=ActorRange)
+    gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
+    dtype: str = "auto"
+    limit: int | None = None
+    overwrite: bool = False
+    write_webdataset: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("at least one --input is required")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+
+    @property
+    def model_path(self) -> Path:
+        return DEMO_BUNDLE if self.model == DEMO_MODEL else Path(self.model)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def output_defining(self) -> dict[str, Any]:
+        """What decides the content of the output. Resuming with a different value is refused;
+        batch size, actors, GPUs and --overwrite only change speed or the start, not the rows."""
+        settings = self.to_json()
+        for name in ("output", "batch_size", "actors", "gpus_per_actor", "overwrite"):
+            settings.pop(name)
+        return settings

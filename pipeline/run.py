@@ -1,0 +1,217 @@
+"""The whole run: read -> decode -> caption -> stage, then filter -> captions/ + filtered/ + run.json.
+
+This is the one place that knows about Ray; everything it calls is plain Python.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from pipeline.config import RunConfig
+from pipeline.filtering import keep_mask, top_fraction_cutoff
+from pipeline.models.bundle import load_bundle
+from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, STAGING_CONFIG, OutputDir, read_columns
+from pipeline.sources import expand_inputs
+from pipeline.stages import CaptionStage, DecodeSpec, ShardDatasource, StagingSink, decode_batch
+from schemas.captions import captions_schema, validate_table
+
+log = logging.getLogger(__name__)
+
+ROWS_PER_PART = 4096
+DECODE_BATCH = 64
+PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow", "turkish-captioner")
+
+
+class UsageError(ValueError):
+    """Bad usage found before any work starts; the message is one line for the user."""
+
+
+def run(config: RunConfig) -> dict[str, Any]:
+    """Run (or resume) a captioning job; returns the run summary that is also written to run.json."""
+    started = time.time()
+    output = OutputDir(config.output)
+    if output.is_file():
+        raise UsageError(f"--output {config.output} is a file, not a directory")
+    shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)
+    bundle = load_bundle(config.model_path)
+    embedding_dim = bundle.encoder.embed_dim
+    decode_spec = DecodeSpec(encoder=bundle.encoder.image_spec,
+                             scorer=None if bundle.scorer is bundle.encoder else bundle.scorer.image_spec)
+    identity = bundle.identity()
+    del bundle  # the driver only validates the models; actors load their own copies
+
+    defining = {"config": config.output_defining(), "model_sha256": identity["sha256"]}
+    previous = _prepare_output(output, config, defining)
+    if previous is not None:
+        log.info("output is complete already: %s", output.url)
+        return previous
+
+    done = read_columns(output, STAGING, ["key", "source"])
+    done_keys: dict[str, set[str]] = {}
+    if done is not None:
+        for key, source in zip(done.column("key").to_pylist(), done.column("source").to_pylist(), strict=True):
+            done_keys.setdefault(source, set()).add(key)
+    already = done.num_rows if done is not None else 0
+    metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
+                                "scorer": identity["scorer"], "model": identity["name"],
+                                "model_sha256": identity["sha256"], "decoding": config.decode.to_json(),
+                                "filter": config.filter.to_json(), "version": _version("turkish-captioner")},
+                               ensure_ascii=False)
+
+    _init_ray()
+    model_started = time.time()
+    remaining = None if config.limit is None else config.limit - already
+    if remaining is None or remaining > 0:
+        _caption_into_staging(config, output, shards, done_keys, decode_spec, embedding_dim, metadata_json,
+                              remaining)
+    model_seconds = time.time() - model_started
+
+    finalize_started = time.time()
+    counts = _finalize(output, config, embedding_dim, metadata_json)
+    summary = {
+        "config": config.to_json(),
+        "output_defining": defining,
+        "model": identity,
+        "packages": {name: _version(name) for name in PACKAGES},
+        "inputs": {"shards": len(shards)},
+        "counts": counts,
+        "resumed_rows": already,
+        "timings": {
+            "started": datetime.fromtimestamp(started, UTC).isoformat(),
+            "finished": datetime.now(UTC).isoformat(),
+            "wall_s": round(time.time() - started, 3),
+            "model_stage_s": round(model_seconds, 3),
+            "finalize_s": round(time.time() - finalize_started, 3),
+            "images_per_s": round((counts["rows"] - already) / model_seconds, 3) if model_seconds > 0 else None,
+        },
+        "output": config.output,
+    }
+    output.write_json(summary, RUN_JSON)
+    output.remove(STAGING)
+    return _jsonable(summary)
+
+
+def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, Any]) -> dict[str, Any] | None:
+    """Decide between a fresh start, a resume and a refusal. Returns the old summary when the very
+    same run already finished."""
+    finished = output.read_json(RUN_JSON)
+    staged = output.read_json(STAGING, STAGING_CONFIG)
+    recorded = (finished or {}).get("output_defining") or staged
+    if recorded is not None and _jsonable(recorded) != _jsonable(defining) and not config.overwrite:
+        raise UsageError(f"{config.output} holds a run with a different configuration; "
+                         f"use another --output, or --overwrite to replace it")
+    if recorded is None and not output.is_empty() and not config.overwrite:
+        raise UsageError(f"{config.output} is not empty and holds no run of this tool; "
+                         f"use an empty --output, or --overwrite")
+    if config.overwrite and recorded is not None and _jsonable(recorded) != _jsonable(defining):
+        for folder in (CAPTIONS, FILTERED, STAGING, RUN_JSON):
+            output.remove(folder)
+        finished = None
+    if finished is not None:
+        return finished
+    output.clean_temporaries()
+    if staged is None:
+        output.write_json(defining, STAGING, STAGING_CONFIG)
+    return None
+
+
+def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done_keys, decode_spec: DecodeSpec,
+                          embedding_dim: int, metadata_json: str, remaining: int | None) -> None:
+    context = ray.data.DataContext.get_current()
+    if remaining is not None:
+        context.execution_options.preserve_order = True  # --limit takes the first rows, deterministically
+    files = {str(p.relative_to(config.model_path)): p.read_bytes()
+             for p in sorted(config.model_path.rglob("*")) if p.is_file()}
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    dataset = ray.data.read_datasource(ShardDatasource(shards, done_keys, config.image_column, config.key_column))
+    if remaining is not None:
+        dataset = dataset.limit(remaining)
+    dataset = dataset.map_batches(decode_batch, fn_kwargs={"spec": decode_spec}, batch_format="pyarrow",
+                                  batch_size=DECODE_BATCH)
+    dataset = dataset.map_batches(
+        CaptionStage,
+        fn_constructor_kwargs={"bundle_files": ray.put(files), "settings": config.decode, "dtype": config.dtype,
+                               "batch_size": config.batch_size, "embedding_dim": embedding_dim,
+                               "metadata_json": metadata_json},
+        compute=ray.data.ActorPoolStrategy(min_size=config.actors.min, max_size=config.actors.max),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        num_gpus=gpus,
+    )
+    dataset.write_datasink(StagingSink(output.url, ROWS_PER_PART))
+
+
+def _finalize(output: OutputDir, config: RunConfig, embedding_dim: int, metadata_json: str) -> dict[str, Any]:
+    """Staged parts -> captions/ (every row once, with keep) and filtered/ (kept rows). Reads the
+    stored scores only: the global quantile costs no model re-run."""
+    scored = read_columns(output, STAGING, ["key", "status", "clip_score"])
+    ok = scored.filter(pc.equal(scored.column("status"), "ok")) if scored else None
+    cutoff = top_fraction_cutoff(config.filter.keep_top_fraction,
+                                 ok.column("clip_score").to_numpy(zero_copy_only=False) if ok else np.zeros(0),
+                                 ok.column("key").to_pylist() if ok else [])
+    schema = captions_schema(embedding_dim, metadata_json)
+    seen: set[str] = set()
+    counts: Counter[str] = Counter()
+    kept = 0
+    for path in output.parts(STAGING):
+        name = path.rsplit("/", 1)[-1]
+        with output.fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        table = table.filter(pa.array(_first_sightings(table.column("key").to_pylist(), seen)))
+        keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
+                         table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
+        table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep)).cast(schema)
+        validate_table(table, embedding_dim)
+        output.write_parquet(table, CAPTIONS, name)
+        kept_rows = table.filter(pc.field("keep"))
+        if kept_rows.num_rows:
+            output.write_parquet(kept_rows, FILTERED, name)
+        counts.update(table.column("status").to_pylist())
+        kept += kept_rows.num_rows
+    return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
+            "top_fraction_cutoff_score": cutoff.score if cutoff else None}
+
+
+def _first_sightings(keys: list[str], seen: set[str]) -> list[bool]:
+    """True for keys not written before: a retried block can never add a row twice."""
+    first = []
+    for key in keys:
+        first.append(key not in seen)
+        seen.add(key)
+    return first
+
+
+def _init_ray() -> None:
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, log_to_driver=True, configure_logging=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if address is None else None)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _jsonable(data: Any) -> Any:
+    return json.loads(json.dumps(data, default=str))
+
+
+__all__ = ["UsageError", "run"]

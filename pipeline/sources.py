@@ -1,0 +1,470 @@
+"""Input side of the pipeline: `--input` specs -> shards, and shards -> sample records.
+
+`expand_inputs` only lists and validates (it reads nothing but Parquet footers), so bad usage fails
+before any work starts. `read_samples` streams one shard; bad data never raises there: it becomes a
+record whose `status` names the problem. Each record is a dict with exactly these keys:
+
+    key            str          WebDataset key, Parquet key column (or "<file stem>/<row>"), or the
+                                path relative to a folder input
+    source         str          the shard's URL (for folders: the folder's URL)
+    image          bytes|None   the encoded image, None when there is none
+    original_text  str|None     KEY.txt, a `caption`/`text` column, or a sibling .txt file
+    meta           str|None     KEY.json text (tar, or a sibling .json file in folders)
+    status         str          "ok" or an error kind (see below)
+    error          str|None     one line, None when status is "ok"
+
+Error kinds: "no_image" (sample without image), "unsupported" (Parquet image column of a type we
+cannot read), "split_sample" (a tar key whose members are not contiguous), "read_error" (one file of
+a folder could not be read), and two shard-level kinds with key "<shard url>#<kind>" so they stay
+unique in a run: "unreadable_shard" (not a tar / not a Parquet file / cannot be opened) and
+"truncated_shard" (tar cut or corrupt after its start; the complete samples before are yielded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from braceexpand import UnbalancedBracesError, braceexpand
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+WEBDATASET, PARQUET, FOLDER = "webdataset", "parquet", "folder"
+
+# Lower-case extensions taken as images; when one key has several (KEY.jpg and KEY.png) the first in
+# this order wins, so the choice does not depend on member order inside the tar.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
+# "r|*" decompresses gzip transparently, so compressed WebDataset shards work as well.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+DEFAULT_IMAGE_COLUMNS = ("jpg", "image")
+TEXT_COLUMNS = ("caption", "text")
+# Rows are images (10 KB - 1 MB each): small batches keep the reader's memory flat.
+PARQUET_BATCH_ROWS = 64
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Same rule as webdataset 1.0.2 `tariterators.base_plus_ext`: the key is the member path up to the
+# first dot of its basename (directory prefix kept), the suffix is everything after that dot.
+_KEY_RULE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_IMAGE_RANK = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
+
+
+class InputError(ValueError):
+    """Bad `--input` usage found before any work starts; the message is one line naming the spec or path."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of reading: a tar, a Parquet file, or a whole image folder."""
+
+    url: str  # local absolute path, or a fully qualified fsspec URL; what `fsspec.open` is given
+    kind: str  # WEBDATASET | PARQUET | FOLDER
+
+
+# --------------------------------------------------------------------------------------------------
+# --input specs -> shards
+
+
+def expand_inputs(specs: list[str], image_column: str | None = None, key_column: str = "key") -> list[Shard]:
+    """Expand `--input` specs (path, glob, brace range, fsspec URL) into shards: sorted within each spec,
+    specs in the given order, each shard once. Lists and validates only; raises InputError on bad usage.
+
+    `key_column` is accepted for symmetry with `read_samples`: a missing key column is not an error.
+    """
+    if not specs:
+        raise InputError("no --input given")
+    shards: dict[str, Shard] = {}  # insertion-ordered; the same shard named twice is kept once
+    for spec in specs:
+        for shard in sorted(_expand_spec(spec), key=lambda s: s.url):
+            shards.setdefault(shard.url, shard)
+    parquet_urls = [s.url for s in shards.values() if s.kind == PARQUET]
+    if parquet_urls:
+        # One footer read per file; threads hide object-store latency when there are many files.
+        with ThreadPoolExecutor(max_workers=min(8, len(parquet_urls))) as pool:
+            list(pool.map(lambda url: _check_parquet(url, image_column), parquet_urls))
+    return list(shards.values())
+
+
+def _expand_spec(spec: str) -> list[Shard]:
+    try:
+        items = list(braceexpand(spec))
+    except UnbalancedBracesError:
+        raise InputError(f"unbalanced braces in --input {spec!r}") from None
+    braced = items != [spec]
+    listings: dict[str, dict[str, dict[str, Any]]] = {}
+    found: list[Shard] = []
+    for item in items:
+        fs, path = _url_to_fs(item, spec)
+        info = _stat(fs, path, listings if braced else None)
+        if info is None and _GLOB_CHARS.search(path):
+            found.extend(_to_shard(fs, match, match_info)
+                         for match, match_info in sorted(fs.glob(path, detail=True).items()))
+        elif info is None and braced:
+            raise InputError(f"shard missing: {item} (from brace range {spec!r})")
+        elif info is None:
+            raise InputError(f"no such file or directory: {spec!r}")
+        else:
+            found.append(_to_shard(fs, path, info))
+    if not found:
+        raise InputError(f"no file matches {spec!r}")
+    return found
+
+
+def _url_to_fs(item: str, spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return url_to_fs(item)
+    except (ValueError, ImportError) as exc:  # unknown protocol, or its fsspec backend not installed
+        raise InputError(f"cannot open --input {spec!r}: {_one_line(exc)}") from None
+
+
+def _stat(fs: fsspec.AbstractFileSystem, path: str,
+          listings: dict[str, dict[str, dict[str, Any]]] | None) -> dict[str, Any] | None:
+    """File info, or None when the path does not exist. With `listings`, each parent directory is
+    listed once, so a brace range of N shards costs one listing instead of N stat calls on an object
+    store; a miss is confirmed with a direct stat before it is reported."""
+    if listings is not None:
+        parent = posixpath.dirname(path.rstrip("/"))
+        if parent not in listings:
+            try:
+                listings[parent] = {entry["name"].rstrip("/"): entry for entry in fs.ls(parent, detail=True)}
+            except (FileNotFoundError, NotADirectoryError):
+                listings[parent] = {}
+        if path.rstrip("/") in listings[parent]:
+            return listings[parent][path.rstrip("/")]
+    try:
+        return fs.info(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InputError(f"cannot access {path}: {_one_line(exc)}") from None
+
+
+def _to_shard(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> Shard:
+    local = isinstance(fs, LocalFileSystem)
+    path = path.rstrip("/") or "/"
+    url = path if local else fs.unstrip_protocol(path)
+    if info.get("type") == "directory":
+        if local and not os.access(path, os.R_OK | os.X_OK):
+            raise InputError(f"cannot read directory {url}: permission denied")
+        _check_folder(fs, path, url)
+        return Shard(url, FOLDER)
+    name = path.lower()
+    if name.endswith(TAR_SUFFIXES):
+        kind = WEBDATASET
+    elif name.endswith(".parquet"):
+        kind = PARQUET
+    else:
+        raise InputError(f"unknown input format: {url} (expected .tar, .parquet or a directory of images)")
+    if local and not os.access(path, os.R_OK):
+        raise InputError(f"cannot read {url}: permission denied")
+    return Shard(url, kind)
+
+
+def _check_folder(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
+    """A folder input must hold at least one image; the walk is lazy and stops at the first one."""
+    shard_files = 0
+    for _, dirs, files in fs.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # hidden folders are skipped when reading too
+        if any(_image_extension(name) for name in files):
+            return
+        shard_files += sum(name.lower().endswith((*TAR_SUFFIXES, ".parquet")) for name in files)
+    hint = f"; it holds {shard_files} .tar/.parquet files: name them instead, e.g. '{url}/*.tar'" if shard_files else ""
+    raise InputError(f"no image files in directory {url}{hint}")
+
+
+def _check_parquet(url: str, image_column: str | None) -> None:
+    try:
+        with fsspec.open(url, "rb") as f:
+            schema = pq.read_schema(f)
+    except (FileNotFoundError, PermissionError) as exc:
+        raise InputError(f"cannot read {url}: {_one_line(exc)}") from None
+    except (OSError, pa.ArrowException):
+        return  # a corrupt file is bad data, not bad usage: read_samples reports it as "unreadable_shard"
+    _image_column(schema, image_column, url)
+
+
+def _image_column(schema: pa.Schema, image_column: str | None, url: str) -> str:
+    """The image column's name; InputError when it is missing or of a type we cannot read."""
+    if image_column is not None and image_column not in schema.names:
+        raise InputError(f"image column {image_column!r} not found in {url} (columns: {_names(schema)})")
+    name = image_column or next((c for c in DEFAULT_IMAGE_COLUMNS if c in schema.names), None)
+    if name is None:
+        raise InputError(f"no image column in {url}: expected 'jpg' or 'image', or name one with --image-column "
+                         f"(columns: {_names(schema)})")
+    column_type = schema.field(name).type
+    if not _is_bytes(column_type) and not (
+            pa.types.is_struct(column_type) and column_type.get_field_index("bytes") >= 0
+            and _is_bytes(column_type.field("bytes").type)):
+        raise InputError(f"image column {name!r} in {url} has type {column_type}; "
+                         "expected binary or struct<bytes: binary, path: string>")
+    return name
+
+
+def _is_bytes(column_type: pa.DataType) -> bool:
+    return pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type) or \
+        pa.types.is_binary_view(column_type)
+
+
+def _names(schema: pa.Schema, limit: int = 12) -> str:
+    names = schema.names
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# shards -> sample records
+
+
+def read_samples(shard: Shard, image_column: str | None = None, key_column: str = "key") -> Iterator[dict]:
+    """Stream the sample records of one shard (schema in the module docstring). Memory stays bounded by
+    one tar member, one Parquet row group, or one folder listing."""
+    if shard.kind == WEBDATASET:
+        return _read_tar(shard.url)
+    if shard.kind == PARQUET:
+        return _read_parquet(shard.url, image_column, key_column)
+    if shard.kind == FOLDER:
+        return _read_folder(shard.url)
+    raise ValueError(f"unknown shard kind {shard.kind!r}")
+
+
+def _record(key: str, source: str, image: bytes | None = None, original_text: str | None = None,
+            meta: str | None = None, status: str = "ok", error: str | None = None) -> dict:
+    return {"key": key, "source": source, "image": image, "original_text": original_text, "meta": meta,
+            "status": status, "error": None if error is None else _one_line(error)}
+
+
+def _shard_error(url: str, status: str, error: str) -> dict:
+    return _record(f"{url}#{status}", url, status=status, error=error)
+
+
+class _TrackingTarFile(tarfile.TarFile):
+    """tarfile ends iteration silently when a header after the first member is cut short or garbled,
+    exactly as for a proper end-of-archive block. `end_error` keeps the header error that ended the
+    iteration, so a truncated shard is reported instead of silently read as a shorter one."""
+
+    end_error: tarfile.HeaderError | None = None
+
+
+class _TrackingTarInfo(tarfile.TarInfo):
+    @classmethod
+    def fromtarfile(cls, tar: _TrackingTarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exc:
+            tar.end_error = exc
+            raise
+
+
+class _TarSample:
+    """The members of one key, holding only what a record needs (one image, txt, json)."""
+
+    def __init__(self, key: str, split: bool) -> None:
+        self.key = key
+        self.split = split  # the key was already seen earlier in this tar
+        self.suffixes: list[str] = []
+        self.image_rank = len(IMAGE_EXTENSIONS)
+        self.image: bytes | None = None
+        self.text: bytes | None = None
+        self.meta: bytes | None = None
+
+    def add(self, suffix: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        self.suffixes.append(suffix)
+        if self.split:
+            return
+        rank = _IMAGE_RANK.get(suffix)
+        # Members are read only when used; a repeated suffix keeps the first copy.
+        if rank is not None and rank < self.image_rank:
+            self.image, self.image_rank = _member_bytes(tar, member), rank
+        elif suffix == "txt" and self.text is None:
+            self.text = _member_bytes(tar, member)
+        elif suffix == "json" and self.meta is None:
+            self.meta = _member_bytes(tar, member)
+
+    def record(self, url: str) -> dict:
+        found = ", ".join(self.suffixes)
+        if self.split:
+            return _record(self.key, url, status="split_sample",
+                           error=f"members of key {self.key!r} are not contiguous in the tar; this later group "
+                                 f"({found}) was not merged with the earlier one")
+        text = None if self.text is None else _decode(self.text)
+        meta = None if self.meta is None else _decode(self.meta)
+        if self.image is None:
+            return _record(self.key, url, original_text=text, meta=meta, status="no_image",
+                           error=f"no image member for key {self.key!r} (members: {found})")
+        return _record(self.key, url, image=self.image, original_text=text, meta=meta)
+
+
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    data = tar.extractfile(member)
+    assert data is not None  # only regular files get here
+    return data.read()
+
+
+def _read_tar(url: str) -> Iterator[dict]:
+    with contextlib.ExitStack() as stack:
+        try:
+            raw = stack.enter_context(fsspec.open(url, "rb"))
+            tar = stack.enter_context(_TrackingTarFile.open(fileobj=raw, mode="r|*", tarinfo=_TrackingTarInfo))
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            yield _shard_error(url, "unreadable_shard", f"not a readable tar file: {exc}")
+            return
+        yield from _tar_samples(tar, url)
+
+
+def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
+    """Group consecutive members by key (webdataset's rule). Only the current sample is held in memory;
+    the set of keys already seen is kept so that a key reappearing later is reported, not merged."""
+    sample: _TarSample | None = None
+    seen: set[str] = set()
+    complete = 0
+    problem: str | None = None
+    try:
+        while (member := tar.next()) is not None:
+            tar.members = []  # stream mode still appends every TarInfo to .members: drop them, memory stays flat
+            key, suffix = _split_key(member.name)
+            if key is None or suffix is None or not member.isfile():
+                continue
+            if sample is None or key != sample.key:
+                if sample is not None:
+                    yield sample.record(url)
+                    complete += 1
+                sample = _TarSample(key, split=key in seen)
+                seen.add(key)
+            sample.add(suffix.lower(), tar, member)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        problem = str(exc)
+    else:
+        if isinstance(tar.end_error, tarfile.EmptyHeaderError):
+            problem = "the archive ends without its end-of-archive blocks"
+        elif not isinstance(tar.end_error, tarfile.EOFHeaderError):
+            problem = f"bad header: {tar.end_error}"
+    if problem is None:
+        if sample is not None:
+            yield sample.record(url)
+        return
+    # The sample being read when the data ended may be missing members, so it is not yielded as ok.
+    dropped = f"; incomplete sample {sample.key!r} skipped" if sample is not None else ""
+    yield _shard_error(url, "truncated_shard", f"tar is cut or corrupt after {complete} complete samples: "
+                                               f"{problem}{dropped}")
+
+
+def _split_key(name: str) -> tuple[str | None, str | None]:
+    match = _KEY_RULE.match(name)
+    if not match:
+        return None, None
+    return _clean(match.group(1)), match.group(2)
+
+
+def _read_parquet(url: str, image_column: str | None, key_column: str) -> Iterator[dict]:
+    with contextlib.ExitStack() as stack:
+        try:
+            parquet = pq.ParquetFile(stack.enter_context(fsspec.open(url, "rb")))
+        except (OSError, pa.ArrowException) as exc:
+            yield _shard_error(url, "unreadable_shard", f"not a readable parquet file: {exc}")
+            return
+        yield from _parquet_samples(parquet, url, image_column, key_column)
+
+
+def _parquet_samples(parquet: pq.ParquetFile, url: str, image_column: str | None,
+                     key_column: str) -> Iterator[dict]:
+    schema = parquet.schema_arrow
+    unsupported: str | None = None
+    try:
+        image_field: str | None = _image_column(schema, image_column, url)
+    except InputError as exc:  # expand_inputs checks this up front; here it is data, so one status per row
+        image_field, unsupported = None, str(exc)
+    key_field = key_column if key_column in schema.names else None
+    text_field = next((c for c in TEXT_COLUMNS if c in schema.names), None)
+    columns = list(dict.fromkeys(c for c in (image_field, key_field, text_field) if c is not None))
+    stem = posixpath.basename(url)[: -len(".parquet")]
+    row = 0
+    try:
+        # Only the needed columns are read, one batch (within one row group) at a time.
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            n = batch.num_rows
+            images = batch.column(image_field).to_pylist() if image_field else [None] * n
+            keys = batch.column(key_field).to_pylist() if key_field else [None] * n
+            texts = batch.column(text_field).to_pylist() if text_field else [None] * n
+            for image, key, text in zip(images, keys, texts, strict=True):
+                key_text = f"{stem}/{row}" if key is None else _as_text(key)
+                original_text = None if text is None else _as_text(text)
+                row += 1
+                if unsupported is not None:
+                    yield _record(key_text, url, original_text=original_text, status="unsupported", error=unsupported)
+                    continue
+                data, missing = _image_value(image, image_field)
+                if data is None:
+                    yield _record(key_text, url, original_text=original_text, status="no_image", error=missing)
+                else:
+                    yield _record(key_text, url, image=data, original_text=original_text)
+    except (OSError, pa.ArrowException) as exc:
+        yield _shard_error(url, "unreadable_shard", f"parquet read failed after {row} rows: {exc}")
+
+
+def _image_value(value: Any, column: str | None) -> tuple[bytes | None, str | None]:
+    """Image bytes from a binary cell or a Hugging Face Image struct, else (None, why)."""
+    if isinstance(value, dict):  # {"bytes": ..., "path": ...}
+        if value.get("bytes") is not None:
+            return value["bytes"], None
+        if value.get("path"):
+            return None, f"image in column {column!r} is not embedded (path {value['path']!r})"
+        return None, f"image column {column!r} is null"
+    if value is None:
+        return None, f"image column {column!r} is null"
+    return value, None
+
+
+def _read_folder(url: str) -> Iterator[dict]:
+    fs, root = url_to_fs(url)
+    root = root.rstrip("/")
+    paths = sorted(fs.find(root))  # the one listing; everything below streams file by file
+    sidecars = {p for p in paths if p.endswith((".txt", ".json"))}
+    for path in paths:
+        relative = path[len(root):].lstrip("/")
+        if not _image_extension(relative) or any(part.startswith(".") for part in relative.split("/")):
+            continue  # hidden files (macOS "._x.jpg", ".thumbnails/") are not samples
+        key, stem = _clean(relative), path.rsplit(".", 1)[0]
+        try:
+            image = fs.cat_file(path)
+            text = _decode(fs.cat_file(stem + ".txt")) if stem + ".txt" in sidecars else None
+            meta = _decode(fs.cat_file(stem + ".json")) if stem + ".json" in sidecars else None
+        except OSError as exc:
+            yield _record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
+            continue
+        yield _record(key, url, image=image, original_text=text, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _image_extension(name: str) -> str | None:
+    extension = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    return extension if extension in _IMAGE_RANK else None
+
+
+def _decode(data: bytes) -> str:
+    # Non-UTF-8 text is kept with U+FFFD in place of the bad bytes; the record stays "ok" because the
+    # image is fine and the output schema wants `error` null whenever status is "ok".
+    return data.decode("utf-8", errors="replace")
+
+
+def _as_text(value: Any) -> str:
+    return _decode(value) if isinstance(value, bytes) else str(value)
+
+
+def _clean(text: str) -> str:
+    # tarfile and os decode non-UTF-8 names with surrogate escapes, which Arrow refuses to store.
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())

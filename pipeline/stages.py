@@ -1,0 +1,270 @@
+"""The Ray Data pieces of the pipeline: a shard datasource, the CPU decode stage, the model stage
+(an actor holding encoder + captioner + scorer) and the staging sink. `pipeline.run` chains them."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasink, Datasource, ReadTask
+
+from pipeline.captioning import caption_batch
+from pipeline.decoding import DecodeSettings
+from pipeline.images import ImageError, ImageSpec, decode_image
+from pipeline.models.bundle import Bundle, load_bundle
+from pipeline.sinks import STAGING, OutputDir, part_name
+from pipeline.sources import Shard, read_samples
+from schemas.captions import CANDIDATE_TYPE, captions_schema
+
+log = logging.getLogger(__name__)
+
+SAMPLE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("image", pa.large_binary()),
+    ("original_text", pa.string()), ("status", pa.string()), ("error", pa.string()),
+])
+ROWS_PER_READ_BLOCK = 256
+
+
+class ShardDatasource(Datasource):
+    """One read task per shard; each streams its shard in blocks of ROWS_PER_READ_BLOCK records and
+    skips the keys that a previous attempt of this run already committed."""
+
+    def __init__(self, shards: list[Shard], done_keys: dict[str, set[str]], image_column: str | None,
+                 key_column: str):
+        super().__init__()
+        self.shards = shards
+        self.done_keys = done_keys
+        self.image_column = image_column
+        self.key_column = key_column
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       **kwargs: Any) -> list[ReadTask]:
+        tasks = []
+        for shard in self.shards:
+            done = self.done_keys.get(shard.url, set())
+
+            def read(shard: Shard = shard, done: set[str] = done, image_column: str | None = self.image_column,
+                     key_column: str = self.key_column) -> Iterator[pa.Table]:
+                yield from _read_blocks(shard, done, image_column, key_column)
+
+            metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=[shard.url], exec_stats=None)
+            tasks.append(ReadTask(read, metadata, schema=SAMPLE_SCHEMA, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def get_name(self) -> str:
+        return "ReadShards"
+
+
+def _read_blocks(shard: Shard, done: set[str], image_column: str | None, key_column: str) -> Iterator[pa.Table]:
+    rows: list[dict[str, Any]] = []
+    for record in read_samples(shard, image_column=image_column, key_column=key_column):
+        if record["key"] in done:
+            continue
+        rows.append({name: record.get(name) for name in SAMPLE_SCHEMA.names})
+        if len(rows) >= ROWS_PER_READ_BLOCK:
+            yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """The input sizes the model stage needs: the encoder's, and the scorer's when it differs."""
+
+    encoder: ImageSpec
+    scorer: ImageSpec | None = None
+
+
+def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
+    """CPU stage: image bytes -> uint8 pixels at the model's input size (a fixed-size binary column,
+    so it crosses the object store as one buffer), plus original size and status. A bad image becomes
+    a status row with zero pixels; it never raises."""
+    n = batch.num_rows
+    sizes = {"pixels": spec.encoder} | ({"scorer_pixels": spec.scorer} if spec.scorer else {})
+    pixels = {name: np.zeros((n, s.size, s.size, 3), dtype=np.uint8) for name, s in sizes.items()}
+    width: list[int | None] = [None] * n
+    height: list[int | None] = [None] * n
+    status = batch.column("status").to_pylist()
+    error = batch.column("error").to_pylist()
+    for i, data in enumerate(batch.column("image").to_pylist()):
+        if status[i] != "ok":
+            continue
+        try:
+            for name, image_spec in sizes.items():
+                decoded = decode_image(data, image_spec)
+                pixels[name][i] = decoded.pixels
+            width[i], height[i] = decoded.width, decoded.height
+        except ImageError as exc:
+            status[i], error[i] = exc.status, str(exc)
+    columns = {name: batch.column(name) for name in ("key", "source", "original_text")}
+    columns |= {"status": pa.array(status, pa.string()), "error": pa.array(error, pa.string()),
+                "width": pa.array(width, pa.int32()), "height": pa.array(height, pa.int32())}
+    for name, array in pixels.items():
+        row_bytes = array[0].nbytes if n else 0
+        columns[name] = pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(row_bytes, 1)), n,
+                                                             [None, pa.py_buffer(array.tobytes())])
+    return pa.table(columns)
+
+
+def pixels_from_column(column: pa.ChunkedArray, size: int) -> np.ndarray:
+    """The (N, size, size, 3) uint8 array behind a fixed-size binary pixels column, without copying
+    when the column is one chunk."""
+    array = column.combine_chunks()
+    width = size * size * 3
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return data[array.offset * width:(array.offset + len(array)) * width].reshape(len(array), size, size, 3)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on a CPU with native bf16 matmuls, fp16/bf16 on GPU, else fp32."""
+    if name == "fp32":
+        return torch.float32
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    capability = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if capability in ("AVX512", "AVX512_BF16", "AMX") else torch.float32
+
+
+def materialize_bundle(files: dict[str, bytes]) -> Path:
+    """Write a bundle shipped through the object store to a local temporary directory."""
+    root = Path(tempfile.mkdtemp(prefix="bundle-"))
+    for relative, data in files.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return root
+
+
+class CaptionStage:
+    """Model stage actor: loads the three models once, then captions batches of decoded rows.
+
+    A batch that fails in the models (including out-of-memory) is split in halves and retried,
+    down to single rows; a row that still fails becomes a `model_error` row. Nothing is lost.
+    """
+
+    def __init__(self, bundle_files: ray.ObjectRef, settings: DecodeSettings, dtype: str,
+                 batch_size: int, embedding_dim: int, metadata_json: str):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        path = materialize_bundle(ray.get(bundle_files))
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.bundle: Bundle = load_bundle(path).to(self.device, self.dtype)
+        self.settings = settings
+        self.batch_size = batch_size
+        self.schema = captions_schema(embedding_dim, metadata_json)
+        self.embedding_dim = embedding_dim
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        pixels = {"pixels": pixels_from_column(batch.column("pixels"), self.bundle.encoder.image_spec.size)}
+        if "scorer_pixels" in batch.column_names:
+            pixels["scorer_pixels"] = pixels_from_column(batch.column("scorer_pixels"),
+                                                         self.bundle.scorer.image_spec.size)
+        result = _Results(batch.column("status").to_pylist(), batch.column("error").to_pylist())
+        ok = [i for i in range(n) if result.status[i] == "ok"]
+        keys = batch.column("key").to_pylist()
+        for start in range(0, len(ok), self.batch_size):
+            self._caption(pixels, keys, ok[start:start + self.batch_size], result)
+        flat = np.zeros((n, self.embedding_dim), dtype=np.float16)
+        for i, embedding in result.embeddings.items():
+            flat[i] = embedding
+        embedding_mask = pa.array([i not in result.embeddings for i in range(n)], type=pa.bool_())
+        with_candidates = self.settings.num_candidates > 1
+        columns = {
+            "key": batch.column("key"),
+            "source": batch.column("source"),
+            "status": pa.array(result.status, pa.string()),
+            "error": pa.array(result.error, pa.string()),
+            "width": batch.column("width"),
+            "height": batch.column("height"),
+            "caption": pa.array([result.captions.get(i) for i in range(n)], pa.string()),
+            "clip_score": pa.array([result.scores.get(i) for i in range(n)], pa.float32()),
+            "image_embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(flat.reshape(-1), pa.float16()), type=self.schema.field("image_embedding").type,
+                mask=embedding_mask),
+            "candidates": pa.array([result.candidates.get(i) if with_candidates else None for i in range(n)],
+                                   pa.list_(CANDIDATE_TYPE)),
+            "keep": pa.array([status == "ok" for status in result.status], pa.bool_()),
+            "original_text": batch.column("original_text"),
+        }
+        return pa.table(columns, schema=self.schema)
+
+    def _caption(self, pixels: dict[str, np.ndarray], keys: list[str], rows: list[int], result: _Results) -> None:
+        if not rows:
+            return
+        try:
+            tensors = {name: torch.from_numpy(array[rows]) for name, array in pixels.items()}
+            if self.device.type == "cuda":
+                tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
+            captioned = caption_batch(self.bundle, tensors["pixels"], self.settings, tensors.get("scorer_pixels"))
+        except Exception as exc:  # any model failure must turn into rows, not a lost batch
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(rows) > 1:
+                half = len(rows) // 2
+                self._caption(pixels, keys, rows[:half], result)
+                self._caption(pixels, keys, rows[half:], result)
+                return
+            log.warning("model failed on %s: %s", keys[rows[0]], exc)
+            result.status[rows[0]] = "model_error"
+            result.error[rows[0]] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            return
+        for j, i in enumerate(rows):
+            result.captions[i] = captioned.captions[j]
+            result.scores[i] = float(captioned.clip_scores[j])
+            result.embeddings[i] = captioned.image_embeddings[j]
+            result.candidates[i] = [{"caption": c, "clip_score": s} for c, s in captioned.candidates[j]]
+
+
+@dataclass
+class _Results:
+    """Per-row outputs of one model-stage call, filled as sub-batches succeed."""
+
+    status: list[str]
+    error: list[str | None]
+    captions: dict[int, str] = field(default_factory=dict)
+    scores: dict[int, float] = field(default_factory=dict)
+    embeddings: dict[int, np.ndarray] = field(default_factory=dict)
+    candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class StagingSink(Datasink):
+    """Writes each block of model-stage output as one atomic Parquet part under _staging/."""
+
+    def __init__(self, output_url: str, rows_per_part: int):
+        self.output_url = output_url
+        self.rows_per_part = rows_per_part
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_part
+
+    def write(self, blocks, ctx) -> dict[str, int]:
+        output = OutputDir(self.output_url)
+        rows = 0
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+            if table.num_rows == 0:
+                continue
+            output.write_parquet(table, STAGING, part_name(table.column("key").to_pylist()))
+            rows += table.num_rows
+        return {"rows": rows}
+
+    def get_name(self) -> str:
+        return "StagingParquet"

@@ -1,0 +1,387 @@
+"""Training: stage 1 fits a small CLIP contrastively, stage 2 freezes it and fits the ClipCap mapper
+(and the language model, unless frozen) with the loss on caption tokens only.
+
+The same code trains the embedded demo model on the synthetic corpus and real models on real data
+(an open_clip name + weights instead of stage 1, a pretrained Hugging Face LM, a Turkish caption set,
+or this project's own filtered output, whose stored embeddings skip the image encoder entirely).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from tqdm import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
+from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip
+from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
+from pipeline.models.weights import load_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClipArch:
+    """The small custom CLIP of stage 1 (ModifiedResNet vision tower: fast and accurate on 2 cores)."""
+
+    image_size: int = 64
+    embed_dim: int = 256
+    vision_layers: tuple[int, ...] = (2, 2, 2, 2)
+    vision_width: int = 32
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_length: int = 48
+
+    def open_clip_config(self, vocab_size: int, eos_id: int) -> dict[str, Any]:
+        return {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": {"image_size": self.image_size, "layers": list(self.vision_layers),
+                           "width": self.vision_width},
+            "text_cfg": {"context_length": self.context_length, "vocab_size": vocab_size, "width": self.text_width,
+                         "heads": self.text_heads, "layers": self.text_layers, "pool_type": "eos", "eos_id": eos_id},
+        }
+
+
+@dataclass
+class LMArch:
+    """A small GPT-2 built from config when no pretrained LM is named."""
+
+    n_embd: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_positions: int = 96
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    data: tuple[str, ...] = ()             # images + captions: WebDataset / Parquet / directories / JSONL
+    embeddings_from: tuple[str, ...] = ()  # this project's output: image_embedding + caption columns
+    clip: str | None = None                # open_clip ARCH[:WEIGHTS], or a bundle dir's encoder; None: stage 1
+    lm: str | None = None                  # Hugging Face LM name or dir; None: GPT-2 from LMArch
+    mapper: str = "mlp"
+    freeze_lm: bool = False
+    prefix_length: int = 10
+    clip_arch: ClipArch = field(default_factory=ClipArch)
+    lm_arch: LMArch = field(default_factory=LMArch)
+    vocab_size: int = 1024
+    clip_epochs: int = 30
+    caption_epochs: int = 20
+    clip_batch_size: int = 128
+    caption_batch_size: int = 128
+    clip_lr: float = 2e-3
+    caption_lr: float = 1e-3
+    seed: int = 0
+    limit: int | None = None
+    bf16: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Examples:
+    """Training examples: uint8 images (or precomputed embeddings) and their reference captions."""
+
+    captions: list[list[str]]
+    pixels: torch.Tensor | None = None       # (N, S, S, 3) uint8
+    embeddings: torch.Tensor | None = None   # (N, D) float32, L2-normalized
+
+
+class Checkpoints:
+    """Per-epoch checkpoints, each written to a temporary directory and renamed into place, so a
+    training killed at any moment resumes from its last complete epoch."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def save(self, stage: str, epoch: int, modules: dict[str, torch.nn.Module],
+             optimizer: torch.optim.Optimizer) -> None:
+        final = self.root / f"{stage}-{epoch:04d}"
+        temporary = self.root / f".tmp-{stage}-{epoch:04d}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        for name, module in modules.items():
+            torch.save(module.state_dict(), temporary / f"{name}.pt")
+        torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()[1],
+                    "numpy": np.random.get_state()[1]}, temporary / "rng.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        temporary.rename(final)
+        for old in sorted(self.root.glob(f"{stage}-*"))[:-1]:
+            shutil.rmtree(old)
+
+    def resume(self, stage: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
+        """Load the newest checkpoint of a stage; returns the number of epochs it completed (0: none)."""
+        found = sorted(self.root.glob(f"{stage}-*"))
+        if not found:
+            return 0
+        path = found[-1]
+        for name, module in modules.items():
+            load_state(module, torch.load(path / f"{name}.pt", weights_only=True), str(path / f"{name}.pt"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+        return int(path.name.rsplit("-", 1)[1])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1 if n >= batch_size else n, batch_size):
+        yield order[start:start + batch_size]
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+    lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * step / total))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_custom_clip(arch: ClipArch, text_tokenizer_file: Path) -> tuple[ClipModel, ClipSpec]:
+    tokenizer = ClipTextTokenizer.from_file(text_tokenizer_file, arch.context_length)
+    config = arch.open_clip_config(tokenizer.tokenizer.get_vocab_size(), tokenizer.eos_id)
+    spec = ClipSpec(arch=CUSTOM, config=config, tokenizer=text_tokenizer_file.name)
+    return create_clip(spec, text_tokenizer_file.parent), spec
+
+
+def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
+               progress: Callable[..., Any] = tqdm) -> list[float]:
+    """Stage 1: symmetric InfoNCE over (image, one random reference caption) pairs."""
+    model = clip.clip.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1)
+    start = checkpoints.resume("clip", {"clip": model}, optimizer)
+    loss_fn = ClipLoss()
+    n = len(examples.captions)
+    steps_per_epoch = max(1, n // config.clip_batch_size)
+    total = steps_per_epoch * config.clip_epochs
+    generator = torch.Generator().manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    losses = []
+    for epoch in range(start, config.clip_epochs):
+        generator.manual_seed(config.seed * 1000 + epoch)
+        rng.seed(config.seed * 1000 + epoch)
+        bar = progress(list(_batches(n, config.clip_batch_size, generator)), desc=f"clip epoch {epoch + 1}",
+                       leave=False)
+        epoch_losses = []
+        for step, index in enumerate(bar):
+            _cosine_lr(optimizer, config.clip_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
+            texts = [rng.choice(examples.captions[i]) for i in index.tolist()]
+            with _autocast(config.bf16):
+                image_features = F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1)
+                text_features = F.normalize(model.encode_text(clip.tokenizer(texts)), dim=-1)
+                loss = loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp().clamp(max=100))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(float(np.mean(epoch_losses)))
+        log.info("clip epoch %d/%d loss %.4f", epoch + 1, config.clip_epochs, losses[-1])
+        checkpoints.save("clip", epoch + 1, {"clip": model}, optimizer)
+    model.eval()
+    return losses
+
+
+@torch.inference_mode()
+def embed_images(clip: ClipModel, pixels: torch.Tensor, batch_size: int = 256, bf16: bool = True) -> torch.Tensor:
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        with _autocast(bf16):
+            out.append(clip.encode_images(pixels[start:start + batch_size]).float())
+    return torch.cat(out)
+
+
+def build_captioner(config: TrainConfig, prefix_dim: int, tokenizer) -> PrefixCaptioner:
+    if config.lm:
+        from pipeline.models.bundle import load_language_model
+
+        lm, tokenizer = load_language_model(config.lm)
+    else:
+        arch = config.lm_arch
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=arch.n_positions, n_embd=arch.n_embd,
+                                        n_layer=arch.n_layer, n_head=arch.n_head, bos_token_id=tokenizer.eos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id))
+    captioner_config = CaptionerConfig(mapper=config.mapper, prefix_length=config.prefix_length, prefix_dim=prefix_dim,
+                                       clip_length=config.prefix_length)
+    return PrefixCaptioner(captioner_config, lm, tokenizer)
+
+
+def _tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption ids + eos, right-padded; the mask marks the tokens the loss is taken on."""
+    ids = [[*tokenizer.encode(t, add_special_tokens=False)[: max_tokens - 1], tokenizer.eos_token_id] for t in texts]
+    width = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        tokens[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    return tokens, mask
+
+
+def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
+                    progress: Callable[..., Any] = tqdm) -> list[float]:
+    """Stage 2: next-token loss on caption tokens, the CLIP embedding (frozen) as the only input."""
+    if config.freeze_lm:
+        captioner.lm.requires_grad_(False)
+    trainable = [p for p in captioner.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.caption_lr, weight_decay=0.01)
+    modules = {"mapper": captioner.mapper} if config.freeze_lm else {"mapper": captioner.mapper, "lm": captioner.lm}
+    start = checkpoints.resume("captioner", modules, optimizer)
+    n = len(examples.captions)
+    steps_per_epoch = max(1, n // config.caption_batch_size)
+    total = steps_per_epoch * config.caption_epochs
+    max_tokens = captioner.lm.config.n_positions - config.prefix_length if hasattr(captioner.lm.config,
+                                                                                   "n_positions") else 64
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    rng = random.Random(config.seed + 1)
+    losses = []
+    for epoch in range(start, config.caption_epochs):
+        captioner.mapper.train()
+        captioner.lm.train(not config.freeze_lm)
+        generator.manual_seed(config.seed * 1000 + epoch + 1)
+        rng.seed(config.seed * 1000 + epoch + 1)
+        bar = progress(list(_batches(n, config.caption_batch_size, generator)), desc=f"caption epoch {epoch + 1}",
+                       leave=False)
+        epoch_losses = []
+        for step, index in enumerate(bar):
+            _cosine_lr(optimizer, config.caption_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
+            tokens, mask = _tokenize(captioner.tokenizer, [rng.choice(examples.captions[i]) for i in index.tolist()],
+                                     max_tokens)
+            with _autocast(config.bf16):
+                loss = captioner.caption_loss(examples.embeddings[index], tokens, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            epoch_losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.append(float(np.mean(epoch_losses)))
+        log.info("caption epoch %d/%d loss %.4f", epoch + 1, config.caption_epochs, losses[-1])
+        checkpoints.save("captioner", epoch + 1, modules, optimizer)
+    captioner.eval()
+    return losses
+
+
+def train_tokenizer(captions: list[list[str]], vocab_size: int, out_dir: Path):
+    """The LM tokenizer, also used by the custom CLIP text tower (saved as a tokenizers JSON)."""
+    tokenizer = train_bpe_tokenizer((c for refs in captions for c in refs), vocab_size=vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend_tokenizer.save(str(out_dir / "text_tokenizer.json"))
+    return tokenizer
+
+
+def write_summary(path: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps({"config": config.to_json(), **summary, "finished": time.time()}, indent=2,
+                               ensure_ascii=False))
+
+
+def load_examples(specs: list[str], image_spec, limit: int | None = None,
+                  progress: Callable[..., Any] = tqdm) -> Examples:
+    """Images + reference captions from WebDataset / Parquet / folders (KEY.json 'captions' list, else
+    KEY.txt or a caption column) or JSONL lines {"image": path, "caption" or "captions"}."""
+    from pipeline.images import ImageError, decode_image
+
+    pixels, captions = [], []
+    bar = progress(desc="loading images", unit="img")
+    for image_bytes, references in _caption_records(specs):
+        if limit is not None and len(captions) >= limit:
+            break
+        try:
+            pixels.append(torch.from_numpy(decode_image(image_bytes, image_spec).pixels))
+        except ImageError as exc:
+            log.warning("skipping an image: %s", exc)
+            continue
+        captions.append(references)
+        bar.update()
+    bar.close()
+    if not captions:
+        raise ValueError(f"no usable image + caption pairs in {', '.join(specs)}")
+    return Examples(captions=captions, pixels=torch.stack(pixels))
+
+
+def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str]]]:
+    import fsspec
+
+    from pipeline.sources import expand_inputs, read_samples
+
+    jsonl = [s for s in specs if s.endswith((".jsonl", ".json"))]
+    for spec in jsonl:
+        with fsspec.open(spec, "rt", encoding="utf-8") as handle:
+            base = spec.rsplit("/", 1)[0] if "/" in spec else "."
+            for line in handle:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                references = row.get("captions") or [row.get("caption")]
+                image = row["image"]
+                if "://" not in image and not image.startswith("/"):
+                    image = f"{base}/{image}"
+                with fsspec.open(image, "rb") as image_handle:
+                    yield image_handle.read(), [r for r in references if r]
+    others = [s for s in specs if s not in jsonl]
+    if not others:
+        return
+    for shard in expand_inputs(others):
+        for record in read_samples(shard):
+            if record["status"] != "ok" or record["image"] is None:
+                continue
+            references = []
+            if record.get("meta"):
+                try:
+                    references = list(json.loads(record["meta"]).get("captions") or [])
+                except (json.JSONDecodeError, AttributeError):
+                    references = []
+            if not references and record.get("original_text"):
+                references = [record["original_text"]]
+            if references:
+                yield record["image"], references
+
+
+def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]:
+    """This project's own output (captions/ or filtered/ parquet): stored image embeddings and their
+    captions, ok rows only. Returns the examples and the output's 'captioner' metadata."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    embeddings, captions, metadata = [], [], {}
+    for spec in specs:
+        fs, path = fsspec.core.url_to_fs(spec)
+        files = sorted(fs.glob(f"{path.rstrip('/')}/*.parquet")) if fs.isdir(path) else sorted(fs.glob(path))
+        for file in files:
+            with fs.open(file, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                metadata = json.loads((parquet.schema_arrow.metadata or {}).get(b"captioner", b"{}"))
+                table = parquet.read(columns=["status", "caption", "image_embedding"])
+            ok = [s == "ok" for s in table.column("status").to_pylist()]
+            table = table.filter(ok)
+            captions.extend([c] for c in table.column("caption").to_pylist())
+            flat = table.column("image_embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            embeddings.append(torch.from_numpy(flat.astype(np.float32)).view(table.num_rows, -1))
+    if not captions:
+        raise ValueError(f"no ok rows with image_embedding + caption in {', '.join(specs)}")
+    return Examples(captions=captions, embeddings=F.normalize(torch.cat(embeddings), dim=-1)), metadata

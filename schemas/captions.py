@@ -1,0 +1,55 @@
+"""The schema of captions/*.parquet and filtered/*.parquet (see SPEC.md, "Columns")."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+CANDIDATE_TYPE = pa.struct([("caption", pa.string()), ("clip_score", pa.float32())])
+METADATA_KEY = b"captioner"
+NOT_NULL = ("key", "source", "status", "keep")
+
+
+class SchemaError(ValueError):
+    """A table does not match the output schema; the message names the column."""
+
+
+def captions_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.Schema:
+    """The exact output schema; `metadata_json` goes into the schema metadata under 'captioner'."""
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("caption", pa.string()),
+        pa.field("clip_score", pa.float32()),
+        pa.field("image_embedding", pa.list_(pa.float16(), embedding_dim)),
+        pa.field("candidates", pa.list_(CANDIDATE_TYPE)),
+        pa.field("keep", pa.bool_(), nullable=False),
+        pa.field("original_text", pa.string()),
+    ]
+    metadata = {METADATA_KEY: metadata_json.encode()} if metadata_json else None
+    return pa.schema(fields, metadata=metadata)
+
+
+def validate_table(table: pa.Table, embedding_dim: int) -> None:
+    """Raise SchemaError unless `table` has exactly the output columns, types and null rules."""
+    expected = captions_schema(embedding_dim)
+    if table.schema.names != expected.names:
+        raise SchemaError(f"columns {table.schema.names} differ from {expected.names}")
+    for field in expected:
+        column = table.column(field.name)
+        if column.type != field.type:
+            raise SchemaError(f"column {field.name!r} has type {column.type}, expected {field.type}")
+        if field.name in NOT_NULL and column.null_count:
+            raise SchemaError(f"column {field.name!r} has {column.null_count} nulls")
+    ok = pc.equal(table.column("status"), "ok")
+    for name in ("caption", "clip_score", "image_embedding"):
+        missing = pc.sum(pc.and_(ok, pc.is_null(table.column(name)))).as_py() or 0
+        if missing:
+            raise SchemaError(f"{missing} rows with status 'ok' have no {name}")
+    failed_with_caption = pc.and_(pc.invert(ok), pc.is_valid(table.column("caption")))
+    if pc.sum(failed_with_caption).as_py():
+        raise SchemaError("failed rows must have a null caption")

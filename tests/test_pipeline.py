@@ -1,0 +1,66 @@
+"""The Ray pipeline end to end, in-process, on small shards of every input kind."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import jpeg_bytes, write_tar
+
+from pipeline.config import RunConfig
+from pipeline.decoding import DecodeSettings
+from pipeline.filtering import FilterSettings
+from pipeline.run import UsageError, run
+from schemas.captions import validate_table
+
+
+def _tar_corpus(root, shards=2, per_shard=5):
+    paths = []
+    for s in range(shards):
+        samples = {}
+        for i in range(per_shard):
+            key = f"{s:03d}{i:04d}"
+            samples[key] = {"jpg": jpeg_bytes(s * 100 + i),
+                            "txt": f"örnek {key}".encode(), "json": json.dumps({"key": key}).encode()}
+        paths.append(write_tar(root / f"{s:05d}.tar", samples))
+    return paths
+
+
+def _read(folder):
+    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
+
+
+def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
+    _tar_corpus(tmp_path / "in")
+    config = RunConfig(inputs=(str(tmp_path / "in" / "{00000..00001}.tar"),), output=str(tmp_path / "out"),
+                       model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=5), batch_size=4,
+                       filter=FilterSettings(keep_top_fraction=0.5))
+    summary = run(config)
+    captions = _read(tmp_path / "out" / "captions")
+    validate_table(captions, 24)
+    assert sorted(captions.column("key").to_pylist()) == sorted(f"{s:03d}{i:04d}" for s in range(2) for i in range(5))
+    assert set(captions.column("status").to_pylist()) == {"ok"}
+    assert captions.column("width").to_pylist() == [48] * 10
+    assert captions.column("original_text").to_pylist()[0].startswith("örnek")
+    filtered = _read(tmp_path / "out" / "filtered")
+    assert filtered.num_rows == 5 == summary["counts"]["kept"]
+    scores = sorted(captions.column("clip_score").to_pylist(), reverse=True)
+    assert min(filtered.column("clip_score").to_pylist()) == pytest.approx(scores[4])
+    meta = json.loads(pq.read_schema(next((tmp_path / "out" / "captions").glob("*.parquet"))).metadata[b"captioner"])
+    assert meta["filter"]["keep_top_fraction"] == 0.5 and meta["model"] == "tiny"
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["counts"]["rows"] == 10 and not (tmp_path / "out" / "_staging").exists()
+
+
+def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):
+    _tar_corpus(tmp_path / "in", shards=1, per_shard=3)
+    base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(tmp_path / "out"), "model": str(tiny_bundle),
+            "decode": DecodeSettings(max_new_tokens=4)}
+    first = run(RunConfig(**base))
+    assert run(RunConfig(**base, batch_size=7)) == first  # speed knobs do not change the run
+    with pytest.raises(UsageError, match="different configuration"):
+        run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}))
+    again = run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}, overwrite=True))
+    assert again["counts"]["rows"] == 3

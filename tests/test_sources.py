@@ -1,0 +1,307 @@
+"""`--input` specs -> shards, and shards -> sample records (pipeline.sources)."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.sources import FOLDER, PARQUET, WEBDATASET, InputError, Shard, _split_key, expand_inputs, read_samples
+
+RECORD_KEYS = {"key", "source", "image", "original_text", "meta", "status", "error"}
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tar_bytes(members))
+    return path
+
+
+def read_all(url: str, kind: str, **kwargs) -> list[dict]:
+    records = list(read_samples(Shard(url, kind), **kwargs))
+    assert all(set(r) == RECORD_KEYS for r in records)
+    assert all((r["error"] is None) == (r["status"] == "ok") for r in records)
+    return records
+
+
+@pytest.fixture
+def memfs() -> Iterator[fsspec.AbstractFileSystem]:
+    fs = fsspec.filesystem("memory")
+    yield fs
+    fs.store.clear()  # the memory filesystem is process-global
+    fs.pseudo_dirs[:] = [""]
+
+
+# ---------------------------------------------------------------------------------------- expand_inputs
+
+
+def test_brace_range_expands_in_order_and_names_a_missing_member(tmp_path: Path) -> None:
+    for i in range(4):
+        write_tar(tmp_path / "shards" / f"{i:05d}.tar", [(f"{i}.jpg", b"x")])
+    shards = expand_inputs([f"{tmp_path}/shards/{{00000..00003}}.tar"])
+    assert shards == [Shard(str(tmp_path / "shards" / f"{i:05d}.tar"), WEBDATASET) for i in range(4)]
+
+    with pytest.raises(InputError, match=r"shard missing: .*00004\.tar \(from brace range"):
+        expand_inputs([f"{tmp_path}/shards/{{00000..00004}}.tar"])
+    with pytest.raises(InputError, match="unbalanced braces"):
+        expand_inputs([f"{tmp_path}/shards/{{00000..00003.tar"])
+
+
+def test_globs_sort_within_a_spec_keep_spec_order_and_drop_repeats(tmp_path: Path) -> None:
+    for name in ("b.tar", "a.tar", "c.parquet"):
+        target = tmp_path / name
+        if name.endswith(".tar"):
+            write_tar(target, [("k.jpg", b"x")])
+        else:
+            pq.write_table(pa.table({"jpg": [b"x"]}), target)
+    shards = expand_inputs([str(tmp_path / "c.parquet"), str(tmp_path / "*.tar"), str(tmp_path / "a.tar")])
+    assert [(Path(s.url).name, s.kind) for s in shards] == [("c.parquet", PARQUET), ("a.tar", WEBDATASET),
+                                                            ("b.tar", WEBDATASET)]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("shards/*.tar", r"no file matches '.*shards/\*\.tar'"),
+    ("nothing-here.tar", r"no such file or directory: '.*nothing-here\.tar'"),
+    ("notes.csv", r"unknown input format: .*notes\.csv"),
+    ("nope://bucket/x.tar", r"cannot open --input 'nope://bucket/x\.tar'"),
+])
+def test_bad_specs_raise_one_clear_line(tmp_path: Path, spec: str, message: str) -> None:
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    if "://" not in spec:
+        spec = f"{tmp_path}/{spec}"
+    with pytest.raises(InputError, match=message) as raised:
+        expand_inputs([spec])
+    assert "\n" not in str(raised.value)
+    with pytest.raises(InputError, match="no --input"):
+        expand_inputs([])
+
+
+def test_directory_input_walks_nested_folders(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    for relative in ("a.jpg", "sub/b.PNG", "sub/deeper/c.webp", ".hidden/x.jpg", "sub/._b.jpg"):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(relative.encode())
+    (root / "sub" / "b.txt").write_text("İki sarı yıldız", encoding="utf-8")
+    (root / "sub" / "b.json").write_text('{"w": 1}')
+    (root / "notes.md").write_text("not an image")
+
+    shards = expand_inputs([str(root) + "/"])
+    assert shards == [Shard(str(root), FOLDER)]
+    records = read_all(shards[0].url, FOLDER)
+    assert [r["key"] for r in records] == ["a.jpg", "sub/b.PNG", "sub/deeper/c.webp"]
+    assert [r["image"] for r in records] == [b"a.jpg", b"sub/b.PNG", b"sub/deeper/c.webp"]
+    assert {r["source"] for r in records} == {str(root)}
+    assert [r["original_text"] for r in records] == [None, "İki sarı yıldız", None]
+    assert records[1]["meta"] == '{"w": 1}'
+
+
+def test_directory_without_images_is_refused_with_a_hint(tmp_path: Path) -> None:
+    write_tar(tmp_path / "out" / "00000.tar", [("k.jpg", b"x")])
+    with pytest.raises(InputError, match=r"no image files in directory .*out; it holds 1 \.tar/\.parquet"):
+        expand_inputs([str(tmp_path / "out")])
+
+
+def test_file_and_memory_urls(tmp_path: Path, memfs: fsspec.AbstractFileSystem) -> None:
+    local = write_tar(tmp_path / "local.tar", [("k.jpg", b"local")])
+    assert expand_inputs([f"file://{local}"]) == [Shard(str(local), WEBDATASET)]
+
+    for i in (1, 0):
+        memfs.pipe(f"/bucket/shards/{i:05d}.tar", tar_bytes([(f"s{i}.jpg", bytes([i]))]))
+    memfs.pipe("/bucket/folder/x/y.png", b"png")
+    shards = expand_inputs(["memory://bucket/shards/*.tar", "memory://bucket/shards/{00000..00001}.tar",
+                            "memory://bucket/folder"])
+    assert shards == [Shard("memory:///bucket/shards/00000.tar", WEBDATASET),
+                      Shard("memory:///bucket/shards/00001.tar", WEBDATASET),
+                      Shard("memory:///bucket/folder", FOLDER)]
+    assert [(r["key"], r["image"], r["source"]) for r in read_all(shards[1].url, WEBDATASET)] == [
+        ("s1", b"\x01", "memory:///bucket/shards/00001.tar")]
+    assert [(r["key"], r["image"]) for r in read_all(shards[2].url, FOLDER)] == [("x/y.png", b"png")]
+    with pytest.raises(InputError, match=r"shard missing: memory://bucket/shards/00002\.tar"):
+        expand_inputs(["memory://bucket/shards/{00000..00002}.tar"])
+
+
+# ------------------------------------------------------------------------------------------ tar shards
+
+
+def test_key_rule_is_webdatasets() -> None:
+    from webdataset.tariterators import base_plus_ext
+
+    for name in ("00000.jpg", "dir/00000.seg.png", "a.b/c.d.JPG", "./0001.txt", "x/.hid.jpg", "noext", "a.b/c"):
+        assert _split_key(name) == base_plus_ext(name), name
+
+
+def test_img2dataset_layout(tmp_path: Path) -> None:
+    shard = write_tar(tmp_path / "00000.tar", [
+        ("00000.jpg", b"jpeg-0"), ("00000.txt", "Kırmızı bir daire".encode()), ("00000.json", b'{"url": "u0"}'),
+        ("00001.txt", b"caption without image"), ("00001.json", b"{}"),
+        ("00002.cls", b"3"), ("00002.webp", b"webp-2"), ("00002.npy", b"\x93NUMPY"),
+        ("00003.png", b"png-3"), ("00003.JPG", b"jpg-3"),  # both: jpg preferred, whatever the member order
+        ("00004.jpg", b"jpeg-4"), ("00004.txt", b"caf\xe9 \xff"),  # Latin-1, not UTF-8
+        ("sub/00005.jpg", b"jpeg-5"),
+        ("README", b"a member without an extension is not a sample"),
+    ])
+    records = read_all(str(shard), WEBDATASET)
+    assert [(r["key"], r["status"]) for r in records] == [
+        ("00000", "ok"), ("00001", "no_image"), ("00002", "ok"), ("00003", "ok"), ("00004", "ok"),
+        ("sub/00005", "ok")]
+    assert records[0] == {"key": "00000", "source": str(shard), "image": b"jpeg-0",
+                          "original_text": "Kırmızı bir daire", "meta": '{"url": "u0"}', "status": "ok", "error": None}
+    assert records[1]["image"] is None and records[1]["original_text"] == "caption without image"
+    assert "txt, json" in records[1]["error"]
+    assert records[2]["image"] == b"webp-2" and records[2]["original_text"] is None
+    assert records[3]["image"] == b"jpg-3"
+    assert records[4]["original_text"] == "caf\ufffd \ufffd"
+
+
+def test_key_reappearing_later_is_reported_not_merged(tmp_path: Path) -> None:
+    shard = write_tar(tmp_path / "s.tar", [("a.jpg", b"a"), ("b.jpg", b"b"), ("a.txt", b"late caption")])
+    records = read_all(str(shard), WEBDATASET)
+    assert [(r["key"], r["status"]) for r in records] == [("a", "ok"), ("b", "ok"), ("a", "split_sample")]
+    assert records[0]["original_text"] is None and records[2]["image"] is None
+    assert "not contiguous" in records[2]["error"]
+
+
+# Each sample is two members of 512 header + 1024 data bytes: 3072 bytes per sample.
+@pytest.mark.parametrize("cut", [
+    pytest.param(None, id="half"),
+    pytest.param(3 * 3072, id="at-a-member-boundary"),  # tarfile alone would call this a clean end
+    pytest.param(3 * 3072 + 100, id="inside-a-header"),  # ...and this too
+    pytest.param(3 * 3072 + 512 + 300, id="inside-member-data"),
+])
+def test_truncated_tar_yields_complete_samples_then_one_error(tmp_path: Path, cut: int | None) -> None:
+    members = [(f"{i:05d}.{ext}", bytes([i]) * 700) for i in range(10) for ext in ("jpg", "txt")]
+    full = write_tar(tmp_path / "full.tar", members)
+    truncated = tmp_path / "cut.tar"
+    data = full.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2 if cut is None else cut])
+
+    complete = read_all(str(full), WEBDATASET)
+    assert [r["status"] for r in complete] == ["ok"] * 10
+    records = read_all(str(truncated), WEBDATASET)
+    *ok, last = records
+    assert 0 < len(ok) < 10
+    assert [(r["key"], r["image"], r["original_text"]) for r in ok] == [
+        (r["key"], r["image"], r["original_text"]) for r in complete[: len(ok)]]
+    assert last["status"] == "truncated_shard" and last["key"] == f"{truncated}#truncated_shard"
+    assert last["image"] is None and f"after {len(ok)} complete samples" in last["error"]
+
+
+def test_a_file_that_is_not_a_tar_is_one_unreadable_record(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.tar"
+    fake.write_text("this is a text file, not a tar archive\n" * 50)
+    assert expand_inputs([str(fake)]) == [Shard(str(fake), WEBDATASET)]  # listing does not read the data
+    records = read_all(str(fake), WEBDATASET)
+    assert [(r["key"], r["status"]) for r in records] == [(f"{fake}#unreadable_shard", "unreadable_shard")]
+
+
+class PipeFileSystem(fsspec.AbstractFileSystem):
+    """An fsspec filesystem whose files are the read ends of OS pipes: no seeking, no size, no rereading,
+    like a socket to an object store."""
+
+    protocol = "testpipe"
+    pipes: ClassVar[dict[str, int]] = {}
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> BinaryIO:
+        return os.fdopen(self.pipes.pop(path), "rb")
+
+
+def test_tar_is_read_as_a_stream() -> None:
+    # The writer holds back the second half of the shard until the test has the first record: a reader
+    # that needed the whole shard first would only get it after the writer's timeout.
+    data = tar_bytes([(f"{i:05d}.jpg", bytes([i]) * 50_000) for i in range(20)])
+    fsspec.register_implementation(PipeFileSystem.protocol, PipeFileSystem, clobber=True)
+    read_end, write_end = os.pipe()
+    PipeFileSystem.pipes["stream.tar"] = read_end
+    release = threading.Event()
+    sent = {"second_half": False}
+
+    def writer() -> None:
+        with os.fdopen(write_end, "wb") as pipe:
+            pipe.write(data[: len(data) // 2])
+            pipe.flush()
+            release.wait(timeout=5)
+            sent["second_half"] = True
+            pipe.write(data[len(data) // 2:])
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        samples = read_samples(Shard("testpipe://stream.tar", WEBDATASET))
+        assert isinstance(samples, Iterator)
+        first = next(samples)
+        assert first["key"] == "00000" and first["image"] == bytes(50_000) and not sent["second_half"]
+    finally:
+        release.set()
+    assert [r["key"] for r in samples] == [f"{i:05d}" for i in range(1, 20)]
+    thread.join()
+
+
+# -------------------------------------------------------------------------------------- parquet shards
+
+
+def test_parquet_binary_column_with_null_image_and_key_column(tmp_path: Path) -> None:
+    path = tmp_path / "part.parquet"
+    pq.write_table(pa.table({"key": [10, 11, 12], "jpg": [b"i0", None, b"i2"], "caption": ["bir", "iki", None]}),
+                   path)
+    [shard] = expand_inputs([str(path)])
+    records = read_all(shard.url, PARQUET)
+    assert [(r["key"], r["image"], r["original_text"], r["status"]) for r in records] == [
+        ("10", b"i0", "bir", "ok"), ("11", None, "iki", "no_image"), ("12", b"i2", None, "ok")]
+    assert {r["source"] for r in records} == {str(path)}
+
+
+def test_parquet_huggingface_image_struct_and_missing_key_column(tmp_path: Path) -> None:
+    path = tmp_path / "train-00000.parquet"
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    images = [{"bytes": bytes([i]), "path": None} for i in range(150)]
+    images[70] = {"bytes": None, "path": "elsewhere/70.jpg"}
+    images[71] = None
+    table = pa.table({"image": pa.array(images, type=image_type), "text": [f"t{i}" for i in range(150)]})
+    pq.write_table(table, path, row_group_size=50)  # several row groups and batches
+    [shard] = expand_inputs([str(path)])
+    records = read_all(shard.url, PARQUET)
+    assert [r["key"] for r in records] == [f"train-00000/{i}" for i in range(150)]
+    assert [r["status"] for r in records].count("ok") == 148
+    assert records[149]["image"] == bytes([149]) and records[149]["original_text"] == "t149"
+    assert records[70]["status"] == "no_image" and "elsewhere/70.jpg" in records[70]["error"]
+    assert records[71]["status"] == "no_image"
+
+
+def test_parquet_image_column_is_checked_at_expand_time(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"key": ["a"], "jpg": [1], "pixels": [b"x"]}), path)
+    with pytest.raises(InputError, match=r"image column 'jpg' in .*bad\.parquet has type int64"):
+        expand_inputs([str(path)])
+    with pytest.raises(InputError, match=r"image column 'photo' not found in .*bad\.parquet \(columns: key, jpg"):
+        expand_inputs([str(path)], image_column="photo")
+    [shard] = expand_inputs([str(path)], image_column="pixels")
+    assert [(r["key"], r["image"]) for r in read_all(shard.url, PARQUET, image_column="pixels")] == [("a", b"x")]
+    # Read directly (schema changed after listing): every row is reported, none raises.
+    assert [(r["key"], r["status"]) for r in read_all(shard.url, PARQUET)] == [("a", "unsupported")]
+
+
+def test_corrupt_parquet_is_one_unreadable_record(tmp_path: Path) -> None:
+    path = tmp_path / "corrupt.parquet"
+    path.write_bytes(b"PAR1 not really parquet")
+    [shard] = expand_inputs([str(path)])
+    assert [r["status"] for r in read_all(shard.url, PARQUET)] == ["unreadable_shard"]
