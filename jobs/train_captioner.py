@@ -106,15 +106,18 @@ def train(config: TrainConfig) -> dict:
 @click.option("--caption-epochs", type=click.IntRange(min=0), default=None)
 @click.option("--batch-size", type=click.IntRange(min=2), default=None)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N examples.")
+@click.option("--first-reference-prob", type=click.FloatRange(0, 1), default=None,
+              help="Stage 2 trains on each image's first reference with this probability (default: uniform).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
-         batch_size, limit, seed, out) -> None:
+         batch_size, limit, first_reference_prob, seed, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
     config = TrainConfig(out=out, data=tuple(data), embeddings_from=tuple(embeddings_from), clip=clip, lm=lm,
-                         mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length, limit=limit, seed=seed)
+                         mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length, limit=limit, seed=seed,
+                         first_reference_prob=first_reference_prob)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
                  "caption_batch_size": batch_size}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -59,12 +59,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         log.info("output is complete already: %s", output.url)
         return previous
 
-    done = read_columns(output, STAGING, ["key", "source"])
-    done_keys: dict[str, set[str]] = {}
-    if done is not None:
-        for key, source in zip(done.column("key").to_pylist(), done.column("source").to_pylist(), strict=True):
-            done_keys.setdefault(source, set()).add(key)
-    already = done.num_rows if done is not None else 0
+    done = _committed_samples(output)
+    already = sum(len(indices) for indices in done.values())
     metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
                                 "scorer": identity["scorer"], "model": identity["name"],
                                 "model_sha256": identity["sha256"], "decoding": config.decode.to_json(),
@@ -75,12 +71,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     model_started = time.time()
     remaining = None if config.limit is None else config.limit - already
     if remaining is None or remaining > 0:
-        _caption_into_staging(config, output, shards, done_keys, decode_spec, embedding_dim, metadata_json,
+        _caption_into_staging(config, output, shards, done, decode_spec, embedding_dim, metadata_json,
                               remaining)
     model_seconds = time.time() - model_started
 
     finalize_started = time.time()
-    counts = _finalize(output, config, embedding_dim, metadata_json)
+    counts = _finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json)
     summary = {
         "config": config.to_json(),
         "output_defining": defining,
@@ -128,7 +124,17 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
     return None
 
 
-def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done_keys, decode_spec: DecodeSpec,
+def _committed_samples(output: OutputDir) -> dict[str, set[int]]:
+    """(source -> positions) of the samples already staged by earlier attempts of this run."""
+    staged = read_columns(output, STAGING, ["source", "index"])
+    done: dict[str, set[int]] = {}
+    if staged is not None:
+        for source, index in zip(staged.column("source").to_pylist(), staged.column("index").to_pylist(), strict=True):
+            done.setdefault(source, set()).add(index)
+    return done
+
+
+def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, decode_spec: DecodeSpec,
                           embedding_dim: int, metadata_json: str, remaining: int | None) -> None:
     context = ray.data.DataContext.get_current()
     if remaining is not None:
@@ -138,7 +144,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done_key
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    dataset = ray.data.read_datasource(ShardDatasource(shards, done_keys, config.image_column, config.key_column))
+    dataset = ray.data.read_datasource(ShardDatasource(shards, done, config.image_column, config.key_column))
     if remaining is not None:
         dataset = dataset.limit(remaining)
     dataset = dataset.map_batches(decode_batch, fn_kwargs={"spec": decode_spec}, batch_format="pyarrow",
@@ -156,27 +162,39 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done_key
     dataset.write_datasink(StagingSink(output.url, ROWS_PER_PART))
 
 
-def _finalize(output: OutputDir, config: RunConfig, embedding_dim: int, metadata_json: str) -> dict[str, Any]:
-    """Staged parts -> captions/ (every row once, with keep) and filtered/ (kept rows). Reads the
-    stored scores only: the global quantile costs no model re-run."""
-    scored = read_columns(output, STAGING, ["key", "status", "clip_score"])
-    ok = scored.filter(pc.equal(scored.column("status"), "ok")) if scored else None
-    cutoff = top_fraction_cutoff(config.filter.keep_top_fraction,
-                                 ok.column("clip_score").to_numpy(zero_copy_only=False) if ok else np.zeros(0),
-                                 ok.column("key").to_pylist() if ok else [])
+def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embedding_dim: int,
+              metadata_json: str) -> dict[str, Any]:
+    """Staged parts -> captions/ (every sample exactly once, with keep) and filtered/ (kept rows).
+
+    A sample staged twice (a retried write) is written once. Two samples that share a key (the same
+    key in two shards) are both kept: the first in input order keeps the key, the others become
+    `duplicate_key` rows under a key that names their shard and position. The global top fraction
+    reads the stored scores only: it costs no model re-run.
+    """
+    staged = read_columns(output, STAGING, ["key", "source", "index", "status", "clip_score"])
+    columns = [staged.column(c).to_pylist() for c in staged.column_names] if staged is not None else [[]] * 5
+    renamed = _renamed_duplicates(*columns[:3], shard_order)
+    ok_keys, ok_scores, seen = [], [], set()
+    for key, source, index, status, score in zip(*columns, strict=True):
+        if (source, index) not in seen and (source, index) not in renamed and status == "ok":
+            ok_keys.append(key)
+            ok_scores.append(score)
+        seen.add((source, index))
+    cutoff = top_fraction_cutoff(config.filter.keep_top_fraction, np.array(ok_scores, dtype=np.float64), ok_keys)
     schema = captions_schema(embedding_dim, metadata_json)
-    seen: set[str] = set()
+    written: set[tuple[str, int]] = set()
     counts: Counter[str] = Counter()
     kept = 0
     for path in output.parts(STAGING):
-        name = path.rsplit("/", 1)[-1]
         with output.fs.open(path, "rb") as handle:
             table = pq.read_table(handle)
-        table = table.filter(pa.array(_first_sightings(table.column("key").to_pylist(), seen)))
+        table = _mark_duplicates(_drop_written(table, written), renamed)
         keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
                          table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
-        table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep)).cast(schema)
+        table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep))
+        table = table.drop_columns(["index"]).cast(schema)
         validate_table(table, embedding_dim)
+        name = path.rsplit("/", 1)[-1]
         output.write_parquet(table, CAPTIONS, name)
         kept_rows = table.filter(pc.field("keep"))
         if kept_rows.num_rows:
@@ -187,13 +205,49 @@ def _finalize(output: OutputDir, config: RunConfig, embedding_dim: int, metadata
             "top_fraction_cutoff_score": cutoff.score if cutoff else None}
 
 
-def _first_sightings(keys: list[str], seen: set[str]) -> list[bool]:
-    """True for keys not written before: a retried block can never add a row twice."""
+def _renamed_duplicates(keys: list[str], sources: list[str], indices: list[int],
+                        shard_order: list[str]) -> dict[tuple[str, int], tuple[str, str]]:
+    """(source, index) -> (new key, first source) for every sample whose key an earlier sample holds."""
+    rank = {url: i for i, url in enumerate(shard_order)}
+    owners: dict[str, list[tuple[int, int, str]]] = {}
+    for key, source, index in zip(keys, sources, indices, strict=True):
+        owners.setdefault(key, []).append((rank.get(source, len(rank)), index, source))
+    renamed = {}
+    for key, samples in owners.items():
+        unique = sorted(set(samples))
+        for _, index, source in unique[1:]:
+            renamed[(source, index)] = (f"{key}@{source}#{index}", unique[0][2])
+    return renamed
+
+
+def _drop_written(table: pa.Table, written: set[tuple[str, int]]) -> pa.Table:
+    """Rows of samples not written yet (a retried block can never add a sample twice)."""
     first = []
-    for key in keys:
-        first.append(key not in seen)
-        seen.add(key)
-    return first
+    for source, index in zip(table.column("source").to_pylist(), table.column("index").to_pylist(), strict=True):
+        first.append((source, index) not in written)
+        written.add((source, index))
+    return table.filter(pa.array(first, pa.bool_()))
+
+
+def _mark_duplicates(table: pa.Table, renamed: dict[tuple[str, int], tuple[str, str]]) -> pa.Table:
+    hits = [renamed.get((s, i)) for s, i in zip(table.column("source").to_pylist(), table.column("index").to_pylist(),
+                                                strict=True)]
+    if not any(hits):
+        return table
+    is_duplicate = pa.array([hit is not None for hit in hits])
+    replacements = {
+        "key": pa.array([hit[0] if hit else key for hit, key in zip(hits, table.column("key").to_pylist(),
+                                                                   strict=True)], pa.string()),
+        "status": pc.if_else(is_duplicate, "duplicate_key", table.column("status")),
+        "error": pc.if_else(is_duplicate, pa.array([f"key also used by an earlier sample in {hit[1]}" if hit else None
+                                                    for hit in hits], pa.string()), table.column("error")),
+    }
+    for name in ("caption", "clip_score", "image_embedding", "candidates"):
+        column = table.column(name)
+        replacements[name] = pc.if_else(is_duplicate, pa.nulls(len(table), column.type), column)
+    for name, values in replacements.items():
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
 
 
 def _init_ray() -> None:

@@ -27,8 +27,10 @@ from schemas.captions import CANDIDATE_TYPE, captions_schema
 
 log = logging.getLogger(__name__)
 
+# `index` is a record's position in its shard: (source, index) names a sample even when keys repeat,
+# so resume and de-duplication of retried work never confuse two samples that share a key.
 SAMPLE_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("image", pa.large_binary()),
+    ("key", pa.string()), ("source", pa.string()), ("index", pa.int64()), ("image", pa.large_binary()),
     ("original_text", pa.string()), ("status", pa.string()), ("error", pa.string()),
 ])
 ROWS_PER_READ_BLOCK = 256
@@ -36,13 +38,13 @@ ROWS_PER_READ_BLOCK = 256
 
 class ShardDatasource(Datasource):
     """One read task per shard; each streams its shard in blocks of ROWS_PER_READ_BLOCK records and
-    skips the keys that a previous attempt of this run already committed."""
+    skips the records that a previous attempt of this run already committed."""
 
-    def __init__(self, shards: list[Shard], done_keys: dict[str, set[str]], image_column: str | None,
+    def __init__(self, shards: list[Shard], done: dict[str, set[int]], image_column: str | None,
                  key_column: str):
         super().__init__()
         self.shards = shards
-        self.done_keys = done_keys
+        self.done = done
         self.image_column = image_column
         self.key_column = key_column
 
@@ -53,9 +55,9 @@ class ShardDatasource(Datasource):
                        **kwargs: Any) -> list[ReadTask]:
         tasks = []
         for shard in self.shards:
-            done = self.done_keys.get(shard.url, set())
+            done = self.done.get(shard.url, set())
 
-            def read(shard: Shard = shard, done: set[str] = done, image_column: str | None = self.image_column,
+            def read(shard: Shard = shard, done: set[int] = done, image_column: str | None = self.image_column,
                      key_column: str = self.key_column) -> Iterator[pa.Table]:
                 yield from _read_blocks(shard, done, image_column, key_column)
 
@@ -67,12 +69,12 @@ class ShardDatasource(Datasource):
         return "ReadShards"
 
 
-def _read_blocks(shard: Shard, done: set[str], image_column: str | None, key_column: str) -> Iterator[pa.Table]:
+def _read_blocks(shard: Shard, done: set[int], image_column: str | None, key_column: str) -> Iterator[pa.Table]:
     rows: list[dict[str, Any]] = []
-    for record in read_samples(shard, image_column=image_column, key_column=key_column):
-        if record["key"] in done:
+    for index, record in enumerate(read_samples(shard, image_column=image_column, key_column=key_column)):
+        if index in done:
             continue
-        rows.append({name: record.get(name) for name in SAMPLE_SCHEMA.names})
+        rows.append({name: record.get(name) for name in SAMPLE_SCHEMA.names} | {"index": index})
         if len(rows) >= ROWS_PER_READ_BLOCK:
             yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
             rows = []
@@ -109,7 +111,7 @@ def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
             width[i], height[i] = decoded.width, decoded.height
         except ImageError as exc:
             status[i], error[i] = exc.status, str(exc)
-    columns = {name: batch.column(name) for name in ("key", "source", "original_text")}
+    columns = {name: batch.column(name) for name in ("key", "source", "index", "original_text")}
     columns |= {"status": pa.array(status, pa.string()), "error": pa.array(error, pa.string()),
                 "width": pa.array(width, pa.int32()), "height": pa.array(height, pa.int32())}
     for name, array in pixels.items():
@@ -167,7 +169,7 @@ class CaptionStage:
         self.bundle: Bundle = load_bundle(path).to(self.device, self.dtype)
         self.settings = settings
         self.batch_size = batch_size
-        self.schema = captions_schema(embedding_dim, metadata_json)
+        self.schema = staging_schema(embedding_dim, metadata_json)
         self.embedding_dim = embedding_dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -202,6 +204,7 @@ class CaptionStage:
                                    pa.list_(CANDIDATE_TYPE)),
             "keep": pa.array([status == "ok" for status in result.status], pa.bool_()),
             "original_text": batch.column("original_text"),
+            "index": batch.column("index"),
         }
         return pa.table(columns, schema=self.schema)
 
@@ -242,6 +245,11 @@ class _Results:
     scores: dict[int, float] = field(default_factory=dict)
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)
     candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def staging_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.Schema:
+    """The output schema plus the sample's position in its shard (dropped when captions/ is written)."""
+    return captions_schema(embedding_dim, metadata_json).append(pa.field("index", pa.int64(), nullable=False))
 
 
 class StagingSink(Datasink):

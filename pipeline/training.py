@@ -89,6 +89,10 @@ class TrainConfig:
     seed: int = 0
     limit: int | None = None
     bf16: bool = True
+    # Stage 2 draws the first reference with this probability (the rest uniformly); None: all uniform.
+    # A corpus whose first reference is its most regular form (the demo's canonical caption) then
+    # teaches greedy decoding one consistent form.
+    first_reference_prob: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -270,8 +274,8 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         epoch_losses = []
         for step, index in enumerate(bar):
             _cosine_lr(optimizer, config.caption_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
-            tokens, mask = _tokenize(captioner.tokenizer, [rng.choice(examples.captions[i]) for i in index.tolist()],
-                                     max_tokens)
+            texts = [_pick_reference(examples.captions[i], config.first_reference_prob, rng) for i in index.tolist()]
+            tokens, mask = _tokenize(captioner.tokenizer, texts, max_tokens)
             with _autocast(config.bf16):
                 loss = captioner.caption_loss(examples.embeddings[index], tokens, mask)
             optimizer.zero_grad(set_to_none=True)
@@ -285,6 +289,12 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         checkpoints.save("captioner", epoch + 1, modules, optimizer)
     captioner.eval()
     return losses
+
+
+def _pick_reference(references: list[str], first_prob: float | None, rng: random.Random) -> str:
+    if first_prob is not None and (len(references) == 1 or rng.random() < first_prob):
+        return references[0]
+    return rng.choice(references if first_prob is None else references[1:])
 
 
 def train_tokenizer(captions: list[list[str]], vocab_size: int, out_dir: Path):

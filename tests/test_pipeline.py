@@ -64,3 +64,18 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
         run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}))
     again = run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}, overwrite=True))
     assert again["counts"]["rows"] == 3
+
+
+def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_path):
+    shared = {"jpg": jpeg_bytes(1)}
+    write_tar(tmp_path / "in" / "a.tar", {"dup": shared, "only_a": {"jpg": jpeg_bytes(2)}})
+    write_tar(tmp_path / "in" / "b.tar", {"dup": {"jpg": jpeg_bytes(3)}})
+    summary = run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
+                            model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=3)))
+    rows = {row["key"]: row for row in _read(tmp_path / "out" / "captions").to_pylist()}
+    b_url = str(tmp_path / "in" / "b.tar")
+    assert set(rows) == {"dup", "only_a", f"dup@{b_url}#0"}
+    assert rows["dup"]["status"] == "ok" and rows["dup"]["source"].endswith("a.tar")
+    duplicate = rows[f"dup@{b_url}#0"]
+    assert duplicate["status"] == "duplicate_key" and duplicate["caption"] is None and "a.tar" in duplicate["error"]
+    assert summary["counts"]["by_status"] == {"duplicate_key": 1, "ok": 2}
