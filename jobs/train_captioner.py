@@ -87,7 +87,8 @@ def train(config: TrainConfig) -> dict:
         examples.pixels = None
     captioner = build_captioner(config, clip.embed_dim, tokenizer)
     summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
-    manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), name=out.name)
+    manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), name=out.name,
+                           dtype=torch.float16 if config.save_fp16 else torch.float32)
     summary.update({"examples": len(examples.captions), "bundle": str(out / "bundle"),
                     "bundle_sha256": manifest["sha256"], "train_s": round(time.time() - started, 1)})
     write_summary(out / "train_summary.json", config, summary)
@@ -108,16 +109,17 @@ def train(config: TrainConfig) -> dict:
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N examples.")
 @click.option("--first-reference-prob", type=click.FloatRange(0, 1), default=None,
               help="Stage 2 trains on each image's first reference with this probability (default: uniform).")
+@click.option("--save-fp16", is_flag=True, help="Store the bundle's weights as fp16 (half the size).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
-         batch_size, limit, first_reference_prob, seed, out) -> None:
+         batch_size, limit, first_reference_prob, save_fp16, seed, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
     config = TrainConfig(out=out, data=tuple(data), embeddings_from=tuple(embeddings_from), clip=clip, lm=lm,
                          mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length, limit=limit, seed=seed,
-                         first_reference_prob=first_reference_prob)
+                         first_reference_prob=first_reference_prob, save_fp16=save_fp16)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
                  "caption_batch_size": batch_size}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -603,6 +603,8 @@ def swap_attribute(caption: str, rng: random.Random) -> str:
 SPLITS = ("train", "val", "test")
 FORMATS = ("webdataset", "parquet")
 JPEG_QUALITY = 90
+# Hard negatives for contrastive training: the canonical caption with one colour or shape swapped.
+NEGATIVES_PER_SAMPLE = 4
 PARQUET_SCHEMA = pa.schema([
     ("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("captions", pa.list_(pa.string())),
     ("objects", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -627,6 +629,7 @@ class Sample:
     key: str
     jpg: bytes
     captions: list[str]
+    negatives: list[str]
     objects: list[dict[str, Any]]
     width: int
     height: int
@@ -636,8 +639,8 @@ class Sample:
         return self.captions[0]
 
     def meta(self) -> dict[str, Any]:
-        return {"key": self.key, "captions": self.captions, "objects": self.objects, "width": self.width,
-                "height": self.height}
+        return {"key": self.key, "captions": self.captions, "negatives": self.negatives, "objects": self.objects,
+                "width": self.width, "height": self.height}
 
 
 def make_sample(seed: int, split: str, index: int, size: tuple[int, int] = (64, 64)) -> Sample:
@@ -648,7 +651,9 @@ def make_sample(seed: int, split: str, index: int, size: tuple[int, int] = (64, 
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     captions = captions_for(scene, sample_rng(seed, split, index, "captions"))
-    return Sample(sample_key(split, index), buffer.getvalue(), captions, scene.objects(), width, height)
+    negative_rng = sample_rng(seed, split, index, "negatives")
+    negatives = [swap_attribute(captions[0], negative_rng) for _ in range(NEGATIVES_PER_SAMPLE)]
+    return Sample(sample_key(split, index), buffer.getvalue(), captions, negatives, scene.objects(), width, height)
 
 
 def _sha256(path: Path) -> str:

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from open_clip.loss import ClipLoss
 from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -61,8 +60,8 @@ class ClipArch:
 class LMArch:
     """A small GPT-2 built from config when no pretrained LM is named."""
 
-    n_embd: int = 256
-    n_layer: int = 4
+    n_embd: int = 192
+    n_layer: int = 3
     n_head: int = 4
     n_positions: int = 96
 
@@ -93,6 +92,7 @@ class TrainConfig:
     # A corpus whose first reference is its most regular form (the demo's canonical caption) then
     # teaches greedy decoding one consistent form.
     first_reference_prob: float | None = None
+    save_fp16: bool = False  # store the bundle's weights as fp16 (half the size; loaded as fp32)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +105,7 @@ class Examples:
     captions: list[list[str]]
     pixels: torch.Tensor | None = None       # (N, S, S, 3) uint8
     embeddings: torch.Tensor | None = None   # (N, D) float32, L2-normalized
+    negatives: list[list[str]] | None = None  # hard negative captions per image, when the data has them
 
 
 class Checkpoints:
@@ -173,13 +174,24 @@ def build_custom_clip(arch: ClipArch, text_tokenizer_file: Path) -> tuple[ClipMo
     return create_clip(spec, text_tokenizer_file.parent), spec
 
 
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, negative_features: torch.Tensor | None,
+                     logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE; hard negative captions, when given, join the texts each image is
+    contrasted with (as in NegCLIP), which teaches the embedding the details a swap changes."""
+    texts = text_features if negative_features is None else torch.cat((text_features, negative_features))
+    labels = torch.arange(len(image_features))
+    image_to_text = F.cross_entropy(logit_scale * image_features @ texts.T, labels)
+    text_to_image = F.cross_entropy(logit_scale * text_features @ image_features.T, labels)
+    return (image_to_text + text_to_image) / 2
+
+
 def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
                progress: Callable[..., Any] = tqdm) -> list[float]:
-    """Stage 1: symmetric InfoNCE over (image, one random reference caption) pairs."""
+    """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
+    negative caption per image when the data provides them."""
     model = clip.clip.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1)
     start = checkpoints.resume("clip", {"clip": model}, optimizer)
-    loss_fn = ClipLoss()
     n = len(examples.captions)
     steps_per_epoch = max(1, n // config.clip_batch_size)
     total = steps_per_epoch * config.clip_epochs
@@ -195,15 +207,18 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
         for step, index in enumerate(bar):
             _cosine_lr(optimizer, config.clip_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
             texts = [rng.choice(examples.captions[i]) for i in index.tolist()]
+            negatives = [rng.choice(examples.negatives[i]) for i in index.tolist()] if examples.negatives else []
             with _autocast(config.bf16):
                 image_features = F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1)
-                text_features = F.normalize(model.encode_text(clip.tokenizer(texts)), dim=-1)
-                loss = loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp().clamp(max=100))
+                all_text = F.normalize(model.encode_text(clip.tokenizer(texts + negatives)), dim=-1).float()
+                loss = contrastive_loss(image_features.float(), all_text[: len(texts)],
+                                        all_text[len(texts):] if negatives else None,
+                                        model.logit_scale.exp().clamp(max=100))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
         log.info("clip epoch %d/%d loss %.4f", epoch + 1, config.clip_epochs, losses[-1])
         checkpoints.save("clip", epoch + 1, {"clip": model}, optimizer)
@@ -283,7 +298,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
             epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
         log.info("caption epoch %d/%d loss %.4f", epoch + 1, config.caption_epochs, losses[-1])
         checkpoints.save("captioner", epoch + 1, modules, optimizer)
@@ -316,9 +331,9 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
     KEY.txt or a caption column) or JSONL lines {"image": path, "caption" or "captions"}."""
     from pipeline.images import ImageError, decode_image
 
-    pixels, captions = [], []
+    pixels, captions, negatives = [], [], []
     bar = progress(desc="loading images", unit="img")
-    for image_bytes, references in _caption_records(specs):
+    for image_bytes, references, hard_negatives in _caption_records(specs):
         if limit is not None and len(captions) >= limit:
             break
         try:
@@ -327,14 +342,17 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
             log.warning("skipping an image: %s", exc)
             continue
         captions.append(references)
+        negatives.append(hard_negatives)
         bar.update()
     bar.close()
     if not captions:
         raise ValueError(f"no usable image + caption pairs in {', '.join(specs)}")
-    return Examples(captions=captions, pixels=torch.stack(pixels))
+    return Examples(captions=captions, pixels=torch.stack(pixels),
+                    negatives=negatives if all(negatives) else None)
 
 
-def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str]]]:
+def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str], list[str]]]:
+    """(image bytes, reference captions, hard negative captions) from every kind of input."""
     import fsspec
 
     from pipeline.sources import expand_inputs, read_samples
@@ -352,7 +370,7 @@ def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str]]]:
                 if "://" not in image and not image.startswith("/"):
                     image = f"{base}/{image}"
                 with fsspec.open(image, "rb") as image_handle:
-                    yield image_handle.read(), [r for r in references if r]
+                    yield image_handle.read(), [r for r in references if r], list(row.get("negatives") or [])
     others = [s for s in specs if s not in jsonl]
     if not others:
         return
@@ -360,16 +378,16 @@ def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str]]]:
         for record in read_samples(shard):
             if record["status"] != "ok" or record["image"] is None:
                 continue
-            references = []
-            if record.get("meta"):
-                try:
-                    references = list(json.loads(record["meta"]).get("captions") or [])
-                except (json.JSONDecodeError, AttributeError):
-                    references = []
+            try:
+                meta = json.loads(record["meta"]) if record.get("meta") else {}
+            except json.JSONDecodeError:
+                meta = {}
+            meta = meta if isinstance(meta, dict) else {}
+            references = list(meta.get("captions") or [])
             if not references and record.get("original_text"):
                 references = [record["original_text"]]
             if references:
-                yield record["image"], references
+                yield record["image"], references, list(meta.get("negatives") or [])
 
 
 def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]:

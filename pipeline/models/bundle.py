@@ -54,23 +54,27 @@ class Bundle:
 
 def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
                 scorer: ClipModel | None = None, scorer_spec: ClipSpec | None = None,
-                name: str | None = None) -> dict[str, Any]:
-    """Write a complete, self-contained bundle; returns its manifest (the bundle.json content)."""
+                name: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Write a complete, self-contained bundle; returns its manifest (the bundle.json content).
+    `dtype` is the storage type of floating weights (fp16 halves the size); loading always
+    gives float32 models, so a run picks its compute dtype itself."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "name": name or path.name,
-        "encoder": _save_clip(path, "encoder", encoder, encoder_spec),
+        "encoder": _save_clip(path, "encoder", encoder, encoder_spec, dtype),
         "captioner": {**captioner.config.to_json(), "weights": "mapper.safetensors", "language_model": LM_DIR},
     }
-    save_weights(captioner.mapper, path / "mapper.safetensors")
-    captioner.lm.save_pretrained(path / LM_DIR)
+    save_weights(captioner.mapper, path / "mapper.safetensors", dtype)
+    original_dtype = captioner.lm.dtype
+    captioner.lm.to(dtype).save_pretrained(path / LM_DIR)
+    captioner.lm.to(original_dtype)
     captioner.tokenizer.save_pretrained(path / LM_DIR)
     if scorer is None or scorer is encoder:
         manifest["scorer"] = SAME_AS_ENCODER
     else:
-        manifest["scorer"] = _save_clip(path, "scorer", scorer, scorer_spec or ClipSpec(arch=CUSTOM))
+        manifest["scorer"] = _save_clip(path, "scorer", scorer, scorer_spec or ClipSpec(arch=CUSTOM), dtype)
     manifest["files"] = {
         str(file.relative_to(path)): _sha256(file)
         for file in sorted(path.rglob("*")) if file.is_file() and file.name != BUNDLE_FILE
@@ -128,7 +132,7 @@ def load_language_model(name_or_dir: str | Path):
     or a hub name. Returns (model, tokenizer)."""
     local = Path(name_or_dir).is_dir()
     try:
-        lm = AutoModelForCausalLM.from_pretrained(name_or_dir, local_files_only=local)
+        lm = AutoModelForCausalLM.from_pretrained(name_or_dir, local_files_only=local, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local)
     except (OSError, ValueError, KeyError) as exc:
         reason = " ".join(str(exc).split())[:300]
@@ -157,11 +161,11 @@ def _clip_spec(entry: Any, role: str) -> ClipSpec:
     return ClipSpec(**{k: v for k, v in entry.items() if k in known})
 
 
-def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec) -> dict[str, Any]:
+def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: torch.dtype) -> dict[str, Any]:
     """Custom models and local weight files are copied in as safetensors; pretrained tags stay tags."""
     entry = spec.to_json()
     if spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):
-        save_weights(model.clip, path / f"{role}.safetensors")
+        save_weights(model.clip, path / f"{role}.safetensors", dtype)
         entry["weights"] = f"{role}.safetensors"
     if isinstance(model.tokenizer, ClipTextTokenizer):
         model.tokenizer.tokenizer.save(str(path / f"{role}_tokenizer.json"))

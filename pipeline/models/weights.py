@@ -45,9 +45,11 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
     module.load_state_dict(state, strict=True)
 
 
-def save_weights(module: nn.Module, path: Path) -> None:
-    """Write `module`'s state dict as safetensors (contiguous copies, so shared views are fine)."""
-    state = {key: value.detach().contiguous().clone() for key, value in module.state_dict().items()}
+def save_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write `module`'s state dict as safetensors, floating tensors stored as `dtype` (contiguous
+    copies, so shared views are fine)."""
+    state = {key: (value.to(dtype) if value.is_floating_point() else value).detach().contiguous().clone()
+             for key, value in module.state_dict().items()}
     save_file(state, str(path))
 
 
