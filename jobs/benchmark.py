@@ -1,6 +1,7 @@
 """Speed benchmarks on real-size architectures with random weights (speed does not depend on them).
 
   python jobs/benchmark.py decoding [--batch-size 64] [--json out.json]
+  python jobs/benchmark.py pipeline [--images 1000] [--json out.json]
 
 Each run measures every figure it reports itself, so ratios compare numbers taken on one machine
 in one run. Model: ClipCap MLP mapper 512 -> 3840 -> 7680 + GPT-2 small (124M, 50,257-token vocab).
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import click
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.decoding import DecodeSettings, generate, reference_clipcap_generate
+from pipeline.decoding import DecodeSettings, decode_texts, generate, reference_clipcap_generate
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 
 GPT2_VOCAB = 50257
@@ -70,6 +72,122 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
     }
 
 
+# FLOPs per image (forward, multiply-add = 2 FLOPs), from the architectures' shapes: ViT-B/32 at 224
+# (50 tokens, 12 layers, width 768) ~ 4.4 GFLOP; GPT-2 small ~ 2 x 124M (85M in blocks + the 38.6M
+# tied LM head) per token ~ 0.25 GFLOP, so 10 prefix + 20 new tokens ~ 7.4 GFLOP (+ the 20-token
+# scorer text tower, ~ 0.3 GFLOP). Used for the share of this CPU's measured bf16 matmul speed.
+FLOPS_PER_IMAGE = {"encoder": 4.4e9, "decoder": 7.4e9, "scorer": 0.3e9}
+
+
+def real_size_bundle(path: Path) -> Path:
+    """ViT-B-32 (open_clip config) + ClipCap MLP 512->3840->7680 + GPT-2 small, random weights,
+    saved as a bundle (fp16 storage) so the pipeline and the bare loop load the very same model."""
+    from safetensors.torch import save_file
+
+    from pipeline.models.bundle import save_bundle
+    from pipeline.models.clip import ClipSpec, create_clip
+
+    if (path / "bundle.json").is_file():
+        return path
+    torch.manual_seed(0)
+    clip = create_clip(ClipSpec(arch="ViT-B-32"))
+    weights = path.parent / "vit-b-32-random.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in clip.clip.state_dict().items()}, str(weights))
+    save_bundle(path, clip, ClipSpec(arch="ViT-B-32", weights=str(weights)), gpt2_small_captioner(),
+                name="bench-vit-b-32-gpt2-small", dtype=torch.float16)
+    weights.unlink()
+    return path
+
+
+def photo_corpus(root: Path, images: int, shards: int) -> str:
+    """640x480 JPEG scenes in WebDataset shards (the demo world drawn at COCO size)."""
+    from pipeline.demo_world import write_corpus
+
+    if not (root / "test").is_dir():
+        write_corpus(root, seed=1, counts={"test": images}, size=(640, 480),
+                     shard_size=max(1, -(-images // shards)), formats=("webdataset",))
+    return str(root / "test" / "*.tar")
+
+
+def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype, limit: int | None = None) -> dict:
+    """decode JPEG -> encode -> caption -> score in one process, no Ray; model load included, as in
+    the pipeline's actor. Also times each stage."""
+    from pipeline.images import decode_image
+    from pipeline.models.bundle import load_bundle
+    from pipeline.sources import expand_inputs, read_samples
+
+    started = time.perf_counter()
+    bundle = load_bundle(bundle_dir).to("cpu", dtype)
+    stages = {"load": time.perf_counter() - started, "read+decode": 0.0, "encode": 0.0, "caption": 0.0,
+              "score": 0.0}
+    settings = DecodeSettings(max_new_tokens=20)
+    images = 0
+
+    def run_batch(pixels: list) -> None:
+        batch = torch.from_numpy(np.stack(pixels))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            embeddings = bundle.encoder.encode_images(batch)
+            t1 = time.perf_counter()
+            texts = decode_texts(bundle.captioner, [c[0] for c in generate(
+                bundle.captioner, bundle.captioner.prefix(embeddings), settings)])
+            t2 = time.perf_counter()
+            (embeddings * bundle.scorer.encode_texts(texts)).sum(-1)
+            t3 = time.perf_counter()
+        stages["encode"] += t1 - t0
+        stages["caption"] += t2 - t1
+        stages["score"] += t3 - t2
+
+    pending: list = []
+    t_read = time.perf_counter()
+    for shard in expand_inputs([inputs]):
+        for record in read_samples(shard):
+            pending.append(decode_image(record["image"], bundle.encoder.image_spec).pixels)
+            images += 1
+            if len(pending) == batch_size or images == limit:
+                stages["read+decode"] += time.perf_counter() - t_read
+                run_batch(pending)
+                pending = []
+                t_read = time.perf_counter()
+            if images == limit:
+                break
+        if images == limit:
+            break
+    if pending:
+        stages["read+decode"] += time.perf_counter() - t_read
+        run_batch(pending)
+    wall = time.perf_counter() - started
+    return {"images": images, "wall_s": wall, "images_per_s": images / wall, "stage_s": stages}
+
+
+def ray_pipeline(bundle_dir: Path, inputs: str, out: Path, batch_size: int, dtype: str) -> dict:
+    import shutil
+
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    summary = run(RunConfig(inputs=(inputs,), output=str(out), model=str(bundle_dir), batch_size=batch_size,
+                            dtype=dtype, decode=DecodeSettings(max_new_tokens=20)))
+    wall = time.perf_counter() - started
+    rows = summary["counts"]["rows"]
+    return {"images": rows, "wall_s": wall, "images_per_s": rows / wall,
+            "model_stage_images_per_s": rows / summary["timings"]["model_stage_s"],
+            "actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"],
+            "timings": summary["timings"]}
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
 @click.group()
 def main() -> None:
     """Benchmarks; each prints a table and can write JSON."""
@@ -89,6 +207,45 @@ def decoding(batch_size: int, max_new_tokens: int, reference_images: int, json_p
     for name, value in result["captions_per_s"].items():
         click.echo(f"{name:<28}{value:>12.2f}")
     click.echo(f"batched (best dtype) / reference fp32: {result['speedup_vs_reference_fp32']:.1f}x")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
+
+@main.command()
+@click.option("--images", default=1000, show_default=True, type=click.IntRange(min=8))
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workdir", default="/tmp/captioner-bench", show_default=True, type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None) -> None:
+    """Bare in-process loop vs the full Ray pipeline on the same real-size model and 640x480 JPEGs;
+    dtype and batch-size variants of the bare loop; time per stage; actor memory."""
+    bundle_dir = real_size_bundle(workdir / "bundle")
+    inputs = photo_corpus(workdir / "corpus", images, shards=4)
+    result: dict = {"images": images, "batch_size": batch_size, "flops_per_image": FLOPS_PER_IMAGE}
+    result["matmul_gflops"] = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    variants = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for size in sorted({16, batch_size}):
+            name = f"{str(dtype).removeprefix('torch.')}_batch{size}"
+            variants[name] = bare_loop(bundle_dir, inputs, size, dtype, limit=min(images, 4 * size))["images_per_s"]
+    result["bare_variants_images_per_s"] = variants
+    result["bare"] = bare_loop(bundle_dir, inputs, batch_size, torch.bfloat16)
+    result["ray"] = ray_pipeline(bundle_dir, inputs, workdir / "out", batch_size, "bf16")
+    result["ray_over_bare"] = result["ray"]["images_per_s"] / result["bare"]["images_per_s"]
+    model_s = sum(result["bare"]["stage_s"][k] for k in ("encode", "caption", "score"))
+    flops = result["bare"]["images"] * sum(FLOPS_PER_IMAGE.values())
+    result["model_stage_share_of_bf16_matmul"] = flops / model_s / 1e9 / result["matmul_gflops"]["bfloat16"]
+    click.echo(f"{'measure':<44}{'value':>12}")
+    for name, value in [*((f"bare loop {k} (images/s)", v) for k, v in variants.items()),
+                        ("bare loop, full corpus, bf16 (images/s)", result["bare"]["images_per_s"]),
+                        ("Ray pipeline, full corpus, bf16 (images/s)", result["ray"]["images_per_s"]),
+                        ("Ray / bare", result["ray_over_bare"]),
+                        ("model stage share of bf16 matmul peak", result["model_stage_share_of_bf16_matmul"]),
+                        ("model actor peak RSS (MB)", result["ray"]["actor_peak_rss_mb"])]:
+        click.echo(f"{name:<44}{value:>12.3f}")
+    stage_s = result["bare"]["stage_s"]
+    click.echo("bare loop time share: " + ", ".join(f"{k} {v / sum(stage_s.values()):.0%}" for k, v in stage_s.items()))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
 

@@ -11,13 +11,12 @@ import sys
 
 import _bootstrap  # noqa: F401
 import click
-from pipeline.sources import InputError
 
 from pipeline.config import DTYPES, ActorRange, RunConfig
 from pipeline.decoding import METHODS, DecodeSettings
 from pipeline.filtering import FilterSettings
 from pipeline.models.errors import ModelLoadError
-from pipeline.run import UsageError, run
+from pipeline.sources import InputError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,11 +43,13 @@ from pipeline.run import UsageError, run
               help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Caption only the first N samples.")
+@click.option("--rows-per-file", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Rows per Parquet part file.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration.")
 def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, method,
          num_candidates, beam_width, max_new_tokens, temperature, top_p, batch_size, actors, gpus_per_actor,
-         dtype, limit, seed, overwrite) -> None:
+         dtype, limit, rows_per_file, seed, overwrite) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         decode = DecodeSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
@@ -58,9 +59,12 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
                            key_column=key_column,
                            filter=FilterSettings(min_clip_score=min_clip_score, keep_top_fraction=keep_top_fraction),
                            decode=decode, batch_size=batch_size, actors=ActorRange.parse(actors),
-                           gpus_per_actor=gpus_per_actor, dtype=dtype, limit=limit, overwrite=overwrite)
+                           gpus_per_actor=gpus_per_actor, dtype=dtype, limit=limit, rows_per_file=rows_per_file,
+                           overwrite=overwrite)
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
+    from pipeline.run import UsageError, run  # torch and Ray load only once the usage is known to be sound
+
     try:
         summary = run(config)
     except (UsageError, InputError, ModelLoadError) as exc:

@@ -26,13 +26,16 @@ from pipeline.models.errors import ModelLoadError
 @click.option("--num-layers", type=click.IntRange(min=1), default=None,
               help="Transformer mapper only; read from the checkpoint when omitted.")
 @click.option("--normalize-prefix", is_flag=True, help="The checkpoint was trained with --normalize_prefix.")
+@click.option("--scorer", default=None,
+              help="open_clip ARCH[:WEIGHTS] that scores captions (e.g. xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k); "
+                   "default: the encoder.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 def main(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_length: int, clip_length: int | None,
-         num_layers: int | None, normalize_prefix: bool, out: Path) -> None:
+         num_layers: int | None, normalize_prefix: bool, scorer: str | None, out: Path) -> None:
     try:
         manifest = import_clipcap(checkpoint, lm=lm, clip=clip, mapper=mapper, prefix_length=prefix_length,
                                   out=out, clip_length=clip_length, num_layers=num_layers,
-                                  normalize_prefix=normalize_prefix)
+                                  normalize_prefix=normalize_prefix, scorer=scorer)
     except ModelLoadError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote bundle {out} ({mapper} mapper, prefix {prefix_length}, sha256 {manifest['sha256'][:12]})")

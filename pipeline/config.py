@@ -48,8 +48,8 @@ class RunConfig:
     gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
     dtype: str = "auto"
     limit: int | None = None
+    rows_per_file: int = 4096             # rows per Parquet part file
     overwrite: bool = False
-    write_webdataset: bool = False
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -62,6 +62,8 @@ class RunConfig:
             raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.rows_per_file < 1:
+            raise ValueError(f"--rows-per-file must be at least 1, got {self.rows_per_file}")
 
     @property
     def model_path(self) -> Path:
@@ -72,8 +74,8 @@ class RunConfig:
 
     def output_defining(self) -> dict[str, Any]:
         """What decides the content of the output. Resuming with a different value is refused;
-        batch size, actors, GPUs and --overwrite only change speed or the start, not the rows."""
+        batch size, actors, GPUs, file size and --overwrite change speed or layout, not the rows."""
         settings = self.to_json()
-        for name in ("output", "batch_size", "actors", "gpus_per_actor", "overwrite"):
+        for name in ("output", "batch_size", "actors", "gpus_per_actor", "rows_per_file", "overwrite"):
             settings.pop(name)
         return settings

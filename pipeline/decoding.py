@@ -61,7 +61,8 @@ def generate(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeS
 def decode_texts(captioner: PrefixCaptioner, token_lists: list[list[int]]) -> list[str]:
     texts = captioner.tokenizer.batch_decode(token_lists, skip_special_tokens=True,
                                              clean_up_tokenization_spaces=False)
-    return [clean_caption(text) for text in texts]
+    # a byte-level BPE cut at max_new_tokens inside a multi-byte letter (ş, ğ) leaves U+FFFD
+    return [clean_caption(text.rstrip("\ufffd")) for text in texts]
 
 
 def _step(captioner: PrefixCaptioner, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:

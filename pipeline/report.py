@@ -142,7 +142,7 @@ def _scan_captions(output: OutputDir, samples: int, seed: int) -> tuple[dict[str
     kept_scores: list[np.ndarray] = []
     for path in output.parts(CAPTIONS):  # sorted, so the same output draws the same rows
         with output.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=_COLUMNS)
+            table = pq.read_table(handle, columns=_COLUMNS, use_threads=False)
         priorities = rng.random(table.num_rows)
         ok = pc.equal(table.column("status"), "ok")
         kept = pc.fill_null(table.column("keep"), False)

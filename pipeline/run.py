@@ -20,19 +20,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.filtering import keep_mask, top_fraction_cutoff
 from pipeline.models.bundle import load_bundle
 from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, STAGING_CONFIG, OutputDir, read_columns
 from pipeline.sources import expand_inputs
-from pipeline.stages import CaptionStage, DecodeSpec, ShardDatasource, StagingSink, decode_batch
+from pipeline.stages import STAGING_ONLY, CaptionStage, DecodeSpec, ShardDatasource, StagingSink, decode_batch
 from schemas.captions import captions_schema, validate_table
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_PART = 4096
 DECODE_BATCH = 64
-PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow", "turkish-captioner")
+PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow")
 
 
 class UsageError(ValueError):
@@ -64,7 +64,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
                                 "scorer": identity["scorer"], "model": identity["name"],
                                 "model_sha256": identity["sha256"], "decoding": config.decode.to_json(),
-                                "filter": config.filter.to_json(), "version": _version("turkish-captioner")},
+                                "filter": config.filter.to_json(), "version": __version__},
                                ensure_ascii=False)
 
     _init_ray()
@@ -81,7 +81,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "config": config.to_json(),
         "output_defining": defining,
         "model": identity,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: _version(name) for name in PACKAGES} | {"pipeline": __version__},
         "inputs": {"shards": len(shards)},
         "counts": counts,
         "resumed_rows": already,
@@ -116,9 +116,10 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
         for folder in (CAPTIONS, FILTERED, STAGING, RUN_JSON):
             output.remove(folder)
         finished = None
-    if finished is not None:
-        return finished
     output.clean_temporaries()
+    if finished is not None:
+        output.remove(STAGING)  # a run killed after its commit record but before this clean-up
+        return finished
     if staged is None:
         output.write_json(defining, STAGING, STAGING_CONFIG)
     return None
@@ -144,6 +145,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    cpu_threads = None if gpus else _cpu_threads_per_actor(config.actors.max)
     dataset = ray.data.read_datasource(ShardDatasource(shards, done, config.image_column, config.key_column))
     if remaining is not None:
         dataset = dataset.limit(remaining)
@@ -153,13 +155,22 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         CaptionStage,
         fn_constructor_kwargs={"bundle_files": ray.put(files), "settings": config.decode, "dtype": config.dtype,
                                "batch_size": config.batch_size, "embedding_dim": embedding_dim,
-                               "metadata_json": metadata_json},
+                               "metadata_json": metadata_json, "cpu_threads": cpu_threads},
         compute=ray.data.ActorPoolStrategy(min_size=config.actors.min, max_size=config.actors.max),
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_gpus=gpus,
+        scheduling_strategy="SPREAD",  # one actor per node first: spread memory and the CPU decode work
     )
-    dataset.write_datasink(StagingSink(output.url, ROWS_PER_PART))
+    dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
+
+
+def _cpu_threads_per_actor(actors: int) -> int:
+    """A CPU-only actor's share of the smallest node's cores."""
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    cores = min((int(node["Resources"].get("CPU", 1)) for node in nodes), default=1)
+    actors_per_node = max(1, -(-actors // max(1, len(nodes))))
+    return max(1, cores // actors_per_node)
 
 
 def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embedding_dim: int,
@@ -184,15 +195,19 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     schema = captions_schema(embedding_dim, metadata_json)
     written: set[tuple[str, int]] = set()
     counts: Counter[str] = Counter()
+    by_node: Counter[str] = Counter()
+    peak_rss_mb = 0.0
     kept = 0
     for path in output.parts(STAGING):
         with output.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle)
+            table = pq.read_table(handle, use_threads=False)
         table = _mark_duplicates(_drop_written(table, written), renamed)
         keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
                          table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
         table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep))
-        table = table.drop_columns(["index"]).cast(schema)
+        by_node.update(table.column("node").to_pylist())
+        peak_rss_mb = max(peak_rss_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
+        table = table.drop_columns(list(STAGING_ONLY)).cast(schema)
         validate_table(table, embedding_dim)
         name = path.rsplit("/", 1)[-1]
         output.write_parquet(table, CAPTIONS, name)
@@ -202,7 +217,8 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
         counts.update(table.column("status").to_pylist())
         kept += kept_rows.num_rows
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
-            "top_fraction_cutoff_score": cutoff.score if cutoff else None}
+            "top_fraction_cutoff_score": cutoff.score if cutoff else None, "rows_by_node": dict(by_node),
+            "model_actor_peak_rss_mb": round(peak_rss_mb, 1)}
 
 
 def _renamed_duplicates(keys: list[str], sources: list[str], indices: list[int],
@@ -238,9 +254,12 @@ def _mark_duplicates(table: pa.Table, renamed: dict[tuple[str, int], tuple[str, 
     replacements = {
         "key": pa.array([hit[0] if hit else key for hit, key in zip(hits, table.column("key").to_pylist(),
                                                                    strict=True)], pa.string()),
-        "status": pc.if_else(is_duplicate, "duplicate_key", table.column("status")),
-        "error": pc.if_else(is_duplicate, pa.array([f"key also used by an earlier sample in {hit[1]}" if hit else None
-                                                    for hit in hits], pa.string()), table.column("error")),
+        # a row that already failed keeps its own reason; only an ok row becomes duplicate_key
+        "status": pc.if_else(pc.and_(is_duplicate, pc.equal(table.column("status"), "ok")), "duplicate_key",
+                             table.column("status")),
+        "error": pc.if_else(pc.and_(is_duplicate, pc.equal(table.column("status"), "ok")),
+                            pa.array([f"key also used by an earlier sample in {hit[1]}" if hit else None
+                                      for hit in hits], pa.string()), table.column("error")),
     }
     for name in ("caption", "clip_score", "image_embedding", "candidates"):
         column = table.column(name)

@@ -109,5 +109,6 @@ def read_columns(output: OutputDir, folder: str, columns: list[str]) -> pa.Table
     tables = []
     for path in output.parts(folder):
         with output.fs.open(path, "rb") as handle:
-            tables.append(pq.read_table(handle, columns=columns))
+            # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
+            tables.append(pq.read_table(handle, columns=columns, use_threads=False))
     return pa.concat_tables(tables) if tables else None

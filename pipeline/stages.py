@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import resource
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -162,14 +163,19 @@ class CaptionStage:
     """
 
     def __init__(self, bundle_files: ray.ObjectRef, settings: DecodeSettings, dtype: str,
-                 batch_size: int, embedding_dim: int, metadata_json: str):
+                 batch_size: int, embedding_dim: int, metadata_json: str, cpu_threads: int | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if cpu_threads:
+            # Ray pins OMP threads to the actor's 1 reserved CPU; a CPU-only actor may use its share of
+            # the node (the reservation stays 1 so that read tasks can always be scheduled beside it)
+            torch.set_num_threads(cpu_threads)
         path = materialize_bundle(ray.get(bundle_files))
         self.dtype = resolve_dtype(dtype, self.device)
         self.bundle: Bundle = load_bundle(path).to(self.device, self.dtype)
         self.settings = settings
         self.batch_size = batch_size
         self.schema = staging_schema(embedding_dim, metadata_json)
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.embedding_dim = embedding_dim
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -205,6 +211,8 @@ class CaptionStage:
             "keep": pa.array([status == "ok" for status in result.status], pa.bool_()),
             "original_text": batch.column("original_text"),
             "index": batch.column("index"),
+            "node": pa.array([self.node_id] * n, pa.string()),
+            "actor_peak_rss_mb": pa.array([_peak_rss_mb()] * n, pa.float32()),
         }
         return pa.table(columns, schema=self.schema)
 
@@ -247,9 +255,19 @@ class _Results:
     candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
+# Staging-only columns, dropped when captions/ is written: the sample's position in its shard, and
+# where it was captioned (node, and the peak memory of that actor so far) for run.json.
+STAGING_ONLY = ("index", "node", "actor_peak_rss_mb")
+
+
 def staging_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.Schema:
-    """The output schema plus the sample's position in its shard (dropped when captions/ is written)."""
-    return captions_schema(embedding_dim, metadata_json).append(pa.field("index", pa.int64(), nullable=False))
+    """The output schema plus the staging-only columns."""
+    schema = captions_schema(embedding_dim, metadata_json).append(pa.field("index", pa.int64(), nullable=False))
+    return schema.append(pa.field("node", pa.string())).append(pa.field("actor_peak_rss_mb", pa.float32()))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 class StagingSink(Datasink):

@@ -125,8 +125,8 @@ class Checkpoints:
         for name, module in modules.items():
             torch.save(module.state_dict(), temporary / f"{name}.pt")
         torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()[1],
-                    "numpy": np.random.get_state()[1]}, temporary / "rng.pt")
+        # batch order and caption choice are re-seeded per epoch; only torch's global RNG (dropout) carries
+        torch.save({"torch": torch.get_rng_state()}, temporary / "rng.pt")
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
         for old in sorted(self.root.glob(f"{stage}-*"))[:-1]:
@@ -404,7 +404,7 @@ def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]
             with fs.open(file, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
                 metadata = json.loads((parquet.schema_arrow.metadata or {}).get(b"captioner", b"{}"))
-                table = parquet.read(columns=["status", "caption", "image_embedding"])
+                table = parquet.read(columns=["status", "caption", "image_embedding"], use_threads=False)
             ok = [s == "ok" for s in table.column("status").to_pylist()]
             table = table.filter(ok)
             captions.extend([c] for c in table.column("caption").to_pylist())

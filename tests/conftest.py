@@ -83,7 +83,8 @@ def ray_local():
     """One local Ray instance for the tests that run the pipeline in-process."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+    # address="local": always a fresh instance, even when a Ray head runs on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,16 @@ def test_malicious_pickle_is_not_executed_and_cli_prints_one_line(tmp_path, part
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "not a loadable weights-only checkpoint" in proc.stderr
+
+
+def test_a_separate_scorer_is_stored_and_loaded(tokenizer, parts, tmp_path):
+    lm_dir, clip = parts
+    torch.save(_reference(tokenizer, "mlp", seed=5).state_dict(), tmp_path / "c.pt")
+    manifest = import_clipcap(tmp_path / "c.pt", str(lm_dir), clip, "mlp", 4, tmp_path / "b", scorer=clip)
+    assert manifest["scorer"]["arch"] == "local-dir:scorer_open_clip"  # copied in: the bundle stands alone
+    shutil.rmtree(clip.removeprefix("local-dir:"))
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.scorer is not bundle.encoder
+    pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.allclose(bundle.scorer.encode_images(pixels), bundle.encoder.encode_images(pixels))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip
+from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer
 from pipeline.models.weights import load_weights, save_weights
@@ -162,9 +163,17 @@ def _clip_spec(entry: Any, role: str) -> ClipSpec:
 
 
 def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: torch.dtype) -> dict[str, Any]:
-    """Custom models and local weight files are copied in as safetensors; pretrained tags stay tags."""
+    """Custom models, local weight files and local-dir models are copied in (weights as safetensors),
+    so the bundle stands alone; pretrained tags and hub names stay references."""
     entry = spec.to_json()
-    if spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):
+    if spec.arch.startswith(LOCAL_DIR):
+        folder = path / f"{role}_open_clip"
+        folder.mkdir(exist_ok=True)
+        shutil.copyfile(Path(spec.arch.removeprefix(LOCAL_DIR)) / "open_clip_config.json",
+                        folder / "open_clip_config.json")
+        save_weights(model.clip, folder / "open_clip_model.safetensors", dtype)
+        entry["arch"] = f"{LOCAL_DIR}{folder.name}"
+    elif spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):
         save_weights(model.clip, path / f"{role}.safetensors", dtype)
         entry["weights"] = f"{role}.safetensors"
     if isinstance(model.tokenizer, ClipTextTokenizer):

@@ -21,7 +21,8 @@ from pipeline.models.text_tokenizers import ClipTextTokenizer, TextTokenizer
 from pipeline.models.weights import load_weights
 
 CUSTOM = "custom"
-_SCHEMAS = ("hf-hub:", "local-dir:")
+LOCAL_DIR = "local-dir:"
+_SCHEMAS = ("hf-hub:", LOCAL_DIR)
 
 
 @dataclass
@@ -96,9 +97,12 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     if spec.arch == CUSTOM:
         return _create_custom(spec, base_dir or Path("."))
     weights = _resolve(spec.weights, base_dir)
+    arch = spec.arch
+    if arch.startswith(LOCAL_DIR) and base_dir is not None and (base_dir / arch.removeprefix(LOCAL_DIR)).is_dir():
+        arch = f"{LOCAL_DIR}{base_dir / arch.removeprefix(LOCAL_DIR)}"  # a folder inside the bundle
     try:
-        clip = open_clip.create_model(spec.arch, pretrained=weights, weights_only=True)
-        tokenizer = open_clip.get_tokenizer(spec.arch)
+        clip = open_clip.create_model(arch, pretrained=weights, weights_only=True)
+        tokenizer = open_clip.get_tokenizer(arch)
     except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError) as exc:
         what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
         raise ModelLoadError(f"cannot load CLIP {what!r}: {_one_line(exc)}") from None

@@ -45,8 +45,10 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 def import_clipcap(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_length: int, out: Path,
                    clip_length: int | None = None, num_layers: int | None = None,
-                   normalize_prefix: bool = False, stop_token: str = ".") -> dict[str, Any]:
-    """Build a bundle from a ClipCap checkpoint; returns the bundle manifest."""
+                   normalize_prefix: bool = False, stop_token: str = ".",
+                   scorer: str | None = None) -> dict[str, Any]:
+    """Build a bundle from a ClipCap checkpoint; returns the bundle manifest. `scorer` names another
+    open_clip model (e.g. a multilingual one) to score captions; by default the encoder scores."""
     if mapper not in MAPPERS:
         raise ModelLoadError(f"unknown mapper {mapper!r} (expected one of {', '.join(MAPPERS)})")
     state = read_checkpoint(checkpoint)
@@ -76,4 +78,6 @@ def import_clipcap(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_len
                              normalize_prefix=normalize_prefix, stop_token=stop_token)
     captioner = PrefixCaptioner(config, language_model, tokenizer)
     load_state(captioner.mapper, mapper_state, f"{checkpoint} ({MAPPER_PREFIX}*)")
-    return save_bundle(out, encoder, encoder_spec, captioner, name=out.name)
+    scorer_spec = ClipSpec.parse(scorer) if scorer else None
+    return save_bundle(out, encoder, encoder_spec, captioner, name=out.name,
+                       scorer=create_clip(scorer_spec) if scorer_spec else None, scorer_spec=scorer_spec)

@@ -1,0 +1,173 @@
+"""The job as users run it: `ray job submit` against a Ray head, a two-node cluster, and a driver
+killed mid-run and resubmitted. Each test owns its cluster (ray.cluster_utils.Cluster), so it only
+ever stops its own processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import jpeg_bytes, write_tar
+from ray.cluster_utils import Cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "caption_shards.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _corpus(root: Path, shards: int, per_shard: int) -> str:
+    for s in range(shards):
+        write_tar(root / f"{s:05d}.tar", {f"{s:02d}_{i:04d}": {"jpg": jpeg_bytes(s * 1000 + i)}
+                                          for i in range(per_shard)})
+    return str(root / "*.tar")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               RAY_AUTH_MODE="disabled", **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _captions(out: Path) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "captions").glob("*.parquet"))])
+
+
+@pytest.fixture()
+def cluster():
+    clusters = []
+
+    def start(nodes: int, cpus: int = 2, dashboard_port: int | None = None) -> Cluster:
+        head_args = {"num_cpus": cpus, "env_vars": {"RAY_AUTH_MODE": "disabled"}}
+        if dashboard_port:
+            head_args |= {"include_dashboard": True, "dashboard_port": dashboard_port,
+                          "dashboard_host": "127.0.0.1"}
+        created = Cluster(initialize_head=True, head_node_args=head_args)
+        clusters.append(created)
+        for _ in range(nodes - 1):
+            created.add_node(num_cpus=cpus)
+        created.wait_for_nodes()
+        return created
+
+    yield start
+    for created in clusters:
+        created.shutdown()
+
+
+def test_ray_job_submit_runs_the_job(cluster, tiny_bundle, tmp_path):
+    port = _free_port()
+    cluster(1, dashboard_port=port)
+    inputs = _corpus(tmp_path / "in", shards=1, per_shard=6)
+    ray_cli = Path(sys.executable).with_name("ray")
+    deadline = time.time() + 60
+    while True:  # the dashboard's job API comes up a little after the head
+        probe = subprocess.run([str(ray_cli), "job", "list", "--address", f"http://127.0.0.1:{port}"],
+                               capture_output=True, text=True, env=_env())
+        if probe.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(2)
+    proc = subprocess.run(
+        [str(ray_cli), "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT), "--",
+         sys.executable, "jobs/caption_shards.py", "--input", inputs, "--output", str(tmp_path / "out"),
+         "--model", str(tiny_bundle), "--max-new-tokens", "4"],
+        capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "captioned 6 rows (0 failed" in proc.stdout
+    assert sorted(_captions(tmp_path / "out").column("key").to_pylist()) == [f"00_{i:04d}" for i in range(6)]
+
+
+def test_two_node_cluster_captions_on_both_nodes(cluster, tiny_bundle, tmp_path):
+    created = cluster(2)
+    # enough shards that read tasks land on both nodes: the actor pool prefers actors beside the blocks
+    inputs = _corpus(tmp_path / "in", shards=8, per_shard=24)
+    proc = subprocess.run(
+        [sys.executable, str(JOB), "--input", inputs, "--output", str(tmp_path / "out"), "--model", str(tiny_bundle),
+         "--actors", "2", "--batch-size", "4", "--max-new-tokens", "8"],
+        capture_output=True, text=True, env=_env(RAY_ADDRESS=created.address), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["counts"]["rows"] == 192
+    by_node = run_json["counts"]["rows_by_node"]
+    assert len(by_node) == 2 and all(rows > 0 for rows in by_node.values()), by_node
+    keys = _captions(tmp_path / "out").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 192
+
+
+def test_driver_killed_mid_run_resumes_without_redoing_or_duplicating(cluster, tiny_bundle, tmp_path):
+    created = cluster(1)
+    inputs = _corpus(tmp_path / "in", shards=4, per_shard=120)
+    out = tmp_path / "out"
+    command = [sys.executable, str(JOB), "--input", inputs, "--output", str(out), "--model", str(tiny_bundle),
+               "--batch-size", "8", "--rows-per-file", "8", "--max-new-tokens", "12"]
+    env = _env(RAY_ADDRESS=created.address)
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 300
+    while len(list((out / "_staging").glob("part-*.parquet"))) < 2 and time.time() < deadline:
+        assert driver.poll() is None, "the run finished before it could be killed: make it longer"
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    staged_before = sum(pq.read_metadata(p).num_rows for p in (out / "_staging").glob("part-*.parquet"))
+    assert 0 < staged_before < 480 and not (out / "run.json").exists()
+
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["resumed_rows"] >= staged_before  # finished work was not redone
+    keys = _captions(out).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 480
+    assert not list(out.rglob("._tmp-*")) and not (out / "_staging").exists()
+
+
+def _pids(pattern: str) -> list[int]:
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+def _wait_for_parts(out: Path, count: int, driver: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(list((out / "_staging").glob("part-*.parquet"))) < count:
+        assert driver.poll() is None, "the run finished before the fault: make it longer"
+        assert time.time() < deadline, "no progress"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("fault", ["model_actor", "worker_node"])
+def test_faults_mid_run_lose_and_duplicate_nothing(cluster, tiny_bundle, tmp_path, fault):
+    created = cluster(2 if fault == "worker_node" else 1)
+    inputs = _corpus(tmp_path / "in", shards=4, per_shard=40)
+    out = tmp_path / "out"
+    actors = "2" if fault == "worker_node" else "1"
+    driver = subprocess.Popen(
+        [sys.executable, str(JOB), "--input", inputs, "--output", str(out), "--model", str(tiny_bundle),
+         "--actors", actors, "--batch-size", "4", "--rows-per-file", "8", "--max-new-tokens", "12"],
+        env=_env(RAY_ADDRESS=created.address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_parts(out, 2, driver)
+    if fault == "model_actor":
+        victims = _pids("CaptionStage")
+        assert victims, "no model actor process found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    else:
+        created.remove_node(created.list_all_nodes()[-1], allow_graceful=False)
+    _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 0, stderr[-3000:]
+    keys = _captions(out).column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 160
+    statuses = set(_captions(out).column("status").to_pylist())
+    assert statuses == {"ok"}, statuses

@@ -1,0 +1,72 @@
+"""The Ray Data stages as plain objects: decode turns bad bytes into status rows, and the model
+stage falls back to smaller batches when a batch fails, so one bad sample never costs a batch."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import stages
+from pipeline.decoding import DecodeSettings
+from pipeline.images import ImageSpec
+
+POISON = 7
+
+
+def _png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (value, value, value)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _samples(images: list[bytes | None]) -> pa.Table:
+    n = len(images)
+    return pa.table({"key": [f"k{i}" for i in range(n)], "source": ["s.tar"] * n, "index": list(range(n)),
+                     "image": pa.array(images, pa.large_binary()), "original_text": [None] * n,
+                     "status": ["ok"] * n, "error": pa.array([None] * n, pa.string())}, schema=stages.SAMPLE_SCHEMA)
+
+
+def test_decode_batch_keeps_every_row_and_reports_bad_bytes():
+    table = stages.decode_batch(_samples([_png(100), b"", b"not an image", _png(200)]),
+                                stages.DecodeSpec(encoder=ImageSpec(size=32)))
+    assert table.column("status").to_pylist() == ["ok", "empty", "decode_error", "ok"]
+    assert table.column("width").to_pylist() == [40, None, None, 40]
+    pixels = stages.pixels_from_column(table.column("pixels"), 32)
+    assert pixels.shape == (4, 32, 32, 3) and (pixels[0] == 100).all() and (pixels[1] == 0).all()
+    assert (stages.pixels_from_column(table.column("pixels").slice(3), 32) == 200).all()  # offsets respected
+
+
+@pytest.fixture()
+def stage(ray_local, tiny_bundle):
+    files = {str(p.relative_to(tiny_bundle)): p.read_bytes() for p in tiny_bundle.rglob("*") if p.is_file()}
+    return stages.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
+                               embedding_dim=24, metadata_json="{}")
+
+
+def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(stage, monkeypatch):
+    real = stages.caption_batch
+    calls = []
+
+    def fails_on_poison(bundle, pixels, settings, scorer_pixels=None):
+        calls.append(len(pixels))
+        if bool((pixels == POISON).flatten(1).all(dim=1).any()):
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return real(bundle, pixels, settings, scorer_pixels)
+
+    monkeypatch.setattr(stages, "caption_batch", fails_on_poison)
+    values = [10, 20, POISON, 30, 40, 50, 60, 70]
+    decoded = stages.decode_batch(_samples([_png(v) for v in values]), stages.DecodeSpec(ImageSpec(size=32)))
+    out = stage(decoded)
+    statuses = out.column("status").to_pylist()
+    assert statuses == ["ok", "ok", "model_error", "ok", "ok", "ok", "ok", "ok"]
+    assert "OutOfMemoryError" in out.column("error")[2].as_py()
+    assert out.column("caption")[2].as_py() is None and out.column("image_embedding")[2].as_py() is None
+    assert all(out.column("caption")[i].as_py() is not None for i in range(8) if i != 2)
+    assert calls[0] == 8 and 1 in calls  # whole batch first, then halves down to the single bad sample
+    embeddings = np.array([out.column("image_embedding")[i].as_py() for i in (0, 1)], dtype=np.float32)
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-2)

@@ -1,0 +1,80 @@
+"""The training job on a tiny demo corpus: both stages, the bundle it writes, resume after a stop, and
+stage 2 straight from this project's own output (stored embeddings, no images)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.decoding import DecodeSettings, decode_texts, generate
+from pipeline.demo_world import write_corpus
+from pipeline.models.bundle import load_bundle
+from pipeline.training import ClipArch, LMArch, TrainConfig, contrastive_loss
+from schemas.captions import captions_schema
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+from train_captioner import train
+
+
+def _config(out: Path, **overrides) -> TrainConfig:
+    base = TrainConfig(
+        out=str(out), clip_epochs=1, caption_epochs=1, clip_batch_size=16, caption_batch_size=16, vocab_size=300,
+        bf16=False, prefix_length=4,
+        clip_arch=ClipArch(image_size=32, embed_dim=32, vision_layers=(1, 1, 1, 1), vision_width=16, text_width=32,
+                           text_layers=1, text_heads=2, context_length=48),
+        lm_arch=LMArch(n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    return replace(base, **overrides)
+
+
+def test_contrastive_loss_uses_hard_negatives():
+    torch.manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    texts = images.clone()
+    scale = torch.tensor(10.0)
+    easy = contrastive_loss(images, texts, None, scale)
+    hard = contrastive_loss(images, texts, images.clone(), scale)  # negatives as close as the positives
+    assert hard > easy + 0.1
+
+
+def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
+    write_corpus(tmp_path / "corpus", seed=3, counts={"train": 48}, size=(32, 32), formats=("webdataset",))
+    data = (str(tmp_path / "corpus" / "train" / "*.tar"),)
+    first = train(_config(tmp_path / "run", data=data))
+    assert len(first["clip_losses"]) == 1 and len(first["caption_losses"]) == 1
+    bundle = load_bundle(tmp_path / "run" / "bundle")
+    assert bundle.encoder.image_spec.size == 32 and bundle.captioner.config.prefix_length == 4
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        tokens = generate(bundle.captioner, bundle.captioner.prefix(bundle.encoder.encode_images(pixels)),
+                          DecodeSettings(max_new_tokens=5))
+    assert len(decode_texts(bundle.captioner, [t[0] for t in tokens])) == 2
+
+    # a longer schedule on the same run directory resumes: no CLIP epoch again, one new caption epoch
+    resumed = train(_config(tmp_path / "run", data=data, caption_epochs=2))
+    assert resumed["clip_losses"] == [] and len(resumed["caption_losses"]) == 1
+
+    # stage 2 from a pipeline output: image_embedding + caption columns, encoder taken from the bundle
+    dim = bundle.encoder.embed_dim
+    embeddings = np.random.default_rng(0).normal(size=(20, dim)).astype(np.float16)
+    schema = captions_schema(dim)
+    table = pa.table({
+        "key": [f"k{i}" for i in range(20)], "source": ["s"] * 20, "status": ["ok"] * 19 + ["decode_error"],
+        "error": [None] * 19 + ["bad"], "width": [32] * 20, "height": [32] * 20,
+        "caption": ["Resimde büyük bir mavi kare var."] * 19 + [None], "clip_score": [0.5] * 19 + [None],
+        "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float16()), dim),
+        "candidates": [None] * 20, "keep": [True] * 19 + [False], "original_text": [None] * 20}, schema=schema)
+    (tmp_path / "output" / "filtered").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "output" / "filtered" / "part-0.parquet")
+    from_output = train(_config(tmp_path / "next", embeddings_from=(str(tmp_path / "output" / "filtered"),),
+                                clip=str(tmp_path / "run" / "bundle"), lm=str(tmp_path / "run" / "bundle" / "lm")))
+    assert from_output["examples"] == 19 and "clip_losses" not in from_output
+    summary = json.loads((tmp_path / "next" / "train_summary.json").read_text())
+    assert summary["config"]["embeddings_from"] == [str(tmp_path / "output" / "filtered")]
+    assert load_bundle(tmp_path / "next" / "bundle").encoder.embed_dim == dim
