@@ -52,6 +52,16 @@ def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
     assert meta["filter"]["keep_top_fraction"] == 0.5 and meta["model"] == "tiny"
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["counts"]["rows"] == 10 and not (tmp_path / "out" / "_staging").exists()
+    # the ecosystem reads it: pandas, and Hugging Face datasets' parquet loader
+    import datasets
+    import pandas as pd
+
+    frame = pd.read_parquet(tmp_path / "out" / "filtered")
+    assert len(frame) == 5 and frame["keep"].all()
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "filtered" / "*.parquet"),
+                                   split="train", cache_dir=str(tmp_path / "hf-cache"))
+    assert sorted(loaded["key"]) == sorted(filtered.column("key").to_pylist())
+    assert len(loaded[0]["image_embedding"]) == 24
 
 
 def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):

@@ -52,10 +52,11 @@ def cluster():
     clusters = []
 
     def start(nodes: int, cpus: int = 2, dashboard_port: int | None = None) -> Cluster:
-        head_args = {"num_cpus": cpus, "env_vars": {"RAY_AUTH_MODE": "disabled"}}
-        if dashboard_port:
-            head_args |= {"include_dashboard": True, "dashboard_port": dashboard_port,
-                          "dashboard_host": "127.0.0.1"}
+        # free ports throughout: a head started by `make demo` may hold Ray's default ones
+        head_args = {"num_cpus": cpus, "env_vars": {"RAY_AUTH_MODE": "disabled"}, "gcs_server_port": _free_port(),
+                     "include_dashboard": bool(dashboard_port), "dashboard_port": dashboard_port or _free_port(),
+                     "dashboard_host": "127.0.0.1", "dashboard_agent_listen_port": _free_port(),
+                     "metrics_export_port": _free_port(), "runtime_env_agent_port": _free_port()}
         created = Cluster(initialize_head=True, head_node_args=head_args)
         clusters.append(created)
         for _ in range(nodes - 1):
@@ -73,18 +74,16 @@ def test_ray_job_submit_runs_the_job(cluster, tiny_bundle, tmp_path):
     cluster(1, dashboard_port=port)
     inputs = _corpus(tmp_path / "in", shards=1, per_shard=6)
     ray_cli = Path(sys.executable).with_name("ray")
-    deadline = time.time() + 60
-    while True:  # the dashboard's job API comes up a little after the head
-        probe = subprocess.run([str(ray_cli), "job", "list", "--address", f"http://127.0.0.1:{port}"],
-                               capture_output=True, text=True, env=_env())
-        if probe.returncode == 0 or time.time() > deadline:
+    submit = [str(ray_cli), "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT),
+              "--", sys.executable, "jobs/caption_shards.py", "--input", inputs, "--output", str(tmp_path / "out"),
+              "--model", str(tiny_bundle), "--max-new-tokens", "4"]
+    deadline = time.time() + 120
+    while True:  # the dashboard's job agent comes up a little after the head
+        proc = subprocess.run(submit, capture_output=True, text=True, env=_env(), timeout=600)
+        not_ready = "No available agent" in proc.stderr or "Connection refused" in proc.stderr
+        if proc.returncode == 0 or not not_ready or time.time() > deadline:
             break
-        time.sleep(2)
-    proc = subprocess.run(
-        [str(ray_cli), "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(ROOT), "--",
-         sys.executable, "jobs/caption_shards.py", "--input", inputs, "--output", str(tmp_path / "out"),
-         "--model", str(tiny_bundle), "--max-new-tokens", "4"],
-        capture_output=True, text=True, env=_env(), timeout=600)
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "captioned 6 rows (0 failed" in proc.stdout
     assert sorted(_captions(tmp_path / "out").column("key").to_pylist()) == [f"00_{i:04d}" for i in range(6)]
