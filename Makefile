@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The cluster tests start their own Ray clusters, so they run in a process that never called ray.init().
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_ray_cluster.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_ray_cluster.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline jobs schemas tests

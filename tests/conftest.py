@@ -78,17 +78,18 @@ def tiny_bundle(tokenizer, tmp_path_factory) -> Path:
     return root / "bundle"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the tests that run the pipeline in-process."""
+    """A local Ray instance for the tests that run the pipeline in-process. Module-scoped and started
+    on demand: the cluster tests shut it down to start their own clusters."""
     import ray
 
-    # address="local": always a fresh instance, even when a Ray head runs on this machine
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        # address="local": always a fresh instance, even when a Ray head runs on this machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
 
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
