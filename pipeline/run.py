@@ -106,13 +106,14 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
     finished = output.read_json(RUN_JSON)
     staged = output.read_json(STAGING, STAGING_CONFIG)
     recorded = (finished or {}).get("output_defining") or staged
-    if recorded is not None and _jsonable(recorded) != _jsonable(defining) and not config.overwrite:
+    different = recorded is not None and _jsonable(recorded) != _jsonable(defining)
+    if different and not config.overwrite:
         raise UsageError(f"{config.output} holds a run with a different configuration; "
                          f"use another --output, or --overwrite to replace it")
     if recorded is None and not output.is_empty() and not config.overwrite:
         raise UsageError(f"{config.output} is not empty and holds no run of this tool; "
                          f"use an empty --output, or --overwrite")
-    if config.overwrite and recorded is not None and _jsonable(recorded) != _jsonable(defining):
+    if different and config.overwrite:
         for folder in (CAPTIONS, FILTERED, STAGING, RUN_JSON):
             output.remove(folder)
         finished = None
