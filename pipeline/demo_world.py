@@ -6,6 +6,7 @@ Everything is deterministic given a `random.Random`:
   captions_for(scene, rng)            the canonical caption first, then other grammatical Turkish forms
   parse_caption / score_caption       read a caption (reference or model output) back into objects
   swap_attribute(caption, rng)        the same caption with one colour or shape replaced
+  scene_negatives(scene, rng, n)      captions of near-miss scenes: attributes swapped between objects, replaced, moved
   write_corpus(...)                   WebDataset (img2dataset layout) and/or Parquet shards + manifest.json
 
 Suffixes are derived by rule (`inflect`), never spelled out per word: vowel harmony, buffer letters,
@@ -147,7 +148,7 @@ POSITIONS = tuple(SLOTS)
 _GRID = {"üst": (1, 0), "sol": (0, 1), "orta": (1, 1), "sağ": (2, 1), "alt": (1, 2)}  # (column, row)
 _RADIUS = {"büyük": 0.165, "küçük": 0.105}  # relative to the shorter image side
 NUMERALS = {1: "bir", 2: "iki", 3: "üç"}
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -597,14 +598,75 @@ def swap_attribute(caption: str, rng: random.Random) -> str:
     return text[:match.start()] + new + text[match.end():]
 
 
+def scene_negatives(scene: Scene, rng: random.Random, count: int) -> list[str]:
+    """Canonical captions of up to `count` distinct scenes that differ from `scene` in one edit.
+
+    Most edits swap an attribute (colour, shape, size, position) between two groups, the binding a
+    bag-of-words embedding misses; the rest replace one attribute, move an object or drop one. Used as
+    hard negatives for contrastive training (as NegCLIP's swapped captions).
+    """
+    groups = list(scene.groups)
+    pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))]
+    free = [slot for slot in POSITIONS if all(slot not in g.positions for g in groups)]
+
+    def swapped(field: str) -> list[SceneGroup]:
+        a, b = rng.choice(pairs)
+        edited = list(groups)
+        edited[a], edited[b] = (replace(groups[a], **{field: getattr(groups[b], field)}),
+                                replace(groups[b], **{field: getattr(groups[a], field)}))
+        return edited
+
+    def replaced(field: str, values: Sequence[Any]) -> list[SceneGroup]:
+        index = rng.randrange(len(groups))
+        edited = list(groups)
+        edited[index] = replace(groups[index], **{field: rng.choice([v for v in values
+                                                                     if v != getattr(groups[index], field)])})
+        return edited
+
+    def moved() -> list[SceneGroup]:
+        index = rng.randrange(len(groups))
+        positions = list(groups[index].positions)
+        positions[rng.randrange(len(positions))] = rng.choice(free)
+        edited = list(groups)
+        edited[index] = replace(groups[index], positions=tuple(sorted(positions, key=POSITIONS.index)))
+        return edited
+
+    def dropped() -> list[SceneGroup]:
+        edited = list(groups)
+        del edited[rng.randrange(len(edited))]
+        return edited
+
+    edits: list[Callable[[], list[SceneGroup]]] = [
+        lambda: replaced("colour", list(COLOURS)), lambda: replaced("shape", SHAPES),
+        lambda: replaced("size", SIZES)]
+    if free:
+        edits.append(moved)
+    if pairs:
+        edits += [lambda: swapped("colour"), lambda: swapped("shape"), lambda: swapped("size"),
+                  lambda: swapped("positions"), dropped] * 2  # binding errors are the common ones
+    original = canonical_caption(scene)
+    negatives: list[str] = []
+    for _ in range(20 * count):  # edits can repeat or change nothing (swapping equal sizes)
+        edited = rng.choice(edits)()
+        kinds = [(g.colour, g.shape) for g in edited]
+        if len(set(kinds)) < len(kinds):  # two groups of one kind would be one counted group
+            continue
+        caption = canonical_caption(Scene(tuple(sorted(edited, key=_canonical_order))))
+        if caption != original and caption not in negatives:
+            negatives.append(caption)
+            if len(negatives) == count:
+                break
+    return negatives
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Corpus files
 # ---------------------------------------------------------------------------------------------------------------
 SPLITS = ("train", "val", "test")
 FORMATS = ("webdataset", "parquet")
 JPEG_QUALITY = 90
-# Hard negatives for contrastive training: the canonical caption with one colour or shape swapped.
-NEGATIVES_PER_SAMPLE = 4
+# Hard negatives for contrastive training (see scene_negatives).
+NEGATIVES_PER_SAMPLE = 8
 PARQUET_SCHEMA = pa.schema([
     ("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("captions", pa.list_(pa.string())),
     ("objects", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
@@ -652,7 +714,7 @@ def make_sample(seed: int, split: str, index: int, size: tuple[int, int] = (64, 
     image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     captions = captions_for(scene, sample_rng(seed, split, index, "captions"))
     negative_rng = sample_rng(seed, split, index, "negatives")
-    negatives = [swap_attribute(captions[0], negative_rng) for _ in range(NEGATIVES_PER_SAMPLE)]
+    negatives = scene_negatives(scene, negative_rng, NEGATIVES_PER_SAMPLE)
     return Sample(sample_key(split, index), buffer.getvalue(), captions, negatives, scene.objects(), width, height)
 
 

@@ -34,11 +34,13 @@ from pipeline.demo_world import (
     ObjectMention,
     Scene,
     SceneGroup,
+    canonical_caption,
     captions_for,
     generate_scene,
     inflect,
     parse_caption,
     render_scene,
+    scene_negatives,
     score_caption,
     swap_attribute,
 )
@@ -253,6 +255,27 @@ def test_swap_attribute_changes_one_word_and_is_scored_wrong():
     assert heads and heads <= genitives - {"Kalbin"}  # suffix kept, capital kept, another shape
     with pytest.raises(ValueError):
         swap_attribute("Hiçbir şey yok.", rng)
+
+
+def test_scene_negatives_are_distinct_near_misses_that_the_scorer_rejects():
+    """Each negative describes another scene: parsed back, it is wrong for the true scene (an object,
+    count, size or position differs), and multi-object scenes get swaps between their objects."""
+    binding_swaps = 0
+    for scene, _ in scenes(200, seed=3):
+        negatives = scene_negatives(scene, random.Random(1), 8)
+        assert len(negatives) == len(set(negatives)) and canonical_caption(scene) not in negatives
+        assert len(negatives) == 8 or scene.total == 1  # a single object has fewer possible edits
+        for negative in negatives:
+            verdict = score_caption(negative, scene)
+            placed_or_sized = [o["position_ok"] is False or o["size_ok"] is False for o in verdict["per_object"]]
+            assert not verdict["correct"] or any(placed_or_sized), negative
+            mentioned = {(m.colour, m.shape) for m in parse_caption(negative)}
+            truth = {(g.colour, g.shape) for g in scene.groups}
+            # same colours and shapes in the scene, paired differently: a binding swap
+            if mentioned != truth and {c for c, _ in mentioned} == {g.colour for g in scene.groups} \
+                    and {s for _, s in mentioned} == {g.shape for g in scene.groups}:
+                binding_swaps += 1
+    assert binding_swaps > 100  # swaps are most of the edits offered for scenes of several groups
 
 
 # --- samples and the corpus job -----------------------------------------------------------------------------------
