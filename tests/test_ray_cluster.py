@@ -156,7 +156,8 @@ def _wait_for_parts(out: Path, count: int, driver: subprocess.Popen, timeout: fl
 @pytest.mark.parametrize("fault", ["model_actor", "worker_node"])
 def test_faults_mid_run_lose_and_duplicate_nothing(cluster, tiny_bundle, tmp_path, fault):
     created = cluster(2 if fault == "worker_node" else 1)
-    inputs = _corpus(tmp_path / "in", shards=4, per_shard=40)
+    # long enough that the fault lands mid-run on an idle machine (a finished run deletes _staging/)
+    inputs = _corpus(tmp_path / "in", shards=4, per_shard=100)
     out = tmp_path / "out"
     actors = "2" if fault == "worker_node" else "1"
     driver = subprocess.Popen(
@@ -174,6 +175,6 @@ def test_faults_mid_run_lose_and_duplicate_nothing(cluster, tiny_bundle, tmp_pat
     _, stderr = driver.communicate(timeout=600)
     assert driver.returncode == 0, stderr[-3000:]
     keys = _captions(out).column("key").to_pylist()
-    assert len(keys) == len(set(keys)) == 160
+    assert len(keys) == len(set(keys)) == 400
     statuses = set(_captions(out).column("status").to_pylist())
     assert statuses == {"ok"}, statuses
