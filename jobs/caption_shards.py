@@ -45,11 +45,13 @@ from pipeline.sources import InputError
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Caption only the first N samples.")
 @click.option("--rows-per-file", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Rows per Parquet part file.")
+@click.option("--write-webdataset", is_flag=True,
+              help="Also write the filtered set with its images as WebDataset tars (OUTPUT/filtered_wds/).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
 @click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration.")
 def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, method,
          num_candidates, beam_width, max_new_tokens, temperature, top_p, batch_size, actors, gpus_per_actor,
-         dtype, limit, rows_per_file, seed, overwrite) -> None:
+         dtype, limit, rows_per_file, write_webdataset, seed, overwrite) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         decode = DecodeSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
@@ -60,7 +62,7 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
                            filter=FilterSettings(min_clip_score=min_clip_score, keep_top_fraction=keep_top_fraction),
                            decode=decode, batch_size=batch_size, actors=ActorRange.parse(actors),
                            gpus_per_actor=gpus_per_actor, dtype=dtype, limit=limit, rows_per_file=rows_per_file,
-                           overwrite=overwrite)
+                           write_webdataset=write_webdataset, overwrite=overwrite)
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
     from pipeline.run import UsageError, run  # torch and Ray load only once the usage is known to be sound
@@ -75,6 +77,10 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     rate = timings.get("images_per_s")
     click.echo(f"captioned {counts['rows']} rows ({failed} failed, {counts['kept']} kept) "
                f"in {timings['wall_s']:.1f}s, {rate if rate is not None else 'n/a'} images/s -> {output}")
+    if "webdataset" in summary:
+        webdataset = summary["webdataset"]
+        click.echo(f"webdataset: {webdataset['samples']} samples in {webdataset['tars']} tars -> "
+                   f"{output.rstrip('/')}/{webdataset['folder']}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class RunConfig:
     dtype: str = "auto"
     limit: int | None = None
     rows_per_file: int = 4096             # rows per Parquet part file
+    write_webdataset: bool = False        # also write filtered/ with its images as WebDataset tars
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -74,8 +75,10 @@ class RunConfig:
 
     def output_defining(self) -> dict[str, Any]:
         """What decides the content of the output. Resuming with a different value is refused;
-        batch size, actors, GPUs, file size and --overwrite change speed or layout, not the rows."""
+        batch size, actors, GPUs, file size, the WebDataset copy and --overwrite change speed or layout,
+        not the rows."""
         settings = self.to_json()
-        for name in ("output", "batch_size", "actors", "gpus_per_actor", "rows_per_file", "overwrite"):
+        for name in ("output", "batch_size", "actors", "gpus_per_actor", "rows_per_file", "write_webdataset",
+                     "overwrite"):
             settings.pop(name)
         return settings

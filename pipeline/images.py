@@ -48,6 +48,9 @@ _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 # ISO base media major brands of HEIF/HEIC files (iPhone photos): a format Pillow cannot decode.
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 _MAX_MESSAGE = 300
+# Formats every WebDataset consumer decodes by their extension; exported images in others are re-encoded.
+_PORTABLE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_EXPORT_JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,23 @@ def prepare_pil(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     left = round((new_width - size) / 2.0)
     top = round((new_height - size) / 2.0)
     return np.array(resized.crop((left, top, left + size, top + size)))
+
+
+def portable_image(data: bytes) -> tuple[bytes, str]:
+    """An image as (bytes, extension) that a training job reads anywhere: JPEG, PNG and WebP as they
+    are; any other format this module decodes (GIF, BMP, TIFF, AVIF) as a JPEG of its first frame in
+    RGB with the EXIF orientation applied. For images that `decode_image` accepted; raises ImageError."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_open_formats()) as image:
+            extension = _PORTABLE_EXTENSIONS.get(image.format)
+            if extension:
+                return data, extension
+            ImageOps.exif_transpose(image, in_place=True)
+            buffer = io.BytesIO()
+            _to_rgb(image).save(buffer, format="JPEG", quality=_EXPORT_JPEG_QUALITY)
+            return buffer.getvalue(), "jpg"
+    except Exception as exc:
+        raise ImageError("decode_error", _describe(exc)) from None
 
 
 def _decode(data: bytes, spec: ImageSpec) -> DecodedImage:

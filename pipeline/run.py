@@ -24,9 +24,27 @@ from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.filtering import keep_mask, top_fraction_cutoff
 from pipeline.models.bundle import load_bundle
-from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, STAGING_CONFIG, OutputDir, read_columns
-from pipeline.sources import expand_inputs
-from pipeline.stages import STAGING_ONLY, CaptionStage, DecodeSpec, ShardDatasource, StagingSink, decode_batch
+from pipeline.sinks import (
+    CAPTIONS,
+    FILTERED,
+    RUN_JSON,
+    STAGING,
+    STAGING_CONFIG,
+    WEBDATASET,
+    WEBDATASET_COLUMNS,
+    OutputDir,
+    read_columns,
+)
+from pipeline.sources import Shard, expand_inputs
+from pipeline.stages import (
+    STAGING_ONLY,
+    CaptionStage,
+    DecodeSpec,
+    ShardDatasource,
+    StagingSink,
+    decode_batch,
+    write_webdataset_tar,
+)
 from schemas.captions import captions_schema, validate_table
 
 log = logging.getLogger(__name__)
@@ -54,10 +72,16 @@ def run(config: RunConfig) -> dict[str, Any]:
     del bundle  # the driver only validates the models; actors load their own copies
 
     defining = {"config": config.output_defining(), "model_sha256": identity["sha256"]}
+    provenance = {"model": identity["name"], "model_sha256": identity["sha256"]}
     previous = _prepare_output(output, config, defining)
     if previous is not None:
         log.info("output is complete already: %s", output.url)
-        return previous
+        if config.write_webdataset and "webdataset" not in previous:  # asked for after the run
+            _init_ray()
+            previous["webdataset"] = _export_webdataset(output, config, shards, provenance)
+            previous["config"]["write_webdataset"] = True
+            output.write_json(previous, RUN_JSON)
+        return _jsonable(previous)
 
     done = _committed_samples(output)
     already = sum(len(indices) for indices in done.values())
@@ -77,6 +101,8 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     finalize_started = time.time()
     counts = _finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json)
+    export_started = time.time()
+    webdataset = _export_webdataset(output, config, shards, provenance) if config.write_webdataset else None
     summary = {
         "config": config.to_json(),
         "output_defining": defining,
@@ -90,11 +116,14 @@ def run(config: RunConfig) -> dict[str, Any]:
             "finished": datetime.now(UTC).isoformat(),
             "wall_s": round(time.time() - started, 3),
             "model_stage_s": round(model_seconds, 3),
-            "finalize_s": round(time.time() - finalize_started, 3),
+            "finalize_s": round(export_started - finalize_started, 3),
+            "webdataset_s": round(time.time() - export_started, 3) if webdataset is not None else None,
             "images_per_s": round((counts["rows"] - already) / model_seconds, 3) if model_seconds > 0 else None,
         },
         "output": config.output,
     }
+    if webdataset is not None:
+        summary["webdataset"] = webdataset
     output.write_json(summary, RUN_JSON)
     output.remove(STAGING)
     return _jsonable(summary)
@@ -114,7 +143,7 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
         raise UsageError(f"{config.output} is not empty and holds no run of this tool; "
                          f"use an empty --output, or --overwrite")
     if different and config.overwrite:
-        for folder in (CAPTIONS, FILTERED, STAGING, RUN_JSON):
+        for folder in (CAPTIONS, FILTERED, WEBDATASET, STAGING, RUN_JSON):
             output.remove(folder)
         finished = None
     output.clean_temporaries()
@@ -220,6 +249,26 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
             "top_fraction_cutoff_score": cutoff.score if cutoff else None, "rows_by_node": dict(by_node),
             "model_actor_peak_rss_mb": round(peak_rss_mb, 1)}
+
+
+def _export_webdataset(output: OutputDir, config: RunConfig, shards: list[Shard],
+                       provenance: dict[str, Any]) -> dict[str, Any]:
+    """filtered/ -> WEBDATASET/: the kept rows grouped by input shard, one Ray task per shard that
+    re-reads it for the images (the run stores no image bytes) and writes its tar."""
+    kept = read_columns(output, FILTERED, list(WEBDATASET_COLUMNS))
+    rows_of: dict[str, list[int]] = {}
+    for row, source in enumerate(kept.column("source").to_pylist() if kept is not None else []):
+        rows_of.setdefault(source, []).append(row)
+    write = ray.remote(num_cpus=1)(write_webdataset_tar)
+    tasks = [write.remote(kept.take(rows_of[shard.url]), position, shard, output.url, config.image_column,
+                          config.key_column, provenance)
+             for position, shard in enumerate(shards) if shard.url in rows_of]
+    stats = ray.get(tasks)
+    missing = sum(row["missing"] for row in stats)
+    if missing:
+        log.warning("%d kept samples were not found in their input shards again; not in %s", missing, WEBDATASET)
+    return {"folder": WEBDATASET, "tars": len(stats), "samples": sum(row["samples"] for row in stats),
+            "missing": missing}
 
 
 def _renamed_duplicates(keys: list[str], sources: list[str], indices: list[int],

@@ -6,6 +6,7 @@ Layout of an output directory (local path or any fsspec URL):
   _staging/part-*.parquet   model-stage output, one file per written block, each written atomically
   captions/part-*.parquet   every input row exactly once, with `keep`
   filtered/part-*.parquet   the kept rows
+  filtered_wds/NNNNN.tar    with --write-webdataset: the kept rows with their images, one tar per input shard
   run.json               written last: the commit record of a finished run
 
 A part's name is a hash of its keys, so a retried write replaces its own file instead of adding a
@@ -16,8 +17,12 @@ half-written file (on object stores a single PUT is atomic and readers skip the 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import tarfile
+import time
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import fsspec
@@ -27,6 +32,9 @@ import pyarrow.parquet as pq
 STAGING = "_staging"
 CAPTIONS = "captions"
 FILTERED = "filtered"
+WEBDATASET = "filtered_wds"
+# The filtered columns a WebDataset sample carries (in KEY.txt and KEY.json).
+WEBDATASET_COLUMNS = ("key", "source", "caption", "clip_score", "original_text", "width", "height")
 RUN_JSON = "run.json"
 STAGING_CONFIG = "config.json"
 _TMP_PREFIX = "._tmp-"
@@ -70,8 +78,12 @@ class OutputDir:
         self._atomic_write(self.path(*parts), lambda handle: handle.write(text.encode("utf-8")))
 
     def write_parquet(self, table: pa.Table, *parts: str) -> str:
+        return self.write_file(lambda handle: pq.write_table(table, handle, compression="zstd"), *parts)
+
+    def write_file(self, write: Callable[[Any], None], *parts: str) -> str:
+        """Create a file by `write(handle)` under a temporary name, then rename it into place."""
         path = self.path(*parts)
-        self._atomic_write(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
+        self._atomic_write(path, write)
         return path
 
     def remove(self, *parts: str) -> None:
@@ -96,6 +108,58 @@ class OutputDir:
         finally:
             if self.fs.exists(temporary):
                 self.fs.rm(temporary)
+
+
+def write_webdataset_shard(output: OutputDir, name: str, records: Iterable[dict], rows: dict[str, dict],
+                           provenance: dict[str, Any], to_portable: Callable[[bytes], tuple[bytes, str]]) -> dict:
+    """Write the kept samples among `records` (one input shard's sample records, in order) as the tar
+    WEBDATASET/`name`: KEY.jpg|png|webp (the input image via `to_portable`), KEY.txt (the caption),
+    KEY.json (score, provenance). `rows` maps a kept key to its filtered row; only the first record of a
+    key is taken (a later one is a renamed duplicate, never kept). Returns the counts written / missing."""
+    pending = dict(rows)
+    written = without_image = 0
+
+    def write(handle) -> None:
+        nonlocal written, without_image
+        stems: set[str] = set()
+        # stream mode ("w|"): object-store handles cannot seek
+        with tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for record in records:
+                row = pending.pop(record["key"], None)
+                if row is None:
+                    continue
+                if not record["image"]:  # the input changed since the run: reported as missing
+                    without_image += 1
+                    continue
+                image, extension = to_portable(record["image"])
+                stem = _unique(webdataset_stem(row["key"]), stems)
+                meta = {**{name: row.get(name) for name in WEBDATASET_COLUMNS}, **provenance}
+                for suffix, data in ((extension, image), ("txt", row["caption"].encode("utf-8")),
+                                     ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))):
+                    info = tarfile.TarInfo(f"{stem}.{suffix}")
+                    info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+                    tar.addfile(info, io.BytesIO(data))
+                written += 1
+
+    output.write_file(write, WEBDATASET, name)
+    return {"samples": written, "missing": len(pending) + without_image}
+
+
+def webdataset_stem(key: str) -> str:
+    """A sample key as a tar member name without extension. WebDataset splits a member name at the
+    first dot of its last path component, so dots become underscores; empty, '.' and '..' path parts
+    are dropped (no absolute or climbing paths). KEY.json keeps the exact key."""
+    parts = [part.replace(".", "_") for part in key.replace("\0", "").split("/") if part not in ("", ".", "..")]
+    return "/".join(parts) or "_"
+
+
+def _unique(stem: str, taken: set[str]) -> str:
+    """`stem`, or `stem_N` when an earlier sample of the tar took it (WebDataset would merge the two)."""
+    candidate, number = stem, 1
+    while candidate in taken:
+        candidate, number = f"{stem}_{number}", number + 1
+    taken.add(candidate)
+    return candidate
 
 
 def part_name(keys: list[str]) -> str:

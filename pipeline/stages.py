@@ -20,9 +20,9 @@ from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
-from pipeline.images import ImageError, ImageSpec, decode_image
+from pipeline.images import ImageError, ImageSpec, decode_image, portable_image
 from pipeline.models.bundle import Bundle, load_bundle
-from pipeline.sinks import STAGING, OutputDir, part_name
+from pipeline.sinks import STAGING, WEBDATASET, OutputDir, part_name, write_webdataset_shard
 from pipeline.sources import Shard, read_samples
 from schemas.captions import CANDIDATE_TYPE, captions_schema
 
@@ -294,3 +294,20 @@ class StagingSink(Datasink):
 
     def get_name(self) -> str:
         return "StagingParquet"
+
+
+def write_webdataset_tar(rows: pa.Table, position: int, shard: Shard, output_url: str, image_column: str | None,
+                        key_column: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """The kept `rows` of one input shard, re-read from it for their images, as the tar NNNNN.tar
+    (the shard's input position) plus NNNNN_stats.json, as img2dataset names them. The stats file is
+    written last, so a shard that has one is complete and a resumed export skips it."""
+    output = OutputDir(output_url)
+    stats_name = f"{position:05d}_stats.json"
+    stats = output.read_json(WEBDATASET, stats_name)
+    if stats is None:
+        records = read_samples(shard, image_column=image_column, key_column=key_column)
+        counts = write_webdataset_shard(output, f"{position:05d}.tar", records,
+                                        {row["key"]: row for row in rows.to_pylist()}, provenance, portable_image)
+        stats = {"source": shard.url, "tar": f"{position:05d}.tar", **counts}
+        output.write_json(stats, WEBDATASET, stats_name)
+    return stats
