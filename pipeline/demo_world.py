@@ -6,7 +6,7 @@ Everything is deterministic given a `random.Random`:
   captions_for(scene, rng)            the canonical caption first, then other grammatical Turkish forms
   parse_caption / score_caption       read a caption (reference or model output) back into objects
   swap_attribute(caption, rng)        the same caption with one colour or shape replaced
-  scene_negatives(scene, rng, n)      captions of near-miss scenes: attributes swapped between objects, replaced, moved
+  near_miss_scenes / scene_negatives  one-edit scenes (attributes swapped between objects...) and their captions
   write_corpus(...)                   WebDataset (img2dataset layout) and/or Parquet shards + manifest.json
 
 Suffixes are derived by rule (`inflect`), never spelled out per word: vowel harmony, buffer letters,
@@ -148,7 +148,7 @@ POSITIONS = tuple(SLOTS)
 _GRID = {"üst": (1, 0), "sol": (0, 1), "orta": (1, 1), "sağ": (2, 1), "alt": (1, 2)}  # (column, row)
 _RADIUS = {"büyük": 0.165, "küçük": 0.105}  # relative to the shorter image side
 NUMERALS = {1: "bir", 2: "iki", 3: "üç"}
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -598,12 +598,11 @@ def swap_attribute(caption: str, rng: random.Random) -> str:
     return text[:match.start()] + new + text[match.end():]
 
 
-def scene_negatives(scene: Scene, rng: random.Random, count: int) -> list[str]:
-    """Canonical captions of up to `count` distinct scenes that differ from `scene` in one edit.
+def near_miss_scenes(scene: Scene, rng: random.Random, count: int) -> list[Scene]:
+    """Up to `count` distinct scenes that differ from `scene` by one edit.
 
     Most edits swap an attribute (colour, shape, size, position) between two groups, the binding a
-    bag-of-words embedding misses; the rest replace one attribute, move an object or drop one. Used as
-    hard negatives for contrastive training (as NegCLIP's swapped captions).
+    bag-of-words embedding misses; the rest replace one attribute, move an object or drop one.
     """
     groups = list(scene.groups)
     pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))]
@@ -644,19 +643,25 @@ def scene_negatives(scene: Scene, rng: random.Random, count: int) -> list[str]:
     if pairs:
         edits += [lambda: swapped("colour"), lambda: swapped("shape"), lambda: swapped("size"),
                   lambda: swapped("positions"), dropped] * 2  # binding errors are the common ones
-    original = canonical_caption(scene)
-    negatives: list[str] = []
+    found: list[Scene] = []
     for _ in range(20 * count):  # edits can repeat or change nothing (swapping equal sizes)
-        edited = rng.choice(edits)()
-        kinds = [(g.colour, g.shape) for g in edited]
+        groups_after = rng.choice(edits)()
+        kinds = [(g.colour, g.shape) for g in groups_after]
         if len(set(kinds)) < len(kinds):  # two groups of one kind would be one counted group
             continue
-        caption = canonical_caption(Scene(tuple(sorted(edited, key=_canonical_order))))
-        if caption != original and caption not in negatives:
-            negatives.append(caption)
-            if len(negatives) == count:
+        edited = Scene(tuple(sorted(groups_after, key=_canonical_order)))
+        if edited != scene and edited not in found:
+            found.append(edited)
+            if len(found) == count:
                 break
-    return negatives
+    return found
+
+
+def scene_negatives(scene: Scene, rng: random.Random, count: int) -> list[str]:
+    """Hard negative captions for contrastive training (as NegCLIP's): each describes a near-miss
+    scene, in a sentence form drawn like the references' (a random one of `captions_for`), so the
+    form never tells a negative from a positive; only the content does."""
+    return [rng.choice(captions_for(edited, rng)) for edited in near_miss_scenes(scene, rng, count)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from pipeline.demo_world import (
     captions_for,
     generate_scene,
     inflect,
+    near_miss_scenes,
     parse_caption,
     render_scene,
     scene_negatives,
@@ -257,25 +258,35 @@ def test_swap_attribute_changes_one_word_and_is_scored_wrong():
         swap_attribute("Hiçbir şey yok.", rng)
 
 
-def test_scene_negatives_are_distinct_near_misses_that_the_scorer_rejects():
-    """Each negative describes another scene: parsed back, it is wrong for the true scene (an object,
-    count, size or position differs), and multi-object scenes get swaps between their objects."""
+def test_near_miss_scenes_are_distinct_one_edit_scenes_mostly_binding_swaps():
     binding_swaps = 0
     for scene, _ in scenes(200, seed=3):
-        negatives = scene_negatives(scene, random.Random(1), 8)
-        assert len(negatives) == len(set(negatives)) and canonical_caption(scene) not in negatives
-        assert len(negatives) == 8 or scene.total == 1  # a single object has fewer possible edits
-        for negative in negatives:
-            verdict = score_caption(negative, scene)
-            placed_or_sized = [o["position_ok"] is False or o["size_ok"] is False for o in verdict["per_object"]]
-            assert not verdict["correct"] or any(placed_or_sized), negative
-            mentioned = {(m.colour, m.shape) for m in parse_caption(negative)}
-            truth = {(g.colour, g.shape) for g in scene.groups}
-            # same colours and shapes in the scene, paired differently: a binding swap
-            if mentioned != truth and {c for c, _ in mentioned} == {g.colour for g in scene.groups} \
-                    and {s for _, s in mentioned} == {g.shape for g in scene.groups}:
-                binding_swaps += 1
+        edited = near_miss_scenes(scene, random.Random(1), 8)
+        assert len(edited) == len(set(edited)) and scene not in edited
+        assert len(edited) == 8 or scene.total == 1  # a single object has fewer possible edits
+        truth = sorted((g.colour, g.shape, g.size, g.positions) for g in scene.groups)
+        for other in edited:
+            groups = sorted((g.colour, g.shape, g.size, g.positions) for g in other.groups)
+            assert groups != truth
+            if len(groups) == len(truth) and sorted(g[0] for g in groups) == sorted(g[0] for g in truth) \
+                    and sorted(g[1] for g in groups) == sorted(g[1] for g in truth) \
+                    and {(g[0], g[1]) for g in groups} != {(g[0], g[1]) for g in truth}:
+                binding_swaps += 1  # the same colours and shapes, paired differently
     assert binding_swaps > 100  # swaps are most of the edits offered for scenes of several groups
+
+
+def test_scene_negatives_describe_the_near_miss_scenes_in_every_sentence_form():
+    """A negative is a caption of a near-miss scene (it parses back to that scene's objects), and its
+    sentence form is drawn like the references', so the form cannot give a negative away."""
+    canonical_share = []
+    for index, (scene, _) in enumerate(scenes(150, seed=4)):
+        negatives = scene_negatives(scene, random.Random(index), 8)
+        edited = near_miss_scenes(scene, random.Random(index), 8)
+        assert len(negatives) == len(edited)
+        for negative in negatives:
+            assert any(score_caption(negative, other)["correct"] for other in edited), negative
+            canonical_share.append(any(negative == canonical_caption(other) for other in edited))
+    assert 0.05 < sum(canonical_share) / len(canonical_share) < 0.5
 
 
 # --- samples and the corpus job -----------------------------------------------------------------------------------
