@@ -43,13 +43,17 @@ from pipeline.stages import (
     ShardDatasource,
     StagingSink,
     decode_batch,
+    peak_rss_mb,
     write_webdataset_tar,
 )
 from schemas.captions import captions_schema, validate_table
 
 log = logging.getLogger(__name__)
 
-DECODE_BATCH = 64
+# Read tasks only fetch bytes (decode runs in the model actor on CPU clusters, in decode tasks beside GPU
+# actors); reserving no CPU for them means actors holding every CPU (e.g. after a node is lost) never
+# starve their own input.
+READ_CPUS = 0
 PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow")
 
 
@@ -103,6 +107,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     counts = _finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json)
     export_started = time.time()
     webdataset = _export_webdataset(output, config, shards, provenance) if config.write_webdataset else None
+    counts["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)  # flat in the number of shards: nothing reads a corpus
     summary = {
         "config": config.to_json(),
         "output_defining": defining,
@@ -168,6 +173,9 @@ def _committed_samples(output: OutputDir) -> dict[str, set[int]]:
 def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, decode_spec: DecodeSpec,
                           embedding_dim: int, metadata_json: str, remaining: int | None) -> None:
     context = ray.data.DataContext.get_current()
+    # Each batch goes to the least busy model actor, not to one beside its block: model time per
+    # batch dwarfs moving its uint8 pixels between nodes, and locality left other nodes' actors idle.
+    context.execution_options.actor_locality_enabled = False
     if remaining is not None:
         context.execution_options.preserve_order = True  # --limit takes the first rows, deterministically
     files = {str(p.relative_to(config.model_path)): p.read_bytes()
@@ -176,21 +184,26 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpu_threads = None if gpus else _cpu_threads_per_actor(config.actors.max)
-    dataset = ray.data.read_datasource(ShardDatasource(shards, done, config.image_column, config.key_column))
+    dataset = ray.data.read_datasource(ShardDatasource(shards, done, config.image_column, config.key_column),
+                                       num_cpus=READ_CPUS, override_num_blocks=len(shards))
     if remaining is not None:
         dataset = dataset.limit(remaining)
-    dataset = dataset.map_batches(decode_batch, fn_kwargs={"spec": decode_spec}, batch_format="pyarrow",
-                                  batch_size=DECODE_BATCH)
+    if gpus:  # CPU tasks decode while the GPU actors compute
+        dataset = dataset.map_batches(decode_batch, fn_kwargs={"spec": decode_spec}, batch_format="pyarrow",
+                                      batch_size=config.batch_size)
     dataset = dataset.map_batches(
         CaptionStage,
         fn_constructor_kwargs={"bundle_files": ray.put(files), "settings": config.decode, "dtype": config.dtype,
                                "batch_size": config.batch_size, "embedding_dim": embedding_dim,
-                               "metadata_json": metadata_json, "cpu_threads": cpu_threads},
+                               "metadata_json": metadata_json, "cpu_threads": cpu_threads,
+                               # a CPU actor already uses its cores: decoding beside it would only make its
+                               # matmul threads wait, so it decodes each batch itself, on the same threads
+                               "decode_spec": None if gpus else decode_spec},
         compute=ray.data.ActorPoolStrategy(min_size=config.actors.min, max_size=config.actors.max),
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_gpus=gpus,
-        scheduling_strategy="SPREAD",  # one actor per node first: spread memory and the CPU decode work
+        scheduling_strategy="SPREAD",  # one actor per node first: spread memory and the decode work
     )
     dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
 

@@ -70,3 +70,19 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
     assert calls[0] == 8 and 1 in calls  # whole batch first, then halves down to the single bad sample
     embeddings = np.array([out.column("image_embedding")[i].as_py() for i in (0, 1)], dtype=np.float32)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-2)
+
+
+def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tiny_bundle, stage):
+    """On CPU-only clusters the model actor decodes raw samples itself, in slices on its threads: the
+    rows (bad images included, in order) equal those of the separate decode stage."""
+    files = {str(p.relative_to(tiny_bundle)): p.read_bytes() for p in tiny_bundle.rglob("*") if p.is_file()}
+    spec = stages.DecodeSpec(ImageSpec(size=32))
+    decoding = stages.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
+                                   embedding_dim=24, metadata_json="{}", cpu_threads=2, decode_spec=spec)
+    raw = _samples([_png(10), b"broken", _png(30), _png(40), b"", _png(60), _png(70)])
+    expected = stage(stages.decode_batch(raw, spec))
+    got = decoding(raw)
+    assert got.column("status").to_pylist() == ["ok", "decode_error", "ok", "ok", "empty", "ok", "ok"]
+    for name in ("key", "status", "error", "width", "height", "caption", "clip_score"):
+        assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    assert decoding(raw.slice(0, 1)).column("status").to_pylist() == ["ok"]
