@@ -2,6 +2,7 @@
 
   python jobs/benchmark.py decoding [--batch-size 64] [--json out.json]
   python jobs/benchmark.py pipeline [--images 1000] [--json out.json]
+  python jobs/benchmark.py scale [--images 123287] [--kill-after 600] [--keep-top-fraction 0.5] [--json out.json]
 
 Each run measures every figure it reports itself, so ratios compare numbers taken on one machine
 in one run. Model: ClipCap MLP mapper 512 -> 3840 -> 7680 + GPT-2 small (124M, 50,257-token vocab).
@@ -10,7 +11,11 @@ in one run. Model: ClipCap MLP mapper 512 -> 3840 -> 7680 + GPT-2 small (124M, 5
 from __future__ import annotations
 
 import json
+import os
 import platform
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -161,16 +166,20 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
     return {"images": images, "wall_s": wall, "images_per_s": images / wall, "stage_s": stages}
 
 
-def ray_pipeline(bundle_dir: Path, inputs: str, out: Path, batch_size: int, dtype: str) -> dict:
+def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int, dtype: str) -> dict:
+    """The whole job in this process, Ray started and stopped inside the measured time."""
     import shutil
+
+    import ray
 
     from pipeline.config import RunConfig
     from pipeline.run import run
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    summary = run(RunConfig(inputs=(inputs,), output=str(out), model=str(bundle_dir), batch_size=batch_size,
+    summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(bundle_dir), batch_size=batch_size,
                             dtype=dtype, decode=DecodeSettings(max_new_tokens=20)))
+    ray.shutdown()
     wall = time.perf_counter() - started
     rows = summary["counts"]["rows"]
     return {"images": rows, "wall_s": wall, "images_per_s": rows / wall,
@@ -222,6 +231,7 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     dtype and batch-size variants of the bare loop; time per stage; actor memory."""
     bundle_dir = real_size_bundle(workdir / "bundle")
     inputs = photo_corpus(workdir / "corpus", images, shards=4)
+    shards = sorted(str(path) for path in Path(inputs).parent.glob("*.tar"))
     result: dict = {"images": images, "batch_size": batch_size, "flops_per_image": FLOPS_PER_IMAGE}
     result["matmul_gflops"] = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
     variants = {}
@@ -231,8 +241,19 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
             variants[name] = bare_loop(bundle_dir, inputs, size, dtype, limit=min(images, 4 * size))["images_per_s"]
     result["bare_variants_images_per_s"] = variants
     result["bare"] = bare_loop(bundle_dir, inputs, batch_size, torch.bfloat16)
-    result["ray"] = ray_pipeline(bundle_dir, inputs, workdir / "out", batch_size, "bf16")
+    result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "bf16")
     result["ray_over_bare"] = result["ray"]["images_per_s"] / result["bare"]["images_per_s"]
+    # Steady state: both again on the first half of the shards; the second half's images over the
+    # difference in wall time cancels each side's fixed start-up cost (model load; Ray, actor start).
+    half_shards = shards[: len(shards) // 2]
+    half_images = result["bare"]["images"] * len(half_shards) // len(shards)
+    result["bare_half"] = bare_loop(bundle_dir, inputs, batch_size, torch.bfloat16, limit=half_images)
+    result["ray_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, "bf16")
+    rest = result["ray"]["images"] - result["ray_half"]["images"]
+    result["steady_images_per_s"] = {
+        "bare": rest / (result["bare"]["wall_s"] - result["bare_half"]["wall_s"]),
+        "ray": rest / (result["ray"]["wall_s"] - result["ray_half"]["wall_s"])}
+    result["ray_over_bare_steady"] = result["steady_images_per_s"]["ray"] / result["steady_images_per_s"]["bare"]
     model_s = sum(result["bare"]["stage_s"][k] for k in ("encode", "caption", "score"))
     flops = result["bare"]["images"] * sum(FLOPS_PER_IMAGE.values())
     result["model_stage_share_of_bf16_matmul"] = flops / model_s / 1e9 / result["matmul_gflops"]["bfloat16"]
@@ -241,6 +262,9 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
                         ("bare loop, full corpus, bf16 (images/s)", result["bare"]["images_per_s"]),
                         ("Ray pipeline, full corpus, bf16 (images/s)", result["ray"]["images_per_s"]),
                         ("Ray / bare", result["ray_over_bare"]),
+                        ("bare loop, steady state (images/s)", result["steady_images_per_s"]["bare"]),
+                        ("Ray pipeline, steady state (images/s)", result["steady_images_per_s"]["ray"]),
+                        ("Ray / bare, steady state", result["ray_over_bare_steady"]),
                         ("model stage share of bf16 matmul peak", result["model_stage_share_of_bf16_matmul"]),
                         ("model actor peak RSS (MB)", result["ray"]["actor_peak_rss_mb"])]:
         click.echo(f"{name:<44}{value:>12.3f}")
@@ -248,6 +272,92 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     click.echo("bare loop time share: " + ", ".join(f"{k} {v / sum(stage_s.values()):.0%}" for k, v in stage_s.items()))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option("--images", default=123_287, show_default=True, type=click.IntRange(min=1),
+              help="COCO 2014 train+val has 123,287 images.")
+@click.option("--shard-size", default=10_000, show_default=True, type=click.IntRange(min=1),
+              help="Images per WebDataset shard (img2dataset's default).")
+@click.option("--size", default="640x480", show_default=True, help="Image size WxH (COCO-like).")
+@click.option("--workdir", default="/tmp/captioner-scale", show_default=True, type=click.Path(path_type=Path))
+@click.option("--keep-top-fraction", type=float, default=None, help="Passed to the job (global quantile).")
+@click.option("--kill-after", type=float, default=None,
+              help="SIGKILL the job's process group this many seconds in, stop the Ray processes it started "
+                   "(`ray stop --force`: every Ray process here), then run the same command again.")
+@click.option("--address", default=None, help="Submit with `ray job submit --address URL`; default: plain python.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fraction: float | None,
+          kill_after: float | None, address: str | None, json_path: Path | None) -> None:
+    """The demo model over a COCO-scale corpus drawn by the demo world: wall time, images/s, time per
+    phase, peak memory of the driver and the model actor, output bytes per image; optionally a kill
+    mid-run and the resume, with the time the kill cost."""
+    from pipeline.demo_world import write_corpus
+
+    width, height = (int(v) for v in size.lower().split("x"))
+    corpus = workdir / f"corpus-{images}-{width}x{height}"
+    result: dict = {"images": images, "shard_size": shard_size, "size": [width, height]}
+    if not (corpus / "manifest.json").is_file():
+        tic = time.perf_counter()
+        write_corpus(corpus, seed=7, counts={"test": images}, size=(width, height), shard_size=shard_size,
+                     formats=("webdataset",), progress=True)
+        result["corpus_s"] = round(time.perf_counter() - tic, 1)
+    if kill_after is not None and address:
+        raise click.UsageError("--kill-after kills a local driver; with --address, stop the job with `ray job stop`")
+    out = workdir / (f"out-{images}" + ("" if keep_top_fraction is None else f"-top{keep_top_fraction}"))
+    command = [sys.executable, str(Path(__file__).with_name("caption_shards.py")), "--input",
+               str(corpus / "test" / "*.tar"), "--output", str(out), "--batch-size", "64", "--overwrite"]
+    if keep_top_fraction is not None:
+        command += ["--keep-top-fraction", str(keep_top_fraction)]
+    if address:
+        command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address, "--working-dir",
+                   str(Path(__file__).resolve().parents[1]), "--", "python", *command[1:]]
+    attempts = []
+    if kill_after is not None:
+        attempts.append(_run_job(command, kill_after))
+        command = [c for c in command if c != "--overwrite"]  # the rerun must resume, not start over
+    attempts.append(_run_job(command, None))
+    summary = json.loads((out / "run.json").read_text())
+    rows, timings = summary["counts"]["rows"], summary["timings"]
+    output_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    result.update({
+        "attempts": attempts,
+        "wall_s": round(sum(a["wall_s"] for a in attempts), 1),
+        "images_per_s": round(rows / sum(a["wall_s"] for a in attempts), 2),
+        "model_stage_images_per_s": timings["images_per_s"],
+        "phases_s": {"model_stage": timings["model_stage_s"], "finalize": timings["finalize_s"],
+                     "webdataset": timings.get("webdataset_s")},
+        "driver_peak_rss_mb": summary["counts"]["driver_peak_rss_mb"],
+        "model_actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"],
+        "output_bytes_per_image": round(output_bytes / rows, 1),
+        "counts": summary["counts"], "resumed_rows": summary["resumed_rows"],
+    })
+    if kill_after is not None:
+        # the killed attempt's time minus what its kept rows are worth at the resumed run's model-stage rate
+        saved_s = summary["resumed_rows"] / timings["images_per_s"] if timings["images_per_s"] else 0.0
+        result["kill"] = {"after_s": kill_after, "rows_kept": summary["resumed_rows"],
+                          "time_lost_s": round(attempts[0]["wall_s"] - saved_s, 1)}
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "counts"}, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
+def _run_job(command: list[str], kill_after: float | None) -> dict:
+    """Run the job as its own process group; SIGKILL the group after `kill_after` seconds if given."""
+    tic = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        job = subprocess.Popen(command, stdout=devnull, stderr=devnull, start_new_session=True)
+        try:
+            job.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            # the local Ray instance the killed driver started (this stops every Ray process on the machine)
+            subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
+            return {"wall_s": round(time.perf_counter() - tic, 1), "killed": True}
+    if job.returncode != 0:
+        raise click.ClickException(f"the job failed (exit {job.returncode}): {' '.join(command)}")
+    return {"wall_s": round(time.perf_counter() - tic, 1), "killed": False}
 
 
 if __name__ == "__main__":
