@@ -292,6 +292,8 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     """The demo model over a COCO-scale corpus drawn by the demo world: wall time, images/s, time per
     phase, peak memory of the driver and the model actor, output bytes per image; optionally a kill
     mid-run and the resume, with the time the kill cost."""
+    import shutil
+
     from pipeline.demo_world import write_corpus
 
     width, height = (int(v) for v in size.lower().split("x"))
@@ -305,8 +307,9 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     if kill_after is not None and address:
         raise click.UsageError("--kill-after kills a local driver; with --address, stop the job with `ray job stop`")
     out = workdir / (f"out-{images}" + ("" if keep_top_fraction is None else f"-top{keep_top_fraction}"))
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run: a finished output would only be reported back
     command = [sys.executable, str(Path(__file__).with_name("caption_shards.py")), "--input",
-               str(corpus / "test" / "*.tar"), "--output", str(out), "--batch-size", "64", "--overwrite"]
+               str(corpus / "test" / "*.tar"), "--output", str(out), "--batch-size", "64"]
     if keep_top_fraction is not None:
         command += ["--keep-top-fraction", str(keep_top_fraction)]
     if address:
@@ -315,7 +318,8 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     attempts = []
     if kill_after is not None:
         attempts.append(_run_job(command, kill_after))
-        command = [c for c in command if c != "--overwrite"]  # the rerun must resume, not start over
+        if (out / "run.json").is_file():
+            raise click.ClickException(f"the run had finished before --kill-after {kill_after}; give less")
     attempts.append(_run_job(command, None))
     summary = json.loads((out / "run.json").read_text())
     rows, timings = summary["counts"]["rows"], summary["timings"]
