@@ -107,7 +107,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     counts = _finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json)
     export_started = time.time()
     webdataset = _export_webdataset(output, config, shards, provenance) if config.write_webdataset else None
-    counts["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)  # flat in the number of shards: nothing reads a corpus
+    counts["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)  # should not grow with the corpus (issue 9)
     summary = {
         "config": config.to_json(),
         "output_defining": defining,
@@ -239,7 +239,7 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     written: set[tuple[str, int]] = set()
     counts: Counter[str] = Counter()
     by_node: Counter[str] = Counter()
-    peak_rss_mb = 0.0
+    actor_peak_mb = 0.0
     kept = 0
     for path in output.parts(STAGING):
         with output.fs.open(path, "rb") as handle:
@@ -249,7 +249,7 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
                          table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
         table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep))
         by_node.update(table.column("node").to_pylist())
-        peak_rss_mb = max(peak_rss_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
+        actor_peak_mb = max(actor_peak_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
         table = table.drop_columns(list(STAGING_ONLY)).cast(schema)
         validate_table(table, embedding_dim)
         name = path.rsplit("/", 1)[-1]
@@ -261,7 +261,7 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
         kept += kept_rows.num_rows
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
             "top_fraction_cutoff_score": cutoff.score if cutoff else None, "rows_by_node": dict(by_node),
-            "model_actor_peak_rss_mb": round(peak_rss_mb, 1)}
+            "model_actor_peak_rss_mb": round(actor_peak_mb, 1)}
 
 
 def _export_webdataset(output: OutputDir, config: RunConfig, shards: list[Shard],

@@ -75,7 +75,7 @@ class OutputDir:
 
     def write_json(self, data: dict[str, Any], *parts: str) -> None:
         text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
-        self._atomic_write(self.path(*parts), lambda handle: handle.write(text.encode("utf-8")))
+        self.write_file(lambda handle: handle.write(text.encode("utf-8")), *parts)
 
     def write_parquet(self, table: pa.Table, *parts: str) -> str:
         return self.write_file(lambda handle: pq.write_table(table, handle, compression="zstd"), *parts)
@@ -83,7 +83,16 @@ class OutputDir:
     def write_file(self, write: Callable[[Any], None], *parts: str) -> str:
         """Create a file by `write(handle)` under a temporary name, then rename it into place."""
         path = self.path(*parts)
-        self._atomic_write(path, write)
+        folder, name = path.rsplit("/", 1)
+        self.fs.makedirs(folder, exist_ok=True)
+        temporary = f"{folder}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        try:
+            with self.fs.open(temporary, "wb") as handle:
+                write(handle)
+            self.fs.mv(temporary, path)
+        finally:
+            if self.fs.exists(temporary):
+                self.fs.rm(temporary)
         return path
 
     def remove(self, *parts: str) -> None:
@@ -96,18 +105,6 @@ class OutputDir:
         for path in stale:
             self.fs.rm(path)
         return len(stale)
-
-    def _atomic_write(self, path: str, write) -> None:
-        folder, name = path.rsplit("/", 1)
-        self.fs.makedirs(folder, exist_ok=True)
-        temporary = f"{folder}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-        try:
-            with self.fs.open(temporary, "wb") as handle:
-                write(handle)
-            self.fs.mv(temporary, path)
-        finally:
-            if self.fs.exists(temporary):
-                self.fs.rm(temporary)
 
 
 def write_webdataset_shard(output: OutputDir, name: str, records: Iterable[dict], rows: dict[str, dict],

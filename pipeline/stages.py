@@ -185,7 +185,7 @@ class CaptionStage:
         self.decode_threads = ThreadPoolExecutor(self.decode_parallelism) if decode_spec else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.decode_threads is not None:
+        if self.decode_spec is not None:
             batch = self._decode(batch)
         n = batch.num_rows
         pixels = {"pixels": pixels_from_column(batch.column("pixels"), self.bundle.encoder.image_spec.size)}
