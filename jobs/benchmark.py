@@ -296,6 +296,8 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
 
     from pipeline.demo_world import write_corpus
 
+    if kill_after is not None and address:
+        raise click.UsageError("--kill-after kills a local driver; with --address, stop the job with `ray job stop`")
     width, height = (int(v) for v in size.lower().split("x"))
     corpus = workdir / f"corpus-{images}-{width}x{height}"
     result: dict = {"images": images, "shard_size": shard_size, "size": [width, height]}
@@ -304,8 +306,6 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
         write_corpus(corpus, seed=7, counts={"test": images}, size=(width, height), shard_size=shard_size,
                      formats=("webdataset",), progress=True)
         result["corpus_s"] = round(time.perf_counter() - tic, 1)
-    if kill_after is not None and address:
-        raise click.UsageError("--kill-after kills a local driver; with --address, stop the job with `ray job stop`")
     out = workdir / (f"out-{images}" + ("" if keep_top_fraction is None else f"-top{keep_top_fraction}"))
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: a finished output would only be reported back
     command = [sys.executable, str(Path(__file__).with_name("caption_shards.py")), "--input",
@@ -324,10 +324,11 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     summary = json.loads((out / "run.json").read_text())
     rows, timings = summary["counts"]["rows"], summary["timings"]
     output_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    wall_s = sum(a["wall_s"] for a in attempts)
     result.update({
         "attempts": attempts,
-        "wall_s": round(sum(a["wall_s"] for a in attempts), 1),
-        "images_per_s": round(rows / sum(a["wall_s"] for a in attempts), 2),
+        "wall_s": round(wall_s, 1),
+        "images_per_s": round(rows / wall_s, 2),
         "model_stage_images_per_s": timings["images_per_s"],
         "phases_s": {"model_stage": timings["model_stage_s"], "finalize": timings["finalize_s"],
                      "webdataset": timings.get("webdataset_s")},
