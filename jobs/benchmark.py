@@ -11,6 +11,7 @@ in one run. Model: ClipCap MLP mapper 512 -> 3840 -> 7680 + GPT-2 small (124M, 5
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import signal
@@ -28,6 +29,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.decoding import DecodeSettings, decode_texts, generate, reference_clipcap_generate
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
+from pipeline.precision import cpu_has_fast_bf16, resolve_dtype
 
 GPT2_VOCAB = 50257
 EOS = "<|endoftext|>"
@@ -45,6 +47,15 @@ def gpt2_small_captioner(seed: int = 0) -> PrefixCaptioner:
     return PrefixCaptioner(CaptionerConfig(stop_token=""), lm, tokenizer).eval()
 
 
+def compute_dtypes() -> list[torch.dtype]:
+    """fp32, and bf16 where this CPU runs it natively (elsewhere a bf16 model would take hours here)."""
+    return [torch.float32, torch.bfloat16] if cpu_has_fast_bf16() else [torch.float32]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _rate(count: int, fn) -> float:
     start = time.perf_counter()
     fn()
@@ -57,8 +68,9 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
     embeddings = torch.nn.functional.normalize(torch.randn(batch_size, 512), dim=-1)
     settings = DecodeSettings(max_new_tokens=max_new_tokens)
     figures: dict[str, float] = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).removeprefix("torch.")
+    dtypes = [_dtype_name(dtype) for dtype in compute_dtypes()]
+    for dtype in compute_dtypes():
+        name = _dtype_name(dtype)
         captioner.to(dtype)
         prefix = captioner.prefix(embeddings)
         generate(captioner, prefix[:4], settings)  # warm-up
@@ -66,12 +78,12 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
             reference_clipcap_generate(captioner, p[i:i + 1], max_new_tokens) for i in range(reference_images)])
         figures[f"batched_{name}"] = _rate(batch_size, lambda p=prefix: generate(captioner, p, settings))
     reference = figures["reference_float32"]  # the original ClipCap loop runs in fp32
-    best = max(figures["batched_float32"], figures["batched_bfloat16"])
+    best = max(figures[f"batched_{d}"] for d in dtypes)
     return {
         "captions_per_s": figures,
         "speedup_vs_reference_fp32": best / reference,
         "speedup_same_dtype": {d: figures[f"batched_{d}"] / figures[f"reference_{d}"]
-                               for d in ("float32", "bfloat16")},
+                               for d in dtypes},
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
     }
@@ -80,7 +92,8 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
 # FLOPs per image (forward, multiply-add = 2 FLOPs), from the architectures' shapes: ViT-B/32 at 224
 # (50 tokens, 12 layers, width 768) ~ 4.4 GFLOP; GPT-2 small ~ 2 x 124M (85M in blocks + the 38.6M
 # tied LM head) per token ~ 0.25 GFLOP, so 10 prefix + 20 new tokens ~ 7.4 GFLOP (+ the 20-token
-# scorer text tower, ~ 0.3 GFLOP). Used for the share of this CPU's measured bf16 matmul speed.
+# scorer text tower, ~ 0.3 GFLOP). Used for the share of this CPU's measured matmul speed in the
+# pipeline's compute dtype.
 FLOPS_PER_IMAGE = {"encoder": 4.4e9, "decoder": 7.4e9, "scorer": 0.3e9}
 
 
@@ -208,7 +221,8 @@ def main() -> None:
 @click.option("--reference-images", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def decoding(batch_size: int, max_new_tokens: int, reference_images: int, json_path: Path | None) -> None:
-    """Batched KV-cache greedy decoding vs the original ClipCap loop, GPT-2 small, fp32 and bf16."""
+    """Batched KV-cache greedy decoding vs the original ClipCap loop, GPT-2 small, fp32 (and bf16 where
+    this CPU runs it natively)."""
     result = bench_decoding(batch_size, max_new_tokens, reference_images)
     result["machine"] = {"cpu_threads": torch.get_num_threads(), "processor": platform.processor(),
                          "torch": torch.__version__}
@@ -232,23 +246,28 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     bundle_dir = real_size_bundle(workdir / "bundle")
     inputs = photo_corpus(workdir / "corpus", images, shards=4)
     shards = sorted(str(path) for path in Path(inputs).parent.glob("*.tar"))
-    result: dict = {"images": images, "batch_size": batch_size, "flops_per_image": FLOPS_PER_IMAGE}
-    result["matmul_gflops"] = {"float32": matmul_gflops(torch.float32), "bfloat16": matmul_gflops(torch.bfloat16)}
+    dtype = resolve_dtype("auto", torch.device("cpu"))  # what the pipeline computes in here
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    result: dict = {"images": images, "batch_size": batch_size, "flops_per_image": FLOPS_PER_IMAGE,
+                    "dtype": _dtype_name(dtype)}
+    # a dtype this CPU does not run natively is timed on a small product only, to record how slow it is
+    result["matmul_gflops"] = {_dtype_name(d): matmul_gflops(d, size=2048 if d in compute_dtypes() else 256)
+                               for d in (torch.float32, torch.bfloat16)}
     variants = {}
-    for dtype in (torch.float32, torch.bfloat16):
+    for variant_dtype in compute_dtypes():
         for size in sorted({16, batch_size}):
-            name = f"{str(dtype).removeprefix('torch.')}_batch{size}"
-            variants[name] = bare_loop(bundle_dir, inputs, size, dtype, limit=min(images, 4 * size))["images_per_s"]
+            variants[f"{_dtype_name(variant_dtype)}_batch{size}"] = bare_loop(
+                bundle_dir, inputs, size, variant_dtype, limit=min(images, 4 * size))["images_per_s"]
     result["bare_variants_images_per_s"] = variants
-    result["bare"] = bare_loop(bundle_dir, inputs, batch_size, torch.bfloat16)
-    result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "bf16")
+    result["bare"] = bare_loop(bundle_dir, inputs, batch_size, dtype)
+    result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, name)
     result["ray_over_bare"] = result["ray"]["images_per_s"] / result["bare"]["images_per_s"]
     # Steady state: both again on the first half of the shards; the second half's images over the
     # difference in wall time cancels each side's fixed start-up cost (model load; Ray, actor start).
     half_shards = shards[: len(shards) // 2]
     half_images = result["bare"]["images"] * len(half_shards) // len(shards)
-    result["bare_half"] = bare_loop(bundle_dir, inputs, batch_size, torch.bfloat16, limit=half_images)
-    result["ray_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, "bf16")
+    result["bare_half"] = bare_loop(bundle_dir, inputs, batch_size, dtype, limit=half_images)
+    result["ray_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, name)
     rest = result["ray"]["images"] - result["ray_half"]["images"]
     result["steady_images_per_s"] = {
         "bare": rest / (result["bare"]["wall_s"] - result["bare_half"]["wall_s"]),
@@ -256,18 +275,20 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     result["ray_over_bare_steady"] = result["steady_images_per_s"]["ray"] / result["steady_images_per_s"]["bare"]
     model_s = sum(result["bare"]["stage_s"][k] for k in ("encode", "caption", "score"))
     flops = result["bare"]["images"] * sum(FLOPS_PER_IMAGE.values())
-    result["model_stage_share_of_bf16_matmul"] = flops / model_s / 1e9 / result["matmul_gflops"]["bfloat16"]
+    result["model_stage_share_of_matmul_peak"] = flops / model_s / 1e9 / result["matmul_gflops"][_dtype_name(dtype)]
+    click.echo(f"compute dtype {_dtype_name(dtype)}; matmul GFLOP/s: "
+               + ", ".join(f"{k} {v:.1f}" for k, v in result["matmul_gflops"].items()))
     click.echo(f"{'measure':<44}{'value':>12}")
-    for name, value in [*((f"bare loop {k} (images/s)", v) for k, v in variants.items()),
-                        ("bare loop, full corpus, bf16 (images/s)", result["bare"]["images_per_s"]),
-                        ("Ray pipeline, full corpus, bf16 (images/s)", result["ray"]["images_per_s"]),
-                        ("Ray / bare", result["ray_over_bare"]),
-                        ("bare loop, steady state (images/s)", result["steady_images_per_s"]["bare"]),
-                        ("Ray pipeline, steady state (images/s)", result["steady_images_per_s"]["ray"]),
-                        ("Ray / bare, steady state", result["ray_over_bare_steady"]),
-                        ("model stage share of bf16 matmul peak", result["model_stage_share_of_bf16_matmul"]),
-                        ("model actor peak RSS (MB)", result["ray"]["actor_peak_rss_mb"])]:
-        click.echo(f"{name:<44}{value:>12.3f}")
+    for label, value in [*((f"bare loop {k} (images/s)", v) for k, v in variants.items()),
+                         ("bare loop, full corpus (images/s)", result["bare"]["images_per_s"]),
+                         ("Ray pipeline, full corpus (images/s)", result["ray"]["images_per_s"]),
+                         ("Ray / bare", result["ray_over_bare"]),
+                         ("bare loop, steady state (images/s)", result["steady_images_per_s"]["bare"]),
+                         ("Ray pipeline, steady state (images/s)", result["steady_images_per_s"]["ray"]),
+                         ("Ray / bare, steady state", result["ray_over_bare_steady"]),
+                         ("model stage share of matmul peak", result["model_stage_share_of_matmul_peak"]),
+                         ("model actor peak RSS (MB)", result["ray"]["actor_peak_rss_mb"])]:
+        click.echo(f"{label:<44}{value:>12.3f}")
     stage_s = result["bare"]["stage_s"]
     click.echo("bare loop time share: " + ", ".join(f"{k} {v / sum(stage_s.values()):.0%}" for k, v in stage_s.items()))
     if json_path:
@@ -299,17 +320,22 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     if kill_after is not None and address:
         raise click.UsageError("--kill-after kills a local driver; with --address, stop the job with `ray job stop`")
     width, height = (int(v) for v in size.lower().split("x"))
-    corpus = workdir / f"corpus-{images}-{width}x{height}"
+    # one corpus per size and shard size, drawn once for the largest --images asked: sample i is the same
+    # image in any corpus of the seed, so a smaller run reads the first shards of a larger corpus
+    corpus = workdir / f"corpus-{width}x{height}-{shard_size}"
+    shards = math.ceil(images / shard_size)
     result: dict = {"images": images, "shard_size": shard_size, "size": [width, height]}
-    if not (corpus / "manifest.json").is_file():
+    manifest = corpus / "manifest.json"
+    if not manifest.is_file() or json.loads(manifest.read_text())["counts"]["test"] < images:
         tic = time.perf_counter()
         write_corpus(corpus, seed=7, counts={"test": images}, size=(width, height), shard_size=shard_size,
-                     formats=("webdataset",), progress=True)
+                     formats=("webdataset",), progress=True, workers=len(os.sched_getaffinity(0)))
         result["corpus_s"] = round(time.perf_counter() - tic, 1)
+    inputs = str(corpus / "test" / f"shard-{{00000..{shards - 1:05d}}}.tar")
     out = workdir / (f"out-{images}" + ("" if keep_top_fraction is None else f"-top{keep_top_fraction}"))
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: a finished output would only be reported back
-    command = [sys.executable, str(Path(__file__).with_name("caption_shards.py")), "--input",
-               str(corpus / "test" / "*.tar"), "--output", str(out), "--batch-size", "64"]
+    command = [sys.executable, str(Path(__file__).with_name("caption_shards.py")), "--input", inputs,
+               "--output", str(out), "--batch-size", "64"]
     if keep_top_fraction is not None:
         command += ["--keep-top-fraction", str(keep_top_fraction)]
     if address:

@@ -8,6 +8,7 @@ Writes DIR/{train,val,test}/shard-NNNNN.{tar,parquet} and DIR/manifest.json (sha
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -64,13 +65,16 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tu
               help="Samples per shard file.")
 @click.option("--formats", default=",".join(FORMATS), show_default=True, callback=_parse_formats, metavar="LIST",
               help="Comma-separated: webdataset (img2dataset-style .tar) and/or parquet.")
+@click.option("--workers", type=click.IntRange(min=1), default=len(os.sched_getaffinity(0)), show_default="CPUs",
+              help="Processes drawing shards side by side (same files for any number).")
 def main(out: Path, seed: int, train: int, val: int, test: int, size: tuple[int, int], shard_size: int,
-         formats: tuple[str, ...]) -> None:
+         formats: tuple[str, ...], workers: int) -> None:
     """Generate the train/val/test splits of the demo corpus."""
     start = time.perf_counter()
     try:
         manifest = write_corpus(out, seed, {"train": train, "val": val, "test": test}, size=size,
-                                shard_size=shard_size, formats=formats, progress=True)
+                                shard_size=shard_size, formats=formats, progress=True,
+                                workers=workers)
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc}") from None
     click.echo(f"wrote {train + val + test} samples (train {train}, val {val}, test {test}) at {size[0]}x{size[1]}, "

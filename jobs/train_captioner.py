@@ -112,10 +112,12 @@ def train(config: TrainConfig) -> dict:
 @click.option("--first-reference-prob", type=click.FloatRange(0, 1), default=None,
               help="Stage 2 trains on each image's first reference with this probability (default: uniform).")
 @click.option("--save-fp16", is_flag=True, help="Store the bundle's weights as fp16 (half the size).")
+@click.option("--bf16/--no-bf16", default=None,
+              help="bf16 autocast (default: on where the CPU runs bf16 natively, i.e. with AVX-512).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
-         batch_size, clip_image_size, limit, first_reference_prob, save_fp16, seed, out) -> None:
+         batch_size, clip_image_size, limit, first_reference_prob, save_fp16, bf16, seed, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
@@ -123,7 +125,7 @@ def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip
                          mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length, limit=limit, seed=seed,
                          first_reference_prob=first_reference_prob, save_fp16=save_fp16)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
-                 "caption_batch_size": batch_size}
+                 "caption_batch_size": batch_size, "bf16": bf16}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     if clip_image_size is not None:
         config = replace(config, clip_arch=replace(config.clip_arch, image_size=clip_image_size))

@@ -21,12 +21,14 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
 import tarfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -792,26 +794,68 @@ def write_shard(out_dir: str | Path, seed: int, split: str, shard: int, count: i
              "sha256": _sha256(path)} for path in paths.values()]
 
 
+_drawn: Any = None  # in a corpus worker process: the shared count of samples drawn, for the progress bar
+
+
+def _count_drawn() -> None:
+    with _drawn.get_lock():
+        _drawn.value += 1
+
+
+def _start_corpus_worker(counter: Any) -> None:
+    global _drawn
+    _drawn = counter
+
+
+def _write_shards_in_processes(out_dir: Path, seed: int, shards: list[tuple[str, int, int]], size: tuple[int, int],
+                               shard_size: int, formats: Sequence[str], workers: int, bar: tqdm,
+                               ) -> list[dict[str, Any]]:
+    # spawn, not fork: the caller may hold threads (Ray, torch) that a forked child would inherit mid-lock
+    context = multiprocessing.get_context("spawn")
+    counter = context.Value("q", 0)
+    with ProcessPoolExecutor(min(workers, len(shards)), mp_context=context, initializer=_start_corpus_worker,
+                             initargs=(counter,)) as pool:
+        pending = {pool.submit(write_shard, out_dir, seed, split, shard, count, size, shard_size, formats,
+                               _count_drawn) for split, shard, count in shards}
+        done: set[Future] = set()
+        try:
+            while pending:
+                finished, pending = wait(pending, timeout=1.0, return_when=FIRST_EXCEPTION)
+                done |= finished
+                bar.update(counter.value - bar.n)
+                for future in finished:
+                    future.result()  # a worker's error stops the run now, not after every shard is drawn
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return [entry for future in done for entry in future.result()]
+
+
 def write_corpus(out_dir: str | Path, seed: int, counts: dict[str, int], size: tuple[int, int] = (64, 64),
                  shard_size: int = 10000, formats: Sequence[str] = FORMATS, progress: bool = False,
-                 ) -> dict[str, Any]:
+                 workers: int = 1) -> dict[str, Any]:
     """Write every split's shards and `manifest.json` (seed, counts, sizes, sha256 per file); returns the manifest.
 
-    Shard files of earlier runs that this run does not produce are removed, so the directory matches the manifest.
+    `workers` processes draw shards side by side (each sample depends only on seed, split and index, so the
+    files are the same for any number of workers). Shard files of earlier runs that this run does not
+    produce are removed, so the directory matches the manifest.
     """
     out_dir = Path(out_dir)
     if (not formats or not set(formats) <= set(FORMATS) or not set(counts) <= set(SPLITS)
-            or min(counts.values(), default=0) < 0 or shard_size < 1 or min(size) < 1):
+            or min(counts.values(), default=0) < 0 or shard_size < 1 or min(size) < 1 or workers < 1):
         raise ValueError(f"bad corpus settings: formats={formats}, counts={counts}, size={size}, "
-                         f"shard_size={shard_size}")
+                         f"shard_size={shard_size}, workers={workers}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    shards = [(split, shard, counts[split]) for split in SPLITS if counts.get(split, 0)
+              for shard in range(math.ceil(counts[split] / shard_size))]
     files: list[dict[str, Any]] = []
     with tqdm(total=sum(counts.values()), unit="img", desc="demo corpus", disable=not progress) as bar:
-        for split in SPLITS:
-            count = counts.get(split, 0)
-            for shard in range(math.ceil(count / shard_size)):
+        if workers == 1 or len(shards) == 1:
+            for split, shard, count in shards:
                 files += write_shard(out_dir, seed, split, shard, count, size, shard_size, formats,
                                      on_sample=lambda: bar.update(1))
+        else:
+            files = _write_shards_in_processes(out_dir, seed, shards, size, shard_size, formats, workers, bar)
     written = {f["path"] for f in files}
     for split in SPLITS:
         for stale in sorted((out_dir / split).glob("shard-*")):

@@ -23,6 +23,7 @@ from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageError, ImageSpec, decode_image, portable_image
 from pipeline.models.bundle import Bundle, load_bundle
+from pipeline.precision import resolve_dtype
 from pipeline.sinks import STAGING, WEBDATASET, OutputDir, part_name, write_webdataset_shard
 from pipeline.sources import Shard, read_samples
 from schemas.captions import CANDIDATE_TYPE, captions_schema
@@ -130,20 +131,6 @@ def pixels_from_column(column: pa.ChunkedArray, size: int) -> np.ndarray:
     width = size * size * 3
     data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
     return data[array.offset * width:(array.offset + len(array)) * width].reshape(len(array), size, size, 3)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto': bf16 on a CPU with native bf16 matmuls, fp16/bf16 on GPU, else fp32."""
-    if name == "fp32":
-        return torch.float32
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    capability = torch.backends.cpu.get_cpu_capability()
-    return torch.bfloat16 if capability in ("AVX512", "AVX512_BF16", "AMX") else torch.float32
 
 
 def materialize_bundle(files: dict[str, bytes]) -> Path:

@@ -29,6 +29,7 @@ from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip
 from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
+from pipeline.precision import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class TrainConfig:
     caption_lr: float = 1e-3
     seed: int = 0
     limit: int | None = None
-    bf16: bool = True
+    bf16: bool = field(default_factory=cpu_has_fast_bf16)  # autocast; off where bf16 is not native
     # Stage 2 draws the first reference with this probability (the rest uniformly); None: all uniform.
     # A corpus whose first reference is its most regular form (the demo's canonical caption) then
     # teaches greedy decoding one consistent form.
@@ -227,7 +228,7 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
 
 
 @torch.inference_mode()
-def embed_images(clip: ClipModel, pixels: torch.Tensor, batch_size: int = 256, bf16: bool = True) -> torch.Tensor:
+def embed_images(clip: ClipModel, pixels: torch.Tensor, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
     out = []
     for start in range(0, len(pixels), batch_size):
         with _autocast(bf16):
