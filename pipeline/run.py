@@ -23,6 +23,7 @@ import ray
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.filtering import keep_mask, top_fraction_cutoff
+from pipeline.model_stage import CaptionStage
 from pipeline.models.bundle import load_bundle
 from pipeline.sinks import (
     CAPTIONS,
@@ -38,7 +39,6 @@ from pipeline.sinks import (
 from pipeline.sources import Shard, expand_inputs
 from pipeline.stages import (
     STAGING_ONLY,
-    CaptionStage,
     DecodeSpec,
     ShardDatasource,
     StagingSink,

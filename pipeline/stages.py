@@ -1,32 +1,26 @@
-"""The Ray Data pieces of the pipeline: a shard datasource, the CPU decode stage, the model stage
-(an actor holding encoder + captioner + scorer) and the staging sink. `pipeline.run` chains them."""
+"""The light Ray Data pieces of the pipeline: the shard datasource, the CPU decode stage and the
+staging sink. `pipeline.model_stage` holds the model actor; `pipeline.run` chains them.
+
+Nothing here imports torch or transformers: read, decode and write tasks run in many short-lived
+worker processes, and importing the model stack costs each of them ~10 s of CPU on a small machine."""
 
 from __future__ import annotations
 
 import logging
 import resource
-import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
-import torch
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
-from pipeline.captioning import caption_batch
-from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageError, ImageSpec, decode_image, portable_image
-from pipeline.models.bundle import Bundle, load_bundle
-from pipeline.precision import resolve_dtype
 from pipeline.sinks import STAGING, WEBDATASET, OutputDir, part_name, write_webdataset_shard
 from pipeline.sources import Shard, read_samples
-from schemas.captions import CANDIDATE_TYPE, captions_schema
+from schemas.captions import captions_schema
 
 log = logging.getLogger(__name__)
 
@@ -131,132 +125,6 @@ def pixels_from_column(column: pa.ChunkedArray, size: int) -> np.ndarray:
     width = size * size * 3
     data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
     return data[array.offset * width:(array.offset + len(array)) * width].reshape(len(array), size, size, 3)
-
-
-def materialize_bundle(files: dict[str, bytes]) -> Path:
-    """Write a bundle shipped through the object store to a local temporary directory."""
-    root = Path(tempfile.mkdtemp(prefix="bundle-"))
-    for relative, data in files.items():
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-    return root
-
-
-class CaptionStage:
-    """Model stage actor: loads the three models once, then captions batches of decoded rows.
-
-    A batch that fails in the models (including out-of-memory) is split in halves and retried,
-    down to single rows; a row that still fails becomes a `model_error` row. Nothing is lost.
-    """
-
-    def __init__(self, bundle_files: ray.ObjectRef, settings: DecodeSettings, dtype: str,
-                 batch_size: int, embedding_dim: int, metadata_json: str, cpu_threads: int | None = None,
-                 decode_spec: DecodeSpec | None = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if cpu_threads:
-            # Ray pins OMP threads to the actor's 1 reserved CPU; a CPU-only actor may use its share of
-            # the node (the reservation stays 1 so that read tasks can always be scheduled beside it)
-            torch.set_num_threads(cpu_threads)
-        path = materialize_bundle(ray.get(bundle_files))
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.bundle: Bundle = load_bundle(path).to(self.device, self.dtype)
-        self.settings = settings
-        self.batch_size = batch_size
-        self.schema = staging_schema(embedding_dim, metadata_json)
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.embedding_dim = embedding_dim
-        # given a DecodeSpec, batches arrive as raw samples and are decoded here, on cpu_threads threads
-        self.decode_spec = decode_spec
-        self.decode_parallelism = cpu_threads or 1
-        self.decode_threads = ThreadPoolExecutor(self.decode_parallelism) if decode_spec else None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.decode_spec is not None:
-            batch = self._decode(batch)
-        n = batch.num_rows
-        pixels = {"pixels": pixels_from_column(batch.column("pixels"), self.bundle.encoder.image_spec.size)}
-        if "scorer_pixels" in batch.column_names:
-            pixels["scorer_pixels"] = pixels_from_column(batch.column("scorer_pixels"),
-                                                         self.bundle.scorer.image_spec.size)
-        result = _Results(batch.column("status").to_pylist(), batch.column("error").to_pylist())
-        ok = [i for i in range(n) if result.status[i] == "ok"]
-        keys = batch.column("key").to_pylist()
-        for start in range(0, len(ok), self.batch_size):
-            self._caption(pixels, keys, ok[start:start + self.batch_size], result)
-        flat = np.zeros((n, self.embedding_dim), dtype=np.float16)
-        for i, embedding in result.embeddings.items():
-            flat[i] = embedding
-        embedding_mask = pa.array([i not in result.embeddings for i in range(n)], type=pa.bool_())
-        with_candidates = self.settings.num_candidates > 1
-        columns = {
-            "key": batch.column("key"),
-            "source": batch.column("source"),
-            "status": pa.array(result.status, pa.string()),
-            "error": pa.array(result.error, pa.string()),
-            "width": batch.column("width"),
-            "height": batch.column("height"),
-            "caption": pa.array([result.captions.get(i) for i in range(n)], pa.string()),
-            "clip_score": pa.array([result.scores.get(i) for i in range(n)], pa.float32()),
-            "image_embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(flat.reshape(-1), pa.float16()), type=self.schema.field("image_embedding").type,
-                mask=embedding_mask),
-            "candidates": pa.array([result.candidates.get(i) if with_candidates else None for i in range(n)],
-                                   pa.list_(CANDIDATE_TYPE)),
-            "keep": pa.array([status == "ok" for status in result.status], pa.bool_()),
-            "original_text": batch.column("original_text"),
-            "index": batch.column("index"),
-            "node": pa.array([self.node_id] * n, pa.string()),
-            "actor_peak_rss_mb": pa.array([peak_rss_mb()] * n, pa.float32()),
-        }
-        return pa.table(columns, schema=self.schema)
-
-    def _decode(self, batch: pa.Table) -> pa.Table:
-        """decode_batch over slices of the batch in parallel (Pillow releases the GIL while decoding)."""
-        if batch.num_rows < 2 or self.decode_parallelism == 1:
-            return decode_batch(batch, self.decode_spec)
-        step = -(-batch.num_rows // self.decode_parallelism)
-        slices = [batch.slice(start, step) for start in range(0, batch.num_rows, step)]
-        decoded = self.decode_threads.map(lambda part: decode_batch(part, self.decode_spec), slices)
-        return pa.concat_tables(decoded).combine_chunks()
-
-    def _caption(self, pixels: dict[str, np.ndarray], keys: list[str], rows: list[int], result: _Results) -> None:
-        if not rows:
-            return
-        try:
-            tensors = {name: torch.from_numpy(array[rows]) for name, array in pixels.items()}
-            if self.device.type == "cuda":
-                tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
-            captioned = caption_batch(self.bundle, tensors["pixels"], self.settings, tensors.get("scorer_pixels"))
-        except Exception as exc:  # any model failure must turn into rows, not a lost batch
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(rows) > 1:
-                half = len(rows) // 2
-                self._caption(pixels, keys, rows[:half], result)
-                self._caption(pixels, keys, rows[half:], result)
-                return
-            log.warning("model failed on %s: %s", keys[rows[0]], exc)
-            result.status[rows[0]] = "model_error"
-            result.error[rows[0]] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
-            return
-        for j, i in enumerate(rows):
-            result.captions[i] = captioned.captions[j]
-            result.scores[i] = float(captioned.clip_scores[j])
-            result.embeddings[i] = captioned.image_embeddings[j]
-            result.candidates[i] = [{"caption": c, "clip_score": s} for c, s in captioned.candidates[j]]
-
-
-@dataclass
-class _Results:
-    """Per-row outputs of one model-stage call, filled as sub-batches succeed."""
-
-    status: list[str]
-    error: list[str | None]
-    captions: dict[int, str] = field(default_factory=dict)
-    scores: dict[int, float] = field(default_factory=dict)
-    embeddings: dict[int, np.ndarray] = field(default_factory=dict)
-    candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 # Staging-only columns, dropped when captions/ is written: the sample's position in its shard, and

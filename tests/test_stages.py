@@ -4,6 +4,9 @@ stage falls back to smaller batches when a batch fails, so one bad sample never 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -11,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import stages
+from pipeline import model_stage, stages
 from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageSpec
 
@@ -44,12 +47,12 @@ def test_decode_batch_keeps_every_row_and_reports_bad_bytes():
 @pytest.fixture()
 def stage(ray_local, tiny_bundle):
     files = {str(p.relative_to(tiny_bundle)): p.read_bytes() for p in tiny_bundle.rglob("*") if p.is_file()}
-    return stages.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
+    return model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
                                embedding_dim=24, metadata_json="{}")
 
 
 def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(stage, monkeypatch):
-    real = stages.caption_batch
+    real = model_stage.caption_batch
     calls = []
 
     def fails_on_poison(bundle, pixels, settings, scorer_pixels=None):
@@ -58,7 +61,7 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
             raise torch.OutOfMemoryError("simulated out of memory")
         return real(bundle, pixels, settings, scorer_pixels)
 
-    monkeypatch.setattr(stages, "caption_batch", fails_on_poison)
+    monkeypatch.setattr(model_stage, "caption_batch", fails_on_poison)
     values = [10, 20, POISON, 30, 40, 50, 60, 70]
     decoded = stages.decode_batch(_samples([_png(v) for v in values]), stages.DecodeSpec(ImageSpec(size=32)))
     out = stage(decoded)
@@ -77,7 +80,7 @@ def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tin
     rows (bad images included, in order) equal those of the separate decode stage."""
     files = {str(p.relative_to(tiny_bundle)): p.read_bytes() for p in tiny_bundle.rglob("*") if p.is_file()}
     spec = stages.DecodeSpec(ImageSpec(size=32))
-    decoding = stages.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
+    decoding = model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
                                    embedding_dim=24, metadata_json="{}", cpu_threads=2, decode_spec=spec)
     raw = _samples([_png(10), b"broken", _png(30), _png(40), b"", _png(60), _png(70)])
     expected = stage(stages.decode_batch(raw, spec))
@@ -86,3 +89,12 @@ def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tin
     for name in ("key", "status", "error", "width", "height", "caption", "clip_score"):
         assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
     assert decoding(raw.slice(0, 1)).column("status").to_pylist() == ["ok"]
+
+
+def test_read_decode_and_write_tasks_do_not_import_the_model_stack():
+    # every short-lived read/decode/write worker imports pipeline.stages; torch + transformers cost
+    # each of them ~10 s of CPU on a small machine, which the model actor then lacks
+    code = "import sys, pipeline.stages; print(sorted({'torch', 'transformers', 'open_clip'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert out.strip() == "[]"
