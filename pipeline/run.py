@@ -203,7 +203,6 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_gpus=gpus,
-        scheduling_strategy="SPREAD",  # one actor per node first: spread memory and the decode work
     )
     dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
 
