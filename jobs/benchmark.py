@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -210,6 +211,83 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> flo
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+class ProcessSampler:
+    """Samples every process on this machine from /proc once a second, in a thread: peak RSS and CPU
+    seconds per role, the role read off Ray's process titles (a worker is titled by the task it runs:
+    ray::ReadReadShards, ray::MapWorker(MapBatches(CaptionStage)), ray::Write) or the command line.
+    CPU seconds per role are the time share of each stage; Linux only."""
+
+    ROLES = (("CaptionStage", "model actor"), ("ReadReadShards", "read tasks"), ("Write", "write tasks"),
+             ("write_webdataset", "webdataset tasks"), ("job submit", "ray job client"),
+             ("caption_shards.py", "job driver"),
+             ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons"), ("dashboard", "Ray daemons"),
+             ("ray::", "other Ray workers"))
+
+    def __init__(self, interval_s: float = 1.0):
+        import threading
+
+        self.interval_s = interval_s
+        self.ticks = os.sysconf("SC_CLK_TCK")
+        self.first_cpu: dict[int, float] = {}
+        self.last_cpu: dict[int, float] = {}
+        self.peak_rss: dict[int, float] = {}
+        self.roles: dict[int, set[str]] = {}
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> ProcessSampler:
+        self._sample()  # CPU used before the measurement (a running Ray head) is not counted
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        self.thread.join()
+        self._sample()
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        page_mb = os.sysconf("SC_PAGE_SIZE") / 2**20
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    title = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue  # the process ended between listing and reading
+            role = next((name for needle, name in self.ROLES if needle in title), None)
+            if role is None and pid not in self.roles:
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / self.ticks
+            self.first_cpu.setdefault(pid, cpu)
+            self.last_cpu[pid] = cpu
+            self.peak_rss[pid] = max(self.peak_rss.get(pid, 0.0), int(fields[21]) * page_mb)
+            roles = self.roles.setdefault(pid, set())
+            if role is not None and role != "other Ray workers":
+                roles.add(role)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per role: processes, CPU seconds, share of all CPU seconds, peak RSS of one process (MB)."""
+        by_role: dict[str, dict[str, float]] = {}
+        for pid, roles in self.roles.items():
+            role = " + ".join(sorted(roles)) or "other Ray workers"
+            figures = by_role.setdefault(role, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0})
+            figures["processes"] += 1
+            figures["cpu_s"] += self.last_cpu[pid] - self.first_cpu[pid]
+            figures["peak_rss_mb"] = max(figures["peak_rss_mb"], self.peak_rss[pid])
+        total = sum(f["cpu_s"] for f in by_role.values()) or 1.0
+        return {role: {"processes": f["processes"], "cpu_s": round(f["cpu_s"], 1),
+                       "cpu_share": round(f["cpu_s"] / total, 3), "peak_rss_mb": round(f["peak_rss_mb"], 1)}
+                for role, f in sorted(by_role.items(), key=lambda item: -item[1]["cpu_s"])}
+
+
 @click.group()
 def main() -> None:
     """Benchmarks; each prints a table and can write JSON."""
@@ -304,8 +382,8 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
 @click.option("--workdir", default="/tmp/captioner-scale", show_default=True, type=click.Path(path_type=Path))
 @click.option("--keep-top-fraction", type=float, default=None, help="Passed to the job (global quantile).")
 @click.option("--kill-after", type=float, default=None,
-              help="SIGKILL the job's process group this many seconds in, stop the Ray processes it started "
-                   "(`ray stop --force`: every Ray process here), then run the same command again.")
+              help="Kill the job this many seconds in (SIGKILL of the driver's process group and `ray stop "
+                   "--force` of the Ray it started; with --address, `ray job stop`), then run it again.")
 @click.option("--address", default=None, help="Submit with `ray job submit --address URL`; default: plain python.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fraction: float | None,
@@ -317,8 +395,6 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
 
     from pipeline.demo_world import write_corpus
 
-    if kill_after is not None and address:
-        raise click.UsageError("--kill-after kills a local driver; with --address, stop the job with `ray job stop`")
     width, height = (int(v) for v in size.lower().split("x"))
     # one corpus per size and shard size, drawn once for the largest --images asked: sample i is the same
     # image in any corpus of the seed, so a smaller run reads the first shards of a larger corpus
@@ -338,15 +414,13 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
                "--output", str(out), "--batch-size", "64"]
     if keep_top_fraction is not None:
         command += ["--keep-top-fraction", str(keep_top_fraction)]
-    if address:
-        command = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address, "--working-dir",
-                   str(Path(__file__).resolve().parents[1]), "--", "python", *command[1:]]
     attempts = []
-    if kill_after is not None:
-        attempts.append(_run_job(command, kill_after))
-        if (out / "run.json").is_file():
-            raise click.ClickException(f"the run had finished before --kill-after {kill_after}; give less")
-    attempts.append(_run_job(command, None))
+    with ProcessSampler() as sampler:
+        if kill_after is not None:
+            attempts.append(_run_job(command, address, kill_after))
+            if (out / "run.json").is_file():
+                raise click.ClickException(f"the run had finished before --kill-after {kill_after}; give less")
+        attempts.append(_run_job(command, address, None))
     summary = json.loads((out / "run.json").read_text())
     rows, timings = summary["counts"]["rows"], summary["timings"]
     output_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -362,6 +436,7 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
         "model_actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"],
         "output_bytes_per_image": round(output_bytes / rows, 1),
         "counts": summary["counts"], "resumed_rows": summary["resumed_rows"],
+        "processes": sampler.summary(),
     })
     if kill_after is not None:
         # the killed attempt's time minus what its kept rows are worth at the resumed run's model-stage rate
@@ -373,18 +448,27 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
         json_path.write_text(json.dumps(result, indent=2))
 
 
-def _run_job(command: list[str], kill_after: float | None) -> dict:
-    """Run the job as its own process group; SIGKILL the group after `kill_after` seconds if given."""
+def _run_job(command: list[str], address: str | None, kill_after: float | None) -> dict:
+    """Run the job, as a local process group or through `ray job submit --address`; after `kill_after`
+    seconds SIGKILL the group (then stop the Ray instance its driver started) or `ray job stop` it."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    submission_id = f"scale-{uuid.uuid4().hex[:8]}"
+    if address:
+        command = [ray_cli, "job", "submit", "--address", address, "--submission-id", submission_id,
+                   "--working-dir", str(Path(__file__).resolve().parents[1]), "--", "python", *command[1:]]
     tic = time.perf_counter()
     with open(os.devnull, "wb") as devnull:
         job = subprocess.Popen(command, stdout=devnull, stderr=devnull, start_new_session=True)
         try:
             job.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
-            os.killpg(job.pid, signal.SIGKILL)
+            if address:
+                subprocess.run([ray_cli, "job", "stop", "--address", address, submission_id], capture_output=True)
+            else:
+                os.killpg(job.pid, signal.SIGKILL)
+                # the local Ray instance the killed driver started (this stops every Ray process here)
+                subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
             job.wait()
-            # the local Ray instance the killed driver started (this stops every Ray process on the machine)
-            subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
             return {"wall_s": round(time.perf_counter() - tic, 1), "killed": True}
     if job.returncode != 0:
         raise click.ClickException(f"the job failed (exit {job.returncode}): {' '.join(command)}")

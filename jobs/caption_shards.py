@@ -48,7 +48,8 @@ from pipeline.sources import InputError
 @click.option("--write-webdataset", is_flag=True,
               help="Also write the filtered set with its images as WebDataset tars (OUTPUT/filtered_wds/).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration.")
+@click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration "
+              "(a finished run whose filter alone changed is re-filtered from its stored scores, no model run).")
 def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, method,
          num_candidates, beam_width, max_new_tokens, temperature, top_p, batch_size, actors, gpus_per_actor,
          dtype, limit, rows_per_file, write_webdataset, seed, overwrite) -> None:
@@ -77,6 +78,8 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     rate = timings.get("images_per_s")
     click.echo(f"captioned {counts['rows']} rows ({failed} failed, {counts['kept']} kept) "
                f"in {timings['wall_s']:.1f}s, {rate if rate is not None else 'n/a'} images/s -> {output}")
+    if "refilter_s" in timings:
+        click.echo(f"re-filtered the stored scores in {timings['refilter_s']:.1f}s (no model run)")
     if "webdataset" in summary:
         webdataset = summary["webdataset"]
         click.echo(f"webdataset: {webdataset['samples']} samples in {webdataset['tars']} tars -> "

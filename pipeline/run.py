@@ -22,12 +22,13 @@ import ray
 
 from pipeline import __version__
 from pipeline.config import RunConfig
-from pipeline.filtering import keep_mask, top_fraction_cutoff
+from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
 from pipeline.model_stage import CaptionStage
 from pipeline.models.bundle import load_bundle
 from pipeline.sinks import (
     CAPTIONS,
     FILTERED,
+    REFILTER,
     RUN_JSON,
     STAGING,
     STAGING_CONFIG,
@@ -77,7 +78,16 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     defining = {"config": config.output_defining(), "model_sha256": identity["sha256"]}
     provenance = {"model": identity["name"], "model_sha256": identity["sha256"]}
-    previous = _prepare_output(output, config, defining)
+    metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
+                                "scorer": identity["scorer"], "model": identity["name"],
+                                "model_sha256": identity["sha256"], "decoding": config.decode.to_json(),
+                                "filter": config.filter.to_json(), "version": __version__},
+                               ensure_ascii=False)
+    previous, refilter = _prepare_output(output, config, defining)
+    if previous is not None and refilter:
+        log.info("only the filter changed: re-filtering the stored scores of %s, no model run", output.url)
+        return _jsonable(_refilter(output, config, previous, defining, embedding_dim, metadata_json, shards,
+                                   provenance))
     if previous is not None:
         log.info("output is complete already: %s", output.url)
         if config.write_webdataset and "webdataset" not in previous:  # asked for after the run
@@ -89,11 +99,6 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     done = _committed_samples(output)
     already = sum(len(indices) for indices in done.values())
-    metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
-                                "scorer": identity["scorer"], "model": identity["name"],
-                                "model_sha256": identity["sha256"], "decoding": config.decode.to_json(),
-                                "filter": config.filter.to_json(), "version": __version__},
-                               ensure_ascii=False)
 
     _init_ray()
     model_started = time.time()
@@ -134,12 +139,15 @@ def run(config: RunConfig) -> dict[str, Any]:
     return _jsonable(summary)
 
 
-def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, Any]) -> dict[str, Any] | None:
-    """Decide between a fresh start, a resume and a refusal. Returns the old summary when the very
-    same run already finished."""
+def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, Any],
+                    ) -> tuple[dict[str, Any] | None, bool]:
+    """Decide between a fresh start, a resume, a re-filter and a refusal. Returns the old summary when
+    the run already finished, and whether its rows must be re-filtered (only the filter changed, under
+    --overwrite, or an earlier re-filter was interrupted)."""
     finished = output.read_json(RUN_JSON)
+    refiltering = output.read_json(REFILTER)  # where an interrupted re-filter was heading
     staged = output.read_json(STAGING, STAGING_CONFIG)
-    recorded = (finished or {}).get("output_defining") or staged
+    recorded = refiltering or (finished or {}).get("output_defining") or staged
     different = recorded is not None and _jsonable(recorded) != _jsonable(defining)
     if different and not config.overwrite:
         raise UsageError(f"{config.output} holds a run with a different configuration; "
@@ -147,17 +155,79 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
     if recorded is None and not output.is_empty() and not config.overwrite:
         raise UsageError(f"{config.output} is not empty and holds no run of this tool; "
                          f"use an empty --output, or --overwrite")
+    output.clean_temporaries()
+    if finished is not None and (different or refiltering) and _only_filter_differs(finished, defining):
+        return finished, True
     if different and config.overwrite:
-        for folder in (CAPTIONS, FILTERED, WEBDATASET, STAGING, RUN_JSON):
+        for folder in (CAPTIONS, FILTERED, WEBDATASET, STAGING, REFILTER, RUN_JSON):
             output.remove(folder)
         finished = None
-    output.clean_temporaries()
     if finished is not None:
         output.remove(STAGING)  # a run killed after its commit record but before this clean-up
-        return finished
+        return finished, False
     if staged is None:
         output.write_json(defining, STAGING, STAGING_CONFIG)
-    return None
+    return None, False
+
+
+def _only_filter_differs(finished: dict[str, Any], defining: dict[str, Any]) -> bool:
+    def without_filter(settings: dict[str, Any]) -> dict[str, Any]:
+        settings = _jsonable(settings)
+        settings["config"].pop("filter", None)
+        return settings
+    return without_filter(finished["output_defining"]) == without_filter(defining)
+
+
+def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], defining: dict[str, Any],
+              embedding_dim: int, metadata_json: str, shards: list[Shard], provenance: dict[str, Any],
+              ) -> dict[str, Any]:
+    """A finished run under new filter settings, from the scores stored in captions/: every part is
+    rewritten with its new keep flags (and its filtered/ part with the kept rows), no model runs.
+    REFILTER names the target until run.json records it, so an interrupted re-filter is completed by
+    the next run before anything else; the WebDataset copy of the old filtered set is dropped."""
+    started = time.time()
+    output.write_json(defining, REFILTER)
+    output.remove(WEBDATASET)
+    scores = read_columns(output, CAPTIONS, ["key", "status", "clip_score"])
+    ok = scores.filter(pc.equal(scores.column("status"), "ok")) if scores is not None else None
+    cutoff = None if ok is None else top_fraction_cutoff(
+        config.filter.keep_top_fraction, ok.column("clip_score").to_numpy(zero_copy_only=False),
+        ok.column("key").to_pylist())
+    schema = captions_schema(embedding_dim, metadata_json)
+    kept = 0
+    for path in output.parts(CAPTIONS):
+        with output.fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, use_threads=False)
+        name = path.rsplit("/", 1)[-1]
+        written = _write_part(output, config, cutoff, table.cast(schema), embedding_dim, name)
+        if not written:
+            output.remove(FILTERED, name)  # none of its rows passes now
+        kept += written
+    summary.pop("webdataset", None)
+    summary["config"], summary["output_defining"] = config.to_json(), defining
+    summary["counts"] |= {"kept": kept, "top_fraction_cutoff_score": cutoff.score if cutoff else None}
+    summary["timings"]["refilter_s"] = round(time.time() - started, 3)
+    if config.write_webdataset:
+        _init_ray()
+        summary["webdataset"] = _export_webdataset(output, config, shards, provenance)
+    output.write_json(summary, RUN_JSON)
+    output.remove(REFILTER)
+    return summary
+
+
+def _write_part(output: OutputDir, config: RunConfig, cutoff: Cutoff | None, table: pa.Table, embedding_dim: int,
+                name: str) -> int:
+    """One captions/ part with its keep flags set by the filter, and its kept rows as the filtered/ part
+    of the same name; returns how many rows it kept."""
+    keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
+                     table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
+    table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep))
+    validate_table(table, embedding_dim)
+    output.write_parquet(table, CAPTIONS, name)
+    kept_rows = table.filter(pc.field("keep"))
+    if kept_rows.num_rows:
+        output.write_parquet(kept_rows, FILTERED, name)
+    return kept_rows.num_rows
 
 
 def _committed_samples(output: OutputDir) -> dict[str, set[int]]:
@@ -244,20 +314,11 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
         with output.fs.open(path, "rb") as handle:
             table = pq.read_table(handle, use_threads=False)
         table = _mark_duplicates(_drop_written(table, written), renamed)
-        keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
-                         table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
-        table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep))
         by_node.update(table.column("node").to_pylist())
         actor_peak_mb = max(actor_peak_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
         table = table.drop_columns(list(STAGING_ONLY)).cast(schema)
-        validate_table(table, embedding_dim)
-        name = path.rsplit("/", 1)[-1]
-        output.write_parquet(table, CAPTIONS, name)
-        kept_rows = table.filter(pc.field("keep"))
-        if kept_rows.num_rows:
-            output.write_parquet(kept_rows, FILTERED, name)
+        kept += _write_part(output, config, cutoff, table, embedding_dim, path.rsplit("/", 1)[-1])
         counts.update(table.column("status").to_pylist())
-        kept += kept_rows.num_rows
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
             "top_fraction_cutoff_score": cutoff.score if cutoff else None, "rows_by_node": dict(by_node),
             "model_actor_peak_rss_mb": round(actor_peak_mb, 1)}

@@ -36,6 +36,7 @@ WEBDATASET = "filtered_wds"
 # The filtered columns a WebDataset sample carries (in KEY.txt and KEY.json).
 WEBDATASET_COLUMNS = ("key", "source", "caption", "clip_score", "original_text", "width", "height")
 RUN_JSON = "run.json"
+REFILTER = "_refilter.json"  # the configuration a re-filter in progress is heading to
 STAGING_CONFIG = "config.json"
 _TMP_PREFIX = "._tmp-"
 

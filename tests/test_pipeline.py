@@ -76,6 +76,59 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
     assert again["counts"]["rows"] == 3
 
 
+def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(ray_local, tiny_bundle, tmp_path,
+                                                                              monkeypatch):
+    import pipeline.run as run_module
+
+    _tar_corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(out), "model": str(tiny_bundle),
+            "decode": DecodeSettings(max_new_tokens=4), "batch_size": 4}
+    first = run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.5)))
+    before = _read(out / "captions").sort_by("key")
+    with pytest.raises(UsageError, match="different configuration"):
+        run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3)))
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a re-filter must not run the models")
+
+    monkeypatch.setattr(run_module, "_caption_into_staging", no_models)
+    summary = run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3), overwrite=True))
+    after = _read(out / "captions").sort_by("key")
+    assert after.drop_columns(["keep"]).equals(before.drop_columns(["keep"]))  # same rows, scores, captions
+    top3 = sorted(after.column("clip_score").to_pylist(), reverse=True)[:3]
+    filtered = _read(out / "filtered")
+    assert sorted(filtered.column("clip_score").to_pylist(), reverse=True) == top3
+    assert summary["counts"]["kept"] == 3 == sum(after.column("keep").to_pylist())
+    assert summary["counts"]["rows"] == first["counts"]["rows"] == 10 and summary["timings"]["refilter_s"] >= 0
+    assert json.loads((out / "run.json").read_text())["config"]["filter"]["keep_top_fraction"] == 0.3
+    meta = json.loads(pq.read_schema(next((out / "filtered").glob("*.parquet"))).metadata[b"captioner"])
+    assert meta["filter"]["keep_top_fraction"] == 0.3
+    assert run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3))) == summary  # now the recorded run
+
+    # a re-filter killed between two parts is completed by the next run, before anything else
+    real_write_part, calls = run_module._write_part, []
+
+    def dies_on_second_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write_part(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_write_part", dies_on_second_part)
+    nothing_passes = RunConfig(**base, filter=FilterSettings(min_clip_score=1.0), overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        run(nothing_passes)
+    assert (out / "_refilter.json").is_file()
+    monkeypatch.setattr(run_module, "_write_part", real_write_part)
+    with pytest.raises(UsageError, match="different configuration"):  # the output is heading elsewhere now
+        run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3)))
+    done = run(RunConfig(**base, filter=FilterSettings(min_clip_score=1.0)))
+    assert done["counts"]["kept"] == 0 and not any((out / "filtered").glob("*.parquet"))
+    assert not any(_read(out / "captions").column("keep").to_pylist()) and not (out / "_refilter.json").exists()
+    assert _read(out / "captions").num_rows == 10
+
+
 def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_path):
     shared = {"jpg": jpeg_bytes(1)}
     write_tar(tmp_path / "in" / "a.tar", {"dup": shared, "only_a": {"jpg": jpeg_bytes(2)}})
