@@ -223,10 +223,11 @@ class ProcessSampler:
              ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons"), ("dashboard", "Ray daemons"),
              ("ray::", "other Ray workers"))
 
-    def __init__(self, interval_s: float = 1.0):
+    def __init__(self, interval_s: float = 1.0, roles: tuple[tuple[str, str], ...] = ROLES):
         import threading
 
         self.interval_s = interval_s
+        self.role_needles = roles
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.first_cpu: dict[int, float] = {}
         self.last_cpu: dict[int, float] = {}
@@ -262,7 +263,7 @@ class ProcessSampler:
                     title = handle.read().replace(b"\0", b" ").decode(errors="replace")
             except (OSError, IndexError):
                 continue  # the process ended between listing and reading
-            role = next((name for needle, name in self.ROLES if needle in title), None)
+            role = next((name for needle, name in self.role_needles if needle in title), None)
             if role is None and pid not in self.roles:
                 continue
             cpu = (int(fields[11]) + int(fields[12])) / self.ticks

@@ -1,0 +1,28 @@
+"""The benchmark's own measuring tools (the benchmarks themselves are run by hand, not in tests)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+import benchmark
+
+# a stand-in worker: it holds ~200 MB and burns 1.5 s of CPU
+BUSY = ("import sys, time; block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+        "end = time.process_time() + 1.5\nwhile time.process_time() < end: pass")
+
+
+def test_process_sampler_attributes_cpu_and_memory_to_roles_by_command_line(tmp_path):
+    script = tmp_path / f"busy-{uuid.uuid4().hex}.py"  # a name no other process on the machine has
+    script.write_text(BUSY)
+    roles = (("never-matches-anything-0f3a", "idle role"), (script.name, "busy role"))
+    with benchmark.ProcessSampler(interval_s=0.1, roles=roles) as sampler:
+        subprocess.run([sys.executable, str(script)], check=True, timeout=60)
+    summary = sampler.summary()
+    assert set(summary) == {"busy role"}
+    busy = summary["busy role"]
+    assert busy["processes"] == 1 and 1.2 <= busy["cpu_s"] <= 5.0 and busy["cpu_share"] == 1.0
+    assert 200 <= busy["peak_rss_mb"] < 1000
