@@ -221,7 +221,8 @@ def _write_part(output: OutputDir, config: RunConfig, cutoff: Cutoff | None, tab
     of the same name; returns how many rows it kept."""
     keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
                      table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
-    table = table.set_column(table.schema.get_field_index("keep"), "keep", pa.array(keep))
+    position = table.schema.get_field_index("keep")
+    table = table.set_column(position, table.schema.field(position), pa.array(keep))  # the schema's field: not null
     validate_table(table, embedding_dim)
     output.write_parquet(table, CAPTIONS, name)
     kept_rows = table.filter(pc.field("keep"))

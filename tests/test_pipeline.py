@@ -13,6 +13,7 @@ from pipeline.config import RunConfig
 from pipeline.decoding import DecodeSettings
 from pipeline.filtering import FilterSettings
 from pipeline.run import UsageError, run
+from pipeline.verify import verify
 from schemas.captions import validate_table
 
 
@@ -105,6 +106,8 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
     meta = json.loads(pq.read_schema(next((out / "filtered").glob("*.parquet"))).metadata[b"captioner"])
     assert meta["filter"]["keep_top_fraction"] == 0.3
     assert run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3))) == summary  # now the recorded run
+    report = verify(str(out), list(base["inputs"]))  # schema, layout, keep vs filtered/, counts in run.json
+    assert report.ok, "\n".join(report.lines())
 
     # a re-filter killed between two parts is completed by the next run, before anything else
     real_write_part, calls = run_module._write_part, []
@@ -127,6 +130,8 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
     assert done["counts"]["kept"] == 0 and not any((out / "filtered").glob("*.parquet"))
     assert not any(_read(out / "captions").column("keep").to_pylist()) and not (out / "_refilter.json").exists()
     assert _read(out / "captions").num_rows == 10
+    report = verify(str(out), list(base["inputs"]))
+    assert report.ok, "\n".join(report.lines())
 
 
 def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_path):
