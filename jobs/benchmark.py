@@ -220,7 +220,12 @@ class ProcessSampler:
     ROLES = (("CaptionStage", "model actor"), ("ReadReadShards", "read tasks"), ("Write", "write tasks"),
              ("write_webdataset", "webdataset tasks"), ("job submit", "ray job client"),
              ("caption_shards.py", "job driver"),
-             ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons"), ("dashboard", "Ray daemons"),
+             # Ray's own processes, by their binaries and scripts: a worker's command line before its
+             # first title names the raylet socket, so a bare "raylet" would match every worker
+             ("ray/raylet/raylet", "Ray daemons"), ("ray/gcs/gcs_server", "Ray daemons"),
+             ("ray/dashboard/", "Ray daemons"), ("ray-dashboard-", "Ray daemons"), ("DashboardAgent", "Ray daemons"),
+             ("RuntimeEnvAgent", "Ray daemons"), ("log_monitor.py", "Ray daemons"),
+             ("_private/monitor.py", "Ray daemons"),
              ("ray::", "other Ray workers"))
 
     def __init__(self, interval_s: float = 1.0, roles: tuple[tuple[str, str], ...] = ROLES):

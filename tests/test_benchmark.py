@@ -26,3 +26,13 @@ def test_process_sampler_attributes_cpu_and_memory_to_roles_by_command_line(tmp_
     busy = summary["busy role"]
     assert busy["processes"] == 1 and 1.2 <= busy["cpu_s"] <= 5.0 and busy["cpu_share"] == 1.0
     assert 200 <= busy["peak_rss_mb"] < 1000
+
+
+def test_ray_workers_are_not_taken_for_ray_daemons():
+    # a worker's command line before Ray titles it names the raylet socket; later titles name its task
+    worker = ("python .../ray/_private/workers/default_worker.py --raylet-name=/tmp/ray/sockets/raylet "
+              "--gcs-address=127.0.0.1:6379")
+    role = [name for needle, name in benchmark.ProcessSampler.ROLES if needle in worker]
+    assert "Ray daemons" not in role
+    raylet = "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/x"
+    assert next(name for needle, name in benchmark.ProcessSampler.ROLES if needle in raylet) == "Ray daemons"
