@@ -70,8 +70,7 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
     settings = DecodeSettings(max_new_tokens=max_new_tokens)
     figures: dict[str, float] = {}
     dtypes = [_dtype_name(dtype) for dtype in compute_dtypes()]
-    for dtype in compute_dtypes():
-        name = _dtype_name(dtype)
+    for dtype, name in zip(compute_dtypes(), dtypes, strict=True):
         captioner.to(dtype)
         prefix = captioner.prefix(embeddings)
         generate(captioner, prefix[:4], settings)  # warm-up
@@ -330,8 +329,7 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     bundle_dir = real_size_bundle(workdir / "bundle")
     inputs = photo_corpus(workdir / "corpus", images, shards=4)
     shards = sorted(str(path) for path in Path(inputs).parent.glob("*.tar"))
-    dtype = resolve_dtype("auto", torch.device("cpu"))  # what the pipeline computes in here
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    dtype = resolve_dtype("auto", torch.device("cpu"))  # what the pipeline's "auto" computes in here
     result: dict = {"images": images, "batch_size": batch_size, "flops_per_image": FLOPS_PER_IMAGE,
                     "dtype": _dtype_name(dtype)}
     # a dtype this CPU does not run natively is timed on a small product only, to record how slow it is
@@ -344,14 +342,14 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
                 bundle_dir, inputs, size, variant_dtype, limit=min(images, 4 * size))["images_per_s"]
     result["bare_variants_images_per_s"] = variants
     result["bare"] = bare_loop(bundle_dir, inputs, batch_size, dtype)
-    result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, name)
+    result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto")
     result["ray_over_bare"] = result["ray"]["images_per_s"] / result["bare"]["images_per_s"]
     # Steady state: both again on the first half of the shards; the second half's images over the
     # difference in wall time cancels each side's fixed start-up cost (model load; Ray, actor start).
     half_shards = shards[: len(shards) // 2]
     half_images = result["bare"]["images"] * len(half_shards) // len(shards)
     result["bare_half"] = bare_loop(bundle_dir, inputs, batch_size, dtype, limit=half_images)
-    result["ray_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, name)
+    result["ray_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, "auto")
     rest = result["ray"]["images"] - result["ray_half"]["images"]
     result["steady_images_per_s"] = {
         "bare": rest / (result["bare"]["wall_s"] - result["bare_half"]["wall_s"]),
