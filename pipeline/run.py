@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 # actors); reserving no CPU for them means actors holding every CPU (e.g. after a node is lost) never
 # starve their own input.
 READ_CPUS = 0
+# ...and so nothing but this cap bounds how many run at once: without it Ray Data starts one worker per
+# shard until the object store fills (13 at COCO scale here, ~200 MB each). One read task streams
+# ~1,000 images/s, so 4 per model actor keep even a GPU actor fed.
+READS_PER_ACTOR = 4
 PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow")
 
 
@@ -256,7 +260,8 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpu_threads = None if gpus else _cpu_threads_per_actor(config.actors.max)
     dataset = ray.data.read_datasource(ShardDatasource(shards, done, config.image_column, config.key_column),
-                                       num_cpus=READ_CPUS, override_num_blocks=len(shards))
+                                       num_cpus=READ_CPUS, override_num_blocks=len(shards),
+                                       concurrency=min(len(shards), READS_PER_ACTOR * config.actors.max))
     if remaining is not None:
         dataset = dataset.limit(remaining)
     if gpus:  # CPU tasks decode while the GPU actors compute
