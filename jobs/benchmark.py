@@ -17,6 +17,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -211,8 +212,9 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> flo
 
 
 class ProcessSampler:
-    """Samples every process on this machine from /proc once a second, in a thread: peak RSS and CPU
-    seconds per role, the role read off Ray's process titles (a worker is titled by the task it runs:
+    """Samples every process on this machine from /proc once a second, in a thread: peak RSS, peak
+    private memory (RSS less the shared object-store pages a Ray worker has touched) and CPU seconds
+    per role, the role read off Ray's process titles (a worker is titled by the task it runs:
     ray::ReadReadShards, ray::MapWorker(MapBatches(CaptionStage)), ray::Write) or the command line.
     CPU seconds per role are the time share of each stage; Linux only."""
 
@@ -236,6 +238,7 @@ class ProcessSampler:
         self.first_cpu: dict[int, float] = {}
         self.last_cpu: dict[int, float] = {}
         self.peak_rss: dict[int, float] = {}
+        self.peak_private: dict[int, float] = {}
         self.roles: dict[int, set[str]] = {}
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
@@ -265,31 +268,40 @@ class ProcessSampler:
                     fields = handle.read().rsplit(")", 1)[1].split()
                 with open(f"/proc/{pid}/cmdline", "rb") as handle:
                     title = handle.read().replace(b"\0", b" ").decode(errors="replace")
+                role = next((name for needle, name in self.role_needles if needle in title), None)
+                if role is None and pid not in self.roles:
+                    continue
+                with open(f"/proc/{pid}/status") as handle:
+                    # anonymous pages only: Ray's object store is shared memory, counted in RSS by
+                    # every worker that maps a block, though it is one copy on the machine
+                    private_kb = next((int(line.split()[1]) for line in handle if line.startswith("RssAnon:")), 0)
             except (OSError, IndexError):
                 continue  # the process ended between listing and reading
-            role = next((name for needle, name in self.role_needles if needle in title), None)
-            if role is None and pid not in self.roles:
-                continue
             cpu = (int(fields[11]) + int(fields[12])) / self.ticks
             self.first_cpu.setdefault(pid, cpu)
             self.last_cpu[pid] = cpu
             self.peak_rss[pid] = max(self.peak_rss.get(pid, 0.0), int(fields[21]) * page_mb)
+            self.peak_private[pid] = max(self.peak_private.get(pid, 0.0), private_kb / 1024)
             roles = self.roles.setdefault(pid, set())
             if role is not None and role != "other Ray workers":
                 roles.add(role)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """Per role: processes, CPU seconds, share of all CPU seconds, peak RSS of one process (MB)."""
+        """Per role: processes, CPU seconds, share of all CPU seconds, peak RSS and peak private memory
+        of one process (MB)."""
         by_role: dict[str, dict[str, float]] = {}
         for pid, roles in self.roles.items():
             role = " + ".join(sorted(roles)) or "other Ray workers"
-            figures = by_role.setdefault(role, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0})
+            figures = by_role.setdefault(role, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0,
+                                                "peak_private_mb": 0.0})
             figures["processes"] += 1
             figures["cpu_s"] += self.last_cpu[pid] - self.first_cpu[pid]
             figures["peak_rss_mb"] = max(figures["peak_rss_mb"], self.peak_rss[pid])
+            figures["peak_private_mb"] = max(figures["peak_private_mb"], self.peak_private[pid])
         total = sum(f["cpu_s"] for f in by_role.values()) or 1.0
         return {role: {"processes": f["processes"], "cpu_s": round(f["cpu_s"], 1),
-                       "cpu_share": round(f["cpu_s"] / total, 3), "peak_rss_mb": round(f["peak_rss_mb"], 1)}
+                       "cpu_share": round(f["cpu_s"] / total, 3), "peak_rss_mb": round(f["peak_rss_mb"], 1),
+                       "peak_private_mb": round(f["peak_private_mb"], 1)}
                 for role, f in sorted(by_role.items(), key=lambda item: -item[1]["cpu_s"])}
 
 
@@ -461,8 +473,9 @@ def _run_job(command: list[str], address: str | None, kill_after: float | None) 
         command = [ray_cli, "job", "submit", "--address", address, "--submission-id", submission_id,
                    "--working-dir", str(Path(__file__).resolve().parents[1]), "--", "python", *command[1:]]
     tic = time.perf_counter()
-    with open(os.devnull, "wb") as devnull:
-        job = subprocess.Popen(command, stdout=devnull, stderr=devnull, start_new_session=True)
+    # the job's output (`ray job submit` streams the job's logs) is kept to explain a failure
+    with tempfile.TemporaryFile() as output:
+        job = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             job.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
@@ -474,8 +487,11 @@ def _run_job(command: list[str], address: str | None, kill_after: float | None) 
                 subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
             job.wait()
             return {"wall_s": round(time.perf_counter() - tic, 1), "killed": True}
-    if job.returncode != 0:
-        raise click.ClickException(f"the job failed (exit {job.returncode}): {' '.join(command)}")
+        if job.returncode != 0:
+            output.seek(0)
+            tail = output.read().decode(errors="replace").strip().splitlines()[-15:]
+            raise click.ClickException(f"the job failed (exit {job.returncode}): {' '.join(command)}\n"
+                                       + "\n".join(tail))
     return {"wall_s": round(time.perf_counter() - tic, 1), "killed": False}
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import benchmark
 
-# a stand-in worker: it holds ~200 MB and burns 1.5 s of CPU
-BUSY = ("import sys, time; block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+# a stand-in worker: it holds ~200 MB of its own and touches 300 MB of shared memory (as a Ray worker
+# maps object-store blocks), and burns 1.5 s of CPU
+BUSY = ("import mmap, time; block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096]); "
+        "shared = mmap.mmap(-1, 300 * 2**20); shared[::4096] = b'y' * len(shared[::4096]); "
         "end = time.process_time() + 1.5\nwhile time.process_time() < end: pass")
 
 
@@ -25,7 +27,8 @@ def test_process_sampler_attributes_cpu_and_memory_to_roles_by_command_line(tmp_
     assert set(summary) == {"busy role"}
     busy = summary["busy role"]
     assert busy["processes"] == 1 and 1.2 <= busy["cpu_s"] <= 5.0 and busy["cpu_share"] == 1.0
-    assert 200 <= busy["peak_rss_mb"] < 1000
+    assert 500 <= busy["peak_rss_mb"] < 1300
+    assert 200 <= busy["peak_private_mb"] < 450  # the shared pages are not its own
 
 
 def test_ray_workers_are_not_taken_for_ray_daemons():
