@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 # starve their own input.
 READ_CPUS = 0
 # ...and so nothing but this cap bounds how many run at once: without it Ray Data starts one worker per
-# shard until the object store fills (13 at COCO scale here, ~200 MB each). One read task streams
+# shard until the object store fills (10-13 at COCO scale here, ~470 MB private each). One read task streams
 # ~1,000 images/s, so 4 per model actor keep even a GPU actor fed.
 READS_PER_ACTOR = 4
 PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow")
