@@ -53,13 +53,24 @@ def _reference(tokenizer, mapping: str, seed: int) -> ClipCaptionModel:
 @pytest.mark.parametrize("mapping", ["mlp", "transformer"])
 @pytest.mark.parametrize("with_gpt", [True, False], ids=["ClipCaptionModel", "ClipCaptionPrefix"])
 def test_imported_checkpoint_gives_the_reference_logits(tokenizer, parts, tmp_path, mapping, with_gpt):
-    lm_dir, clip = parts
     reference = _reference(tokenizer, mapping, seed=11 if with_gpt else 5)
     state = reference.state_dict()
     if with_gpt:  # as old transformers wrote it, with the causal-mask buffers in the file
         state["gpt.transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     else:  # mapper-only file: GPT-2 comes from --lm (the tiny LM saved with the same seed 5)
         state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
+    _assert_imports_as(reference, state, mapping, tokenizer, parts, tmp_path)
+
+
+def test_checkpoint_saved_from_data_parallel_imports(tokenizer, parts, tmp_path):
+    # a model trained under nn.DataParallel / DDP and saved unwrapped keeps the "module." prefix
+    reference = _reference(tokenizer, "mlp", seed=11)
+    state = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    _assert_imports_as(reference, state, "mlp", tokenizer, parts, tmp_path)
+
+
+def _assert_imports_as(reference: ClipCaptionModel, state: dict, mapping: str, tokenizer, parts, tmp_path) -> None:
+    lm_dir, clip = parts
     checkpoint = tmp_path / "clipcap.pt"
     torch.save(state, checkpoint)
     result = CliRunner().invoke(import_job.main, [

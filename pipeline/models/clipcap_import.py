@@ -40,6 +40,8 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path}: expected a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):  # saved from nn.DataParallel / DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
 
 
