@@ -70,8 +70,8 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
     embeddings = torch.nn.functional.normalize(torch.randn(batch_size, 512), dim=-1)
     settings = DecodeSettings(max_new_tokens=max_new_tokens)
     figures: dict[str, float] = {}
-    dtypes = [_dtype_name(dtype) for dtype in compute_dtypes()]
-    for dtype, name in zip(compute_dtypes(), dtypes, strict=True):
+    names = {dtype: _dtype_name(dtype) for dtype in compute_dtypes()}
+    for dtype, name in names.items():
         captioner.to(dtype)
         prefix = captioner.prefix(embeddings)
         generate(captioner, prefix[:4], settings)  # warm-up
@@ -79,12 +79,12 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
             reference_clipcap_generate(captioner, p[i:i + 1], max_new_tokens) for i in range(reference_images)])
         figures[f"batched_{name}"] = _rate(batch_size, lambda p=prefix: generate(captioner, p, settings))
     reference = figures["reference_float32"]  # the original ClipCap loop runs in fp32
-    best = max(figures[f"batched_{d}"] for d in dtypes)
+    best = max(figures[f"batched_{d}"] for d in names.values())
     return {
         "captions_per_s": figures,
         "speedup_vs_reference_fp32": best / reference,
         "speedup_same_dtype": {d: figures[f"batched_{d}"] / figures[f"reference_{d}"]
-                               for d in dtypes},
+                               for d in names.values()},
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
     }
