@@ -44,6 +44,7 @@ from pipeline.stages import (
     ShardDatasource,
     StagingSink,
     decode_batch,
+    finished_shards,
     peak_rss_mb,
     write_webdataset_tar,
 )
@@ -103,12 +104,17 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     done = _committed_samples(output)
     already = sum(len(indices) for indices in done.values())
+    finished = finished_shards(output, shards, done)
+    if finished:
+        log.info("resuming: %d of %d shards are staged completely and are not read again", len(finished),
+                 len(shards))
 
     _init_ray()
     model_started = time.time()
     remaining = None if config.limit is None else config.limit - already
-    if remaining is None or remaining > 0:
-        _caption_into_staging(config, output, shards, done, decode_spec, embedding_dim, metadata_json,
+    unfinished = [shard for shard in shards if shard.url not in finished]
+    if unfinished and (remaining is None or remaining > 0):
+        _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim, metadata_json,
                               remaining)
     model_seconds = time.time() - model_started
 
@@ -259,7 +265,8 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpu_threads = None if gpus else _cpu_threads_per_actor(config.actors.max)
-    dataset = ray.data.read_datasource(ShardDatasource(shards, done, config.image_column, config.key_column),
+    source = ShardDatasource(shards, done, config.image_column, config.key_column, output.url)
+    dataset = ray.data.read_datasource(source,
                                        num_cpus=READ_CPUS, override_num_blocks=len(shards),
                                        concurrency=min(len(shards), READS_PER_ACTOR * config.actors.max))
     if remaining is not None:

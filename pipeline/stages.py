@@ -6,9 +6,10 @@ worker processes, and importing the model stack costs each of them ~10 s of CPU 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import resource
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,19 +32,24 @@ SAMPLE_SCHEMA = pa.schema([
     ("original_text", pa.string()), ("status", pa.string()), ("error", pa.string()),
 ])
 ROWS_PER_READ_BLOCK = 256
+# Under STAGING: one empty file per shard read to its end, named SHARD_ID.RECORDS, so a resumed run
+# can skip the shards whose every record is staged without reading them again (one listing, no reads).
+SHARD_RECORDS = "shards"
 
 
 class ShardDatasource(Datasource):
-    """One read task per shard; each streams its shard in blocks of ROWS_PER_READ_BLOCK records and
-    skips the records that a previous attempt of this run already committed."""
+    """One read task per shard; each streams its shard in blocks of ROWS_PER_READ_BLOCK records,
+    skips the records that a previous attempt of this run already committed, and at the shard's end
+    records its number of records in the output's staging folder (see `finished_shards`)."""
 
     def __init__(self, shards: list[Shard], done: dict[str, set[int]], image_column: str | None,
-                 key_column: str):
+                 key_column: str, output_url: str):
         super().__init__()
         self.shards = shards
         self.done = done
         self.image_column = image_column
         self.key_column = key_column
+        self.output_url = output_url
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -55,8 +61,10 @@ class ShardDatasource(Datasource):
             done = self.done.get(shard.url, set())
 
             def read(shard: Shard = shard, done: set[int] = done, image_column: str | None = self.image_column,
-                     key_column: str = self.key_column) -> Iterator[pa.Table]:
-                yield from _read_blocks(shard, done, image_column, key_column)
+                     key_column: str = self.key_column, output_url: str = self.output_url) -> Iterator[pa.Table]:
+                records = yield from _read_blocks(shard, done, image_column, key_column)
+                OutputDir(output_url).write_file(lambda handle: None, STAGING, SHARD_RECORDS,
+                                                 f"{_shard_id(shard.url)}.{records}")
 
             metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=[shard.url], exec_stats=None)
             tasks.append(ReadTask(read, metadata, schema=SAMPLE_SCHEMA, per_task_row_limit=per_task_row_limit))
@@ -66,9 +74,13 @@ class ShardDatasource(Datasource):
         return "ReadShards"
 
 
-def _read_blocks(shard: Shard, done: set[int], image_column: str | None, key_column: str) -> Iterator[pa.Table]:
+def _read_blocks(shard: Shard, done: set[int], image_column: str | None,
+                 key_column: str) -> Generator[pa.Table, None, int]:
+    """Yields the blocks of records not in `done`; returns the shard's number of records."""
     rows: list[dict[str, Any]] = []
+    records = 0
     for index, record in enumerate(read_samples(shard, image_column=image_column, key_column=key_column)):
+        records = index + 1
         if index in done:
             continue
         rows.append({name: record.get(name) for name in SAMPLE_SCHEMA.names} | {"index": index})
@@ -77,6 +89,24 @@ def _read_blocks(shard: Shard, done: set[int], image_column: str | None, key_col
             rows = []
     if rows:
         yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    return records
+
+
+def _shard_id(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
+
+
+def finished_shards(output: OutputDir, shards: list[Shard], done: dict[str, set[int]]) -> set[str]:
+    """URLs of the shards that an earlier attempt read to their end and whose every record is staged."""
+    if not output.exists(STAGING, SHARD_RECORDS):
+        return set()
+    records: dict[str, int] = {}
+    for path in output.fs.ls(output.path(STAGING, SHARD_RECORDS), detail=False):
+        shard_id, _, count = path.rsplit("/", 1)[-1].partition(".")
+        if count.isdigit():  # not a writer's temporary file
+            records[shard_id] = int(count)
+    return {shard.url for shard in shards
+            if len(done.get(shard.url, ())) >= records.get(_shard_id(shard.url), -1) >= 0}
 
 
 @dataclass(frozen=True)

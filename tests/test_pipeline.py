@@ -147,3 +147,47 @@ def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_p
     duplicate = rows[f"dup@{b_url}#0"]
     assert duplicate["status"] == "duplicate_key" and duplicate["caption"] is None and "a.tar" in duplicate["error"]
     assert summary["counts"]["by_status"] == {"duplicate_key": 1, "ok": 2}
+
+
+def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, tiny_bundle, tmp_path, monkeypatch):
+    import pipeline.run as run_module
+    from pipeline.sinks import OutputDir
+    from pipeline.sources import expand_inputs
+    from pipeline.stages import _shard_id, finished_shards
+
+    _tar_corpus(tmp_path / "in", shards=3, per_shard=4)
+    out = tmp_path / "out"
+    config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(out), model=str(tiny_bundle),
+                       decode=DecodeSettings(max_new_tokens=4), batch_size=4)
+    real_finalize = run_module._finalize
+
+    def driver_killed(*args, **kwargs):  # after the model stage, before the commit
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "_finalize", driver_killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(config)
+    markers = sorted((out / "_staging" / "shards").iterdir())
+    assert len(markers) == 3 and all(marker.name.endswith(".4") for marker in markers)
+
+    shards = expand_inputs(list(config.inputs))
+    done = run_module._committed_samples(OutputDir(str(out)))
+    assert finished_shards(OutputDir(str(out)), shards, done) == {shard.url for shard in shards}
+    done[shards[0].url].discard(3)  # a record short: that shard must be read again
+    assert finished_shards(OutputDir(str(out)), shards, done) == {shards[1].url, shards[2].url}
+
+    read_again = []
+    real_caption = run_module._caption_into_staging
+
+    def spy(config, output, unfinished, *args):
+        read_again.extend(shard.url for shard in unfinished)
+        return real_caption(config, output, unfinished, *args)
+
+    (out / "_staging" / "shards" / markers[1].name).unlink()  # as if killed before that shard's end
+    monkeypatch.setattr(run_module, "_finalize", real_finalize)
+    monkeypatch.setattr(run_module, "_caption_into_staging", spy)
+    summary = run(config)
+    assert read_again == [shard.url for shard in shards if _shard_id(shard.url) == markers[1].name.split(".")[0]]
+    assert summary["resumed_rows"] == 12 and summary["counts"]["rows"] == 12
+    keys = _read(out / "captions").column("key").to_pylist()
+    assert len(keys) == len(set(keys)) == 12
