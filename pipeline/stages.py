@@ -105,8 +105,12 @@ def finished_shards(output: OutputDir, shards: list[Shard], done: dict[str, set[
         shard_id, _, count = path.rsplit("/", 1)[-1].partition(".")
         if count.isdigit():  # not a writer's temporary file
             records[shard_id] = int(count)
-    return {shard.url for shard in shards
-            if len(done.get(shard.url, ())) >= records.get(_shard_id(shard.url), -1) >= 0}
+    finished = set()
+    for shard in shards:
+        count = records.get(_shard_id(shard.url))
+        if count is not None and len(done.get(shard.url, ())) >= count:  # `done` holds positions < count
+            finished.add(shard.url)
+    return finished
 
 
 @dataclass(frozen=True)
