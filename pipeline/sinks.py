@@ -61,11 +61,11 @@ class OutputDir:
     def is_empty(self) -> bool:
         return not self.fs.exists(self.root) or not self.fs.ls(self.root)
 
-    def parts(self, folder: str) -> list[str]:
-        """Committed Parquet files of a folder, sorted (temporary files are never listed)."""
+    def parts(self, folder: str, pattern: str = "*.parquet") -> list[str]:
+        """Committed files of a folder (Parquet parts by default), sorted (temporary files are never listed)."""
         if not self.exists(folder):
             return []
-        names = self.fs.glob(self.path(folder, "*.parquet"))
+        names = self.fs.glob(self.path(folder, pattern))
         return sorted(name for name in names if not name.rsplit("/", 1)[-1].startswith(_TMP_PREFIX))
 
     def read_json(self, *parts: str) -> dict[str, Any] | None:

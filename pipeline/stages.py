@@ -98,13 +98,10 @@ def _shard_id(url: str) -> str:
 
 def finished_shards(output: OutputDir, shards: list[Shard], done: dict[str, set[int]]) -> set[str]:
     """URLs of the shards that an earlier attempt read to their end and whose every record is staged."""
-    if not output.exists(STAGING, SHARD_RECORDS):
-        return set()
     records: dict[str, int] = {}
-    for path in output.fs.ls(output.path(STAGING, SHARD_RECORDS), detail=False):
+    for path in output.parts(f"{STAGING}/{SHARD_RECORDS}", pattern="*"):
         shard_id, _, count = path.rsplit("/", 1)[-1].partition(".")
-        if count.isdigit():  # not a writer's temporary file
-            records[shard_id] = int(count)
+        records[shard_id] = int(count)
     finished = set()
     for shard in shards:
         count = records.get(_shard_id(shard.url))
