@@ -276,12 +276,15 @@ def _stats(summary: dict[str, Any]) -> str:
     kept = counts.get("kept") or 0
     share = f"{100 * kept / rows:.1f}% of rows" if rows else ""
     wall = timings.get("wall_s")
+    resumed = summary.get("resumed_rows") or 0
+    # run.json times the attempt that finished the run; rows staged by earlier attempts are not in them
+    attempt = " (last attempt)" if resumed else ""
     items = [
-        ("Rows", _number(rows), f"{_number(summary.get('resumed_rows') or 0)} resumed"),
+        ("Rows", _number(rows), f"{_number(resumed)} resumed"),
         ("Captioned", _number(ok), f"{_number(rows - ok)} failed"),
         ("Kept", _number(kept), share),
-        ("Images / s", _number(timings.get("images_per_s"), 2), "model stage"),
-        ("Wall time", f"{_number(wall, 1)} s" if wall is not None else "–",
+        ("Images / s", _number(timings.get("images_per_s"), 2), f"model stage{attempt}"),
+        (f"Wall time{attempt}", f"{_number(wall, 1)} s" if wall is not None else "–",
          f"model stage {_number(timings.get('model_stage_s'), 1)} s"),
     ]
     cards = "".join(f'<div class="stat"><div class="label">{_esc(label)}</div><div class="value">{value}</div>'

@@ -170,6 +170,20 @@ def test_histogram_bars_and_threshold_lines(run_output):
         assert float(holder["x"]) <= float(line["x1"]) <= float(holder["x"]) + float(holder["width"])
 
 
+def test_a_resumed_run_says_its_times_are_the_last_attempts(run_output):
+    def stat_labels() -> list[str]:
+        page = build_report(str(run_output["out"]), samples=0)
+        return re.findall(r'<div class="label">([^<]*)</div>', page)
+
+    assert "Wall time" in stat_labels()
+    run_json = run_output["out"] / "run.json"
+    summary = json.loads(run_json.read_text(encoding="utf-8"))
+    summary["resumed_rows"] = 5
+    run_json.write_text(json.dumps(summary), encoding="utf-8")
+    labels = stat_labels()
+    assert "Wall time (last attempt)" in labels and "Wall time" not in labels
+
+
 def test_sample_is_seeded_bounded_and_survives_missing_inputs(run_output, tmp_path):
     out = str(run_output["out"])
     first = build_report(out, samples=2, seed=3)
