@@ -60,6 +60,8 @@ READ_CPUS = 0
 # shard until the object store fills (10-13 at COCO scale here, ~470 MB private each). One read task streams
 # ~1,000 images/s, so 4 per model actor keep even a GPU actor fed.
 READS_PER_ACTOR = 4
+# Long enough for actors to load their models; past it Ray Data stops the run with its own reason.
+MIN_ACTORS_TIMEOUT_S = 1800
 PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow")
 
 
@@ -257,13 +259,18 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     # Each batch goes to the least busy model actor, not to one beside its block: model time per
     # batch dwarfs moving its uint8 pixels between nodes, and locality left other nodes' actors idle.
     context.execution_options.actor_locality_enabled = False
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    # Where the nodes up now hold the pool's minimum, no batch goes out before those actors have loaded
+    # their models: otherwise the first actor up takes every batch of a short run and --actors N is not N.
+    # A pool that waits on an autoscaler, or asks for more than there is, starts with the actors it gets.
+    fits = actor_places(gpus) >= config.actors.min
+    context.wait_for_min_actors_s = MIN_ACTORS_TIMEOUT_S if fits else -1
     if remaining is not None:
         context.execution_options.preserve_order = True  # --limit takes the first rows, deterministically
     files = {str(p.relative_to(config.model_path)): p.read_bytes()
              for p in sorted(config.model_path.rglob("*")) if p.is_file()}
-    gpus = config.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     cpu_threads = None if gpus else _cpu_threads_per_actor(config.actors.max)
     source = ShardDatasource(shards, done, config.image_column, config.key_column, output.url)
     dataset = ray.data.read_datasource(source,
@@ -288,6 +295,19 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         num_gpus=gpus,
     )
     dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
+
+
+def actor_places(gpus_per_actor: float) -> int:
+    """How many model actors (1 CPU and `gpus_per_actor` GPUs each) the live nodes hold."""
+    places = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = node["Resources"]
+            fit = int(resources.get("CPU", 0))
+            if gpus_per_actor:
+                fit = min(fit, int(resources.get("GPU", 0) / gpus_per_actor + 1e-9))
+            places += fit
+    return places
 
 
 def _cpu_threads_per_actor(actors: int) -> int:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes, write_tar
 
-from pipeline.config import RunConfig
+from pipeline.config import ActorRange, RunConfig
 from pipeline.decoding import DecodeSettings
 from pipeline.filtering import FilterSettings
 from pipeline.run import UsageError, run
@@ -63,6 +63,19 @@ def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
                                    split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert sorted(loaded["key"]) == sorted(filtered.column("key").to_pylist())
     assert len(loaded[0]["image_embedding"]) == 24
+
+
+def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local, tiny_bundle, tmp_path, monkeypatch):
+    """The run waits for the pool's minimum of actors only where the nodes hold them (the two-node
+    cluster test covers that side); asking for more than there is must not stall until the timeout."""
+    import pipeline.run as pipeline_run
+
+    assert pipeline_run.actor_places(0.0) == 2 and pipeline_run.actor_places(1.0) == 0  # 2 CPUs, no GPU
+    monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 20)  # a wrong wait fails fast, not in 30 minutes
+    _tar_corpus(tmp_path / "in", shards=1, per_shard=4)
+    config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                       decode=DecodeSettings(max_new_tokens=3), batch_size=2, actors=ActorRange.parse("3"))
+    assert run(config)["counts"]["rows"] == 4
 
 
 def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):
