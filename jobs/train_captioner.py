@@ -108,6 +108,9 @@ def train(config: TrainConfig) -> dict:
 @click.option("--batch-size", type=click.IntRange(min=2), default=None)
 @click.option("--clip-image-size", type=click.IntRange(min=32), default=None,
               help="Input size of the small CLIP trained when --clip is omitted (default: 64).")
+@click.option("--clip-stride", type=click.Choice(["32", "16"]), default=None,
+              help="Its ResNet tower's stride; 16 drops the stem's average pool (48 px in: a 3x3 last grid).")
+@click.option("--clip-width", type=click.IntRange(min=8), default=None, help="Its ResNet tower's width (default: 32).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N examples.")
 @click.option("--first-reference-prob", type=click.FloatRange(0, 1), default=None,
               help="Stage 2 trains on each image's first reference with this probability (default: uniform).")
@@ -117,7 +120,8 @@ def train(config: TrainConfig) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
-         batch_size, clip_image_size, limit, first_reference_prob, save_fp16, bf16, seed, out) -> None:
+         batch_size, clip_image_size, clip_stride, clip_width, limit, first_reference_prob, save_fp16, bf16, seed,
+         out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
@@ -127,8 +131,9 @@ def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
                  "caption_batch_size": batch_size, "bf16": bf16}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    if clip_image_size is not None:
-        config = replace(config, clip_arch=replace(config.clip_arch, image_size=clip_image_size))
+    arch = {"image_size": clip_image_size, "vision_stride": clip_stride and int(clip_stride),
+            "vision_width": clip_width}
+    config = replace(config, clip_arch=replace(config.clip_arch, **{k: v for k, v in arch.items() if v is not None}))
     try:
         summary = train(config)
     except (ModelLoadError, InputError, ValueError) as exc:

@@ -42,6 +42,9 @@ class ClipArch:
     embed_dim: int = 256
     vision_layers: tuple[int, ...] = (2, 2, 2, 2)
     vision_width: int = 32
+    # 32: open_clip's ModifiedResNet; 16: without the stem's average pool, so that a 48 px input ends in a
+    # 3x3 grid whose cells line up with the demo's slot rows and columns (README, "The embedded demo model")
+    vision_stride: int = 32
     text_width: int = 128
     text_layers: int = 3
     text_heads: int = 4
@@ -50,8 +53,11 @@ class ClipArch:
     def open_clip_config(self, vocab_size: int, eos_id: int) -> dict[str, Any]:
         return {
             "embed_dim": self.embed_dim,
-            "vision_cfg": {"image_size": self.image_size, "layers": list(self.vision_layers),
+            # open_clip sizes the attention pool for image_size // 32 cells a side
+            "vision_cfg": {"image_size": self.image_size * 32 // self.vision_stride, "layers": list(self.vision_layers),
                            "width": self.vision_width},
+            "vision_stride": self.vision_stride,
+            "preprocess": {"size": self.image_size},
             "text_cfg": {"context_length": self.context_length, "vocab_size": vocab_size, "width": self.text_width,
                          "heads": self.text_heads, "layers": self.text_layers, "pool_type": "eos", "eos_id": eos_id},
         }

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
+from conftest import tiny_captioner
 
 from pipeline.decoding import DecodeSettings, decode_texts, generate
 from pipeline.demo_world import write_corpus
@@ -78,3 +80,32 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     summary = json.loads((tmp_path / "next" / "train_summary.json").read_text())
     assert summary["config"]["embeddings_from"] == [str(tmp_path / "output" / "filtered")]
     assert load_bundle(tmp_path / "next" / "bundle").encoder.embed_dim == dim
+
+
+def test_stride_16_tower_ends_in_a_3x3_grid_at_48px_and_survives_its_bundle(tokenizer, tmp_path):
+    from pipeline.models.bundle import save_bundle
+    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.errors import ModelLoadError
+    from pipeline.training import build_custom_clip
+
+    tokenizer.backend_tokenizer.save(str(tmp_path / "text_tokenizer.json"))
+    arch = replace(_config(tmp_path).clip_arch, image_size=48, vision_stride=16)
+    torch.manual_seed(0)
+    clip, spec = build_custom_clip(arch, tmp_path / "text_tokenizer.json")
+    visual = clip.clip.visual
+    assert clip.image_spec.size == 48 and visual.attnpool.positional_embedding.shape[0] == 3 * 3 + 1
+    pixels = torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        trunk = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(clip.normalize_pixels(pixels))))))
+        assert trunk.shape[-2:] == (3, 3)
+        embeddings = clip.encode_images(pixels)
+    assert torch.allclose(embeddings.norm(dim=-1), torch.ones(2))
+    save_bundle(tmp_path / "bundle", clip, spec, tiny_captioner(tokenizer, prefix_dim=arch.embed_dim), name="s16")
+    reloaded = load_bundle(tmp_path / "bundle").encoder
+    with torch.inference_mode():
+        assert reloaded.image_spec.size == 48 and torch.allclose(reloaded.encode_images(pixels), embeddings, atol=1e-5)
+    # open_clip's own tower stays the default, and a stride it does not have is refused in one line
+    assert _config(tmp_path).clip_arch.open_clip_config(300, 1)["vision_cfg"]["image_size"] == 32
+    bad = ClipSpec(arch="custom", config={**spec.config, "vision_stride": 8}, tokenizer=spec.tokenizer)
+    with pytest.raises(ModelLoadError, match=r"^invalid custom CLIP config: vision_stride 8 \(32, or 16"):
+        create_clip(bad, tmp_path)

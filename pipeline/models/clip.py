@@ -13,6 +13,7 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.modified_resnet import ModifiedResNet
 from torch import nn
 
 from pipeline.images import ImageSpec
@@ -119,10 +120,15 @@ def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
         raise ModelLoadError("a custom CLIP needs 'config' and 'tokenizer' in its spec")
     config = dict(spec.config)
     preprocess = config.pop("preprocess", {})
+    stride = config.pop("vision_stride", 32)
     try:
         clip = open_clip.CLIP(**config)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelLoadError(f"invalid custom CLIP config: {_one_line(exc)}") from None
+    if stride == 16 and isinstance(clip.visual, ModifiedResNet):
+        clip.visual.avgpool = nn.Identity()  # the stem's 2x average pool: the tower's stride halves to 16
+    elif stride != 32:
+        raise ModelLoadError(f"invalid custom CLIP config: vision_stride {stride!r} (32, or 16 for a ResNet tower)")
     if spec.weights:
         load_weights(clip, base_dir / spec.weights)
     tokenizer_path = base_dir / spec.tokenizer
