@@ -297,23 +297,25 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
 
 
+def _live_node_resources() -> list[dict[str, float]]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
 def actor_places(gpus_per_actor: float) -> int:
     """How many model actors (1 CPU and `gpus_per_actor` GPUs each) the live nodes hold."""
     places = 0
-    for node in ray.nodes():
-        if node.get("Alive"):
-            resources = node["Resources"]
-            fit = int(resources.get("CPU", 0))
-            if gpus_per_actor:
-                fit = min(fit, int(resources.get("GPU", 0) / gpus_per_actor + 1e-9))
-            places += fit
+    for resources in _live_node_resources():
+        fit = int(resources.get("CPU", 0))
+        if gpus_per_actor:
+            fit = min(fit, int(resources.get("GPU", 0) / gpus_per_actor + 1e-9))
+        places += fit
     return places
 
 
 def _cpu_threads_per_actor(actors: int) -> int:
     """A CPU-only actor's share of the smallest node's cores."""
-    nodes = [node for node in ray.nodes() if node.get("Alive")]
-    cores = min((int(node["Resources"].get("CPU", 1)) for node in nodes), default=1)
+    nodes = _live_node_resources()
+    cores = min((int(resources.get("CPU", 1)) for resources in nodes), default=1)
     actors_per_node = max(1, -(-actors // max(1, len(nodes))))
     return max(1, cores // actors_per_node)
 
