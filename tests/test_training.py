@@ -18,7 +18,7 @@ from conftest import tiny_captioner
 from pipeline.decoding import DecodeSettings, decode_texts, generate
 from pipeline.demo_world import write_corpus
 from pipeline.models.bundle import load_bundle
-from pipeline.training import ClipArch, LMArch, TrainConfig, contrastive_loss
+from pipeline.training import ClipArch, LMArch, TrainConfig, _autocast, contrastive_loss
 from schemas.captions import captions_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -43,6 +43,22 @@ def test_contrastive_loss_uses_hard_negatives():
     easy = contrastive_loss(images, texts, None, scale)
     hard = contrastive_loss(images, texts, images.clone(), scale)  # negatives as close as the positives
     assert hard > easy + 0.1
+
+
+def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it():
+    """The CPU flash-attention kernel's bf16 backward is 7x slower than fp32 (README); bf16 training
+    must take the math kernel, and leave the process's attention settings as they were."""
+    assert torch.backends.cuda.flash_sdp_enabled()
+    with _autocast(True):
+        assert torch.is_autocast_enabled("cpu") and not torch.backends.cuda.flash_sdp_enabled()
+        query = torch.randn(2, 2, 5, 8, requires_grad=True)
+        out = torch.nn.functional.scaled_dot_product_attention(query, query, query, is_causal=True)
+        assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert torch.isfinite(query.grad).all()
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+    with _autocast(False):
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
 
 
 def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
