@@ -66,13 +66,17 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
                            write_webdataset=write_webdataset, overwrite=overwrite)
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
-    from pipeline.run import UsageError, run  # torch and Ray load only once the usage is known to be sound
+    # torch and Ray load only once the usage is known to be sound
+    from pipeline.run import ActorStartTimeout, UsageError, run
 
     try:
         summary = run(config)
     except (UsageError, InputError, ModelLoadError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except ActorStartTimeout as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     counts, timings = summary["counts"], summary["timings"]
     failed = counts["rows"] - counts["by_status"].get("ok", 0)
     rate = timings.get("images_per_s")

@@ -69,6 +69,10 @@ class UsageError(ValueError):
     """Bad usage found before any work starts; the message is one line for the user."""
 
 
+class ActorStartTimeout(RuntimeError):
+    """The model actors the cluster holds did not start in time; the message is one line for the user."""
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) a captioning job; returns the run summary that is also written to run.json."""
     started = time.time()
@@ -265,13 +269,14 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     # Where the nodes up now hold the pool's minimum, no batch goes out before those actors have loaded
     # their models: otherwise the first actor up takes every batch of a short run and --actors N is not N.
     # A pool that waits on an autoscaler, or asks for more than there is, starts with the actors it gets.
-    fits = actor_places(gpus) >= config.actors.min
+    nodes = live_node_resources()
+    fits = actor_places(nodes, gpus) >= config.actors.min
     context.wait_for_min_actors_s = MIN_ACTORS_TIMEOUT_S if fits else -1
     if remaining is not None:
         context.execution_options.preserve_order = True  # --limit takes the first rows, deterministically
     files = {str(p.relative_to(config.model_path)): p.read_bytes()
              for p in sorted(config.model_path.rglob("*")) if p.is_file()}
-    cpu_threads = None if gpus else _cpu_threads_per_actor(config.actors.max)
+    cpu_threads = None if gpus else _cpu_threads_per_actor(nodes, config.actors.max)
     source = ShardDatasource(shards, done, config.image_column, config.key_column, output.url)
     dataset = ray.data.read_datasource(source,
                                        num_cpus=READ_CPUS, override_num_blocks=len(shards),
@@ -294,17 +299,23 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         batch_format="pyarrow",
         num_gpus=gpus,
     )
-    dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
+    try:
+        dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
+    except ray.exceptions.GetTimeoutError as exc:  # raised only by the wait above: the actors never came up
+        raise ActorStartTimeout(f"{config.actors.min} model actor(s) did not start within {MIN_ACTORS_TIMEOUT_S} s "
+                                f"(see the Ray logs for why); rows written so far are kept and a rerun resumes") \
+            from exc
 
 
-def _live_node_resources() -> list[dict[str, float]]:
+def live_node_resources() -> list[dict[str, float]]:
+    """The resources of each node that is up now."""
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def actor_places(gpus_per_actor: float) -> int:
-    """How many model actors (1 CPU and `gpus_per_actor` GPUs each) the live nodes hold."""
+def actor_places(nodes: list[dict[str, float]], gpus_per_actor: float) -> int:
+    """How many model actors (1 CPU and `gpus_per_actor` GPUs each) these nodes hold."""
     places = 0
-    for resources in _live_node_resources():
+    for resources in nodes:
         fit = int(resources.get("CPU", 0))
         if gpus_per_actor:
             fit = min(fit, int(resources.get("GPU", 0) / gpus_per_actor + 1e-9))
@@ -312,9 +323,8 @@ def actor_places(gpus_per_actor: float) -> int:
     return places
 
 
-def _cpu_threads_per_actor(actors: int) -> int:
+def _cpu_threads_per_actor(nodes: list[dict[str, float]], actors: int) -> int:
     """A CPU-only actor's share of the smallest node's cores."""
-    nodes = _live_node_resources()
     cores = min((int(resources.get("CPU", 1)) for resources in nodes), default=1)
     actors_per_node = max(1, -(-actors // max(1, len(nodes))))
     return max(1, cores // actors_per_node)

@@ -70,12 +70,27 @@ def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local
     cluster test covers that side); asking for more than there is must not stall until the timeout."""
     import pipeline.run as pipeline_run
 
-    assert pipeline_run.actor_places(0.0) == 2 and pipeline_run.actor_places(1.0) == 0  # 2 CPUs, no GPU
+    nodes = pipeline_run.live_node_resources()
+    assert pipeline_run.actor_places(nodes, 0.0) == 2 and pipeline_run.actor_places(nodes, 1.0) == 0  # 2 CPUs
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 20)  # a wrong wait fails fast, not in 30 minutes
     _tar_corpus(tmp_path / "in", shards=1, per_shard=4)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=3), batch_size=2, actors=ActorRange.parse("3"))
     assert run(config)["counts"]["rows"] == 4
+
+
+def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_local, tiny_bundle, tmp_path,
+                                                                            monkeypatch):
+    import pipeline.run as pipeline_run
+
+    monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 0.001)  # no actor loads its models that fast
+    _tar_corpus(tmp_path / "in", shards=1, per_shard=2)
+    config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                       decode=DecodeSettings(max_new_tokens=3))
+    with pytest.raises(pipeline_run.ActorStartTimeout, match=r"1 model actor\(s\) did not start within 0.001 s"):
+        run(config)
+    monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 1800)
+    assert run(config)["counts"]["rows"] == 2  # and a rerun goes on
 
 
 def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):
