@@ -1,8 +1,10 @@
 """Train a captioner and write a model bundle.
 
-The embedded demo model (reproduces pipeline/assets/demo_bundle):
-  python jobs/make_demo_corpus.py --out data/demo --seed 0
-  python jobs/train_captioner.py --data 'data/demo/train/*.tar' --out runs/demo --seed 0
+The embedded demo model (reproduces pipeline/assets/demo_bundle, README "The embedded demo model"):
+  python jobs/make_demo_corpus.py --out data/demo --seed 0 --train 80000 --val 1000 --test 2000
+  python jobs/train_captioner.py --data 'data/demo/train/*.tar' --out runs/v5 --clip-image-size 48 \
+      --clip-stride 16 --clip-width 24 --clip-epochs 4 --caption-epochs 4 --first-reference-prob 0.5 \
+      --save-fp16 --seed 0
 
 Real models and data:
   python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip ViT-B-32:openai \

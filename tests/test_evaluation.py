@@ -15,8 +15,9 @@ import torch
 from click.testing import CliRunner
 from conftest import jpeg_bytes, write_tar
 
+from pipeline.config import DEMO_BUNDLE
 from pipeline.demo_world import write_corpus
-from pipeline.evaluation import caption_metrics, recall_at_1, roc_auc, tokenize_tr
+from pipeline.evaluation import caption_metrics, evaluate, recall_at_1, roc_auc, tokenize_tr
 from pipeline.images import decode_image
 from pipeline.models.bundle import load_bundle
 from pipeline.sources import expand_inputs, read_samples
@@ -192,3 +193,22 @@ def test_job_missing_bundle_in_a_real_process(split, tmp_path):
                            "--data", str(split / "test" / "*.tar")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not proc.stdout
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "nope" in proc.stderr
+
+
+# --- the committed demo bundle -------------------------------------------------------------------------------------
+def test_the_committed_demo_bundle_captions_scenes_it_never_saw(tmp_path):
+    """`make demo` and the job's default model: the bundle in the repository must load, stay within the
+    25 MB budget and really caption its world. 200 scenes of another seed than its training corpus; the
+    README's figures come from 2,000 (bounds here leave ~3 standard errors of room)."""
+    size = sum(file.stat().st_size for file in DEMO_BUNDLE.rglob("*") if file.is_file())
+    assert size <= 25 * 2**20
+    write_corpus(tmp_path, 7, {"test": 200}, formats=("webdataset",))
+    shards = expand_inputs([str(tmp_path / "test" / "*.tar")])
+    samples = itertools.chain.from_iterable(read_samples(shard) for shard in shards)
+    report = evaluate(load_bundle(DEMO_BUNDLE), samples, baseline=False)
+    objects = report["object_accuracy"]
+    assert report["counts"]["evaluated"] == 200
+    assert objects["objects_correct"] >= 0.72 and objects["objects_correct_single_object"] >= 0.9
+    assert objects["counts_correct"] >= 0.88
+    assert report["caption_metrics"]["BLEU-4"] >= 0.8
+    assert report["filter"]["recall_at_1"]["generated"] >= 0.9 and report["filter"]["swap_auc"]["generated"] >= 0.9
