@@ -67,7 +67,7 @@ def decode_texts(captioner: PrefixCaptioner, token_lists: list[list[int]]) -> li
 
 def _step(captioner: PrefixCaptioner, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
     """One forward pass over new positions; returns float32 logits of the last position."""
-    out = captioner.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = captioner.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
