@@ -25,6 +25,11 @@ from schemas.captions import CANDIDATE_TYPE
 log = logging.getLogger(__name__)
 
 
+def bundle_files(path: Path) -> dict[str, bytes]:
+    """A bundle directory's files by relative path: what the driver ships to the actors."""
+    return {str(file.relative_to(path)): file.read_bytes() for file in sorted(path.rglob("*")) if file.is_file()}
+
+
 def load_shipped_bundle(files: dict[str, bytes]) -> Bundle:
     """Load a bundle shipped through the object store. Its files go to a temporary directory that is
     removed once loaded: every actor start wrote one (~590 MB for ViT-B/32 + GPT-2), and restarts filled /tmp."""

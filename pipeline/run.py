@@ -23,7 +23,7 @@ import ray
 from pipeline import __version__
 from pipeline.config import RunConfig
 from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
-from pipeline.model_stage import CaptionStage
+from pipeline.model_stage import CaptionStage, bundle_files
 from pipeline.models.bundle import load_bundle
 from pipeline.sinks import (
     CAPTIONS,
@@ -274,8 +274,6 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     context.wait_for_min_actors_s = MIN_ACTORS_TIMEOUT_S if fits else -1
     if remaining is not None:
         context.execution_options.preserve_order = True  # --limit takes the first rows, deterministically
-    files = {str(p.relative_to(config.model_path)): p.read_bytes()
-             for p in sorted(config.model_path.rglob("*")) if p.is_file()}
     cpu_threads = None if gpus else _cpu_threads_per_actor(nodes, config.actors.max)
     source = ShardDatasource(shards, done, config.image_column, config.key_column, output.url)
     dataset = ray.data.read_datasource(source,
@@ -288,8 +286,8 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
                                       batch_size=config.batch_size)
     dataset = dataset.map_batches(
         CaptionStage,
-        fn_constructor_kwargs={"bundle_files": ray.put(files), "settings": config.decode, "dtype": config.dtype,
-                               "batch_size": config.batch_size, "embedding_dim": embedding_dim,
+        fn_constructor_kwargs={"bundle_files": ray.put(bundle_files(config.model_path)), "settings": config.decode,
+                               "dtype": config.dtype, "batch_size": config.batch_size, "embedding_dim": embedding_dim,
                                "metadata_json": metadata_json, "cpu_threads": cpu_threads,
                                # a CPU actor already uses its cores: decoding beside it would only make its
                                # matmul threads wait, so it decodes each batch itself, on the same threads

@@ -47,7 +47,7 @@ def test_decode_batch_keeps_every_row_and_reports_bad_bytes():
 
 @pytest.fixture()
 def stage(ray_local, tiny_bundle):
-    files = {str(p.relative_to(tiny_bundle)): p.read_bytes() for p in tiny_bundle.rglob("*") if p.is_file()}
+    files = model_stage.bundle_files(tiny_bundle)
     return model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
                                embedding_dim=24, metadata_json="{}")
 
@@ -55,7 +55,7 @@ def stage(ray_local, tiny_bundle):
 def test_the_model_actor_leaves_no_copy_of_the_bundle_on_disk(ray_local, tiny_bundle, tmp_path, monkeypatch):
     # each actor start used to leave its bundle copy in /tmp (240 copies, 8.6 GB, on this machine)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    files = {str(p.relative_to(tiny_bundle)): p.read_bytes() for p in tiny_bundle.rglob("*") if p.is_file()}
+    files = model_stage.bundle_files(tiny_bundle)
     actor = model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
                                      embedding_dim=24, metadata_json="{}")
     assert list(tmp_path.iterdir()) == []
@@ -90,7 +90,7 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
 def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tiny_bundle, stage):
     """On CPU-only clusters the model actor decodes raw samples itself, in slices on its threads: the
     rows (bad images included, in order) equal those of the separate decode stage."""
-    files = {str(p.relative_to(tiny_bundle)): p.read_bytes() for p in tiny_bundle.rglob("*") if p.is_file()}
+    files = model_stage.bundle_files(tiny_bundle)
     spec = stages.DecodeSpec(ImageSpec(size=32))
     decoding = model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
                                    embedding_dim=24, metadata_json="{}", cpu_threads=2, decode_spec=spec)
