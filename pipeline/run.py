@@ -263,13 +263,13 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     # Each batch goes to the least busy model actor, not to one beside its block: model time per
     # batch dwarfs moving its uint8 pixels between nodes, and locality left other nodes' actors idle.
     context.execution_options.actor_locality_enabled = False
+    nodes = live_node_resources()
     gpus = config.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if any(resources.get("GPU", 0) > 0 for resources in nodes) else 0.0
     # Where the nodes up now hold the pool's minimum, no batch goes out before those actors have loaded
     # their models: otherwise the first actor up takes every batch of a short run and --actors N is not N.
     # A pool that waits on an autoscaler, or asks for more than there is, starts with the actors it gets.
-    nodes = live_node_resources()
     fits = actor_places(nodes, gpus) >= config.actors.min
     context.wait_for_min_actors_s = MIN_ACTORS_TIMEOUT_S if fits else -1
     if remaining is not None:
