@@ -180,9 +180,11 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
     return {"images": images, "wall_s": wall, "images_per_s": images / wall, "stage_s": stages}
 
 
-def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int, dtype: str, actors: int = 1) -> dict:
+def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int, dtype: str,
+                 actors: int | None = None) -> dict:
     """The whole job in this process, Ray started and stopped inside the measured time; on CPU the
-    `actors` model actors share the cores (one actor: all of them as its threads)."""
+    model actors share the cores (one actor: all of them as its threads). None: the job's default,
+    `--actors auto`."""
     import shutil
 
     import ray
@@ -194,13 +196,13 @@ def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int
     started = time.perf_counter()
     summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(bundle_dir), batch_size=batch_size,
                             dtype=dtype, decode=DecodeSettings(max_new_tokens=20),
-                            actors=ActorRange(actors, actors)))
+                            actors=actors and ActorRange(actors, actors)))
     ray.shutdown()
     wall = time.perf_counter() - started
     rows = summary["counts"]["rows"]
     return {"images": rows, "wall_s": wall, "images_per_s": rows / wall,
             "model_stage_images_per_s": rows / summary["timings"]["model_stage_s"],
-            "actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"],
+            "actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"], "actors": summary["actors"]["max"],
             "timings": summary["timings"]}
 
 
@@ -337,12 +339,11 @@ def decoding(batch_size: int, max_new_tokens: int, reference_images: int, json_p
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--workdir", default="/tmp/captioner-bench", show_default=True, type=click.Path(path_type=Path))
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-@click.option("--split-actors", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Also run the pipeline with this many model actors splitting the cores (1: skip).")
-def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None, split_actors: int) -> None:
+def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None) -> None:
     """Bare in-process loop vs the full Ray pipeline on the same real-size model and 640x480 JPEGs;
     dtype and batch-size variants of the bare loop; time per stage; actor memory. The pipeline runs
-    with one model actor on all cores and with --split-actors actors sharing them."""
+    as the job does by default (`--actors auto`), and also with one model actor on all cores when
+    that default is more than one."""
     bundle_dir = real_size_bundle(workdir / "bundle")
     inputs = photo_corpus(workdir / "corpus", images, shards=4)
     shards = sorted(str(path) for path in Path(inputs).parent.glob("*.tar"))
@@ -361,11 +362,9 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     result["bare"] = bare_loop(bundle_dir, inputs, batch_size, dtype)
     result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto")
     result["ray_over_bare"] = result["ray"]["images_per_s"] / result["bare"]["images_per_s"]
-    split_actors = min(split_actors, os.cpu_count() or 1)
-    if split_actors > 1:
-        result["ray_split"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", split_actors)
-        result["ray_split"]["actors"] = split_actors
-        result["ray_split_over_bare"] = result["ray_split"]["images_per_s"] / result["bare"]["images_per_s"]
+    if result["ray"]["actors"] > 1:
+        result["ray_one_actor"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", 1)
+        result["ray_one_actor_over_bare"] = result["ray_one_actor"]["images_per_s"] / result["bare"]["images_per_s"]
     # Steady state: both again on the first half of the shards; the second half's images over the
     # difference in wall time cancels each side's fixed start-up cost (model load; Ray, actor start).
     half_shards = shards[: len(shards) // 2]
@@ -385,12 +384,12 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     click.echo(f"{'measure':<44}{'value':>12}")
     for label, value in [*((f"bare loop {k} (images/s)", v) for k, v in variants.items()),
                          ("bare loop, full corpus (images/s)", result["bare"]["images_per_s"]),
-                         ("Ray pipeline, full corpus (images/s)", result["ray"]["images_per_s"]),
+                         (f"Ray pipeline, {result['ray']['actors']} actor(s) (images/s)",
+                          result["ray"]["images_per_s"]),
                          ("Ray / bare", result["ray_over_bare"]),
-                         *([(f"Ray pipeline, {result['ray_split']['actors']} actors (images/s)",
-                             result["ray_split"]["images_per_s"]),
-                            (f"Ray with {result['ray_split']['actors']} actors / bare", result["ray_split_over_bare"])]
-                           if "ray_split" in result else []),
+                         *([("Ray pipeline, 1 actor (images/s)", result["ray_one_actor"]["images_per_s"]),
+                            ("Ray with 1 actor / bare", result["ray_one_actor_over_bare"])]
+                           if "ray_one_actor" in result else []),
                          ("bare loop, steady state (images/s)", result["steady_images_per_s"]["bare"]),
                          ("Ray pipeline, steady state (images/s)", result["steady_images_per_s"]["ray"]),
                          ("Ray / bare, steady state", result["ray_over_bare_steady"]),

@@ -11,7 +11,8 @@ from pipeline.filtering import FilterSettings
 
 DEMO_MODEL = "demo"
 DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+AUTO = "auto"
+DTYPES = (AUTO, "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -22,13 +23,15 @@ class ActorRange:
     max: int = 1
 
     @classmethod
-    def parse(cls, text: str) -> ActorRange:
-        """'N' (fixed) or 'MIN-MAX' (autoscaling)."""
+    def parse(cls, text: str) -> ActorRange | None:
+        """'N' (fixed), 'MIN-MAX' (autoscaling) or 'auto' (None: as many as the nodes up now hold)."""
+        if text == AUTO:
+            return None
         low, _, high = text.partition("-")
         try:
             lo, hi = int(low), int(high or low)
         except ValueError:
-            raise ValueError(f"--actors takes N or MIN-MAX, got {text!r}") from None
+            raise ValueError(f"--actors takes N, MIN-MAX or auto, got {text!r}") from None
         if not 1 <= lo <= hi:
             raise ValueError(f"--actors needs 1 <= MIN <= MAX, got {text!r}")
         return cls(lo, hi)
@@ -44,7 +47,7 @@ class RunConfig:
     filter: FilterSettings = field(default_factory=FilterSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     batch_size: int = 32
-    actors: ActorRange = field(default_factory=ActorRange)
+    actors: ActorRange | None = None      # None: as many as the nodes up now hold (`pipeline.run.auto_actors`)
     gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
     dtype: str = "auto"
     limit: int | None = None

@@ -10,8 +10,10 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import __version__
-from pipeline.config import RunConfig
+from pipeline.config import ActorRange, RunConfig
 from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
 from pipeline.model_stage import CaptionStage, bundle_files
 from pipeline.models.bundle import load_bundle
@@ -119,9 +121,10 @@ def run(config: RunConfig) -> dict[str, Any]:
     model_started = time.time()
     remaining = None if config.limit is None else config.limit - already
     unfinished = [shard for shard in shards if shard.url not in finished]
+    actors = None
     if unfinished and (remaining is None or remaining > 0):
-        _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim, metadata_json,
-                              remaining)
+        actors = _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim, metadata_json,
+                                       remaining)
     model_seconds = time.time() - model_started
 
     finalize_started = time.time()
@@ -137,6 +140,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         "inputs": {"shards": len(shards)},
         "counts": counts,
         "resumed_rows": already,
+        "actors": asdict(actors) if actors else None,  # the pool this attempt used (--actors auto: resolved)
         "timings": {
             "started": datetime.fromtimestamp(started, UTC).isoformat(),
             "finished": datetime.now(UTC).isoformat(),
@@ -258,7 +262,8 @@ def _committed_samples(output: OutputDir) -> dict[str, set[int]]:
 
 
 def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, decode_spec: DecodeSpec,
-                          embedding_dim: int, metadata_json: str, remaining: int | None) -> None:
+                          embedding_dim: int, metadata_json: str, remaining: int | None) -> ActorRange:
+    """Caption the unfinished shards into staging/; returns the actor pool it used."""
     context = ray.data.DataContext.get_current()
     # Each batch goes to the least busy model actor, not to one beside its block: model time per
     # batch dwarfs moving its uint8 pixels between nodes, and locality left other nodes' actors idle.
@@ -267,18 +272,19 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if any(resources.get("GPU", 0) > 0 for resources in nodes) else 0.0
+    actors = config.actors or auto_actors(nodes, gpus, actor_memory_estimate(config.model_path))
     # Where the nodes up now hold the pool's minimum, no batch goes out before those actors have loaded
     # their models: otherwise the first actor up takes every batch of a short run and --actors N is not N.
     # A pool that waits on an autoscaler, or asks for more than there is, starts with the actors it gets.
-    fits = actor_places(nodes, gpus) >= config.actors.min
+    fits = actor_places(nodes, gpus) >= actors.min
     context.wait_for_min_actors_s = MIN_ACTORS_TIMEOUT_S if fits else -1
     if remaining is not None:
         context.execution_options.preserve_order = True  # --limit takes the first rows, deterministically
-    cpu_threads = None if gpus else _cpu_threads_per_actor(nodes, config.actors.max)
+    cpu_threads = None if gpus else _cpu_threads_per_actor(nodes, actors.max)
     source = ShardDatasource(shards, done, config.image_column, config.key_column, output.url)
     dataset = ray.data.read_datasource(source,
                                        num_cpus=READ_CPUS, override_num_blocks=len(shards),
-                                       concurrency=min(len(shards), READS_PER_ACTOR * config.actors.max))
+                                       concurrency=min(len(shards), READS_PER_ACTOR * actors.max))
     if remaining is not None:
         dataset = dataset.limit(remaining)
     if gpus:  # CPU tasks decode while the GPU actors compute
@@ -292,7 +298,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
                                # a CPU actor already uses its cores: decoding beside it would only make its
                                # matmul threads wait, so it decodes each batch itself, on the same threads
                                "decode_spec": None if gpus else decode_spec},
-        compute=ray.data.ActorPoolStrategy(min_size=config.actors.min, max_size=config.actors.max),
+        compute=ray.data.ActorPoolStrategy(min_size=actors.min, max_size=actors.max),
         batch_size=config.batch_size,
         batch_format="pyarrow",
         num_gpus=gpus,
@@ -300,9 +306,10 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     try:
         dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
     except ray.exceptions.GetTimeoutError as exc:  # raised only by the wait above: the actors never came up
-        raise ActorStartTimeout(f"{config.actors.min} model actor(s) did not start within {MIN_ACTORS_TIMEOUT_S} s "
+        raise ActorStartTimeout(f"{actors.min} model actor(s) did not start within {MIN_ACTORS_TIMEOUT_S} s "
                                 f"(see the Ray logs for why); rows written so far are kept and a rerun resumes") \
             from exc
+    return actors
 
 
 def live_node_resources() -> list[dict[str, float]]:
@@ -310,15 +317,31 @@ def live_node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def actor_places(nodes: list[dict[str, float]], gpus_per_actor: float) -> int:
-    """How many model actors (1 CPU and `gpus_per_actor` GPUs each) these nodes hold."""
+def actor_places(nodes: list[dict[str, float]], gpus_per_actor: float, memory_per_actor: float = 0.0) -> int:
+    """How many model actors (1 CPU, `gpus_per_actor` GPUs and `memory_per_actor` bytes each) these nodes hold."""
     places = 0
     for resources in nodes:
         fit = int(resources.get("CPU", 0))
         if gpus_per_actor:
             fit = min(fit, int(resources.get("GPU", 0) / gpus_per_actor + 1e-9))
+        if memory_per_actor:
+            fit = min(fit, int(resources.get("memory", 0) // memory_per_actor))
         places += fit
     return places
+
+
+def auto_actors(nodes: list[dict[str, float]], gpus_per_actor: float, memory_per_actor: float) -> ActorRange:
+    """`--actors auto`: one actor per GPU share on GPU nodes; on CPU-only nodes one per core (each with one
+    thread: faster than one actor with every core, README "Benchmarks"), as many as each node's memory holds."""
+    count = max(1, actor_places(nodes, gpus_per_actor, memory_per_actor))
+    return ActorRange(count, count)
+
+
+def actor_memory_estimate(model_path: Path) -> float:
+    """Bytes a model actor holds: the runtime (~1.5 GiB: torch, transformers, Ray) and its models at ~4x their
+    files (ViT-B/32 + GPT-2 small stored as fp16, 0.48 GB: 3.4 GB measured peak RSS)."""
+    files = sum(file.stat().st_size for file in model_path.rglob("*") if file.is_file())
+    return 1.5 * 2**30 + 4 * files
 
 
 def _cpu_threads_per_actor(nodes: list[dict[str, float]], actors: int) -> int:

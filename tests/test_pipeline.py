@@ -53,6 +53,8 @@ def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
     assert meta["filter"]["keep_top_fraction"] == 0.5 and meta["model"] == "tiny"
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["counts"]["rows"] == 10 and not (tmp_path / "out" / "_staging").exists()
+    # --actors auto (the default) on 2 CPUs with memory to spare: one single-thread actor per core
+    assert run_json["config"]["actors"] is None and run_json["actors"] == {"min": 2, "max": 2}
     # the ecosystem reads it: pandas, and Hugging Face datasets' parquet loader
     import datasets
     import pandas as pd
@@ -79,6 +81,24 @@ def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local
     assert run(config)["counts"]["rows"] == 4
 
 
+def test_auto_actors_take_every_gpu_share_or_every_core_the_memory_holds(tiny_bundle):
+    import pipeline.run as pipeline_run
+
+    gib = 2**30
+    cpu_node = {"CPU": 16.0, "memory": 64.0 * gib}
+    small_cpu_node = {"CPU": 16.0, "memory": 24.0 * gib}
+    gpu_node = {"CPU": 96.0, "GPU": 8.0, "memory": 700.0 * gib}
+    vit_b32 = 3.4 * gib
+    assert pipeline_run.auto_actors([cpu_node], 0.0, vit_b32) == ActorRange(16, 16)  # every core
+    assert pipeline_run.auto_actors([small_cpu_node], 0.0, vit_b32) == ActorRange(7, 7)  # what the memory holds
+    assert pipeline_run.auto_actors([cpu_node, small_cpu_node], 0.0, vit_b32) == ActorRange(23, 23)
+    assert pipeline_run.auto_actors([gpu_node], 1.0, vit_b32) == ActorRange(8, 8)  # one per GPU, not per core
+    assert pipeline_run.auto_actors([gpu_node, cpu_node], 0.5, vit_b32) == ActorRange(16, 16)  # GPU nodes only
+    assert pipeline_run.auto_actors([{"CPU": 2.0, "memory": 1.0 * gib}], 0.0, vit_b32) == ActorRange(1, 1)
+    files = sum(f.stat().st_size for f in tiny_bundle.rglob("*") if f.is_file())
+    assert pipeline_run.actor_memory_estimate(tiny_bundle) == 1.5 * gib + 4 * files
+
+
 def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_local, tiny_bundle, tmp_path,
                                                                             monkeypatch):
     import pipeline.run as pipeline_run
@@ -86,7 +106,7 @@ def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 0.001)  # no actor loads its models that fast
     _tar_corpus(tmp_path / "in", shards=1, per_shard=2)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=3))
+                       decode=DecodeSettings(max_new_tokens=3), actors=ActorRange.parse("1"))
     with pytest.raises(pipeline_run.ActorStartTimeout, match=r"1 model actor\(s\) did not start within 0.001 s"):
         run(config)
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 1800)
