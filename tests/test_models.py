@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
+from pipeline.images import ImageSpec
 from pipeline.models.bundle import Bundle
 from pipeline.models.captioner import MLPMapper, TransformerMapper
-from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.clip import ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 
 
@@ -61,6 +62,32 @@ def test_custom_clip_embeddings_are_normalized_and_match_open_clip_preprocessing
     assert torch.allclose(clip.normalize_pixels(pixels), expected, atol=1e-5)
     texts = clip.encode_texts(["kırmızı daire", "mavi kare"])
     assert torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def _small_openai_style_clip() -> ClipModel:
+    """open_clip's CLIP with OpenAI's tokenizer (77 tokens, pooled at the highest id: the end token)."""
+    config = tiny_clip_config(49408)
+    config["text_cfg"] = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}
+    torch.manual_seed(0)
+    return ClipModel(open_clip.CLIP(**config).eval(), open_clip.get_tokenizer("ViT-B-32"), ImageSpec(size=32),
+                     open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+
+
+@pytest.mark.parametrize("kind", ["openai_argmax_pool", "custom_eos_pool"])
+def test_texts_are_encoded_only_up_to_the_batch_s_last_pooled_token(tokenizer, tmp_path, kind):
+    """The scorer's text tower runs on the batch's longest caption, not the padded context, and gives the
+    embeddings of the whole context (open_clip's own encode_text)."""
+    clip = _small_openai_style_clip() if kind == "openai_argmax_pool" else tiny_clip(tokenizer, tmp_path)[0]
+    texts = ["kırmızı daire", "solda büyük bir mavi kare", "kare"]
+    lengths = []
+    hook = clip.clip.transformer.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    with torch.inference_mode():
+        trimmed = clip.encode_texts(texts)
+        full = torch.nn.functional.normalize(clip.clip.encode_text(clip.tokenizer(texts)), dim=-1)
+    hook.remove()
+    assert torch.allclose(trimmed, full, atol=1e-5)
+    longest = max(len(row.nonzero()) for row in clip.tokenizer(texts))  # with its start and end tokens
+    assert lengths[0] == longest < clip.clip.context_length
 
 
 def test_named_architecture_loads_a_local_weights_file(tmp_path):
