@@ -257,6 +257,7 @@ def _object_accuracy(items: list[_Item], verdicts: dict[int, dict[str, Any]]) ->
             "objects_correct": share(everything, "objects_correct"),
             "objects_correct_single_object": share(single, "objects_correct"),
             "counts_correct": share(everything, "counts_correct"),
+            "counts_by_kind_correct": share(everything, "counts_by_kind_correct"),
             "correct": share(everything, "correct")}
 
 
@@ -336,6 +337,7 @@ def format_table(report: dict[str, Any]) -> str:
                   f"  {'  single-object scenes':<36}{number(objects['objects_correct_single_object'])}"
                   f"  ({objects['single_object_images']} images)",
                   f"  {'counts':<36}{number(objects['counts_correct'])}",
+                  f"  {'  added up per colour+shape':<36}{number(objects['counts_by_kind_correct'])}",
                   f"  {'everything (objects and counts)':<36}{number(objects['correct'])}"]
     lines.append("clip-score filter")
     for name in ("generated", "reference"):

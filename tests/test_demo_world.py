@@ -237,6 +237,16 @@ def test_score_flags_wrong_colour_shape_and_count():
     assert [o["count_ok"] for o in count["per_object"]] == [False, True]
     missing = score_caption("Resimde iki küçük yeşil üçgen var.", scene)
     assert not missing["objects_correct"] and not missing["counts_correct"]
+    assert not count["counts_by_kind_correct"] and not missing["counts_by_kind_correct"]
+    one_by_one = score_caption("Resimde solda küçük bir yeşil üçgen, sağda küçük bir yeşil üçgen ve ortada büyük bir "
+                               "mavi kare var.", scene)
+    assert not one_by_one["counts_correct"] and one_by_one["counts_by_kind_correct"]
+    assert not one_by_one["objects_correct"]  # the strict check wants the pair named as one group
+    merged = score_caption("Resimde iki küçük yeşil üçgen ve ortada büyük bir mavi kare var.",
+                           Scene((SceneGroup("üçgen", "yeşil", "küçük", ("sol",)),
+                                  SceneGroup("altıgen", "yeşil", "küçük", ("sağ",)),
+                                  SceneGroup("kare", "mavi", "büyük", ("orta",)))))
+    assert not merged["counts_correct"] and not merged["counts_by_kind_correct"]
     wrong_place = score_caption("Resimde iki küçük yeşil üçgen ve solda küçük bir mavi kare var.", scene)
     assert wrong_place["correct"]  # position and size are reported, not part of object accuracy
     assert wrong_place["per_object"][1]["position_ok"] is False and wrong_place["per_object"][1]["size_ok"] is False
