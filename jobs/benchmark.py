@@ -39,14 +39,25 @@ EOS = "<|endoftext|>"
 
 def gpt2_small_captioner(seed: int = 0) -> PrefixCaptioner:
     """GPT-2 small's exact shapes with a stand-in word-level vocabulary of GPT-2's size: decoding cost
-    depends on the vocabulary size, not on which strings the ids stand for."""
-    vocab = {f"t{i}": i for i in range(GPT2_VOCAB - 1)} | {EOS: GPT2_VOCAB - 1}
+    depends on the vocabulary size, not on which strings the ids stand for. The words are short letter
+    strings, so the scorer's tokenizer reads a caption of 20 of them in about as many tokens as a real
+    one (digits would be one CLIP token each and fill its 77-token context)."""
+    vocab = {_letters(i): i for i in range(GPT2_VOCAB - 1)} | {EOS: GPT2_VOCAB - 1}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=EOS)),
                                         eos_token=EOS, pad_token=EOS)
     torch.manual_seed(seed)
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, eos_token_id=GPT2_VOCAB - 1)).eval()
     # no '.' stop: every caption runs the full max_new_tokens, the same work for both loops
     return PrefixCaptioner(CaptionerConfig(stop_token=""), lm, tokenizer).eval()
+
+
+def _letters(number: int) -> str:
+    word = ""
+    while True:
+        number, digit = divmod(number, 26)
+        word += chr(ord("a") + digit)
+        if not number:
+            return word
 
 
 def compute_dtypes() -> list[torch.dtype]:
@@ -95,7 +106,6 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
 # tied LM head) per token ~ 0.25 GFLOP, so 10 prefix + 20 new tokens ~ 7.4 GFLOP (+ the 20-token
 # scorer text tower, ~ 0.3 GFLOP). Used for the share of this CPU's measured matmul speed in the
 # pipeline's compute dtype.
-FLOPS_PER_IMAGE = {"encoder": 4.4e9, "decoder": 7.4e9, "scorer": 0.3e9}
 
 
 def real_size_bundle(path: Path) -> Path:
@@ -127,6 +137,38 @@ def photo_corpus(root: Path, images: int, shards: int) -> str:
         write_corpus(root, seed=1, counts={"test": images}, size=(640, 480),
                      shard_size=max(1, -(-images // shards)), formats=("webdataset",))
     return str(root / "test" / "*.tar")
+
+
+def flops_per_image(bundle_dir: Path, inputs: str, dtype: torch.dtype, images: int = 16) -> dict[str, float]:
+    """FLOPs of each model step per image, as PyTorch's FlopCounterMode counts the operations that run
+    (a multiply-add is 2), on the corpus's first images, decoding as the bare loop does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.images import decode_image
+    from pipeline.models.bundle import load_bundle
+    from pipeline.sources import expand_inputs, read_samples
+
+    bundle = load_bundle(bundle_dir).to("cpu", dtype)
+    records = (record for shard in expand_inputs([inputs]) for record in read_samples(shard))
+    pixels = torch.from_numpy(np.stack([decode_image(next(records)["image"], bundle.encoder.image_spec).pixels
+                                        for _ in range(images)]))
+    counts = {}
+    # the fused attention fast path of nn.MultiheadAttention has no FLOP formula: count the same math unfused
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            embeddings = bundle.encoder.encode_images(pixels)
+        counts["encoder"] = counter.get_total_flops() / images
+        with FlopCounterMode(display=False) as counter:
+            texts = decode_texts(bundle.captioner, [c[0] for c in generate(
+                bundle.captioner, bundle.captioner.prefix(embeddings), DecodeSettings(max_new_tokens=20))])
+        counts["decoder"] = counter.get_total_flops() / images
+        with FlopCounterMode(display=False) as counter:
+            bundle.scorer.encode_texts(texts)
+        counts["scorer"] = counter.get_total_flops() / images
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counts
 
 
 def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype, limit: int | None = None) -> dict:
@@ -348,8 +390,8 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     inputs = photo_corpus(workdir / "corpus", images, shards=4)
     shards = sorted(str(path) for path in Path(inputs).parent.glob("*.tar"))
     dtype = resolve_dtype("auto", torch.device("cpu"))  # what the pipeline's "auto" computes in here
-    result: dict = {"images": images, "batch_size": batch_size, "flops_per_image": FLOPS_PER_IMAGE,
-                    "dtype": _dtype_name(dtype)}
+    result: dict = {"images": images, "batch_size": batch_size, "dtype": _dtype_name(dtype),
+                    "flops_per_image": flops_per_image(bundle_dir, inputs, dtype)}
     # a dtype this CPU does not run natively is timed on a small product only, to record how slow it is
     result["matmul_gflops"] = {_dtype_name(d): matmul_gflops(d, size=2048 if d in compute_dtypes() else 256)
                                for d in (torch.float32, torch.bfloat16)}
@@ -376,11 +418,18 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
         "bare": rest / (result["bare"]["wall_s"] - result["bare_half"]["wall_s"]),
         "ray": rest / (result["ray"]["wall_s"] - result["ray_half"]["wall_s"])}
     result["ray_over_bare_steady"] = result["steady_images_per_s"]["ray"] / result["steady_images_per_s"]["bare"]
-    model_s = sum(result["bare"]["stage_s"][k] for k in ("encode", "caption", "score"))
-    flops = result["bare"]["images"] * sum(FLOPS_PER_IMAGE.values())
-    result["model_stage_share_of_matmul_peak"] = flops / model_s / 1e9 / result["matmul_gflops"][_dtype_name(dtype)]
+    peak = result["matmul_gflops"][_dtype_name(dtype)] * 1e9
+
+    def share_of_peak(steps: dict[str, str]) -> float:  # FLOP count -> stage timed for it
+        seconds = sum(result["bare"]["stage_s"][stage] for stage in steps.values())
+        return result["bare"]["images"] * sum(result["flops_per_image"][k] for k in steps) / seconds / peak
+
+    result["model_stage_share_of_matmul_peak"] = share_of_peak(
+        {"encoder": "encode", "decoder": "caption", "scorer": "score"})
+    result["encoder_decoder_share_of_matmul_peak"] = share_of_peak({"encoder": "encode", "decoder": "caption"})
     click.echo(f"compute dtype {_dtype_name(dtype)}; matmul GFLOP/s: "
-               + ", ".join(f"{k} {v:.1f}" for k, v in result["matmul_gflops"].items()))
+               + ", ".join(f"{k} {v:.1f}" for k, v in result["matmul_gflops"].items())
+               + "; GFLOP per image: " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in result["flops_per_image"].items()))
     click.echo(f"{'measure':<44}{'value':>12}")
     for label, value in [*((f"bare loop {k} (images/s)", v) for k, v in variants.items()),
                          ("bare loop, full corpus (images/s)", result["bare"]["images_per_s"]),
@@ -394,6 +443,7 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
                          ("Ray pipeline, steady state (images/s)", result["steady_images_per_s"]["ray"]),
                          ("Ray / bare, steady state", result["ray_over_bare_steady"]),
                          ("model stage share of matmul peak", result["model_stage_share_of_matmul_peak"]),
+                         ("  encoder + decoder only", result["encoder_decoder_share_of_matmul_peak"]),
                          ("model actor peak RSS (MB)", result["ray"]["actor_peak_rss_mb"])]:
         click.echo(f"{label:<44}{value:>12.3f}")
     stage_s = result["bare"]["stage_s"]

@@ -7,6 +7,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import benchmark
 
@@ -39,3 +41,19 @@ def test_ray_workers_are_not_taken_for_ray_daemons():
     assert "Ray daemons" not in role
     raylet = "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/x"
     assert next(name for needle, name in benchmark.ProcessSampler.ROLES if needle in raylet) == "Ray daemons"
+
+
+def test_flop_counts_include_the_fused_attention_of_the_vision_tower(tiny_bundle, tmp_path):
+    """nn.MultiheadAttention's inference fast path has no FLOP formula: uncounted, the encoder's count
+    would lose its attention projections and the model stage's share of the matmul peak would read low."""
+    from conftest import jpeg_bytes, write_tar
+
+    from pipeline.models.bundle import load_bundle
+
+    write_tar(tmp_path / "00000.tar", {f"{i:04d}": {"jpg": jpeg_bytes(i)} for i in range(4)})
+    counts = benchmark.flops_per_image(tiny_bundle, str(tmp_path / "00000.tar"), torch.float32, images=4)
+    visual = load_bundle(tiny_bundle).encoder.clip.visual
+    tokens = (visual.image_size[0] // visual.patch_size[0]) ** 2 + 1  # patches + class token
+    matrices = sum(p.numel() for p in visual.transformer.parameters() if p.dim() == 2)
+    assert counts["encoder"] >= 2 * tokens * matrices
+    assert counts["decoder"] > 0 and counts["scorer"] > 0
