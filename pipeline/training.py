@@ -73,6 +73,9 @@ class LMArch:
     n_layer: int = 3
     n_head: int = 4
     n_positions: int = 96
+    # no dropout: the demo corpus draws fresh captions per epoch, and dropout's masks took a fifth of a CPU step
+    dropout: float = 0.0
+    activation: str = "gelu"  # exact GELU is one kernel; GPT-2's tanh approximation ("gelu_new") is five
 
 
 @dataclass
@@ -258,7 +261,9 @@ def build_captioner(config: TrainConfig, prefix_dim: int, tokenizer) -> PrefixCa
     else:
         arch = config.lm_arch
         lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=arch.n_positions, n_embd=arch.n_embd,
-                                        n_layer=arch.n_layer, n_head=arch.n_head, bos_token_id=tokenizer.eos_token_id,
+                                        n_layer=arch.n_layer, n_head=arch.n_head, resid_pdrop=arch.dropout,
+                                        embd_pdrop=arch.dropout, attn_pdrop=arch.dropout,
+                                        activation_function=arch.activation, bos_token_id=tokenizer.eos_token_id,
                                         eos_token_id=tokenizer.eos_token_id))
     captioner_config = CaptionerConfig(mapper=config.mapper, prefix_length=config.prefix_length, prefix_dim=prefix_dim,
                                        clip_length=config.prefix_length)
