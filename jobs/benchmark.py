@@ -101,13 +101,6 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
     }
 
 
-# FLOPs per image (forward, multiply-add = 2 FLOPs), from the architectures' shapes: ViT-B/32 at 224
-# (50 tokens, 12 layers, width 768) ~ 4.4 GFLOP; GPT-2 small ~ 2 x 124M (85M in blocks + the 38.6M
-# tied LM head) per token ~ 0.25 GFLOP, so 10 prefix + 20 new tokens ~ 7.4 GFLOP (+ the 20-token
-# scorer text tower, ~ 0.3 GFLOP). Used for the share of this CPU's measured matmul speed in the
-# pipeline's compute dtype.
-
-
 def real_size_bundle(path: Path) -> Path:
     """ViT-B-32 (open_clip config) + ClipCap MLP 512->3840->7680 + GPT-2 small, random weights,
     saved as a bundle (fp16 storage) so the pipeline and the bare loop load the very same model."""
