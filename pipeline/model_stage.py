@@ -52,10 +52,14 @@ class CaptionStage:
                  batch_size: int, embedding_dim: int, metadata_json: str, cpu_threads: int | None = None,
                  decode_spec: DecodeSpec | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Ray pins OMP threads to the actor's 1 reserved CPU; a CPU-only actor may use its share of the
+        # node (the reservation stays 1 so that read tasks can always be scheduled beside it). Ray Data
+        # calls the actor on another thread than this one, and OpenMP gives every calling thread its own
+        # team: two teams of 2 threads on 2 cores make libgomp stop spinning at barriers, which halved
+        # the decode loop's speed. So load on this thread alone and compute on the caller's threads.
+        self.cpu_threads = cpu_threads
         if cpu_threads:
-            # Ray pins OMP threads to the actor's 1 reserved CPU; a CPU-only actor may use its share of
-            # the node (the reservation stays 1 so that read tasks can always be scheduled beside it)
-            torch.set_num_threads(cpu_threads)
+            torch.set_num_threads(1)
         self.dtype = resolve_dtype(dtype, self.device)
         self.bundle: Bundle = load_shipped_bundle(ray.get(bundle_files)).to(self.device, self.dtype)
         self.settings = settings
@@ -69,6 +73,8 @@ class CaptionStage:
         self.decode_threads = ThreadPoolExecutor(self.decode_parallelism) if decode_spec else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)  # this calling thread's OpenMP team
         if self.decode_spec is not None:
             batch = self._decode(batch)
         n = batch.num_rows

@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,33 @@ def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tin
     for name in ("key", "status", "error", "width", "height", "caption", "clip_score"):
         assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
     assert decoding(raw.slice(0, 1)).column("status").to_pylist() == ["ok"]
+
+
+def test_a_cpu_actor_computes_on_the_calling_threads_team_only(ray_local, tiny_bundle, monkeypatch):
+    """Ray Data calls the actor on another thread than its constructor's. An OpenMP team left on the
+    constructor's thread made libgomp stop spinning at barriers (more threads than cores) and halved
+    the decode loop's speed, so the constructor loads on one thread and each call computes on cpu_threads."""
+    seen = []
+    real = model_stage.caption_batch
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_stage, "caption_batch", recording)
+    before = torch.get_num_threads()
+    try:
+        actor = model_stage.CaptionStage(ray_local.put(model_stage.bundle_files(tiny_bundle)),
+                                         DecodeSettings(max_new_tokens=3), "fp32", batch_size=8, embedding_dim=24,
+                                         metadata_json="{}", cpu_threads=2)
+        assert torch.get_num_threads() == 1  # no team of 2 on the constructor's thread
+        batch = stages.decode_batch(_samples([_png(10), _png(90)]), stages.DecodeSpec(ImageSpec(size=32)))
+        with ThreadPoolExecutor(1) as caller:
+            out = caller.submit(actor, batch).result()
+    finally:
+        torch.set_num_threads(before)
+    assert out.column("status").to_pylist() == ["ok", "ok"]
+    assert seen == [2]
 
 
 def test_read_decode_and_write_tasks_do_not_import_the_model_stack():
