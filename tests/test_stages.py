@@ -46,19 +46,21 @@ def test_decode_batch_keeps_every_row_and_reports_bad_bytes():
     assert (stages.pixels_from_column(table.column("pixels").slice(3), 32) == 200).all()  # offsets respected
 
 
+def _caption_stage(ray_local, bundle: Path, **options) -> model_stage.CaptionStage:
+    """The model actor's class built in this process, as a Ray Data actor builds it, on the tiny bundle."""
+    return model_stage.CaptionStage(ray_local.put(model_stage.bundle_files(bundle)), DecodeSettings(max_new_tokens=3),
+                                    "fp32", batch_size=8, embedding_dim=24, metadata_json="{}", **options)
+
+
 @pytest.fixture()
 def stage(ray_local, tiny_bundle):
-    files = model_stage.bundle_files(tiny_bundle)
-    return model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
-                               embedding_dim=24, metadata_json="{}")
+    return _caption_stage(ray_local, tiny_bundle)
 
 
 def test_the_model_actor_leaves_no_copy_of_the_bundle_on_disk(ray_local, tiny_bundle, tmp_path, monkeypatch):
     # each actor start used to leave its bundle copy in /tmp (240 copies, 8.6 GB, on this machine)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    files = model_stage.bundle_files(tiny_bundle)
-    actor = model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
-                                     embedding_dim=24, metadata_json="{}")
+    actor = _caption_stage(ray_local, tiny_bundle)
     assert list(tmp_path.iterdir()) == []
     out = actor(stages.decode_batch(_samples([_png(10), _png(90)]), stages.DecodeSpec(ImageSpec(size=32))))
     assert out.column("status").to_pylist() == ["ok", "ok"] and None not in out.column("caption").to_pylist()
@@ -91,10 +93,8 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
 def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tiny_bundle, stage):
     """On CPU-only clusters the model actor decodes raw samples itself, in slices on its threads: the
     rows (bad images included, in order) equal those of the separate decode stage."""
-    files = model_stage.bundle_files(tiny_bundle)
     spec = stages.DecodeSpec(ImageSpec(size=32))
-    decoding = model_stage.CaptionStage(ray_local.put(files), DecodeSettings(max_new_tokens=3), "fp32", batch_size=8,
-                                   embedding_dim=24, metadata_json="{}", cpu_threads=2, decode_spec=spec)
+    decoding = _caption_stage(ray_local, tiny_bundle, cpu_threads=2, decode_spec=spec)
     raw = _samples([_png(10), b"broken", _png(30), _png(40), b"", _png(60), _png(70)])
     expected = stage(stages.decode_batch(raw, spec))
     got = decoding(raw)
@@ -118,9 +118,7 @@ def test_a_cpu_actor_computes_on_the_calling_threads_team_only(ray_local, tiny_b
     monkeypatch.setattr(model_stage, "caption_batch", recording)
     before = torch.get_num_threads()
     try:
-        actor = model_stage.CaptionStage(ray_local.put(model_stage.bundle_files(tiny_bundle)),
-                                         DecodeSettings(max_new_tokens=3), "fp32", batch_size=8, embedding_dim=24,
-                                         metadata_json="{}", cpu_threads=2)
+        actor = _caption_stage(ray_local, tiny_bundle, cpu_threads=2)
         assert torch.get_num_threads() == 1  # no team of 2 on the constructor's thread
         batch = stages.decode_batch(_samples([_png(10), _png(90)]), stages.DecodeSpec(ImageSpec(size=32)))
         with ThreadPoolExecutor(1) as caller:
