@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from pipeline.models.captioner import PrefixCaptioner
 from pipeline.text import clean_caption
@@ -65,21 +65,73 @@ def decode_texts(captioner: PrefixCaptioner, token_lists: list[list[int]]) -> li
     return [clean_caption(text.rstrip("\ufffd")) for text in texts]
 
 
-def _step(captioner: PrefixCaptioner, embeds: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """One forward pass over new positions; returns float32 logits of the last position."""
-    out = captioner.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()
+class _InPlaceLayer(DynamicLayer):
+    """A KV-cache layer that writes each new position into buffers sized for the whole caption. The
+    stock DynamicLayer concatenates, copying the whole cache at every step (9% of a batch-64 greedy
+    decode, 19% at batch 256, here); rows leaving the batch and beam reordering still copy once."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[3]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[3]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        return self._views()
+
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+    def _rows(self, rows: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.key_buffer, self.value_buffer = self.key_buffer[rows], self.value_buffer[rows]
+            self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rows(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._rows(torch.arange(self.key_buffer.shape[0], device=self.device).repeat_interleave(repeats))
+
+
+def _new_cache(prefix: torch.Tensor, max_new_tokens: int) -> Cache:
+    return Cache(layer_class_to_replicate=lambda: _InPlaceLayer(prefix.shape[1] + max_new_tokens))
+
+
+def _step(captioner: PrefixCaptioner, embeds: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """One forward pass over new positions; returns the last position's logits in the model's dtype."""
+    return captioner.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 def _greedy_choice(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
+    # In the model's own dtype: float32 copies of bf16 logits hold the same values, and making them took
+    # 12 ms a step at batch 256 here. max's indices are argmax's (the first maximum on ties), ~4x faster.
+    return logits.max(dim=-1).indices
 
 
 def _sampler(settings: DecodeSettings, device: torch.device):
     generator = torch.Generator(device=device).manual_seed(settings.seed)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits / settings.temperature
+        logits = logits.float() / settings.temperature
         if settings.top_k:
             kth = logits.topk(min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -98,19 +150,19 @@ def _decode_rows(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_token
                  stop_ids: list[int], choose) -> list[list[int]]:
     """Greedy/sampling loop. Finished rows leave the batch (and the KV cache), so a batch of mixed
     caption lengths costs what its live rows cost."""
-    cache = DynamicCache()
+    cache = _new_cache(prefix, max_new_tokens)
     logits = _step(captioner, prefix, cache)
     stops = torch.tensor(stop_ids, device=prefix.device)
     eos = captioner.tokenizer.eos_token_id
     outputs: list[list[int]] = [[] for _ in range(prefix.shape[0])]
     live = list(range(prefix.shape[0]))
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         tokens = choose(logits)
         finished = torch.isin(tokens, stops)
         for row, token, done in zip(live, tokens.tolist(), finished.tolist(), strict=True):
             if not (done and token == eos):
                 outputs[row].append(token)
-        if finished.all():
+        if finished.all() or step == max_new_tokens - 1:  # no forward pass whose logits nobody reads
             break
         if finished.any():
             keep = (~finished).nonzero().squeeze(-1)
@@ -128,8 +180,8 @@ def _beam_search(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: Dec
     on the length-normalized score."""
     batch, k = prefix.shape[0], settings.beam_width
     device = prefix.device
-    cache = DynamicCache()
-    logprobs = _step(captioner, prefix, cache).log_softmax(dim=-1)
+    cache = _new_cache(prefix, settings.max_new_tokens)
+    logprobs = _step(captioner, prefix, cache).float().log_softmax(dim=-1)
     cache.batch_repeat_interleave(k)
     vocab = logprobs.shape[-1]
     logprobs = logprobs.repeat_interleave(k, dim=0)
@@ -139,7 +191,7 @@ def _beam_search(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: Dec
     lengths = torch.zeros(batch * k, device=device)
     finished = torch.zeros(batch * k, dtype=torch.bool, device=device)
     tokens = torch.empty(batch * k, 0, dtype=torch.long, device=device)
-    for _ in range(settings.max_new_tokens):
+    for step in range(settings.max_new_tokens):
         logprobs[finished] = float("-inf")
         logprobs[finished, 0] = 0.0  # the frozen continuation; its token is never emitted
         new_lengths = lengths + (~finished).float()
@@ -153,10 +205,11 @@ def _beam_search(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: Dec
         lengths = new_lengths[source]
         finished = was_finished | torch.isin(next_tokens, stops)
         tokens = torch.cat((tokens[source], torch.where(was_finished, -1, next_tokens)[:, None]), dim=1)
-        if finished.all():
+        if finished.all() or step == settings.max_new_tokens - 1:
             break
         cache.reorder_cache(source)
-        logprobs = _step(captioner, captioner.embed_tokens(next_tokens[:, None]), cache).log_softmax(dim=-1)
+        logprobs = _step(captioner, captioner.embed_tokens(next_tokens[:, None]), cache).float().log_softmax(
+            dim=-1)
     order = (scores / lengths.clamp(min=1).view(batch, k).pow(settings.length_penalty)).argsort(dim=-1,
                                                                                              descending=True)
     eos = captioner.tokenizer.eos_token_id

@@ -47,6 +47,20 @@ def test_batched_greedy_equals_reference_loop_with_mixed_lengths(tokenizer):
     assert any(tokens[-1] == stop_id for tokens in expected if len(tokens) < max_new)  # '.'-style stop kept
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_decoding_runs_one_forward_pass_per_token_it_keeps(tokenizer, method):
+    """The prefix pass picks the first token and each later pass one more: max_new_tokens passes in all,
+    none whose logits go unread after the last token."""
+    captioner = tiny_captioner(tokenizer).double()
+    captioner.stop_token_ids = list  # no stop id at all: every row runs the full length
+    passes = []
+    hook = captioner.lm.register_forward_hook(lambda *_: passes.append(1))
+    got = generate(captioner, _prefixes(captioner, 3), DecodeSettings(method=method, max_new_tokens=6))
+    hook.remove()
+    assert [len(candidates[0]) for candidates in got] == [6, 6, 6]
+    assert len(passes) == 6
+
+
 def test_beam_width_one_equals_greedy(tokenizer):
     captioner, prefix = _captioner_with_mixed_lengths(tokenizer, 10)
     greedy = generate(captioner, prefix, DecodeSettings(max_new_tokens=10))

@@ -8,14 +8,14 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import tiny_captioner, tiny_clip, tiny_clip_config
+from conftest import tiny_captioner, tiny_clip, tiny_clip_config, tiny_lm
 from safetensors.torch import save_file
 
 from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import Bundle
-from pipeline.models.captioner import MLPMapper, TransformerMapper
+from pipeline.models.captioner import CaptionerConfig, MLPMapper, PrefixCaptioner, TransformerMapper
 from pipeline.models.clip import ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 
@@ -30,6 +30,18 @@ def test_mlp_mapper_has_clipcap_sizes():
 def test_transformer_mapper_outputs_prefix_length_tokens():
     mapper = TransformerMapper(prefix_dim=24, embed_dim=32, prefix_length=5, clip_length=3, num_layers=2)
     assert mapper(torch.randn(2, 24)).shape == (2, 5, 32)
+
+
+def test_the_captioner_computes_gpt2_s_gelu_new_in_one_kernel_with_the_same_outputs(tokenizer):
+    lm = tiny_lm(tokenizer).double()
+    assert lm.config.activation_function == "gelu_new"
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    before = lm(tokens).logits
+    ops = {type(module).__name__ for module in lm.modules()}
+    captioner = PrefixCaptioner(CaptionerConfig(prefix_dim=24, prefix_length=4), lm, tokenizer)
+    after = {type(module).__name__ for module in captioner.lm.modules()}
+    assert "NewGELUActivation" in ops and "NewGELUActivation" not in after and "GELUTanh" in after
+    assert torch.allclose(captioner.lm(tokens).logits, before, atol=1e-12)
 
 
 def test_caption_loss_is_only_on_caption_tokens(tokenizer):

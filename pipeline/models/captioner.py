@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.activations import GELUTanh, NewGELUActivation
 
 MAPPERS = ("mlp", "transformer")
 
@@ -129,13 +130,23 @@ def build_mapper(config: CaptionerConfig, embed_dim: int) -> nn.Module:
     raise ValueError(f"unknown mapper {config.mapper!r} (expected one of {', '.join(MAPPERS)})")
 
 
+def _fuse_activations(lm: PreTrainedModel) -> PreTrainedModel:
+    """GPT-2's `gelu_new` is the tanh-approximate GELU written as six tensor ops; PyTorch computes the same
+    function in one kernel (12% of a bf16 greedy decode here went to those ops). Weights are untouched."""
+    for parent in lm.modules():
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+    return lm
+
+
 class PrefixCaptioner(nn.Module):
     """Mapper + causal LM + its tokenizer. Decoding lives in `pipeline.decoding`."""
 
     def __init__(self, config: CaptionerConfig, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__()
         self.config = config
-        self.lm = lm.eval()
+        self.lm = _fuse_activations(lm).eval()
         self.tokenizer = tokenizer
         self.mapper = build_mapper(config, self.embed_dim)
 
