@@ -46,7 +46,7 @@ class RunConfig:
     key_column: str = "key"
     filter: FilterSettings = field(default_factory=FilterSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
-    batch_size: int = 32
+    batch_size: int = 256
     actors: ActorRange | None = None      # None: as many as the nodes up now hold (`pipeline.run.auto_actors`)
     gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
     dtype: str = "auto"

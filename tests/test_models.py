@@ -15,6 +15,7 @@ from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import Bundle
+from pipeline.models import clip as clip_module
 from pipeline.models.captioner import CaptionerConfig, MLPMapper, PrefixCaptioner, TransformerMapper
 from pipeline.models.clip import ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
@@ -74,6 +75,22 @@ def test_custom_clip_embeddings_are_normalized_and_match_open_clip_preprocessing
     assert torch.allclose(clip.normalize_pixels(pixels), expected, atol=1e-5)
     texts = clip.encode_texts(["kırmızı daire", "mavi kare"])
     assert torch.allclose(texts.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_on_cpu_the_towers_take_a_large_batch_in_chunks_with_the_same_embeddings(tokenizer, tmp_path, monkeypatch):
+    clip, _ = tiny_clip(tokenizer, tmp_path)
+    pixels = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
+    texts = ["kırmızı daire", "mavi kare", "iki yeşil üçgen", "solda sarı bir yıldız", "kalp"]
+    whole_images, whole_texts = clip.encode_images(pixels), clip.encode_texts(texts)
+    monkeypatch.setattr(clip_module, "CPU_CHUNK", 2)
+    passes = []
+    hooks = [tower.register_forward_hook(lambda _, args, __: passes.append(len(args[0])))
+             for tower in (clip.clip.visual, clip.clip.transformer)]
+    images, text_embeddings = clip.encode_images(pixels), clip.encode_texts(texts)
+    for hook in hooks:
+        hook.remove()
+    assert passes == [2, 2, 1, 2, 2, 1]
+    assert torch.allclose(images, whole_images, atol=1e-6) and torch.allclose(text_embeddings, whole_texts, atol=1e-6)
 
 
 def _small_openai_style_clip() -> ClipModel:
