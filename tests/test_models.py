@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageSpec
-from pipeline.models.bundle import Bundle
 from pipeline.models import clip as clip_module
+from pipeline.models.bundle import Bundle
 from pipeline.models.captioner import CaptionerConfig, MLPMapper, PrefixCaptioner, TransformerMapper
 from pipeline.models.clip import ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
