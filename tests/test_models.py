@@ -80,16 +80,20 @@ def test_custom_clip_embeddings_are_normalized_and_match_open_clip_preprocessing
 def test_on_cpu_the_towers_take_a_large_batch_in_chunks_with_the_same_embeddings(tokenizer, tmp_path, monkeypatch):
     clip, _ = tiny_clip(tokenizer, tmp_path)
     pixels = torch.randint(0, 256, (5, 32, 32, 3), dtype=torch.uint8)
-    texts = ["kırmızı daire", "mavi kare", "iki yeşil üçgen", "solda sarı bir yıldız", "kalp"]
+    texts = ["solda sarı bir yıldız ve sağda mor bir kare", "kare", "iki yeşil üçgen ve bir mavi daire", "kalp",
+             "üstte kırmızı bir daire"]
     whole_images, whole_texts = clip.encode_images(pixels), clip.encode_texts(texts)
     monkeypatch.setattr(clip_module, "CPU_CHUNK", 2)
     passes = []
-    hooks = [tower.register_forward_hook(lambda _, args, __: passes.append(len(args[0])))
+    hooks = [tower.register_forward_hook(lambda _, args, __: passes.append(tuple(args[0].shape[:2])))
              for tower in (clip.clip.visual, clip.clip.transformer)]
     images, text_embeddings = clip.encode_images(pixels), clip.encode_texts(texts)
     for hook in hooks:
         hook.remove()
-    assert passes == [2, 2, 1, 2, 2, 1]
+    assert [rows for rows, _ in passes] == [2, 2, 1, 2, 2, 1]
+    # texts go shortest first: the two one-word texts pass together, trimmed to their own length
+    text_lengths = [length for _, length in passes[3:]]
+    assert text_lengths == sorted(text_lengths) and text_lengths[0] < text_lengths[-1]
     assert torch.allclose(images, whole_images, atol=1e-6) and torch.allclose(text_embeddings, whole_texts, atol=1e-6)
 
 

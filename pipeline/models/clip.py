@@ -93,8 +93,11 @@ class ClipModel(nn.Module):
             self.clip.encode_image(self.normalize_pixels(chunk)).float(), dim=-1))
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return self._in_chunks(texts, lambda chunk: F.normalize(
+        # shortest first, so that each chunk is trimmed to a length close to all of its texts'
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        encoded = self._in_chunks([texts[i] for i in order], lambda chunk: F.normalize(
             encode_text_trimmed(self.clip, self.tokenizer(chunk).to(self.device)).float(), dim=-1))
+        return encoded[torch.argsort(torch.tensor(order, device=encoded.device))]
 
     def _in_chunks(self, items: torch.Tensor | list[str], encode) -> torch.Tensor:
         """On CPU, at most CPU_CHUNK items per forward pass: a tower's cost per item rises once a pass's
