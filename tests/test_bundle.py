@@ -46,6 +46,30 @@ def test_round_trip_reproduces_every_model(bundle_dir, monkeypatch):
     assert identity["captioner"]["mapper"] == "transformer"
 
 
+def test_loading_draws_no_random_weights_that_the_files_then_replace(bundle_dir, tokenizer, tmp_path, monkeypatch):
+    """Every weight of a bundle comes from its files, so none is drawn first (ViT-B/32 + the mapper: ~1 s of
+    each model actor's start on one core); a model built without weights is still initialized."""
+    draws = []
+
+    def counted(name: str, original):
+        def init(tensor: torch.Tensor, *args, **kwargs):
+            if not tensor.is_meta:  # transformers builds on the meta device first: no memory is filled
+                draws.append(name)
+            return original(tensor, *args, **kwargs)
+        return init
+
+    for name in ("uniform_", "normal_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_"):
+        monkeypatch.setattr(torch.nn.init, name, counted(name, getattr(torch.nn.init, name)))
+    path, clip, _ = bundle_dir
+    bundle = load_bundle(path)
+    assert draws == []
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.equal(bundle.encoder.encode_images(pixels), clip.encode_images(pixels))
+    tiny_clip(tokenizer, tmp_path / "random")
+    assert draws
+
+
 def test_missing_file_is_named(bundle_dir):
     path = bundle_dir[0]
     (path / "mapper.safetensors").unlink()

@@ -26,7 +26,7 @@ from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer
-from pipeline.models.weights import load_weights, save_weights
+from pipeline.models.weights import building_for, load_weights, save_weights
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "clipcap-tr-bundle/1"
@@ -150,7 +150,8 @@ def _load_captioner(path: Path, entry: dict[str, Any]) -> PrefixCaptioner:
         raise ModelLoadError(f"{path / BUNDLE_FILE}: unknown mapper {config.mapper!r}")
     lm_ref = entry.get("language_model", LM_DIR)
     lm, tokenizer = load_language_model(path / lm_ref if (path / lm_ref).is_dir() else lm_ref)
-    captioner = PrefixCaptioner(config, lm, tokenizer)
+    with building_for(weights=True):
+        captioner = PrefixCaptioner(config, lm, tokenizer)
     load_weights(captioner.mapper, path / entry.get("weights", "mapper.safetensors"))
     return captioner.eval()
 

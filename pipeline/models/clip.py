@@ -20,7 +20,7 @@ from torch import nn
 from pipeline.images import ImageSpec
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, TextTokenizer
-from pipeline.models.weights import load_weights
+from pipeline.models.weights import building_for, load_weights
 
 CUSTOM = "custom"
 LOCAL_DIR = "local-dir:"
@@ -137,7 +137,8 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     if arch.startswith(LOCAL_DIR) and base_dir is not None and (base_dir / arch.removeprefix(LOCAL_DIR)).is_dir():
         arch = f"{LOCAL_DIR}{base_dir / arch.removeprefix(LOCAL_DIR)}"  # a folder inside the bundle
     try:
-        clip = open_clip.create_model(arch, pretrained=weights, weights_only=True)
+        with building_for(weights is not None):  # open_clip loads pretrained weights strictly
+            clip = open_clip.create_model(arch, pretrained=weights, weights_only=True)
         tokenizer = open_clip.get_tokenizer(arch)
     except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError) as exc:
         what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
@@ -157,7 +158,8 @@ def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
     preprocess = config.pop("preprocess", {})
     stride = config.pop("vision_stride", 32)
     try:
-        clip = open_clip.CLIP(**config)
+        with building_for(bool(spec.weights)):
+            clip = open_clip.CLIP(**config)
     except (TypeError, ValueError, AssertionError) as exc:
         raise ModelLoadError(f"invalid custom CLIP config: {_one_line(exc)}") from None
     if stride == 16 and isinstance(clip.visual, ModifiedResNet):
