@@ -17,7 +17,8 @@ import torch
 
 from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
-from pipeline.models.bundle import Bundle, load_bundle
+from pipeline.models.bundle import Bundle, load_bundle, load_manifest
+from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
 from pipeline.stages import DecodeSpec, decode_batch, peak_rss_mb, pixels_from_column, staging_schema
 from schemas.captions import CANDIDATE_TYPE
@@ -28,6 +29,29 @@ log = logging.getLogger(__name__)
 def bundle_files(path: Path) -> dict[str, bytes]:
     """A bundle directory's files by relative path: what the driver ships to the actors."""
     return {str(file.relative_to(path)): file.read_bytes() for file in sorted(path.rglob("*")) if file.is_file()}
+
+
+@dataclass(frozen=True)
+class ShippedBundle:
+    """The bundle the driver validated, as the model actors get it: at `path` where their node sees that
+    very bundle (one machine, a shared filesystem), else from `files`, its copy in the object store."""
+
+    path: str
+    sha256: str
+    files: ray.ObjectRef  # bundle_files(path)
+
+    @classmethod
+    def of(cls, path: Path, sha256: str) -> ShippedBundle:
+        return cls(str(path.resolve()), sha256, ray.put(bundle_files(path)))
+
+    def load(self) -> Bundle:
+        # reading the copy meant a copy in memory and one on disk in every actor (~1 s of its start here)
+        try:
+            if load_manifest(self.path)["sha256"] == self.sha256:
+                return load_bundle(self.path)
+        except ModelLoadError:
+            pass  # not on this node, or no longer the same files
+        return load_shipped_bundle(ray.get(self.files))
 
 
 def load_shipped_bundle(files: dict[str, bytes]) -> Bundle:
@@ -48,7 +72,7 @@ class CaptionStage:
     down to single rows; a row that still fails becomes a `model_error` row. Nothing is lost.
     """
 
-    def __init__(self, bundle_files: ray.ObjectRef, settings: DecodeSettings, dtype: str,
+    def __init__(self, bundle: ShippedBundle, settings: DecodeSettings, dtype: str,
                  batch_size: int, embedding_dim: int, metadata_json: str, cpu_threads: int | None = None,
                  decode_spec: DecodeSpec | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,7 +85,7 @@ class CaptionStage:
         if cpu_threads:
             torch.set_num_threads(1)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.bundle: Bundle = load_shipped_bundle(ray.get(bundle_files)).to(self.device, self.dtype)
+        self.bundle: Bundle = bundle.load().to(self.device, self.dtype)
         self.settings = settings
         self.batch_size = batch_size
         self.schema = staging_schema(embedding_dim, metadata_json)

@@ -25,7 +25,7 @@ import ray
 from pipeline import __version__
 from pipeline.config import ActorRange, RunConfig
 from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
-from pipeline.model_stage import CaptionStage, bundle_files
+from pipeline.model_stage import CaptionStage, ShippedBundle
 from pipeline.models.bundle import load_bundle
 from pipeline.sinks import (
     CAPTIONS,
@@ -124,7 +124,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     actors = None
     if unfinished and (remaining is None or remaining > 0):
         actors = _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim, metadata_json,
-                                       remaining)
+                                       remaining, identity["sha256"])
     model_seconds = time.time() - model_started
 
     finalize_started = time.time()
@@ -262,7 +262,8 @@ def _committed_samples(output: OutputDir) -> dict[str, set[int]]:
 
 
 def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, decode_spec: DecodeSpec,
-                          embedding_dim: int, metadata_json: str, remaining: int | None) -> ActorRange:
+                          embedding_dim: int, metadata_json: str, remaining: int | None, bundle_sha256: str,
+                          ) -> ActorRange:
     """Caption the unfinished shards into staging/; returns the actor pool it used."""
     context = ray.data.DataContext.get_current()
     # Each batch goes to the least busy model actor, not to one beside its block: model time per
@@ -292,7 +293,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
                                       batch_size=config.batch_size)
     dataset = dataset.map_batches(
         CaptionStage,
-        fn_constructor_kwargs={"bundle_files": ray.put(bundle_files(config.model_path)), "settings": config.decode,
+        fn_constructor_kwargs={"bundle": ShippedBundle.of(config.model_path, bundle_sha256), "settings": config.decode,
                                "dtype": config.dtype, "batch_size": config.batch_size, "embedding_dim": embedding_dim,
                                "metadata_json": metadata_json, "cpu_threads": cpu_threads,
                                # a CPU actor already uses its cores: decoding beside it would only make its
@@ -339,7 +340,8 @@ def auto_actors(nodes: list[dict[str, float]], gpus_per_actor: float, memory_per
 
 def actor_memory_estimate(model_path: Path) -> float:
     """Bytes a model actor holds: the runtime (~1.5 GiB: torch, transformers, Ray) and its models at ~4x their
-    files (ViT-B/32 + GPT-2 small stored as fp16, 0.48 GB: 3.4 GB measured peak RSS)."""
+    files (ViT-B/32 + GPT-2 small stored as fp16, 0.48 GB: 3.4 GB measured peak RSS loading the shipped copy;
+    2.5 GB where the actor reads the bundle in place, so this errs on the safe side)."""
     files = sum(file.stat().st_size for file in model_path.rglob("*") if file.is_file())
     return 1.5 * 2**30 + 4 * files
 

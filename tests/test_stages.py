@@ -4,10 +4,13 @@ stage falls back to smaller batches when a batch fails, so one bad sample never 
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from PIL import Image
 from pipeline import model_stage, stages
 from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageSpec
+from pipeline.models.bundle import load_bundle, load_manifest
 
 POISON = 7
 
@@ -46,10 +50,13 @@ def test_decode_batch_keeps_every_row_and_reports_bad_bytes():
     assert (stages.pixels_from_column(table.column("pixels").slice(3), 32) == 200).all()  # offsets respected
 
 
-def _caption_stage(ray_local, bundle: Path, **options) -> model_stage.CaptionStage:
-    """The model actor's class built in this process, as a Ray Data actor builds it, on the tiny bundle."""
-    return model_stage.CaptionStage(ray_local.put(model_stage.bundle_files(bundle)), DecodeSettings(max_new_tokens=3),
-                                    "fp32", batch_size=8, embedding_dim=24, metadata_json="{}", **options)
+def _caption_stage(ray_local, bundle: Path, seen_at: Path | None = None, **options) -> model_stage.CaptionStage:
+    """The model actor's class built in this process, as a Ray Data actor builds it, on the tiny bundle
+    (looked for at `seen_at` instead of its own path, if given)."""
+    shipped = model_stage.ShippedBundle.of(bundle, load_manifest(bundle)["sha256"])
+    return model_stage.CaptionStage(replace(shipped, path=str(seen_at or shipped.path)),
+                                    DecodeSettings(max_new_tokens=3), "fp32", batch_size=8, embedding_dim=24,
+                                    metadata_json="{}", **options)
 
 
 @pytest.fixture()
@@ -60,10 +67,30 @@ def stage(ray_local, tiny_bundle):
 def test_the_model_actor_leaves_no_copy_of_the_bundle_on_disk(ray_local, tiny_bundle, tmp_path, monkeypatch):
     # each actor start used to leave its bundle copy in /tmp (240 copies, 8.6 GB, on this machine)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    actor = _caption_stage(ray_local, tiny_bundle)
+    actor = _caption_stage(ray_local, tiny_bundle, seen_at=tmp_path / "on-another-node")  # loads the copy
     assert list(tmp_path.iterdir()) == []
     out = actor(stages.decode_batch(_samples([_png(10), _png(90)]), stages.DecodeSpec(ImageSpec(size=32))))
     assert out.column("status").to_pylist() == ["ok", "ok"] and None not in out.column("caption").to_pylist()
+
+
+def test_an_actor_that_sees_the_validated_bundle_loads_it_in_place(ray_local, tiny_bundle, monkeypatch):
+    def no_copy(files):
+        raise AssertionError("the shipped copy was read")
+
+    monkeypatch.setattr(model_stage, "load_shipped_bundle", no_copy)
+    actor = _caption_stage(ray_local, tiny_bundle)
+    assert actor.bundle.identity()["sha256"] == load_manifest(tiny_bundle)["sha256"]
+
+
+def test_an_actor_that_does_not_see_the_validated_bundle_loads_the_shipped_copy(ray_local, tiny_bundle, tmp_path):
+    shipped = model_stage.ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"])
+    elsewhere = tmp_path / "elsewhere"  # another node: no such directory
+    assert replace(shipped, path=str(elsewhere)).load().identity() == shipped.load().identity()
+    shutil.copytree(tiny_bundle, elsewhere)  # the same path now holds another bundle
+    manifest = json.loads((elsewhere / "bundle.json").read_text())
+    (elsewhere / "bundle.json").write_text(json.dumps({**manifest, "name": "another"}))
+    assert load_bundle(elsewhere).identity()["name"] == "another"
+    assert replace(shipped, path=str(elsewhere)).load().identity()["name"] == manifest["name"]
 
 
 def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(stage, monkeypatch):
