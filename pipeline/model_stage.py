@@ -17,7 +17,7 @@ import torch
 
 from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
-from pipeline.models.bundle import Bundle, load_bundle, load_manifest
+from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
 from pipeline.stages import DecodeSpec, decode_batch, peak_rss_mb, pixels_from_column, staging_schema
@@ -47,11 +47,12 @@ class ShippedBundle:
     def load(self) -> Bundle:
         # reading the copy meant a copy in memory and one on disk in every actor (~1 s of its start here)
         try:
-            if load_manifest(self.path)["sha256"] == self.sha256:
-                return load_bundle(self.path)
+            bundle = load_bundle(self.path)  # checks every file against its bundle.json, once
+            if bundle.identity()["sha256"] == self.sha256:
+                return bundle
         except ModelLoadError:
-            pass  # not on this node, or no longer the same files
-        return load_shipped_bundle(ray.get(self.files))
+            pass  # not on this node, or its files changed
+        return load_shipped_bundle(ray.get(self.files))  # not on this node, or another bundle there now
 
 
 def load_shipped_bundle(files: dict[str, bytes]) -> Bundle:
