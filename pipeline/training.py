@@ -170,6 +170,20 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[to
         yield order[start:start + batch_size]
 
 
+def _length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                            group: int = 50) -> list[torch.Tensor]:
+    """Random batches of similar lengths, as transformers' LengthGroupedSampler: shuffle, sort each run of
+    `group` batches by length, cut it into batches, shuffle the batches. Padding to each batch's longest
+    caption then costs little (the demo's captions run 7-25 tokens: a third of a random batch was padding)."""
+    batches = list(_batches(len(lengths), batch_size, generator))
+    grouped = []
+    for start in range(0, len(batches), group):
+        members = torch.cat(batches[start:start + group])
+        members = members[torch.tensor([lengths[i] for i in members.tolist()]).argsort(stable=True)]
+        grouped.extend(members.split(batch_size))
+    return [grouped[i] for i in torch.randperm(len(grouped), generator=generator).tolist()]
+
+
 @contextlib.contextmanager
 def _autocast(enabled: bool) -> Iterator[None]:
     """bf16 autocast; attention then takes SDPA's math kernel, because the CPU flash-attention
@@ -209,7 +223,7 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
     """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
     negative caption per image when the data provides them."""
     model = clip.clip.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1, fused=True)
     start = checkpoints.resume("clip", {"clip": model}, optimizer)
     n = len(examples.captions)
     steps_per_epoch = max(1, n // config.clip_batch_size)
@@ -271,9 +285,14 @@ def build_captioner(config: TrainConfig, prefix_dim: int, tokenizer) -> PrefixCa
     return PrefixCaptioner(captioner_config, lm, tokenizer)
 
 
-def _tokenize(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption ids + eos, right-padded; the mask marks the tokens the loss is taken on."""
-    ids = [[*tokenizer.encode(t, add_special_tokens=False)[: max_tokens - 1], tokenizer.eos_token_id] for t in texts]
+def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
+    """Caption ids + eos, at most max_tokens each."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [[*ids[: max_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
+
+
+def _pad(tokenizer, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids; the mask marks the tokens the loss is taken on."""
     width = max(len(x) for x in ids)
     tokens = torch.full((len(ids), width), tokenizer.pad_token_id or 0, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -289,7 +308,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     if config.freeze_lm:
         captioner.lm.requires_grad_(False)
     trainable = [p for p in captioner.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.caption_lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(trainable, lr=config.caption_lr, weight_decay=0.01, fused=True)
     modules = {"mapper": captioner.mapper} if config.freeze_lm else {"mapper": captioner.mapper, "lm": captioner.lm}
     start = checkpoints.resume("captioner", modules, optimizer)
     n = len(examples.captions)
@@ -305,13 +324,14 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         captioner.lm.train(not config.freeze_lm)
         generator.manual_seed(config.seed * 1000 + epoch + 1)
         rng.seed(config.seed * 1000 + epoch + 1)
-        bar = progress(list(_batches(n, config.caption_batch_size, generator)), desc=f"caption epoch {epoch + 1}",
-                       leave=False)
+        texts = [_pick_reference(references, config.first_reference_prob, rng) for references in examples.captions]
+        ids = _token_ids(captioner.tokenizer, texts, max_tokens)
+        batches = _length_grouped_batches([len(x) for x in ids], config.caption_batch_size, generator)
+        bar = progress(batches, desc=f"caption epoch {epoch + 1}", leave=False)
         epoch_losses = []
         for step, index in enumerate(bar):
             _cosine_lr(optimizer, config.caption_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
-            texts = [_pick_reference(examples.captions[i], config.first_reference_prob, rng) for i in index.tolist()]
-            tokens, mask = _tokenize(captioner.tokenizer, texts, max_tokens)
+            tokens, mask = _pad(captioner.tokenizer, [ids[i] for i in index.tolist()])
             with _autocast(config.bf16):
                 loss = captioner.caption_loss(examples.embeddings[index], tokens, mask)
             optimizer.zero_grad(set_to_none=True)

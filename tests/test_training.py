@@ -18,7 +18,15 @@ from conftest import tiny_captioner
 from pipeline.decoding import DecodeSettings, decode_texts, generate
 from pipeline.demo_world import write_corpus
 from pipeline.models.bundle import load_bundle
-from pipeline.training import ClipArch, LMArch, TrainConfig, _autocast, contrastive_loss
+from pipeline.training import (
+    ClipArch,
+    LMArch,
+    TrainConfig,
+    _autocast,
+    _batches,
+    _length_grouped_batches,
+    contrastive_loss,
+)
 from schemas.captions import captions_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -43,6 +51,24 @@ def test_contrastive_loss_uses_hard_negatives():
     easy = contrastive_loss(images, texts, None, scale)
     hard = contrastive_loss(images, texts, images.clone(), scale)  # negatives as close as the positives
     assert hard > easy + 0.1
+
+
+def test_caption_batches_group_similar_lengths_and_still_cover_every_example_once_in_random_order():
+    lengths = np.random.default_rng(0).integers(5, 26, size=1000).tolist()
+    batches = _length_grouped_batches(lengths, 16, torch.Generator().manual_seed(1), group=10)
+    members = torch.cat(batches).tolist()
+    assert all(len(batch) == 16 for batch in batches)
+    assert len(members) == len(set(members)) == 1000 // 16 * 16
+
+    def padding(batches: list[torch.Tensor]) -> int:
+        return sum(max(lengths[i] for i in batch.tolist()) * len(batch) - sum(lengths[i] for i in batch.tolist())
+                   for batch in batches)
+
+    assert padding(batches) * 4 < padding(list(_batches(1000, 16, torch.Generator().manual_seed(1))))
+    longest = [max(lengths[i] for i in batch.tolist()) for batch in batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    again = _length_grouped_batches(lengths, 16, torch.Generator().manual_seed(1), group=10)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
 def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it():

@@ -177,8 +177,10 @@ class PrefixCaptioner(nn.Module):
 
     def caption_loss(self, image_embeddings: torch.Tensor, tokens: torch.Tensor,
                      attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy on the caption tokens only (never on the prefix or padding)."""
-        logits = self(image_embeddings, tokens, attention_mask)
+        """Next-token cross-entropy on the caption tokens only (never on the prefix or padding). The
+        tokens are right-padded, so under causal attention no caption token sees a pad: the LM runs
+        without a mask (the same logits there; the mask cost a tenth of a CPU training step)."""
+        logits = self(image_embeddings, tokens)
         # position L-1+t predicts caption token t
         predictions = logits[:, self.config.prefix_length - 1 : -1]
         targets = tokens.masked_fill(attention_mask == 0, -100)
