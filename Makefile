@@ -40,5 +40,5 @@ demo: $(STAMP)
 		--disable-usage-stats --dashboard-host=127.0.0.1
 	$(VENV_PATH) ray job submit --address $(RAY_DASHBOARD) --working-dir . -- \
 		python jobs/caption_shards.py --input '$(DEMO_CORPUS)/test/*.tar' --output $(DEMO_OUT) \
-		--keep-top-fraction 0.9
+		--keep-top-fraction 0.9 --overwrite
 	$(PY) jobs/report.py $(DEMO_OUT)
