@@ -2,8 +2,8 @@
 
 The embedded demo model (reproduces pipeline/assets/demo_bundle, README "The embedded demo model"):
   python jobs/make_demo_corpus.py --out data/demo --seed 0 --train 80000 --val 1000 --test 2000
-  python jobs/train_captioner.py --data 'data/demo/train/*.tar' --out runs/v7 --clip-image-size 48 \
-      --clip-stride 16 --clip-width 24 --clip-epochs 4 --caption-epochs 16 --first-reference-prob 0.5 \
+  python jobs/train_captioner.py --data 'data/demo/train/*.tar' --out runs/v9 --clip-image-size 48 \
+      --clip-stride 16 --clip-width 24 --clip-epochs 4 --caption-epochs 24 --first-reference-prob 0.5 \
       --save-fp16 --seed 0
 
 Real models and data:
