@@ -108,6 +108,10 @@ def train(config: TrainConfig) -> dict:
 @click.option("--clip-epochs", type=click.IntRange(min=0), default=None)
 @click.option("--caption-epochs", type=click.IntRange(min=0), default=None)
 @click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--clip-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stage 1's peak learning rate (default: 2e-3).")
+@click.option("--caption-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stage 2's peak learning rate (default: 1e-3 from scratch, ClipCap's 2e-5 with --lm).")
 @click.option("--clip-image-size", type=click.IntRange(min=32), default=None,
               help="Input size of the small CLIP trained when --clip is omitted (default: 64).")
 @click.option("--clip-stride", type=click.Choice(["32", "16"]), default=None,
@@ -122,8 +126,8 @@ def train(config: TrainConfig) -> dict:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
-         batch_size, clip_image_size, clip_stride, clip_width, limit, first_reference_prob, save_fp16, bf16, seed,
-         out) -> None:
+         batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
+         first_reference_prob, save_fp16, bf16, seed, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
@@ -131,7 +135,7 @@ def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip
                          mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length, limit=limit, seed=seed,
                          first_reference_prob=first_reference_prob, save_fp16=save_fp16)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
-                 "caption_batch_size": batch_size, "bf16": bf16}
+                 "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr, "bf16": bf16}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     arch = {"image_size": clip_image_size, "vision_stride": clip_stride and int(clip_stride),
             "vision_width": clip_width}

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip
+from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip, encode_text_trimmed
 from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
 from pipeline.precision import cpu_has_fast_bf16
@@ -79,6 +79,10 @@ class LMArch:
     activation: str = "gelu"
 
 
+# rmokady/CLIP_prefix_caption's train.py: AdamW at 2e-5 for the mapper and a pretrained GPT-2
+CLIPCAP_LR = 2e-5
+
+
 @dataclass
 class TrainConfig:
     out: str
@@ -97,7 +101,7 @@ class TrainConfig:
     clip_batch_size: int = 128
     caption_batch_size: int = 128
     clip_lr: float = 2e-3
-    caption_lr: float = 1e-3
+    caption_lr: float | None = None  # None: 1e-3 for a GPT-2 from scratch, ClipCap's 2e-5 for a pretrained --lm
     seed: int = 0
     limit: int | None = None
     bf16: bool = field(default_factory=cpu_has_fast_bf16)  # autocast; off where bf16 is not native
@@ -107,8 +111,14 @@ class TrainConfig:
     first_reference_prob: float | None = None
     save_fp16: bool = False  # store the bundle's weights as fp16 (half the size; loaded as fp32)
 
+    def caption_peak_lr(self) -> float:
+        """caption_lr, else by the LM: a from-scratch rate would wreck a pretrained LM's weights in a few steps."""
+        if self.caption_lr is not None:
+            return self.caption_lr
+        return 1e-3 if self.lm is None else CLIPCAP_LR
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"caption_lr": self.caption_peak_lr()}
 
 
 @dataclass
@@ -243,7 +253,8 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
             negatives = [rng.choice(examples.negatives[i]) for i in index.tolist()] if examples.negatives else []
             with _autocast(config.bf16):
                 image_features = F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1)
-                all_text = F.normalize(model.encode_text(clip.tokenizer(texts + negatives)), dim=-1).float()
+                # trimmed to the batch's longest caption: 25 of the 32 positions for the demo's (2.5% of a step)
+                all_text = F.normalize(encode_text_trimmed(model, clip.tokenizer(texts + negatives)), dim=-1).float()
                 loss = contrastive_loss(image_features.float(), all_text[: len(texts)],
                                         all_text[len(texts):] if negatives else None,
                                         model.logit_scale.exp().clamp(max=100))
@@ -308,7 +319,8 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     if config.freeze_lm:
         captioner.lm.requires_grad_(False)
     trainable = [p for p in captioner.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.caption_lr, weight_decay=0.01, fused=True)
+    peak_lr = config.caption_peak_lr()
+    optimizer = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.01, fused=True)
     modules = {"mapper": captioner.mapper} if config.freeze_lm else {"mapper": captioner.mapper, "lm": captioner.lm}
     start = checkpoints.resume("captioner", modules, optimizer)
     n = len(examples.captions)
@@ -330,7 +342,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         bar = progress(batches, desc=f"caption epoch {epoch + 1}", leave=False)
         epoch_losses = []
         for step, index in enumerate(bar):
-            _cosine_lr(optimizer, config.caption_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
+            _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
             tokens, mask = _pad(captioner.tokenizer, [ids[i] for i in index.tolist()])
             with _autocast(config.bf16):
                 loss = captioner.caption_loss(examples.embeddings[index], tokens, mask)

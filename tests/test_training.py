@@ -19,6 +19,7 @@ from pipeline.decoding import DecodeSettings, decode_texts, generate
 from pipeline.demo_world import write_corpus
 from pipeline.models.bundle import load_bundle
 from pipeline.training import (
+    CLIPCAP_LR,
     ClipArch,
     LMArch,
     TrainConfig,
@@ -92,6 +93,8 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     data = (str(tmp_path / "corpus" / "train" / "*.tar"),)
     first = train(_config(tmp_path / "run", data=data))
     assert len(first["clip_losses"]) == 1 and len(first["caption_losses"]) == 1
+    # the GPT-2 trained from scratch gets the from-scratch rate, recorded in the run summary
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["config"]["caption_lr"] == 1e-3
     bundle = load_bundle(tmp_path / "run" / "bundle")
     assert bundle.encoder.image_spec.size == 32 and bundle.captioner.config.prefix_length == 4
     pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
@@ -121,6 +124,7 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     assert from_output["examples"] == 19 and "clip_losses" not in from_output
     summary = json.loads((tmp_path / "next" / "train_summary.json").read_text())
     assert summary["config"]["embeddings_from"] == [str(tmp_path / "output" / "filtered")]
+    assert summary["config"]["caption_lr"] == CLIPCAP_LR  # a pretrained LM is fine-tuned at ClipCap's rate
     assert load_bundle(tmp_path / "next" / "bundle").encoder.embed_dim == dim
 
 
