@@ -176,14 +176,14 @@ class PrefixCaptioner(nn.Module):
         return self.lm(inputs_embeds=embeds, attention_mask=attention_mask).logits
 
     def caption_loss(self, image_embeddings: torch.Tensor, tokens: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token cross-entropy on the caption tokens only (never on the prefix or padding). The
-        tokens are right-padded, so under causal attention no caption token sees a pad: the LM runs
-        without a mask (the same logits there; the mask cost a tenth of a CPU training step)."""
+                     caption_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy on the caption tokens only (`caption_mask` 1), never on the prefix or the
+        padding (0). The tokens are right-padded, so under causal attention no caption token sees a pad: the
+        LM runs without a mask (the same logits there; the mask cost a tenth of a CPU training step)."""
         logits = self(image_embeddings, tokens)
         # position L-1+t predicts caption token t
         predictions = logits[:, self.config.prefix_length - 1 : -1]
-        targets = tokens.masked_fill(attention_mask == 0, -100)
+        targets = tokens.masked_fill(caption_mask == 0, -100)
         return F.cross_entropy(predictions.reshape(-1, predictions.shape[-1]).float(), targets.reshape(-1),
                                ignore_index=-100)
 
