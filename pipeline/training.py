@@ -253,7 +253,7 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
             negatives = [rng.choice(examples.negatives[i]) for i in index.tolist()] if examples.negatives else []
             with _autocast(config.bf16):
                 image_features = F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1)
-                # trimmed to the batch's longest caption: 25 of the 32 positions for the demo's (2.5% of a step)
+                # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
                 all_text = F.normalize(encode_text_trimmed(model, clip.tokenizer(texts + negatives)), dim=-1).float()
                 loss = contrastive_loss(image_features.float(), all_text[: len(texts)],
                                         all_text[len(texts):] if negatives else None,
