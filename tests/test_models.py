@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 
 import numpy as np
 import open_clip
@@ -15,7 +17,7 @@ from pipeline.captioning import caption_batch
 from pipeline.decoding import DecodeSettings
 from pipeline.images import ImageSpec
 from pipeline.models import clip as clip_module
-from pipeline.models.bundle import Bundle
+from pipeline.models.bundle import Bundle, load_bundle, save_bundle
 from pipeline.models.captioner import CaptionerConfig, MLPMapper, PrefixCaptioner, TransformerMapper
 from pipeline.models.clip import ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
@@ -138,6 +140,51 @@ def test_named_architecture_loads_a_local_weights_file(tmp_path):
         tokens = open_clip.get_tokenizer("ViT-B-32")(["bir kedi"])
         assert torch.allclose(loaded.encode_texts(["bir kedi"]),
                               torch.nn.functional.normalize(original.encode_text(tokens), dim=-1), atol=1e-5)
+
+
+def test_openai_torchscript_file_loads_without_torchscript_and_keeps_quick_gelu(tokenizer, tmp_path, monkeypatch):
+    """OpenAI's original CLIP files (`clip.load`'s ViT-B-32.pt) are TorchScript archives of fp16 weights for
+    QuickGELU models: named with the plain architecture they load, never through torch.jit.load or
+    torch.load, with QuickGELU, and a bundle made from them keeps QuickGELU."""
+    torch.manual_seed(0)
+    original = open_clip.create_model("ViT-B-32-quickgelu").eval().half()
+    archive = tmp_path / "ViT-B-32.pt"
+    torch.jit.script(original).save(str(archive))
+    original = original.float()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the archive was handed to torch's own loaders")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = create_clip(ClipSpec.parse(f"ViT-B-32:{archive}"))
+    assert clip_module.uses_quick_gelu(loaded.clip)
+    assert not clip_module.uses_quick_gelu(create_clip(ClipSpec.parse("ViT-B-32")).clip)
+    pixels = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected = torch.nn.functional.normalize(original.encode_image(loaded.normalize_pixels(pixels)), dim=-1)
+        assert torch.allclose(loaded.encode_images(pixels), expected, atol=1e-5)
+
+    manifest = save_bundle(tmp_path / "bundle", loaded, ClipSpec.parse(f"ViT-B-32:{archive}"),
+                           tiny_captioner(tokenizer, prefix_dim=512), dtype=torch.float16)
+    assert manifest["encoder"] == {"arch": "ViT-B-32", "weights": "encoder.safetensors", "quick_gelu": True}
+    archive.unlink()
+    reloaded = load_bundle(tmp_path / "bundle").encoder
+    with torch.inference_mode():
+        assert torch.allclose(reloaded.encode_images(pixels), expected, atol=1e-5)
+
+
+def test_hostile_torchscript_archive_is_refused_without_running_anything(tmp_path):
+    """A zip shaped like a TorchScript archive whose pickle calls os.system: one clear error, nothing run."""
+    marker = tmp_path / "ran"
+    payload = b"cos\nsystem\n(V" + f"touch {marker}".encode() + b"\ntR."
+    archive = tmp_path / "ViT-B-32.pt"
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("model/data.pkl", payload)
+        handle.writestr("model/constants.pkl", pickle.dumps(()))
+    with pytest.raises(ModelLoadError, match=r"refusing os\.system") as info:
+        create_clip(ClipSpec.parse(f"ViT-B-32:{archive}"))
+    assert "\n" not in str(info.value) and not marker.exists()
 
 
 def test_local_dir_schema_loads_config_and_weights(tokenizer, tmp_path):

@@ -7,7 +7,8 @@ Layout:
   mapper.safetensors    ClipCap mapper weights
   lm/                   the language model and its tokenizer, Hugging Face `save_pretrained` form
   scorer.*              only when the scorer is not the encoder itself
-Nothing is unpickled: weights are safetensors, and open_clip `.pt` files load with weights_only=True.
+Nothing is unpickled with code execution: weights are safetensors, open_clip `.pt` files load with
+weights_only=True, and TorchScript archives (OpenAI's CLIP files) through an unpickler that only builds tensors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_clip
+from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_clip, uses_quick_gelu
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer
 from pipeline.models.weights import building_for, load_weights, save_weights
@@ -177,6 +178,8 @@ def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: t
     elif spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):
         save_weights(model.clip, path / f"{role}.safetensors", dtype)
         entry["weights"] = f"{role}.safetensors"
+        if spec.arch != CUSTOM and uses_quick_gelu(model.clip):
+            entry["quick_gelu"] = True  # the stored weights need it whatever the name says (OpenAI's files)
     if isinstance(model.tokenizer, ClipTextTokenizer):
         model.tokenizer.tokenizer.save(str(path / f"{role}_tokenizer.json"))
         entry["tokenizer"] = f"{role}_tokenizer.json"

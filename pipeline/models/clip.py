@@ -6,6 +6,9 @@ Preprocessing is split where it is cheapest: resize + center crop to uint8 happe
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -14,13 +17,19 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import QuickGELU, text_global_pool
 from torch import nn
 
 from pipeline.images import ImageSpec
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, TextTokenizer
-from pipeline.models.weights import building_for, load_weights
+from pipeline.models.weights import (
+    building_for,
+    is_torchscript_archive,
+    load_state,
+    load_weights,
+    read_torchscript_state,
+)
 
 CUSTOM = "custom"
 LOCAL_DIR = "local-dir:"
@@ -36,7 +45,10 @@ class ClipSpec:
 
     arch: an open_clip model name ('ViT-B-32', 'hf-hub:org/repo', 'local-dir:/path') or 'custom'.
     weights: an open_clip pretrained tag ('openai', 'laion2b_s34b_b79k') or a local file
-      (.safetensors / .pt / .bin, relative paths resolve against the bundle directory).
+      (.safetensors / .pt / .bin, relative paths resolve against the bundle directory), including
+      OpenAI's original TorchScript files (`clip.load`'s ViT-B-32.pt), which imply QuickGELU.
+    quick_gelu: build the architecture with QuickGELU, as OpenAI's weights need (open_clip's '-quickgelu'
+      names and 'openai' tags do that themselves; a bundle records it for weights it stores).
     config: for 'custom', the keyword arguments of `open_clip.CLIP` plus an optional 'preprocess'
       entry (size, mean, std, interpolation).
     tokenizer: for 'custom', a `tokenizers` JSON file.
@@ -46,6 +58,7 @@ class ClipSpec:
     weights: str | None = None
     config: dict[str, Any] | None = None
     tokenizer: str | None = None
+    quick_gelu: bool | None = None
 
     @classmethod
     def parse(cls, text: str) -> ClipSpec:
@@ -59,6 +72,10 @@ class ClipSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+def uses_quick_gelu(clip: nn.Module) -> bool:
+    return any(isinstance(module, QuickGELU) for module in clip.modules())
 
 
 class ClipModel(nn.Module):
@@ -136,13 +153,19 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     arch = spec.arch
     if arch.startswith(LOCAL_DIR) and base_dir is not None and (base_dir / arch.removeprefix(LOCAL_DIR)).is_dir():
         arch = f"{LOCAL_DIR}{base_dir / arch.removeprefix(LOCAL_DIR)}"  # a folder inside the bundle
+    # OpenAI's own files are TorchScript: read safely here (open_clip would refuse or run them), QuickGELU
+    openai_archive = weights is not None and Path(weights).is_file() and is_torchscript_archive(weights)
     try:
-        with building_for(weights is not None):  # open_clip loads pretrained weights strictly
-            clip = open_clip.create_model(arch, pretrained=weights, weights_only=True)
+        with building_for(weights is not None), _quiet_random_init_warning(openai_archive):
+            clip = open_clip.create_model(arch, pretrained=None if openai_archive else weights, weights_only=True,
+                                          force_quick_gelu=bool(spec.quick_gelu) or openai_archive)
         tokenizer = open_clip.get_tokenizer(arch)
     except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError) as exc:
         what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
         raise ModelLoadError(f"cannot load CLIP {what!r}: {_one_line(exc)}") from None
+    if openai_archive:
+        expected = clip.state_dict()  # the archive also holds tensors that are not weights (cached masks)
+        load_state(clip, {k: v for k, v in read_torchscript_state(weights).items() if k in expected}, weights)
     cfg = open_clip.get_model_preprocess_cfg(clip)
     if cfg.get("resize_mode", "shortest") != "shortest":
         raise ModelLoadError(f"CLIP {spec.arch!r}: resize_mode {cfg['resize_mode']!r} is not supported yet")
@@ -179,6 +202,19 @@ def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
     mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
     return ClipModel(clip, tokenizer, image_spec, mean, std)
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(quiet: bool) -> Iterator[None]:
+    """open_clip warns "Model initialized randomly" when it loads no weights itself; untrue when we do."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not quiet or "initialized randomly" not in record.getMessage()
+
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
 
 
 def _resolve(weights: str | None, base_dir: Path | None) -> str | None:
