@@ -183,10 +183,11 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
         batch = torch.from_numpy(np.stack(pixels))
         with torch.inference_mode():
             t0 = time.perf_counter()
-            embeddings = bundle.encoder.encode_images(batch)
+            features = bundle.encoder.encode_images(batch, normalize=False)  # as caption_batch
+            embeddings = torch.nn.functional.normalize(features, dim=-1)
             t1 = time.perf_counter()
             texts = decode_texts(bundle.captioner, [c[0] for c in generate(
-                bundle.captioner, bundle.captioner.prefix(embeddings), settings)])
+                bundle.captioner, bundle.captioner.prefix(features), settings)])
             t2 = time.perf_counter()
             (embeddings * bundle.scorer.encode_texts(texts)).sum(-1)
             t3 = time.perf_counter()

@@ -25,7 +25,8 @@ from pipeline.models.errors import ModelLoadError
               help="Transformer mapper only; read from the checkpoint when omitted.")
 @click.option("--num-layers", type=click.IntRange(min=1), default=None,
               help="Transformer mapper only; read from the checkpoint when omitted.")
-@click.option("--normalize-prefix", is_flag=True, help="The checkpoint was trained with --normalize_prefix.")
+@click.option("--normalize-prefix", is_flag=True,
+              help="The checkpoint was trained with --normalize_prefix; else its mapper gets CLIP's raw features.")
 @click.option("--scorer", default=None,
               help="open_clip ARCH[:WEIGHTS] that scores captions (e.g. xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k); "
                    "default: the encoder.")

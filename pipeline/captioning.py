@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.decoding import DecodeSettings, decode_texts, generate
 from pipeline.models.bundle import Bundle
@@ -30,8 +31,9 @@ def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings
     `scorer_pixels` are the same images at the scorer's input size, needed only when the scorer is
     a different model with a different input size.
     """
-    embeddings = bundle.encoder.encode_images(pixels)
-    token_lists = generate(bundle.captioner, bundle.captioner.prefix(embeddings), settings)
+    features = bundle.encoder.encode_images(pixels, normalize=False)
+    embeddings = F.normalize(features, dim=-1)
+    token_lists = generate(bundle.captioner, bundle.captioner.prefix(features), settings)
     per_image = [len(candidates) for candidates in token_lists]
     texts = decode_texts(bundle.captioner, [tokens for candidates in token_lists for tokens in candidates])
     if bundle.scorer is bundle.encoder:

@@ -17,7 +17,7 @@ from pipeline.models.errors import ModelLoadError
 @pytest.fixture()
 def bundle_dir(tokenizer, tmp_path):
     clip, spec = tiny_clip(tokenizer, tmp_path / "src")
-    captioner = tiny_captioner(tokenizer, mapper="transformer", normalize_prefix=True)
+    captioner = tiny_captioner(tokenizer, mapper="transformer", raw_prefix=True)
     save_bundle(tmp_path / "bundle", clip, spec, captioner, name="tiny")
     return tmp_path / "bundle", clip, captioner
 

@@ -21,7 +21,7 @@ def _prefixes(captioner, n: int, seed: int = 0, dtype=torch.float64) -> torch.Te
 def _captioner_with_mixed_lengths(tokenizer, max_new_tokens: int):
     """Random models rarely emit '.', so pick as stop token a token the reference loop emits at
     different positions for different images: then greedy runs end at mixed lengths."""
-    captioner = tiny_captioner(tokenizer, stop_token="").double()
+    captioner = tiny_captioner(tokenizer, stop_token="", raw_prefix=True).double()  # the prefixes as drawn
     prefix = _prefixes(captioner, 12)
     runs = [reference_clipcap_generate(captioner, prefix[i:i + 1], max_new_tokens) for i in range(12)]
     for token in sorted({t for run in runs for t in run}):
@@ -79,7 +79,7 @@ def _sequence_logprob(captioner, prefix: torch.Tensor, tokens: list[int]) -> flo
 def test_beam_search_with_full_width_is_exact_over_two_tokens(tokenizer):
     """With beam width >= vocabulary size and two steps, beam search is exhaustive: its best
     candidate must be the most probable sequence (length penalty 0 = plain sum of log-probs)."""
-    captioner = tiny_captioner(tokenizer, stop_token="").double()
+    captioner = tiny_captioner(tokenizer, stop_token="", raw_prefix=True).double()  # the prefixes as drawn
     prefix = _prefixes(captioner, 2, seed=3)
     vocab = captioner.lm.config.vocab_size
     settings = DecodeSettings(method="beam", beam_width=vocab, num_candidates=3, max_new_tokens=2,

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from clipcap_reference import ClipCaptionModel
 from conftest import tiny_clip_config, tiny_lm
 
+from pipeline.captioning import caption_batch
+from pipeline.decoding import DecodeSettings, decode_texts, generate
 from pipeline.models.bundle import load_bundle
 from pipeline.models.clipcap_import import import_clipcap
 from pipeline.models.errors import ModelLoadError
@@ -134,3 +136,32 @@ def test_a_separate_scorer_is_stored_and_loaded(tokenizer, parts, tmp_path):
     pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
     with torch.inference_mode():
         assert torch.allclose(bundle.scorer.encode_images(pixels), bundle.encoder.encode_images(pixels))
+
+
+@pytest.mark.parametrize("normalize_prefix", [False, True], ids=["raw_features", "normalize_prefix"])
+def test_captioning_feeds_the_imported_mapper_what_clipcap_trained_it_on(tokenizer, parts, tmp_path,
+                                                                        normalize_prefix):
+    """The original ClipCap trained its mappers on CLIP's image features as encode_image returns them (a norm
+    near 10 for ViT-B/32), L2-normalized only under --normalize_prefix: an imported bundle captions as the
+    reference model does on those features, not on the unit vectors this project's own captioners take."""
+    lm_dir, clip = parts
+    reference = _reference(tokenizer, "mlp", seed=11)
+    torch.save(reference.state_dict(), tmp_path / "c.pt")
+    import_clipcap(tmp_path / "c.pt", str(lm_dir), clip, "mlp", 4, tmp_path / "b", normalize_prefix=normalize_prefix)
+    bundle = load_bundle(tmp_path / "b")
+    with torch.no_grad():
+        bundle.encoder.clip.visual.proj.mul_(10)  # a random tower's features are near unit length; CLIP's are not
+    pixels = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
+    settings = DecodeSettings(max_new_tokens=8)
+
+    def reference_captions(features: torch.Tensor) -> list[str]:
+        prefix = reference.clip_project(features).view(len(features), 4, -1)
+        return decode_texts(bundle.captioner, [c[0] for c in generate(bundle.captioner, prefix, settings)])
+
+    with torch.inference_mode():
+        features = bundle.encoder.clip.encode_image(bundle.encoder.normalize_pixels(pixels))
+        assert features.norm(dim=-1).min() > 3
+        unit = torch.nn.functional.normalize(features, dim=-1)
+        expected, other = (unit, features) if normalize_prefix else (features, unit)
+        assert caption_batch(bundle, pixels, settings).captions == reference_captions(expected) \
+            != reference_captions(other)

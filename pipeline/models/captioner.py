@@ -28,7 +28,9 @@ class CaptionerConfig:
     prefix_dim: int = 512          # CLIP embedding width
     clip_length: int = 10          # transformer mapper: tokens the CLIP embedding is projected to
     num_layers: int = 8            # transformer mapper depth
-    normalize_prefix: bool = False  # ClipCap's --normalize_prefix: L2-normalize before the mapper
+    # the mapper takes the CLIP image features as the encoder returns them, not L2-normalized: the original
+    # ClipCap trained its mappers so (its --normalize_prefix off); this project's captioners take unit vectors
+    raw_prefix: bool = False
     stop_token: str = "."          # ClipCap stops at '.', as well as at the LM's eos
 
     def to_json(self) -> dict[str, Any]:
@@ -154,13 +156,11 @@ class PrefixCaptioner(nn.Module):
     def embed_dim(self) -> int:
         return int(self.lm.get_input_embeddings().weight.shape[1])
 
-    def prefix(self, image_embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, prefix_dim) CLIP embeddings -> (B, prefix_length, E) LM input embeddings."""
-        dtype = self.lm.get_input_embeddings().weight.dtype
-        x = image_embeddings.to(dtype)
-        if self.config.normalize_prefix:
-            x = F.normalize(x, dim=-1)
-        return self.mapper(x)
+    def prefix(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, prefix_dim) CLIP image features, L2-normalized or not -> (B, prefix_length, E) LM input
+        embeddings. The mapper sees them normalized, unless it was trained on raw features (`raw_prefix`)."""
+        x = image_features if self.config.raw_prefix else F.normalize(image_features, dim=-1)
+        return self.mapper(x.to(self.lm.get_input_embeddings().weight.dtype))
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(tokens)

@@ -104,10 +104,11 @@ class ClipModel(nn.Module):
         pixels = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         return ((pixels - self.pixel_mean) / self.pixel_std).to(dtype)
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W, 3) images, already resized/cropped to `image_spec.size`."""
-        return self._in_chunks(pixels, lambda chunk: F.normalize(
-            self.clip.encode_image(self.normalize_pixels(chunk)).float(), dim=-1))
+    def encode_images(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """uint8 (B, H, W, 3) images, already resized/cropped to `image_spec.size`; `normalize=False` gives
+        the features before L2 normalization (what the original ClipCap's mappers take)."""
+        features = self._in_chunks(pixels, lambda chunk: self.clip.encode_image(self.normalize_pixels(chunk)).float())
+        return F.normalize(features, dim=-1) if normalize else features
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         # shortest first, so that each chunk is trimmed to a length close to all of its texts'

@@ -77,7 +77,7 @@ def import_clipcap(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_len
             clip_length = mapper_state["linear.weight"].shape[0] // embed_dim
     config = CaptionerConfig(mapper=mapper, prefix_length=prefix_length, prefix_dim=encoder.embed_dim,
                              clip_length=clip_length or prefix_length, num_layers=num_layers or 8,
-                             normalize_prefix=normalize_prefix, stop_token=stop_token)
+                             raw_prefix=not normalize_prefix, stop_token=stop_token)
     captioner = PrefixCaptioner(config, language_model, tokenizer)
     load_state(captioner.mapper, mapper_state, f"{checkpoint} ({MAPPER_PREFIX}*)")
     scorer_spec = ClipSpec.parse(scorer) if scorer else None
