@@ -14,7 +14,8 @@ record whose `status` names the problem. Each record is a dict with exactly thes
     error          str|None     one line, None when status is "ok"
 
 Error kinds: "no_image" (sample without image), "unsupported" (Parquet image column of a type we
-cannot read), "split_sample" (a tar key whose members are not contiguous), "read_error" (one file of
+cannot read; a folder entry that is a device or FIFO), "too_large" (an image file over MAX_IMAGE_BYTES
+or a txt/json over MAX_TEXT_BYTES, never read), "split_sample" (a tar key whose members are not contiguous), "read_error" (one file of
 a folder could not be read), and two shard-level kinds with key "<shard url>#<kind>" so they stay
 unique in a run: "unreadable_shard" (not a tar / not a Parquet file / cannot be opened) and
 "truncated_shard" (tar cut or corrupt after its start; the complete samples before are yielded).
@@ -48,6 +49,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DEFAULT_IMAGE_COLUMNS = ("jpg", "image")
 TEXT_COLUMNS = ("caption", "text")
+# Files above these sizes are never read, so a hostile multi-gigabyte member cannot fill a reader's memory:
+# an uncompressed 100 MP RGB image (ImageSpec's pixel limit) is 300 MB; LAION's json is a few KB.
+MAX_IMAGE_BYTES = 320 << 20
+MAX_TEXT_BYTES = 4 << 20
 # Rows are images (10 KB - 1 MB each): small batches keep the reader's memory flat.
 PARQUET_BATCH_ROWS = 64
 
@@ -274,6 +279,7 @@ class _TarSample:
         self.image: bytes | None = None
         self.text: bytes | None = None
         self.meta: bytes | None = None
+        self.too_large: str | None = None
 
     def add(self, suffix: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         self.suffixes.append(suffix)
@@ -281,12 +287,20 @@ class _TarSample:
             return
         rank = _IMAGE_RANK.get(suffix)
         # Members are read only when used; a repeated suffix keeps the first copy.
-        if rank is not None and rank < self.image_rank:
-            self.image, self.image_rank = _member_bytes(tar, member), rank
-        elif suffix == "txt" and self.text is None:
-            self.text = _member_bytes(tar, member)
-        elif suffix == "json" and self.meta is None:
-            self.meta = _member_bytes(tar, member)
+        if not ((rank is not None and rank < self.image_rank) or (suffix == "txt" and self.text is None)
+                or (suffix == "json" and self.meta is None)):
+            return
+        too_large = _over_limit(f"{self.key}.{suffix}", member.size, image=rank is not None)
+        if too_large:
+            self.too_large = self.too_large or too_large
+            return
+        data = _member_bytes(tar, member)
+        if rank is not None:
+            self.image, self.image_rank = data, rank
+        elif suffix == "txt":
+            self.text = data
+        else:
+            self.meta = data
 
     def record(self, url: str) -> dict:
         found = ", ".join(self.suffixes)
@@ -296,6 +310,8 @@ class _TarSample:
                                  f"({found}) was not merged with the earlier one")
         text = None if self.text is None else _decode(self.text)
         meta = None if self.meta is None else _decode(self.meta)
+        if self.too_large:
+            return _record(self.key, url, original_text=text, meta=meta, status="too_large", error=self.too_large)
         if self.image is None:
             return _record(self.key, url, original_text=text, meta=meta, status="no_image",
                            error=f"no image member for key {self.key!r} (members: {found})")
@@ -425,17 +441,28 @@ def _image_value(value: Any, column: str | None) -> tuple[bytes | None, str | No
 def _read_folder(url: str) -> Iterator[dict]:
     fs, root = url_to_fs(url)
     root = root.rstrip("/")
-    paths = sorted(fs.find(root))  # the one listing; everything below streams file by file
-    sidecars = {p for p in paths if p.endswith((".txt", ".json"))}
-    for path in paths:
+    listing = fs.find(root, detail=True)  # the one listing; everything below streams file by file
+    for path in sorted(listing):
         relative = path[len(root):].lstrip("/")
         if not _image_extension(relative) or any(part.startswith(".") for part in relative.split("/")):
             continue  # hidden files (macOS "._x.jpg", ".thumbnails/") are not samples
         key, stem = _clean(relative), path.rsplit(".", 1)[0]
+        files = {path: listing[path], **{stem + suffix: listing[stem + suffix] for suffix in (".txt", ".json")
+                                         if stem + suffix in listing}}
+        # a device or FIFO named like an image (a link to /dev/zero) would be read forever
+        special = next((name for name, info in files.items() if info.get("type") != "file"), None)
+        if special is not None:
+            yield _record(key, url, status="unsupported", error=f"not a regular file: {special}")
+            continue
+        too_large = next((reason for name, info in files.items()
+                          if (reason := _over_limit(name, info.get("size") or 0, image=name == path))), None)
+        if too_large:
+            yield _record(key, url, status="too_large", error=too_large)
+            continue
         try:
             image = fs.cat_file(path)
-            text = _decode(fs.cat_file(stem + ".txt")) if stem + ".txt" in sidecars else None
-            meta = _decode(fs.cat_file(stem + ".json")) if stem + ".json" in sidecars else None
+            text = _decode(fs.cat_file(stem + ".txt")) if stem + ".txt" in files else None
+            meta = _decode(fs.cat_file(stem + ".json")) if stem + ".json" in files else None
         except OSError as exc:
             yield _record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
             continue
@@ -444,6 +471,11 @@ def _read_folder(url: str) -> Iterator[dict]:
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
+
+
+def _over_limit(name: str, size: int, image: bool) -> str | None:
+    limit = MAX_IMAGE_BYTES if image else MAX_TEXT_BYTES
+    return f"{name} is {size:,} bytes, over the limit of {limit:,}; not read" if size > limit else None
 
 
 def _image_extension(name: str) -> str | None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import sources
 from pipeline.sources import FOLDER, PARQUET, WEBDATASET, InputError, Shard, _split_key, expand_inputs, read_samples
 
 RECORD_KEYS = {"key", "source", "image", "original_text", "meta", "status", "error"}
@@ -254,6 +255,55 @@ def test_tar_is_read_as_a_stream() -> None:
         release.set()
     assert [r["key"] for r in samples] == [f"{i:05d}" for i in range(1, 20)]
     thread.join()
+
+
+def test_oversized_tar_members_become_too_large_rows_without_being_read(monkeypatch) -> None:
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr(sources, "MAX_TEXT_BYTES", 100)
+    read = []
+    member_bytes = sources._member_bytes
+    monkeypatch.setattr(sources, "_member_bytes", lambda tar, member: read.append(member.name) or member_bytes(
+        tar, member))
+    data = tar_bytes([("big.jpg", b"j" * 5000), ("big.txt", b"a caption"),
+                      ("wordy.jpg", b"j" * 10), ("wordy.json", b"{" * 500),
+                      ("fine.jpg", b"j" * 1000), ("fine.txt", b"t" * 100)])
+    fsspec.filesystem("memory").pipe("/oversized.tar", data)
+    try:
+        records = read_all("memory://oversized.tar", WEBDATASET)
+    finally:
+        fsspec.filesystem("memory").rm("/oversized.tar")
+    assert [(r["key"], r["status"]) for r in records] == [("big", "too_large"), ("wordy", "too_large"),
+                                                         ("fine", "ok")]
+    assert records[0]["error"] == "big.jpg is 5,000 bytes, over the limit of 1,000; not read"
+    assert records[0]["original_text"] == "a caption" and records[0]["image"] is None
+    assert "wordy.json is 500 bytes" in records[1]["error"]
+    assert records[2]["image"] == b"j" * 1000 and records[2]["original_text"] == "t" * 100
+    assert read == ["big.txt", "wordy.jpg", "fine.jpg", "fine.txt"]
+
+
+def test_folder_entries_that_are_not_regular_files_or_too_large_are_rows_not_reads(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """A FIFO or a link to a device named like an image would block or read forever; a huge file would be
+    read whole. Each becomes one row saying why, and the run goes on."""
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 1000)
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(b"a")
+    (root / "big.jpg").write_bytes(b"b" * 1001)
+    (root / "device.jpg").symlink_to("/dev/null")
+    os.mkfifo(root / "fifo.jpg")
+    (root / "z.jpg").write_bytes(b"z")
+    os.mkfifo(root / "z.txt")
+    result: list[list[dict]] = []
+    reader = threading.Thread(target=lambda: result.append(read_all(str(root), FOLDER)), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    assert result, "reading the folder blocked"
+    assert [(r["key"], r["status"]) for r in result[0]] == [
+        ("a.jpg", "ok"), ("big.jpg", "too_large"), ("device.jpg", "unsupported"), ("fifo.jpg", "unsupported"),
+        ("z.jpg", "unsupported")]
+    assert result[0][2]["error"] == f"not a regular file: {root / 'device.jpg'}"
+    assert result[0][4]["error"] == f"not a regular file: {root / 'z.txt'}"
 
 
 # -------------------------------------------------------------------------------------- parquet shards
