@@ -15,10 +15,11 @@ record whose `status` names the problem. Each record is a dict with exactly thes
 
 Error kinds: "no_image" (sample without image), "unsupported" (Parquet image column of a type we
 cannot read; a folder entry that is a device or FIFO), "too_large" (an image file over MAX_IMAGE_BYTES
-or a txt/json over MAX_TEXT_BYTES, never read), "split_sample" (a tar key whose members are not contiguous), "read_error" (one file of
-a folder could not be read), and two shard-level kinds with key "<shard url>#<kind>" so they stay
-unique in a run: "unreadable_shard" (not a tar / not a Parquet file / cannot be opened) and
-"truncated_shard" (tar cut or corrupt after its start; the complete samples before are yielded).
+or a txt/json over MAX_TEXT_BYTES, never read), "split_sample" (a tar key whose members are not
+contiguous), "read_error" (one file of a folder could not be read), and two shard-level kinds with
+key "<shard url>#<kind>" so they stay unique in a run: "unreadable_shard" (not a tar / not a Parquet
+file / cannot be opened) and "truncated_shard" (tar cut or corrupt after its start; the complete
+samples before are yielded).
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from fsspec.implementations.local import LocalFileSystem
 WEBDATASET, PARQUET, FOLDER = "webdataset", "parquet", "folder"
 
 # Lower-case extensions taken as images; when one key has several (KEY.jpg and KEY.png) the first in
-# this order wins, so the choice does not depend on member order inside the tar.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm")
+# this order wins, so the choice does not depend on member order inside the tar. HEIC/HEIF (iPhone photos)
+# cannot be decoded, but they are samples: each becomes a row saying so rather than vanishing from a folder.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm",
+                    "heic", "heif")
 # "r|*" decompresses gzip transparently, so compressed WebDataset shards work as well.
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DEFAULT_IMAGE_COLUMNS = ("jpg", "image")

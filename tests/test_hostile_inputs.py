@@ -89,6 +89,8 @@ HOSTILE_TAR: dict[str, tuple[dict[str, bytes], str, tuple[int, int] | None]] = {
     "gray-16bit": ({"png": _gray16_png()}, "ok", ODD),
     "animated": ({"gif": _animated_gif()}, "ok", ODD),
     "webp": ({"webp": _encode(_noise(ODD), "WEBP")}, "ok", ODD),
+    "avif": ({"avif": _encode(_noise(ODD), "AVIF")}, "ok", ODD),
+    "iphone-heic": ({"heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)}, "unsupported", None),
     "exif-rotated": ({"jpg": _rotated_jpeg()}, "ok", (40, 60)),
     "text-only": ({"txt": b"resim yok", "json": b"{}"}, "no_image", None),
     "not-an-image": ({"bin": b"\x00\x01\x02"}, "no_image", None),

@@ -99,7 +99,8 @@ def test_bad_specs_raise_one_clear_line(tmp_path: Path, spec: str, message: str)
 
 def test_directory_input_walks_nested_folders(tmp_path: Path) -> None:
     root = tmp_path / "images"
-    for relative in ("a.jpg", "sub/b.PNG", "sub/deeper/c.webp", ".hidden/x.jpg", "sub/._b.jpg"):
+    for relative in ("a.jpg", "sub/b.PNG", "sub/deeper/c.webp", "sub/d.avif", "sub/IMG_0001.HEIC", ".hidden/x.jpg",
+                     "sub/._b.jpg"):
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_bytes(relative.encode())
     (root / "sub" / "b.txt").write_text("İki sarı yıldız", encoding="utf-8")
@@ -109,11 +110,12 @@ def test_directory_input_walks_nested_folders(tmp_path: Path) -> None:
     shards = expand_inputs([str(root) + "/"])
     assert shards == [Shard(str(root), FOLDER)]
     records = read_all(shards[0].url, FOLDER)
-    assert [r["key"] for r in records] == ["a.jpg", "sub/b.PNG", "sub/deeper/c.webp"]
-    assert [r["image"] for r in records] == [b"a.jpg", b"sub/b.PNG", b"sub/deeper/c.webp"]
+    keys = ["a.jpg", "sub/IMG_0001.HEIC", "sub/b.PNG", "sub/d.avif", "sub/deeper/c.webp"]
+    assert [r["key"] for r in records] == keys  # HEIC is a sample too: a row saying it cannot be decoded
+    assert [r["image"] for r in records] == [key.encode() for key in keys]
     assert {r["source"] for r in records} == {str(root)}
-    assert [r["original_text"] for r in records] == [None, "İki sarı yıldız", None]
-    assert records[1]["meta"] == '{"w": 1}'
+    assert [r["original_text"] for r in records] == [None, None, "İki sarı yıldız", None, None]
+    assert records[2]["meta"] == '{"w": 1}'
 
 
 def test_directory_without_images_is_refused_with_a_hint(tmp_path: Path) -> None:
