@@ -7,7 +7,6 @@ captions and clip_scores measured here are the ones a run would write.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import time
@@ -30,6 +29,7 @@ from pipeline.demo_world import Scene, score_caption, swap_attribute
 from pipeline.images import ImageError, decode_image
 from pipeline.models.bundle import Bundle
 from pipeline.models.captioner import PrefixCaptioner
+from pipeline.sources import record_metadata, text_list
 from pipeline.text import tr_lower
 
 # A word keeps its inner apostrophes and hyphens ("ankara'da", "açık-mavi"). Punctuation is dropped, as the COCO
@@ -229,13 +229,8 @@ def _stack(pixels: list[np.ndarray]) -> torch.Tensor:
 
 
 def _item(record: dict) -> _Item:
-    try:
-        meta = json.loads(record["meta"]) if record.get("meta") else {}
-    except json.JSONDecodeError:
-        meta = {}
-    meta = meta if isinstance(meta, dict) else {}
-    captions = meta.get("captions") if isinstance(meta.get("captions"), list) else []
-    references = [text for text in captions if isinstance(text, str) and text.strip()]
+    meta = record_metadata(record)
+    references = text_list(meta.get("captions"))
     if not references and record.get("original_text"):
         references = [record["original_text"]]
     try:

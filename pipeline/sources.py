@@ -25,6 +25,7 @@ samples before are yielded).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import re
@@ -470,6 +471,21 @@ def _read_folder(url: str) -> Iterator[dict]:
             yield _record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
             continue
         yield _record(key, url, image=image, original_text=text, meta=meta)
+
+
+def record_metadata(record: dict) -> dict[str, Any]:
+    """A record's KEY.json as a dict; {} when there is none or it is not a JSON object (absurdly deep
+    nesting included: it raises RecursionError, not a decode error)."""
+    try:
+        meta = json.loads(record["meta"]) if record.get("meta") else {}
+    except (json.JSONDecodeError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def text_list(value: Any) -> list[str]:
+    """The non-empty strings of a metadata list ("captions", "negatives"); [] for anything else."""
+    return [item for item in value if isinstance(item, str) and item.strip()] if isinstance(value, list) else []
 
 
 # --------------------------------------------------------------------------------------------------

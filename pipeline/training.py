@@ -408,22 +408,28 @@ def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str], list[
     """(image bytes, reference captions, hard negative captions) from every kind of input."""
     import fsspec
 
-    from pipeline.sources import expand_inputs, read_samples
+    from pipeline.sources import expand_inputs, read_samples, record_metadata, text_list
 
     jsonl = [s for s in specs if s.endswith((".jsonl", ".json"))]
     for spec in jsonl:
         with fsspec.open(spec, "rt", encoding="utf-8") as handle:
             base = spec.rsplit("/", 1)[0] if "/" in spec else "."
-            for line in handle:
+            for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                references = row.get("captions") or [row.get("caption")]
-                image = row["image"]
-                if "://" not in image and not image.startswith("/"):
-                    image = f"{base}/{image}"
-                with fsspec.open(image, "rb") as image_handle:
-                    yield image_handle.read(), [r for r in references if r], list(row.get("negatives") or [])
+                try:  # one bad line is skipped, as an undecodable image is
+                    row = json.loads(line)
+                    image = row["image"]
+                    if "://" not in image and not image.startswith("/"):
+                        image = f"{base}/{image}"
+                    with fsspec.open(image, "rb") as image_handle:
+                        data = image_handle.read()
+                except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError, OSError) as exc:
+                    log.warning("skipping %s line %d: %s: %s", spec, number, type(exc).__name__, exc)
+                    continue
+                references = text_list(row.get("captions")) or text_list([row.get("caption")])
+                if references:
+                    yield data, references, text_list(row.get("negatives"))
     others = [s for s in specs if s not in jsonl]
     if not others:
         return
@@ -431,16 +437,12 @@ def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str], list[
         for record in read_samples(shard):
             if record["status"] != "ok" or record["image"] is None:
                 continue
-            try:
-                meta = json.loads(record["meta"]) if record.get("meta") else {}
-            except json.JSONDecodeError:
-                meta = {}
-            meta = meta if isinstance(meta, dict) else {}
-            references = list(meta.get("captions") or [])
+            meta = record_metadata(record)
+            references = text_list(meta.get("captions"))
             if not references and record.get("original_text"):
                 references = [record["original_text"]]
             if references:
-                yield record["image"], references, list(meta.get("negatives") or [])
+                yield record["image"], references, text_list(meta.get("negatives"))
 
 
 def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]:

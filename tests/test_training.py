@@ -4,6 +4,7 @@ stage 2 straight from this project's own output (stored embeddings, no images)."
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,10 +14,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_captioner
+from conftest import jpeg_bytes, tiny_captioner
+from tqdm import tqdm
 
 from pipeline.decoding import DecodeSettings, decode_texts, generate
 from pipeline.demo_world import write_corpus
+from pipeline.images import ImageSpec
 from pipeline.models.bundle import load_bundle
 from pipeline.training import (
     CLIPCAP_LR,
@@ -27,6 +30,7 @@ from pipeline.training import (
     _batches,
     _length_grouped_batches,
     contrastive_loss,
+    load_examples,
 )
 from schemas.captions import captions_schema
 
@@ -86,6 +90,29 @@ def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it
     assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
     with _autocast(False):
         assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
+
+
+def test_jsonl_captions_skip_bad_lines_and_keep_only_text_references(tmp_path, caplog):
+    """A caption file from elsewhere: a line that is not JSON, names no image or a missing one, or is not an
+    object is skipped with a warning, as an undecodable image is; only non-empty strings count as captions."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(1))
+    lines = [{"image": "a.jpg", "captions": ["bir kedi", 3, "", None], "negatives": "bir köpek"},
+             "{not json", {"caption": "resimsiz"}, {"image": "missing.jpg", "caption": "yok"}, [1, 2],
+             {"image": "b.jpg", "captions": "tek bir dize", "caption": "iki köpek", "negatives": ["üç köpek", 7]},
+             {"image": "b.jpg", "captions": []}, "[" * 5000]
+    (tmp_path / "captions.jsonl").write_text("\n".join(
+        line if isinstance(line, str) else json.dumps(line, ensure_ascii=False) for line in lines))
+    with caplog.at_level(logging.WARNING, logger="pipeline.training"):
+        examples = load_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), progress=_silent)
+    assert examples.captions == [["bir kedi"], ["iki köpek"]] and examples.pixels.shape == (2, 16, 16, 3)
+    assert examples.negatives is None  # not every example has one
+    skipped = sorted(int(r.getMessage().split(" line ")[1].split(":")[0]) for r in caplog.records)
+    assert skipped == [2, 3, 4, 5, 8]
+
+
+def _silent(*args, **kwargs):
+    return tqdm(*args, disable=True, **kwargs)
 
 
 def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
