@@ -52,7 +52,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "bmp", "tif", "
 # "r|*" decompresses gzip transparently, so compressed WebDataset shards work as well.
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 DEFAULT_IMAGE_COLUMNS = ("jpg", "image")
-TEXT_COLUMNS = ("caption", "text")
+TEXT_COLUMNS = ("caption", "text")  # matched in any case: LAION's parquet says TEXT
 # Files above these sizes are never read, so a hostile multi-gigabyte member cannot fill a reader's memory:
 # an uncompressed 100 MP RGB image (ImageSpec's pixel limit) is 300 MB; LAION's json is a few KB.
 MAX_IMAGE_BYTES = 320 << 20
@@ -402,7 +402,7 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, image_column: str | None
     except InputError as exc:  # expand_inputs checks this up front; here it is data, so one status per row
         image_field, unsupported = None, str(exc)
     key_field = key_column if key_column in schema.names else None
-    text_field = next((c for c in TEXT_COLUMNS if c in schema.names), None)
+    text_field = next((name for wanted in TEXT_COLUMNS for name in schema.names if name.lower() == wanted), None)
     columns = list(dict.fromkeys(c for c in (image_field, key_field, text_field) if c is not None))
     stem = posixpath.basename(url)[: -len(".parquet")]
     row = 0

@@ -322,6 +322,14 @@ def test_parquet_binary_column_with_null_image_and_key_column(tmp_path: Path) ->
     assert {r["source"] for r in records} == {str(path)}
 
 
+def test_parquet_text_column_is_found_in_any_case_caption_first(tmp_path: Path) -> None:
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"TEXT": ["bir kedi"], "URL": ["http://x"], "jpg": [b"i0"]}), path)
+    assert read_all(str(path), PARQUET)[0]["original_text"] == "bir kedi"
+    pq.write_table(pa.table({"text": ["alt"], "Caption": ["başlık"], "jpg": [b"i0"]}), path)
+    assert read_all(str(path), PARQUET)[0]["original_text"] == "başlık"
+
+
 def test_parquet_huggingface_image_struct_and_missing_key_column(tmp_path: Path) -> None:
     path = tmp_path / "train-00000.parquet"
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
