@@ -162,7 +162,8 @@ def _decode(data: bytes, spec: ImageSpec) -> DecodedImage:
     except UnidentifiedImageError as exc:
         known = _unsupported_format(data[:16])
         if known:
-            raise ImageError("unsupported", f"{known} images are not decoded") from None
+            raise ImageError("unsupported", f"{known} images are not decoded (decoded: {'/'.join(_open_formats())}; "
+                                            "convert them to JPEG first)") from None
         # Pillow's message ends with the repr of our BytesIO (a memory address): every row would get a
         # different error text, and two runs over the same data would disagree.
         raise ImageError("decode_error", f"{type(exc).__name__}: not a {'/'.join(_open_formats())} image") from None
