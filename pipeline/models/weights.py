@@ -94,14 +94,14 @@ def read_torchscript_state(path: str | Path) -> dict[str, torch.Tensor]:
                 raise ModelLoadError(f"{path}: big-endian TorchScript archives are not supported")
             with archive.open(pickles[0]) as handle:
                 module = _TorchScriptUnpickler(handle, archive, root).load()
+        state: dict[str, torch.Tensor] = {}
+        _collect_tensors(module, "", state)
     except ModelLoadError:
         raise
     except Exception as exc:  # a hostile or broken pickle can fail in any way; it gets one line, not a traceback
         reason = " ".join(str(exc).split())[:200]
         raise ModelLoadError(f"{path}: not a readable TorchScript archive ({type(exc).__name__}: {reason})") \
             from None
-    state: dict[str, torch.Tensor] = {}
-    _collect_tensors(module, "", state)
     return state
 
 
