@@ -78,7 +78,10 @@ class ActorStartTimeout(RuntimeError):
 def run(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) a captioning job; returns the run summary that is also written to run.json."""
     started = time.time()
-    output = OutputDir(config.output)
+    try:
+        output = OutputDir(config.output)
+    except (ValueError, ImportError) as exc:  # unknown protocol, or its fsspec backend (s3fs, gcsfs) not installed
+        raise UsageError(f"cannot open --output {config.output!r}: {' '.join(str(exc).split())}") from None
     if output.is_file():
         raise UsageError(f"--output {config.output} is a file, not a directory")
     shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)

@@ -24,7 +24,7 @@ from PIL import Image
 
 from pipeline.config import RunConfig
 from pipeline.decoding import DecodeSettings
-from pipeline.run import run
+from pipeline.run import UsageError, run
 from pipeline.sources import InputError, expand_inputs
 from pipeline.verify import verify
 
@@ -277,6 +277,15 @@ def test_bad_input_fails_before_any_work(make, tiny_bundle, tmp_path):
         run(RunConfig(inputs=(spec,), output=str(tmp_path / "out"), model=str(tiny_bundle)))
     assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_url_nothing_can_open_fails_before_any_work(tiny_bundle, tmp_path):
+    """An unknown protocol, or one whose fsspec backend is not installed (s3:// without s3fs), is bad usage."""
+    spec, _ = _missing_shard(tmp_path / "in")
+    with pytest.raises(UsageError, match=r"^cannot open --output 'nosuch://bucket/out': .*nosuch") as info:
+        run(RunConfig(inputs=(spec.replace("{00000..00002}", "00000"),), output="nosuch://bucket/out",
+                      model=str(tiny_bundle)))
+    assert "\n" not in str(info.value)
 
 
 def test_cli_reports_a_missing_shard_in_one_line(tiny_bundle, tmp_path):
