@@ -18,7 +18,8 @@ from pipeline.models.errors import ModelLoadError
 @click.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--lm", required=True, help="Hugging Face causal LM: hub name or local directory.")
-@click.option("--clip", required=True, help="open_clip ARCH[:WEIGHTS], e.g. ViT-B-32:openai.")
+@click.option("--clip", required=True,
+              help="open_clip ARCH[:WEIGHTS] (e.g. ViT-B-32:openai) or a transformers CLIP (hub name or folder).")
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), required=True)
 @click.option("--prefix-length", type=click.IntRange(min=1), required=True)
 @click.option("--clip-length", type=click.IntRange(min=1), default=None,

@@ -25,7 +25,7 @@ import click
 import torch
 
 from pipeline.images import ImageSpec
-from pipeline.models.bundle import load_bundle, save_bundle
+from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError
@@ -48,8 +48,8 @@ log = logging.getLogger("train_captioner")
 
 
 def _encoder(config: TrainConfig):
-    """A pretrained encoder: a bundle directory's encoder, or an open_clip ARCH[:WEIGHTS]."""
-    if config.clip and Path(config.clip).is_dir():
+    """A pretrained encoder: a bundle directory's encoder, an open_clip ARCH[:WEIGHTS], or a transformers CLIP."""
+    if config.clip and (Path(config.clip) / BUNDLE_FILE).is_file():
         bundle = load_bundle(config.clip)
         return bundle.encoder, ClipSpec(**{k: v for k, v in bundle.manifest["encoder"].items()
                                           if k in ClipSpec.__dataclass_fields__}), Path(config.clip)
@@ -100,7 +100,8 @@ def train(config: TrainConfig) -> dict:
 @click.command()
 @click.option("--data", multiple=True, help="Images + Turkish captions: WebDataset/Parquet/folder/JSONL. Repeatable.")
 @click.option("--embeddings-from", multiple=True, help="This project's output dir(s): stored embeddings + captions.")
-@click.option("--clip", default=None, help="open_clip ARCH[:WEIGHTS] or a bundle dir; omitted: train a small CLIP.")
+@click.option("--clip", default=None, help="open_clip ARCH[:WEIGHTS], a transformers CLIP (hub name or folder) or a "
+              "bundle dir; omitted: train a small CLIP.")
 @click.option("--lm", default=None, help="Hugging Face causal LM name or dir; omitted: a small GPT-2 from config.")
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True)
 @click.option("--freeze-lm", is_flag=True, help="Train the mapper only (ClipCap's transformer-mapper variant).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import zipfile
 
 import numpy as np
@@ -185,6 +186,58 @@ def test_hostile_torchscript_archive_is_refused_without_running_anything(tmp_pat
     with pytest.raises(ModelLoadError, match=r"refusing os\.system") as info:
         create_clip(ClipSpec.parse(f"ViT-B-32:{archive}"))
     assert "\n" not in str(info.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_transformers_clip_directory_loads_as_the_same_open_clip_model(tokenizer, tmp_path, act):
+    """A Hugging Face CLIPModel folder (openai/clip-vit-base-patch32's layout, tiny here) is converted to open_clip's
+    CLIP: the same image and text features as transformers computes, its preprocessing, and a bundle that keeps
+    it without the folder."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    layers = {"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "hidden_act": act}
+    config = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 32, "max_position_embeddings": 77, **layers},
+                        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 48, **layers},
+                        projection_dim=24)
+    reference = CLIPModel(config).eval()
+    folder = tmp_path / "clip-vit-tiny"
+    reference.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=2,
+                       image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]).save_pretrained(folder)
+
+    loaded = create_clip(ClipSpec.parse(str(folder)))
+    assert clip_module.uses_quick_gelu(loaded.clip) == (act == "quick_gelu")
+    assert loaded.image_spec.size == 32 and loaded.image_spec.interpolation == "bilinear"
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    texts = ["a red circle", "two small blue squares on the left"]
+    tokens = loaded.tokenizer(texts)
+    with torch.inference_mode():
+        normalized = loaded.normalize_pixels(pixels)
+        assert torch.allclose(normalized[0, :, 0, 0], (pixels[0, 0, 0].float() / 255 - 0.5) / 0.25)
+        expected_images = torch.nn.functional.normalize(
+            reference.get_image_features(pixel_values=normalized).pooler_output, dim=-1)
+        expected_texts = torch.nn.functional.normalize(reference.get_text_features(input_ids=tokens).pooler_output,
+                                                       dim=-1)
+        assert torch.allclose(loaded.encode_images(pixels), expected_images, atol=1e-5)
+        assert torch.allclose(loaded.encode_texts(texts), expected_texts, atol=1e-5)
+
+    manifest = save_bundle(tmp_path / "bundle", loaded, ClipSpec.parse(str(folder)),
+                           tiny_captioner(tokenizer, prefix_dim=24))
+    assert manifest["encoder"]["arch"] == "local-dir:encoder_open_clip"
+    shutil.rmtree(folder)
+    reloaded = load_bundle(tmp_path / "bundle").encoder
+    assert reloaded.image_spec == loaded.image_spec
+    with torch.inference_mode():
+        assert torch.allclose(reloaded.encode_images(pixels), expected_images, atol=1e-5)
+        assert torch.allclose(reloaded.encode_texts(texts), expected_texts, atol=1e-5)
+
+
+def test_a_transformers_folder_that_is_not_a_clip_is_one_clear_error(tokenizer, tmp_path):
+    tiny_lm(tokenizer).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ModelLoadError, match=r"cannot load CLIP .*gpt2.* with transformers: .*'gpt2' model") as info:
+        create_clip(ClipSpec.parse(str(tmp_path / "gpt2")))
+    assert "\n" not in str(info.value)
 
 
 def test_local_dir_schema_loads_config_and_weights(tokenizer, tmp_path):

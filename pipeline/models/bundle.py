@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -165,14 +164,13 @@ def _clip_spec(entry: Any, role: str) -> ClipSpec:
 
 
 def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: torch.dtype) -> dict[str, Any]:
-    """Custom models, local weight files and local-dir models are copied in (weights as safetensors),
-    so the bundle stands alone; pretrained tags and hub names stay references."""
+    """Custom models, local weight files, local-dir and transformers CLIPs are copied in (weights as
+    safetensors), so the bundle stands alone; open_clip's pretrained tags and hub names stay references."""
     entry = spec.to_json()
-    if spec.arch.startswith(LOCAL_DIR):
+    if model.open_clip_config is not None:  # local-dir and transformers CLIPs: stored as an open_clip folder
         folder = path / f"{role}_open_clip"
         folder.mkdir(exist_ok=True)
-        shutil.copyfile(Path(spec.arch.removeprefix(LOCAL_DIR)) / "open_clip_config.json",
-                        folder / "open_clip_config.json")
+        (folder / "open_clip_config.json").write_text(json.dumps(model.open_clip_config, indent=2))
         save_weights(model.clip, folder / "open_clip_model.safetensors", dtype)
         entry["arch"] = f"{LOCAL_DIR}{folder.name}"
     elif spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):

@@ -7,6 +7,7 @@ Preprocessing is split where it is cheapest: resize + center crop to uint8 happe
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -43,7 +44,9 @@ CPU_CHUNK = 64
 class ClipSpec:
     """Where a CLIP model comes from.
 
-    arch: an open_clip model name ('ViT-B-32', 'hf-hub:org/repo', 'local-dir:/path') or 'custom'.
+    arch: an open_clip model name ('ViT-B-32', 'hf-hub:org/repo', 'local-dir:/path'), 'custom', or a Hugging
+      Face transformers CLIP (hub name 'openai/clip-vit-base-patch32' or a directory with its config.json),
+      converted to open_clip's CLIP on load.
     weights: an open_clip pretrained tag ('openai', 'laion2b_s34b_b79k') or a local file
       (.safetensors / .pt / .bin, relative paths resolve against the bundle directory), including
       OpenAI's original TorchScript files (`clip.load`'s ViT-B-32.pt), which imply QuickGELU.
@@ -82,11 +85,13 @@ class ClipModel(nn.Module):
     """An open_clip CLIP with its tokenizer and preprocessing; returns L2-normalized float32 embeddings."""
 
     def __init__(self, clip: nn.Module, tokenizer: TextTokenizer, image_spec: ImageSpec,
-                 mean: tuple[float, ...], std: tuple[float, ...]):
+                 mean: tuple[float, ...], std: tuple[float, ...], open_clip_config: dict[str, Any] | None = None):
         super().__init__()
         self.clip = clip.eval()
         self.tokenizer = tokenizer
         self.image_spec = image_spec
+        # open_clip_config.json content for models a bundle stores as an open_clip folder (local-dir, transformers)
+        self.open_clip_config = open_clip_config
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
 
@@ -150,6 +155,8 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     """Build a ClipModel from a spec; loads no network resource when all paths are local."""
     if spec.arch == CUSTOM:
         return _create_custom(spec, base_dir or Path("."))
+    if is_transformers_clip(spec.arch):
+        return _create_from_transformers(spec.arch)
     weights = _resolve(spec.weights, base_dir)
     arch = spec.arch
     if arch.startswith(LOCAL_DIR) and base_dir is not None and (base_dir / arch.removeprefix(LOCAL_DIR)).is_dir():
@@ -172,7 +179,101 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
         raise ModelLoadError(f"CLIP {spec.arch!r}: resize_mode {cfg['resize_mode']!r} is not supported yet")
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     image_spec = ImageSpec(size=size, interpolation=cfg.get("interpolation", "bicubic"))
-    return ClipModel(clip, tokenizer, image_spec, tuple(cfg["mean"]), tuple(cfg["std"]))
+    folder_config = None
+    if arch.startswith(LOCAL_DIR):
+        folder_config = json.loads((Path(arch.removeprefix(LOCAL_DIR)) / "open_clip_config.json").read_text())
+    return ClipModel(clip, tokenizer, image_spec, tuple(cfg["mean"]), tuple(cfg["std"]), folder_config)
+
+
+def is_transformers_clip(arch: str) -> bool:
+    """A Hugging Face transformers CLIP: a folder with a config.json, or an org/name that is no open_clip name."""
+    if arch.startswith(_SCHEMAS) or arch == CUSTOM:
+        return False
+    if (Path(arch) / "config.json").is_file():
+        return True
+    return "/" in arch and not Path(arch).exists() and arch not in open_clip.list_models()
+
+
+def _create_from_transformers(name: str) -> ClipModel:
+    """transformers' CLIPModel (ViT towers, OpenAI's BPE tokenizer) as the open_clip CLIP it was converted from:
+    the same weights under open_clip's names, so encoding, scoring and bundles work as for any open_clip model."""
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPModel
+
+    local = Path(name).is_dir()
+    try:
+        model_type = AutoConfig.from_pretrained(name, local_files_only=local).model_type
+        if model_type != "clip":
+            raise ValueError(f"its config is a {model_type!r} model, not 'clip'")
+        # transformers fills weights a checkpoint lacks with random ones and only warns: here that is an error
+        hf, loading = CLIPModel.from_pretrained(name, local_files_only=local, dtype=torch.float32,
+                                                output_loading_info=True)
+        if missing := sorted(loading["missing_keys"]):
+            raise ValueError(f"{len(missing)} weights missing from its checkpoint, e.g. {missing[0]}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"cannot load CLIP {name!r} with transformers: {_one_line(exc)}") from None
+    vision, text = hf.config.vision_config, hf.config.text_config
+    if text.vocab_size != open_clip.tokenizer.SimpleTokenizer().vocab_size:
+        raise ModelLoadError(f"CLIP {name!r}: a text vocabulary of {text.vocab_size} tokens is not OpenAI's BPE, "
+                             "the only tokenizer a transformers CLIP is read with")
+    model_cfg = {
+        "embed_dim": hf.config.projection_dim, "quick_gelu": vision.hidden_act == "quick_gelu",
+        "vision_cfg": {"image_size": vision.image_size, "patch_size": vision.patch_size, "width": vision.hidden_size,
+                       "layers": vision.num_hidden_layers, "mlp_ratio": vision.intermediate_size / vision.hidden_size,
+                       "head_width": vision.hidden_size // vision.num_attention_heads},
+        "text_cfg": {"context_length": text.max_position_embeddings, "vocab_size": text.vocab_size,
+                     "width": text.hidden_size, "heads": text.num_attention_heads, "layers": text.num_hidden_layers,
+                     "mlp_ratio": text.intermediate_size / text.hidden_size},
+    }
+    try:
+        processor = CLIPImageProcessor.from_pretrained(name, local_files_only=local)
+        preprocess_cfg = {"size": processor.crop_size["height"], "mean": list(processor.image_mean),
+                          "std": list(processor.image_std),
+                          "interpolation": "bilinear" if processor.resample == 2 else "bicubic"}
+    except (OSError, ValueError, KeyError, TypeError):  # no preprocessor_config.json: CLIP's own preprocessing
+        preprocess_cfg = {"size": vision.image_size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                          "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic"}
+    with building_for(True):
+        clip = open_clip.CLIP(**model_cfg)
+    try:
+        state = _open_clip_state(hf.state_dict(), vision.num_hidden_layers, text.num_hidden_layers)
+    except KeyError as exc:
+        raise ModelLoadError(f"CLIP {name!r}: not a transformers CLIPModel checkpoint (missing {exc})") from None
+    load_state(clip, state, name)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text.max_position_embeddings)
+    image_spec = ImageSpec(size=preprocess_cfg["size"], interpolation=preprocess_cfg["interpolation"])
+    return ClipModel(clip, tokenizer, image_spec, tuple(preprocess_cfg["mean"]), tuple(preprocess_cfg["std"]),
+                     {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+
+
+def _open_clip_state(hf: dict[str, torch.Tensor], vision_layers: int, text_layers: int) -> dict[str, torch.Tensor]:
+    """transformers' CLIPModel names -> open_clip's (OpenAI's original ones): q/k/v projections fused into
+    in_proj, projections stored transposed."""
+    state = {
+        "logit_scale": hf["logit_scale"],
+        "visual.proj": hf["visual_projection.weight"].T,
+        "text_projection": hf["text_projection.weight"].T,
+        "visual.class_embedding": hf["vision_model.embeddings.class_embedding"],
+        "visual.conv1.weight": hf["vision_model.embeddings.patch_embedding.weight"],
+        "visual.positional_embedding": hf["vision_model.embeddings.position_embedding.weight"],
+        "token_embedding.weight": hf["text_model.embeddings.token_embedding.weight"],
+        "positional_embedding": hf["text_model.embeddings.position_embedding.weight"],
+    }
+    pairs = [("vision_model.pre_layrnorm", "visual.ln_pre"), ("vision_model.post_layernorm", "visual.ln_post"),
+             ("text_model.final_layer_norm", "ln_final")]
+    for tower, ours, layers in (("vision_model", "visual.transformer", vision_layers),
+                                ("text_model", "transformer", text_layers)):
+        for i in range(layers):
+            source, target = f"{tower}.encoder.layers.{i}.", f"{ours}.resblocks.{i}."
+            pairs += [(source + a, target + b) for a, b in (
+                ("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))]
+            for kind in ("weight", "bias"):
+                state[f"{target}attn.in_proj_{kind}"] = torch.cat(
+                    [hf[f"{source}self_attn.{q}_proj.{kind}"] for q in "qkv"])
+    for source, target in pairs:
+        for kind in ("weight", "bias"):
+            state[f"{target}.{kind}"] = hf[f"{source}.{kind}"]
+    return {key: value.contiguous() for key, value in state.items()}
 
 
 def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
