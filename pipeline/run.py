@@ -75,6 +75,10 @@ class ActorStartTimeout(RuntimeError):
     """The model actors the cluster holds did not start in time; the message is one line for the user."""
 
 
+class StagingNotListed(RuntimeError):
+    """Parts this run wrote are missing from the staging listing; nothing was committed. One line for the user."""
+
+
 def run(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) a captioning job; returns the run summary that is also written to run.json."""
     started = time.time()
@@ -124,14 +128,14 @@ def run(config: RunConfig) -> dict[str, Any]:
     model_started = time.time()
     remaining = None if config.limit is None else config.limit - already
     unfinished = [shard for shard in shards if shard.url not in finished]
-    actors = None
+    actors, parts_written = None, set()
     if unfinished and (remaining is None or remaining > 0):
-        actors = _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim, metadata_json,
-                                       remaining, identity["sha256"])
+        actors, parts_written = _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim,
+                                                      metadata_json, remaining, identity["sha256"])
     model_seconds = time.time() - model_started
 
     finalize_started = time.time()
-    counts = _finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json)
+    counts = _finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json, parts_written)
     export_started = time.time()
     webdataset = _export_webdataset(output, config, shards, provenance) if config.write_webdataset else None
     counts["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)  # should not grow with the corpus (issue 9)
@@ -266,8 +270,8 @@ def _committed_samples(output: OutputDir) -> dict[str, set[int]]:
 
 def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, decode_spec: DecodeSpec,
                           embedding_dim: int, metadata_json: str, remaining: int | None, bundle_sha256: str,
-                          ) -> ActorRange:
-    """Caption the unfinished shards into staging/; returns the actor pool it used."""
+                          ) -> tuple[ActorRange, set[str]]:
+    """Caption the unfinished shards into staging/; returns the actor pool it used and the parts written."""
     context = ray.data.DataContext.get_current()
     # Each batch goes to the least busy model actor, not to one beside its block: model time per
     # batch dwarfs moving its uint8 pixels between nodes, and locality left other nodes' actors idle.
@@ -307,13 +311,14 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         batch_format="pyarrow",
         num_gpus=gpus,
     )
+    sink = StagingSink(output.url, config.rows_per_file)
     try:
-        dataset.write_datasink(StagingSink(output.url, config.rows_per_file))
+        dataset.write_datasink(sink)
     except ray.exceptions.GetTimeoutError as exc:  # raised only by the wait above: the actors never came up
         raise ActorStartTimeout(f"{actors.min} model actor(s) did not start within {MIN_ACTORS_TIMEOUT_S} s "
                                 f"(see the Ray logs for why); rows written so far are kept and a rerun resumes") \
             from exc
-    return actors
+    return actors, sink.parts_written
 
 
 def live_node_resources() -> list[dict[str, float]]:
@@ -357,14 +362,19 @@ def _cpu_threads_per_actor(nodes: list[dict[str, float]], actors: int) -> int:
 
 
 def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embedding_dim: int,
-              metadata_json: str) -> dict[str, Any]:
+              metadata_json: str, parts_written: set[str]) -> dict[str, Any]:
     """Staged parts -> captions/ (every sample exactly once, with keep) and filtered/ (kept rows).
 
     A sample staged twice (a retried write) is written once. Two samples that share a key (the same
     key in two shards) are both kept: the first in input order keeps the key, the others become
     `duplicate_key` rows under a key that names their shard and position. The global top fraction
-    reads the stored scores only: it costs no model re-run.
+    reads the stored scores only: it costs no model re-run. Every part this attempt wrote must be listed
+    first: committing without one would drop its rows, since the staging area is deleted after the commit.
     """
+    unlisted = parts_written - {path.rsplit("/", 1)[-1] for path in output.parts(STAGING)}
+    if unlisted:
+        raise StagingNotListed(f"{len(unlisted)} part(s) this run wrote are not listed in {output.path(STAGING)} "
+                               f"(e.g. {min(unlisted)}); nothing was committed or deleted: submit the job again")
     staged = read_columns(output, STAGING, ["key", "source", "index", "status", "clip_score"])
     columns = [staged.column(c).to_pylist() for c in staged.column_names] if staged is not None else [[]] * 5
     renamed = _renamed_duplicates(*columns[:3], shard_order)

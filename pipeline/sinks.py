@@ -45,7 +45,9 @@ class OutputDir:
     """An output directory on any fsspec filesystem."""
 
     def __init__(self, url: str):
-        self.fs, self.root = fsspec.core.url_to_fs(url)
+        # No listings cache: the driver lists what worker processes wrote, and an object store's cached
+        # listing (s3fs, gcsfs) missed every staged part, so the run was committed empty and its rows deleted.
+        self.fs, self.root = fsspec.core.url_to_fs(url, use_listings_cache=False)
         self.root = self.root.rstrip("/")
         self.url = url
 

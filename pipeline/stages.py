@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasink, Datasource, ReadTask
+from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.images import ImageError, ImageSpec, decode_image, portable_image
 from pipeline.sinks import STAGING, WEBDATASET, OutputDir, part_name, write_webdataset_shard
@@ -180,21 +180,25 @@ class StagingSink(Datasink):
     def __init__(self, output_url: str, rows_per_part: int):
         self.output_url = output_url
         self.rows_per_part = rows_per_part
+        self.parts_written: set[str] = set()  # filled on the driver once the writes are done
 
     @property
     def min_rows_per_write(self) -> int:
         return self.rows_per_part
 
-    def write(self, blocks, ctx) -> dict[str, int]:
+    def write(self, blocks, ctx) -> list[str]:
         output = OutputDir(self.output_url)
-        rows = 0
+        names = []
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
             if table.num_rows == 0:
                 continue
-            output.write_parquet(table, STAGING, part_name(table.column("key").to_pylist()))
-            rows += table.num_rows
-        return {"rows": rows}
+            names.append(part_name(table.column("key").to_pylist()))
+            output.write_parquet(table, STAGING, names[-1])
+        return names
+
+    def on_write_complete(self, write_result: WriteResult[list[str]]) -> None:
+        self.parts_written = {name for names in write_result.write_returns for name in names}
 
     def get_name(self) -> str:
         return "StagingParquet"

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import jpeg_bytes, write_tar
+from fsspec import AbstractFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.config import ActorRange, RunConfig
 from pipeline.decoding import DecodeSettings
 from pipeline.filtering import FilterSettings
-from pipeline.run import UsageError, run
+from pipeline.run import StagingNotListed, UsageError, run
+from pipeline.sinks import STAGING, STAGING_CONFIG, OutputDir
 from pipeline.verify import verify
 from schemas.captions import validate_table
 
@@ -111,6 +115,58 @@ def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_
         run(config)
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 1800)
     assert run(config)["counts"]["rows"] == 2  # and a rerun goes on
+
+
+class ListingCacheFS(MemoryFileSystem):
+    """An in-memory store that caches directory listings as s3fs and gcsfs do (unless told not to)."""
+
+    protocol = "listingcache"
+    find = AbstractFileSystem.find  # through ls, as an object store lists (MemoryFileSystem reads its dict)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix(f"{cls.protocol}://"))
+
+    def ls(self, path, detail=True, **kwargs):
+        path = self._strip_protocol(path)
+        listing = self.dircache[path] if path in self.dircache else super().ls(path, detail=True, **kwargs)
+        self.dircache[path] = listing  # kept only where the listings cache is on
+        return listing if detail else [entry["name"] for entry in listing]
+
+
+def test_output_listings_see_what_other_processes_wrote_on_a_listing_caching_store():
+    """The driver lists the parts worker processes staged; s3fs's cached listing of the staging folder, taken
+    before the workers wrote, once made a run on S3 commit zero rows and delete the staged ones."""
+    fsspec.register_implementation(ListingCacheFS.protocol, ListingCacheFS, clobber=True)
+    try:
+        output = OutputDir("listingcache://run")
+        output.write_json({"run": 1}, STAGING, STAGING_CONFIG)
+        assert output.parts(STAGING) == []
+        worker = fsspec.filesystem(ListingCacheFS.protocol, skip_instance_cache=True)  # another process's view
+        worker.pipe(f"{output.path(STAGING)}/part-a.parquet", b"rows")
+        assert [path.rsplit("/", 1)[-1] for path in output.parts(STAGING)] == ["part-a.parquet"]
+    finally:
+        MemoryFileSystem.store.clear()
+        MemoryFileSystem.pseudo_dirs[:] = [""]
+
+
+def test_a_commit_that_would_miss_staged_parts_stops_and_the_rerun_finishes(ray_local, tiny_bundle, tmp_path,
+                                                                           monkeypatch):
+    """If the driver's listing misses parts this attempt wrote, it commits nothing and deletes nothing: one
+    clear error, and the same command again finishes with every row."""
+    _tar_corpus(tmp_path / "in", shards=2, per_shard=3)
+    config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
+                       model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=4))
+    listed = OutputDir.parts
+    monkeypatch.setattr(OutputDir, "parts", lambda self, folder, pattern="*.parquet": [] if folder == STAGING
+                        else listed(self, folder, pattern))  # a stale listing, in the driver only
+    with pytest.raises(StagingNotListed, match=r"part\(s\) this run wrote are not listed .*submit the job again"):
+        run(config)
+    assert not (tmp_path / "out" / "run.json").exists() and not (tmp_path / "out" / "captions").exists()
+    assert list((tmp_path / "out" / "_staging").glob("part-*.parquet"))
+    monkeypatch.undo()
+    summary = run(config)
+    assert summary["counts"]["rows"] == 6 and summary["resumed_rows"] == 6
 
 
 def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):
