@@ -14,12 +14,12 @@ record whose `status` names the problem. Each record is a dict with exactly thes
     error          str|None     one line, None when status is "ok"
 
 Error kinds: "no_image" (sample without image), "unsupported" (Parquet image column of a type we
-cannot read; a folder entry that is a device or FIFO), "too_large" (an image file over MAX_IMAGE_BYTES
-or a txt/json over MAX_TEXT_BYTES, never read), "split_sample" (a tar key whose members are not
-contiguous), "read_error" (one file of a folder could not be read), and two shard-level kinds with
-key "<shard url>#<kind>" so they stay unique in a run: "unreadable_shard" (not a tar / not a Parquet
-file / cannot be opened) and "truncated_shard" (tar cut or corrupt after its start; the complete
-samples before are yielded).
+cannot read; a folder entry that is a device or FIFO; a tar image member that is a link), "too_large"
+(an image file over MAX_IMAGE_BYTES or a txt/json over MAX_TEXT_BYTES, never read), "split_sample" (a
+tar key whose members are not contiguous), "read_error" (one file of a folder could not be read), and
+two shard-level kinds with key "<shard url>#<kind>" so they stay unique in a run: "unreadable_shard"
+(not a tar / not a Parquet file / cannot be opened) and "truncated_shard" (tar cut or corrupt after its
+start; the complete samples before are yielded).
 """
 
 from __future__ import annotations
@@ -284,12 +284,18 @@ class _TarSample:
         self.text: bytes | None = None
         self.meta: bytes | None = None
         self.too_large: str | None = None
+        self.not_a_file: str | None = None  # an image member that is a link or device: never followed
 
     def add(self, suffix: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         self.suffixes.append(suffix)
         if self.split:
             return
         rank = _IMAGE_RANK.get(suffix)
+        if not member.isfile():
+            if rank is not None and self.not_a_file is None:
+                kind = "a symbolic link" if member.issym() else "a hard link" if member.islnk() else "not a file"
+                self.not_a_file = f"{member.name} is {kind} in the tar; links are not followed"
+            return
         # Members are read only when used; a repeated suffix keeps the first copy.
         if not ((rank is not None and rank < self.image_rank) or (suffix == "txt" and self.text is None)
                 or (suffix == "json" and self.meta is None)):
@@ -316,6 +322,8 @@ class _TarSample:
         meta = None if self.meta is None else _decode(self.meta)
         if self.too_large:
             return _record(self.key, url, original_text=text, meta=meta, status="too_large", error=self.too_large)
+        if self.image is None and self.not_a_file:
+            return _record(self.key, url, original_text=text, meta=meta, status="unsupported", error=self.not_a_file)
         if self.image is None:
             return _record(self.key, url, original_text=text, meta=meta, status="no_image",
                            error=f"no image member for key {self.key!r} (members: {found})")
@@ -350,7 +358,7 @@ def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
         while (member := tar.next()) is not None:
             tar.members = []  # stream mode still appends every TarInfo to .members: drop them, memory stays flat
             key, suffix = _split_key(member.name)
-            if key is None or suffix is None or not member.isfile():
+            if key is None or suffix is None or member.isdir():
                 continue
             if sample is None or key != sample.key:
                 if sample is not None:

@@ -283,6 +283,34 @@ def test_oversized_tar_members_become_too_large_rows_without_being_read(monkeypa
     assert read == ["big.txt", "wordy.jpg", "fine.jpg", "fine.txt"]
 
 
+def test_tar_links_are_rows_never_followed(tmp_path: Path) -> None:
+    """A link member named like an image is a sample that cannot be read (a row saying so), never a path the
+    reader follows; a link beside a real image, or a linked caption, is ignored."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        def add(name: str, data: bytes | None = None, link: str | None = None, kind: bytes = tarfile.SYMTYPE):
+            info = tarfile.TarInfo(name)
+            if link is None:
+                info.size = len(data or b"")
+                tar.addfile(info, io.BytesIO(data or b""))
+            else:
+                info.type, info.linkname = kind, link
+                tar.addfile(info)
+        add("a.jpg", link="../../etc/passwd")
+        add("b.jpg", b"b-image")
+        add("b.png", link="a.jpg")
+        add("c.jpg", link="b.jpg", kind=tarfile.LNKTYPE)
+        add("d.txt", link="/etc/hostname")
+        add("d.jpg", b"d-image")
+    (tmp_path / "links.tar").write_bytes(buffer.getvalue())
+    records = read_all(str(tmp_path / "links.tar"), WEBDATASET)
+    assert [(r["key"], r["status"], r["image"], r["original_text"]) for r in records] == [
+        ("a", "unsupported", None, None), ("b", "ok", b"b-image", None), ("c", "unsupported", None, None),
+        ("d", "ok", b"d-image", None)]
+    assert records[0]["error"] == "a.jpg is a symbolic link in the tar; links are not followed"
+    assert records[2]["error"] == "c.jpg is a hard link in the tar; links are not followed"
+
+
 def test_folder_entries_that_are_not_regular_files_or_too_large_are_rows_not_reads(tmp_path: Path,
                                                                                    monkeypatch) -> None:
     """A FIFO or a link to a device named like an image would block or read forever; a huge file would be
