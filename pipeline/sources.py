@@ -526,4 +526,4 @@ def _clean(text: str) -> str:
 
 
 def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
+    return _clean(" ".join(str(message).split()))  # member names in messages may carry surrogate escapes

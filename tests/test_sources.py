@@ -283,6 +283,21 @@ def test_oversized_tar_members_become_too_large_rows_without_being_read(monkeypa
     assert read == ["big.txt", "wordy.jpg", "fine.jpg", "fine.txt"]
 
 
+def test_member_names_that_are_not_utf8_give_storable_keys_and_errors(tmp_path: Path) -> None:
+    """tarfile decodes such names with surrogate escapes, which Arrow refuses: keys and error texts carry U+FFFD."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        for name, data in (("k\udcff.jpg", b"image"), ("m.jp\udcfeg", b"no image suffix")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "names.tar").write_bytes(buffer.getvalue())
+    records = read_all(str(tmp_path / "names.tar"), WEBDATASET)
+    assert [(r["key"], r["status"]) for r in records] == [("k\ufffd", "ok"), ("m", "no_image")]
+    assert "jp\ufffdg" in records[1]["error"]
+    pa.table({"key": [r["key"] for r in records], "error": [r["error"] for r in records]})  # Arrow takes them
+
+
 def test_tar_links_are_rows_never_followed(tmp_path: Path) -> None:
     """A link member named like an image is a sample that cannot be read (a row saying so), never a path the
     reader follows; a link beside a real image, or a linked caption, is ignored."""
