@@ -373,7 +373,7 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     """
     unlisted = parts_written - {path.rsplit("/", 1)[-1] for path in output.parts(STAGING)}
     if unlisted:
-        raise StagingNotListed(f"{len(unlisted)} part(s) this run wrote are not listed in {output.path(STAGING)} "
+        raise StagingNotListed(f"{len(unlisted)} part(s) this run wrote are not listed in {output.url}/{STAGING} "
                                f"(e.g. {min(unlisted)}); nothing was committed or deleted: submit the job again")
     staged = read_columns(output, STAGING, ["key", "source", "index", "status", "clip_score"])
     columns = [staged.column(c).to_pylist() for c in staged.column_names] if staged is not None else [[]] * 5
