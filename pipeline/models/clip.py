@@ -212,7 +212,8 @@ def _create_from_transformers(name: str) -> ClipModel:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"cannot load CLIP {name!r} with transformers: {_one_line(exc)}") from None
     vision, text = hf.config.vision_config, hf.config.text_config
-    if text.vocab_size != open_clip.tokenizer.SimpleTokenizer().vocab_size:
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text.max_position_embeddings)
+    if text.vocab_size != tokenizer.vocab_size:
         raise ModelLoadError(f"CLIP {name!r}: a text vocabulary of {text.vocab_size} tokens is not OpenAI's BPE, "
                              "the only tokenizer a transformers CLIP is read with")
     model_cfg = {
@@ -239,7 +240,6 @@ def _create_from_transformers(name: str) -> ClipModel:
     except KeyError as exc:
         raise ModelLoadError(f"CLIP {name!r}: not a transformers CLIPModel checkpoint (missing {exc})") from None
     load_state(clip, state, name)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text.max_position_embeddings)
     image_spec = ImageSpec(size=preprocess_cfg["size"], interpolation=preprocess_cfg["interpolation"])
     return ClipModel(clip, tokenizer, image_spec, tuple(preprocess_cfg["mean"]), tuple(preprocess_cfg["std"]),
                      {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
