@@ -371,11 +371,12 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     reads the stored scores only: it costs no model re-run. Every part this attempt wrote must be listed
     first: committing without one would drop its rows, since the staging area is deleted after the commit.
     """
-    unlisted = parts_written - {path.rsplit("/", 1)[-1] for path in output.parts(STAGING)}
+    staged_paths = output.parts(STAGING)  # one listing: the parts checked are the parts committed
+    unlisted = parts_written - {path.rsplit("/", 1)[-1] for path in staged_paths}
     if unlisted:
         raise StagingNotListed(f"{len(unlisted)} part(s) this run wrote are not listed in {output.url}/{STAGING} "
                                f"(e.g. {min(unlisted)}); nothing was committed or deleted: submit the job again")
-    staged = read_columns(output, STAGING, ["key", "source", "index", "status", "clip_score"])
+    staged = read_columns(output, STAGING, ["key", "source", "index", "status", "clip_score"], staged_paths)
     columns = [staged.column(c).to_pylist() for c in staged.column_names] if staged is not None else [[]] * 5
     renamed = _renamed_duplicates(*columns[:3], shard_order)
     ok_keys, ok_scores, seen = [], [], set()
@@ -391,7 +392,7 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     by_node: Counter[str] = Counter()
     actor_peak_mb = 0.0
     kept = 0
-    for path in output.parts(STAGING):
+    for path in staged_paths:
         with output.fs.open(path, "rb") as handle:
             table = pq.read_table(handle, use_threads=False)
         table = _mark_duplicates(_drop_written(table, written), renamed)

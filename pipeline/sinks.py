@@ -168,10 +168,12 @@ def part_name(keys: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def read_columns(output: OutputDir, folder: str, columns: list[str]) -> pa.Table | None:
-    """Some columns of every committed part of a folder, concatenated (None when there is none)."""
+def read_columns(output: OutputDir, folder: str, columns: list[str], paths: list[str] | None = None,
+                 ) -> pa.Table | None:
+    """Some columns of every committed part of a folder (or of `paths`, a listing of it the caller holds),
+    concatenated (None when there is none)."""
     tables = []
-    for path in output.parts(folder):
+    for path in output.parts(folder) if paths is None else paths:
         with output.fs.open(path, "rb") as handle:
             # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
             tables.append(pq.read_table(handle, columns=columns, use_threads=False))
