@@ -20,6 +20,8 @@ from typing import Literal
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from pipeline.text import describe_error, one_line
+
 ImageStatus = Literal["decode_error", "too_large", "unsupported", "empty"]
 
 # open_clip's interpolation names -> the Pillow filters torchvision's Resize uses for them on PIL images.
@@ -81,8 +83,7 @@ class ImageError(Exception):
 
     def __init__(self, status: ImageStatus, message: str):
         self.status = status
-        text = " ".join(message.split())  # one line, whatever the underlying exception printed
-        super().__init__(text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "...")
+        super().__init__(one_line(message, _MAX_MESSAGE))
 
     def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
         # Ray ships exceptions between processes; the default reduce would drop `status`.
@@ -110,9 +111,9 @@ def decode_image(data: bytes, spec: ImageSpec) -> DecodedImage:
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit (header or a GIF/TIFF frame)
-        raise ImageError("too_large", _describe(exc)) from None
+        raise ImageError("too_large", describe_error(exc)) from None
     except Exception as exc:  # untrusted bytes meet a large C and Python parser surface: any failure is a bad image
-        raise ImageError("decode_error", _describe(exc)) from None
+        raise ImageError("decode_error", describe_error(exc)) from None
 
 
 def prepare_pil(image: Image.Image, spec: ImageSpec) -> np.ndarray:
@@ -153,7 +154,7 @@ def portable_image(data: bytes) -> tuple[bytes, str]:
             _to_rgb(image).save(buffer, format="JPEG", quality=_EXPORT_JPEG_QUALITY)
             return buffer.getvalue(), "jpg"
     except Exception as exc:
-        raise ImageError("decode_error", _describe(exc)) from None
+        raise ImageError("decode_error", describe_error(exc)) from None
 
 
 def _decode(data: bytes, spec: ImageSpec) -> DecodedImage:
@@ -240,7 +241,3 @@ def _unsupported_format(prefix: bytes) -> str | None:
             if accept(prefix):
                 return name
     return None
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -21,6 +21,7 @@ from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
 from pipeline.stages import DecodeSpec, decode_batch, peak_rss_mb, pixels_from_column, staging_schema
+from pipeline.text import describe_error
 from schemas.captions import CANDIDATE_TYPE
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class CaptionStage:
                 return
             log.warning("model failed on %s: %s", keys[rows[0]], exc)
             result.status[rows[0]] = "model_error"
-            result.error[rows[0]] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            result.error[rows[0]] = describe_error(exc)
             return
         for j, i in enumerate(rows):
             result.captions[i] = captioned.captions[j]

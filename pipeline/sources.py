@@ -42,6 +42,8 @@ from braceexpand import UnbalancedBracesError, braceexpand
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.text import one_line, storable
+
 WEBDATASET, PARQUET, FOLDER = "webdataset", "parquet", "folder"
 
 # Lower-case extensions taken as images; when one key has several (KEY.jpg and KEY.png) the first in
@@ -132,7 +134,7 @@ def _url_to_fs(item: str, spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return url_to_fs(item)
     except (ValueError, ImportError) as exc:  # unknown protocol, or its fsspec backend not installed
-        raise InputError(f"cannot open --input {spec!r}: {_one_line(exc)}") from None
+        raise InputError(f"cannot open --input {spec!r}: {one_line(exc)}") from None
 
 
 def _stat(fs: fsspec.AbstractFileSystem, path: str,
@@ -154,7 +156,7 @@ def _stat(fs: fsspec.AbstractFileSystem, path: str,
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise InputError(f"cannot access {path}: {_one_line(exc)}") from None
+        raise InputError(f"cannot access {path}: {one_line(exc)}") from None
 
 
 def _to_shard(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> Shard:
@@ -195,7 +197,7 @@ def _check_parquet(url: str, image_column: str | None) -> None:
         with fsspec.open(url, "rb") as f:
             schema = pq.read_schema(f)
     except (FileNotFoundError, PermissionError) as exc:
-        raise InputError(f"cannot read {url}: {_one_line(exc)}") from None
+        raise InputError(f"cannot read {url}: {one_line(exc)}") from None
     except (OSError, pa.ArrowException):
         return  # a corrupt file is bad data, not bad usage: read_samples reports it as "unreadable_shard"
     _image_column(schema, image_column, url)
@@ -247,7 +249,7 @@ def read_samples(shard: Shard, image_column: str | None = None, key_column: str 
 def _record(key: str, source: str, image: bytes | None = None, original_text: str | None = None,
             meta: str | None = None, status: str = "ok", error: str | None = None) -> dict:
     return {"key": key, "source": source, "image": image, "original_text": original_text, "meta": meta,
-            "status": status, "error": None if error is None else _one_line(error)}
+            "status": status, "error": None if error is None else one_line(error)}
 
 
 def _shard_error(url: str, status: str, error: str) -> dict:
@@ -388,7 +390,7 @@ def _split_key(name: str) -> tuple[str | None, str | None]:
     match = _KEY_RULE.match(name)
     if not match:
         return None, None
-    return _clean(match.group(1)), match.group(2)
+    return storable(match.group(1)), match.group(2)
 
 
 def _read_parquet(url: str, image_column: str | None, key_column: str) -> Iterator[dict]:
@@ -458,7 +460,7 @@ def _read_folder(url: str) -> Iterator[dict]:
         relative = path[len(root):].lstrip("/")
         if not _image_extension(relative) or any(part.startswith(".") for part in relative.split("/")):
             continue  # hidden files (macOS "._x.jpg", ".thumbnails/") are not samples
-        key, stem = _clean(relative), path.rsplit(".", 1)[0]
+        key, stem = storable(relative), path.rsplit(".", 1)[0]
         files = {path: listing[path], **{stem + suffix: listing[stem + suffix] for suffix in (".txt", ".json")
                                          if stem + suffix in listing}}
         # a device or FIFO named like an image (a link to /dev/zero) would be read forever
@@ -518,12 +520,3 @@ def _decode(data: bytes) -> str:
 
 def _as_text(value: Any) -> str:
     return _decode(value) if isinstance(value, bytes) else str(value)
-
-
-def _clean(text: str) -> str:
-    # tarfile and os decode non-UTF-8 names with surrogate escapes, which Arrow refuses to store.
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _one_line(message: object) -> str:
-    return _clean(" ".join(str(message).split()))  # member names in messages may carry surrogate escapes

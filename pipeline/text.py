@@ -1,4 +1,4 @@
-"""Turkish-aware text handling: casing and caption clean-up."""
+"""Text handling: Turkish casing, caption clean-up, and one-line messages that Arrow can store."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ _TR_LOWER = str.maketrans({"I": "ı", "İ": "i"})
 _TR_UPPER = str.maketrans({"ı": "I", "i": "İ"})
 _SPACES = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def tr_lower(text: str) -> str:
@@ -32,3 +33,25 @@ def clean_caption(text: str) -> str:
     text = unicodedata.normalize("NFC", text)
     text = _SPACES.sub(" ", text).strip()
     return _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+
+
+def storable(text: str) -> str:
+    """text with lone surrogates replaced by U+FFFD: os and tarfile decode non-UTF-8 file names
+    with surrogate escapes (one U+FFFD per undecodable byte here), and Arrow refuses to store them."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte, e.g. from JSON's "\ud800"
+        return _SURROGATES.sub("\ufffd", text)
+
+
+def one_line(message: object, limit: int = 300) -> str:
+    """str(message) on one storable line, cut to `limit` characters ("..." marks a cut): for error
+    columns and usage errors, whatever an underlying exception printed."""
+    text = storable(" ".join(str(message).split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_error(exc: BaseException, limit: int = 300) -> str:
+    """The exception as one line, "TypeName: message"; the type alone when it has no message."""
+    text = one_line(exc, limit)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.sinks import _TMP_PREFIX, CAPTIONS, FILTERED, RUN_JSON, STAGING, OutputDir
 from pipeline.sources import Shard, expand_inputs, read_samples
+from pipeline.text import one_line
 from schemas.captions import METADATA_KEY, SchemaError, captions_schema, validate_table
 
 # What the `captioner` metadata JSON must name (SPEC.md: identities, decoding, filter, version).
@@ -150,7 +151,7 @@ def _read_parts(output: OutputDir, folder: str, files: list[str]) -> _Parts:
                 # reading from a Python file object (apache/arrow#34314, #50482).
                 table = pq.read_table(handle, use_threads=False)
         except (OSError, pa.ArrowException) as exc:
-            parts.unreadable.append(f"{relative}: {_one_line(exc)}")
+            parts.unreadable.append(f"{relative}: {one_line(exc)}")
             continue
         _inspect_schema(parts, relative, table)
         try:
@@ -197,7 +198,7 @@ def _read_run_json(output: OutputDir) -> tuple[dict[str, Any] | None, str | None
     try:
         data = output.read_json(RUN_JSON)
     except (OSError, ValueError) as exc:
-        return None, f"{RUN_JSON} is unreadable: {_one_line(exc)}"
+        return None, f"{RUN_JSON} is unreadable: {one_line(exc)}"
     if data is None:
         return None, f"no {RUN_JSON}: the run has not finished"
     if not isinstance(data, dict):
@@ -382,9 +383,6 @@ def _first(items: Sequence[Any] | pa.Array | pa.ChunkedArray, count: int) -> str
     shown = ", ".join(str(value) for value in values[:count])
     return shown + (f", ... ({len(values)} in all)" if len(values) > count else "")
 
-
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
 
 
 __all__ = ["Check", "VerifyReport", "VerifyUsageError", "verify"]

@@ -27,6 +27,7 @@ from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer
 from pipeline.models.weights import building_for, load_weights, save_weights
+from pipeline.text import one_line
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "clipcap-tr-bundle/1"
@@ -136,8 +137,7 @@ def load_language_model(name_or_dir: str | Path):
         lm = AutoModelForCausalLM.from_pretrained(name_or_dir, local_files_only=local, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local)
     except (OSError, ValueError, KeyError) as exc:
-        reason = " ".join(str(exc).split())[:300]
-        raise ModelLoadError(f"cannot load language model {str(name_or_dir)!r}: {reason}") from None
+        raise ModelLoadError(f"cannot load language model {str(name_or_dir)!r}: {one_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.eval(), tokenizer

@@ -31,6 +31,7 @@ from pipeline.models.weights import (
     load_weights,
     read_torchscript_state,
 )
+from pipeline.text import describe_error
 
 CUSTOM = "custom"
 LOCAL_DIR = "local-dir:"
@@ -170,7 +171,7 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
         tokenizer = open_clip.get_tokenizer(arch)
     except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError) as exc:
         what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
-        raise ModelLoadError(f"cannot load CLIP {what!r}: {_one_line(exc)}") from None
+        raise ModelLoadError(f"cannot load CLIP {what!r}: {describe_error(exc)}") from None
     if openai_archive:
         expected = clip.state_dict()  # the archive also holds tensors that are not weights (cached masks)
         load_state(clip, {k: v for k, v in read_torchscript_state(weights).items() if k in expected}, weights)
@@ -210,7 +211,7 @@ def _create_from_transformers(name: str) -> ClipModel:
         if missing := sorted(loading["missing_keys"]):
             raise ValueError(f"{len(missing)} weights missing from its checkpoint, e.g. {missing[0]}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"cannot load CLIP {name!r} with transformers: {_one_line(exc)}") from None
+        raise ModelLoadError(f"cannot load CLIP {name!r} with transformers: {describe_error(exc)}") from None
     vision, text = hf.config.vision_config, hf.config.text_config
     tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text.max_position_embeddings)
     if text.vocab_size != tokenizer.vocab_size:
@@ -286,7 +287,7 @@ def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
         with building_for(bool(spec.weights)):
             clip = open_clip.CLIP(**config)
     except (TypeError, ValueError, AssertionError) as exc:
-        raise ModelLoadError(f"invalid custom CLIP config: {_one_line(exc)}") from None
+        raise ModelLoadError(f"invalid custom CLIP config: {describe_error(exc)}") from None
     if stride == 16 and isinstance(clip.visual, ModifiedResNet):
         clip.visual.avgpool = nn.Identity()  # the stem's 2x average pool: the tower's stride halves to 16
     elif stride != 32:
@@ -324,8 +325,3 @@ def _resolve(weights: str | None, base_dir: Path | None) -> str | None:
     if weights and base_dir is not None and (base_dir / weights).is_file():
         return str(base_dir / weights)
     return weights
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}"

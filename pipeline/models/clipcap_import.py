@@ -18,6 +18,7 @@ from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.weights import load_state
+from pipeline.text import describe_error
 
 MAPPER_PREFIX = "clip_project."
 LM_PREFIX = "gpt."
@@ -32,9 +33,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ModelLoadError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: {reason})")\
-            from None
+        raise ModelLoadError(f"{path}: not a loadable weights-only checkpoint ({describe_error(exc, 200)})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and set(state) == {wrapper}:
             state = state[wrapper]

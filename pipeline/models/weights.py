@@ -17,6 +17,7 @@ from torch import nn
 from transformers.initialization import no_init_weights
 
 from pipeline.models.errors import ModelLoadError
+from pipeline.text import describe_error
 
 
 def building_for(weights: bool) -> AbstractContextManager:
@@ -99,9 +100,7 @@ def read_torchscript_state(path: str | Path) -> dict[str, torch.Tensor]:
     except ModelLoadError:
         raise
     except Exception as exc:  # a hostile or broken pickle can fail in any way; it gets one line, not a traceback
-        reason = " ".join(str(exc).split())[:200]
-        raise ModelLoadError(f"{path}: not a readable TorchScript archive ({type(exc).__name__}: {reason})") \
-            from None
+        raise ModelLoadError(f"{path}: not a readable TorchScript archive ({describe_error(exc, 200)})") from None
     return state
 
 
