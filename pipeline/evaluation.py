@@ -29,7 +29,7 @@ from pipeline.demo_world import Scene, score_caption, swap_attribute
 from pipeline.images import ImageError, decode_image
 from pipeline.models.bundle import Bundle
 from pipeline.models.captioner import PrefixCaptioner
-from pipeline.sources import record_metadata, text_list
+from pipeline.sources import record_metadata, reference_captions
 from pipeline.text import tr_lower
 
 # A word keeps its inner apostrophes and hyphens ("ankara'da", "açık-mavi"). Punctuation is dropped, as the COCO
@@ -230,9 +230,7 @@ def _stack(pixels: list[np.ndarray]) -> torch.Tensor:
 
 def _item(record: dict) -> _Item:
     meta = record_metadata(record)
-    references = text_list(meta.get("captions"))
-    if not references and record.get("original_text"):
-        references = [record["original_text"]]
+    references = reference_captions(record, meta)
     try:
         scene = Scene.from_objects(meta["objects"]) if meta.get("objects") else None
     except (KeyError, TypeError):  # an "objects" entry of some other metadata schema: not a demo scene

@@ -494,8 +494,16 @@ def record_metadata(record: dict) -> dict[str, Any]:
 
 
 def text_list(value: Any) -> list[str]:
-    """The non-empty strings of a metadata list ("captions", "negatives"); [] for anything else."""
-    return [item for item in value if isinstance(item, str) and item.strip()] if isinstance(value, list) else []
+    """The non-empty strings of a metadata list ("captions", "negatives"); [] for anything else.
+    JSON may spell lone surrogates ("\\ud800"), which no tokenizer or Arrow column takes: replaced."""
+    if not isinstance(value, list):
+        return []
+    return [storable(item) for item in value if isinstance(item, str) and item.strip()]
+
+
+def reference_captions(record: dict, meta: dict[str, Any]) -> list[str]:
+    """A sample's reference captions: its KEY.json "captions", else its own text (KEY.txt, a caption column)."""
+    return text_list(meta.get("captions")) or text_list([record.get("original_text")])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -408,7 +408,7 @@ def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str], list[
     """(image bytes, reference captions, hard negative captions) from every kind of input."""
     import fsspec
 
-    from pipeline.sources import expand_inputs, read_samples, record_metadata, text_list
+    from pipeline.sources import expand_inputs, read_samples, record_metadata, reference_captions, text_list
 
     jsonl = [s for s in specs if s.endswith((".jsonl", ".json"))]
     for spec in jsonl:
@@ -438,9 +438,7 @@ def _caption_records(specs: list[str]) -> Iterator[tuple[bytes, list[str], list[
             if record["status"] != "ok" or record["image"] is None:
                 continue
             meta = record_metadata(record)
-            references = text_list(meta.get("captions"))
-            if not references and record.get("original_text"):
-                references = [record["original_text"]]
+            references = reference_captions(record, meta)
             if references:
                 yield record["image"], references, text_list(meta.get("negatives"))
 

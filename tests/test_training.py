@@ -97,15 +97,17 @@ def test_jsonl_captions_skip_bad_lines_and_keep_only_text_references(tmp_path, c
     object is skipped with a warning, as an undecodable image is; only non-empty strings count as captions."""
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
     (tmp_path / "b.jpg").write_bytes(jpeg_bytes(1))
-    lines = [{"image": "a.jpg", "captions": ["bir kedi", 3, "", None], "negatives": "bir köpek"},
+    lines = [{"image": "a.jpg", "captions": ["bir kedi", 3, "", None, "bir \ud800 kedi"], "negatives": "bir köpek"},
              "{not json", {"caption": "resimsiz"}, {"image": "missing.jpg", "caption": "yok"}, [1, 2],
              {"image": "b.jpg", "captions": "tek bir dize", "caption": "iki köpek", "negatives": ["üç köpek", 7]},
              {"image": "b.jpg", "captions": []}, "[" * 5000]
     (tmp_path / "captions.jsonl").write_text("\n".join(
-        line if isinstance(line, str) else json.dumps(line, ensure_ascii=False) for line in lines))
+        line if isinstance(line, str) else json.dumps(line) for line in lines))
     with caplog.at_level(logging.WARNING, logger="pipeline.training"):
         examples = load_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), progress=_silent)
-    assert examples.captions == [["bir kedi"], ["iki köpek"]] and examples.pixels.shape == (2, 16, 16, 3)
+    # JSON's lone surrogate ("\\ud800"), which the tokenizer cannot encode, is replaced
+    assert examples.captions == [["bir kedi", "bir \ufffd kedi"], ["iki köpek"]]
+    assert examples.pixels.shape == (2, 16, 16, 3)
     assert examples.negatives is None  # not every example has one
     skipped = sorted(int(r.getMessage().split(" line ")[1].split(":")[0]) for r in caplog.records)
     assert skipped == [2, 3, 4, 5, 8]
