@@ -227,10 +227,7 @@ def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], def
         with output.fs.open(path, "rb") as handle:
             table = pq.read_table(handle, use_threads=False)
         name = path.rsplit("/", 1)[-1]
-        written = _write_part(output, config, cutoff, table.cast(schema), embedding_dim, name)
-        if not written:
-            output.remove(FILTERED, name)  # none of its rows passes now
-        kept += written
+        kept += _write_part(output, config, cutoff, table.cast(schema), embedding_dim, name)
     summary.pop("webdataset", None)
     summary["config"], summary["output_defining"] = config.to_json(), defining
     summary["counts"] |= {"kept": kept, "top_fraction_cutoff_score": cutoff.score if cutoff else None}
@@ -246,7 +243,8 @@ def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], def
 def _write_part(output: OutputDir, config: RunConfig, cutoff: Cutoff | None, table: pa.Table, embedding_dim: int,
                 name: str) -> int:
     """One captions/ part with its keep flags set by the filter, and its kept rows as the filtered/ part
-    of the same name; returns how many rows it kept."""
+    of the same name (written when it keeps none too: readers of filtered/ then always find a table, if an
+    empty one); returns how many rows it kept."""
     keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
                      table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
     position = table.schema.get_field_index("keep")
@@ -254,8 +252,7 @@ def _write_part(output: OutputDir, config: RunConfig, cutoff: Cutoff | None, tab
     validate_table(table, embedding_dim)
     output.write_parquet(table, CAPTIONS, name)
     kept_rows = table.filter(pc.field("keep"))
-    if kept_rows.num_rows:
-        output.write_parquet(kept_rows, FILTERED, name)
+    output.write_parquet(kept_rows, FILTERED, name)
     return kept_rows.num_rows
 
 
@@ -402,6 +399,8 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
         table = table.drop_columns(list(STAGING_ONLY)).cast(schema)
         kept += _write_part(output, config, cutoff, table, embedding_dim, path.rsplit("/", 1)[-1])
         counts.update(table.column("status").to_pylist())
+    if not output.parts(CAPTIONS):  # inputs without one sample (an empty tar): readers still find the tables
+        _write_part(output, config, cutoff, schema.empty_table(), embedding_dim, "part-empty.parquet")
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
             "top_fraction_cutoff_score": cutoff.score if cutoff else None, "rows_by_node": dict(by_node),
             "model_actor_peak_rss_mb": round(actor_peak_mb, 1)}
