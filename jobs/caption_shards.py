@@ -25,7 +25,8 @@ from pipeline.sources import InputError
 @click.option("--output", required=True, help="Output directory (local path or fsspec URL).")
 @click.option("--model", default="demo", show_default=True, help="'demo' or a model bundle directory.")
 @click.option("--image-column", default=None, help="Parquet image column (default: jpg, then image).")
-@click.option("--key-column", default="key", show_default=True, help="Parquet key column.")
+@click.option("--key-column", default="key", show_default=True,
+              help="Parquet key column (the default is used where present; a name you give must exist).")
 @click.option("--min-clip-score", type=float, default=None, help="Keep rows with clip_score >= this.")
 @click.option("--keep-top-fraction", type=float, default=None,
               help="Keep this fraction of the run's best clip_scores (global quantile).")

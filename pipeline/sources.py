@@ -4,8 +4,9 @@
 before any work starts. `read_samples` streams one shard; bad data never raises there: it becomes a
 record whose `status` names the problem. Each record is a dict with exactly these keys:
 
-    key            str          WebDataset key, Parquet key column (or "<file stem>/<row>"), or the
-                                path relative to a folder input
+    key            str          WebDataset key, Parquet key column (else "<file>/<row>", the file's path
+                                relative to the run's Parquet files' common folder, without .parquet),
+                                or the path relative to a folder input
     source         str          the shard's URL (for folders: the folder's URL)
     image          bytes|None   the encoded image, None when there is none
     original_text  str|None     KEY.txt, a `caption`/`text` column, or a sibling .txt file
@@ -17,9 +18,12 @@ Error kinds: "no_image" (sample without image), "unsupported" (Parquet image col
 cannot read; a folder entry that is a device or FIFO; a tar image member that is a link), "too_large"
 (an image file over MAX_IMAGE_BYTES or a txt/json over MAX_TEXT_BYTES, never read), "split_sample" (a
 tar key whose members are not contiguous), "read_error" (one file of a folder could not be read), and
-two shard-level kinds with key "<shard url>#<kind>" so they stay unique in a run: "unreadable_shard"
-(not a tar / not a Parquet file / cannot be opened) and "truncated_shard" (tar cut or corrupt after its
-start; the complete samples before are yielded).
+three shard-level kinds with key "<shard url>#<kind>" so they stay unique in a run: "unreadable_shard"
+(not a tar / not a Parquet file / cannot be opened), "truncated_shard" (tar cut or corrupt after its
+start; the complete samples before are yielded) and "trailing_data" (more data after the tar's
+end-of-archive blocks, as `cat a.tar b.tar` makes: tar readers stop at the first end, so it is reported).
+A tar member repeated within one sample (a second KEY.jpg) starts a sample of its own under the same key,
+which the run then marks as a duplicate key. Hidden files (".x", macOS "._x", "__MACOSX/") are not samples.
 """
 
 from __future__ import annotations
@@ -51,9 +55,11 @@ WEBDATASET, PARQUET, FOLDER = "webdataset", "parquet", "folder"
 # cannot be decoded, but they are samples: each becomes a row saying so rather than vanishing from a folder.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "avif", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm",
                     "heic", "heif")
-# "r|*" decompresses gzip transparently, so compressed WebDataset shards work as well.
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-DEFAULT_IMAGE_COLUMNS = ("jpg", "image")
+# "r|*" decompresses gzip, bzip2 and xz transparently, so compressed WebDataset shards work as well.
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# jpg: img2dataset; image: Hugging Face datasets; png/webp: img2dataset with another --encode_format.
+DEFAULT_IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg")
+DEFAULT_KEY_COLUMN = "key"
 TEXT_COLUMNS = ("caption", "text")  # matched in any case: LAION's parquet says TEXT
 # Files above these sizes are never read, so a hostile multi-gigabyte member cannot fill a reader's memory:
 # an uncompressed 100 MP RGB image (ImageSpec's pixel limit) is 300 MB; LAION's json is a few KB.
@@ -67,6 +73,8 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 # first dot of its basename (directory prefix kept), the suffix is everything after that dot.
 _KEY_RULE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _IMAGE_RANK = {ext: rank for rank, ext in enumerate(IMAGE_EXTENSIONS)}
+_NO_IMAGE_RANK = 2 * len(IMAGE_EXTENSIONS)  # worse than any plain (KEY.jpg) or dotted (KEY.x.jpg) image suffix
+_SCAN_CHUNK = 1 << 16
 
 
 class InputError(ValueError):
@@ -79,17 +87,22 @@ class Shard:
 
     url: str  # local absolute path, or a fully qualified fsspec URL; what `fsspec.open` is given
     kind: str  # WEBDATASET | PARQUET | FOLDER
+    # Parquet rows without a key are "<name>/<row>": the path below the run's Parquet files' common
+    # folder, so 0000.parquet in train/ and in test/ (Hugging Face's layout) give different keys.
+    name: str = ""
 
 
 # --------------------------------------------------------------------------------------------------
 # --input specs -> shards
 
 
-def expand_inputs(specs: list[str], image_column: str | None = None, key_column: str = "key") -> list[Shard]:
+def expand_inputs(specs: list[str], image_column: str | None = None,
+                  key_column: str = DEFAULT_KEY_COLUMN) -> list[Shard]:
     """Expand `--input` specs (path, glob, brace range, fsspec URL) into shards: sorted within each spec,
     specs in the given order, each shard once. Lists and validates only; raises InputError on bad usage.
 
-    `key_column` is accepted for symmetry with `read_samples`: a missing key column is not an error.
+    A Parquet file without the default key column gets "<name>/<row>" keys; a key column named
+    otherwise must be there (a misspelt name would silently give every row such a key).
     """
     if not specs:
         raise InputError("no --input given")
@@ -101,8 +114,19 @@ def expand_inputs(specs: list[str], image_column: str | None = None, key_column:
     if parquet_urls:
         # One footer read per file; threads hide object-store latency when there are many files.
         with ThreadPoolExecutor(max_workers=min(8, len(parquet_urls))) as pool:
-            list(pool.map(lambda url: _check_parquet(url, image_column), parquet_urls))
+            list(pool.map(lambda url: _check_parquet(url, image_column, key_column), parquet_urls))
+        names = _relative_names(parquet_urls)
+        shards.update({url: Shard(url, PARQUET, names[url]) for url in parquet_urls})
     return list(shards.values())
+
+
+def _relative_names(urls: list[str]) -> dict[str, str]:
+    """Each URL's path below the URLs' common folder, without its .parquet suffix."""
+    parts = [url.split("/") for url in urls]
+    common = 0
+    while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+        common += 1
+    return {url: "/".join(p[common:])[: -len(".parquet")] for url, p in zip(urls, parts, strict=True)}
 
 
 def _expand_spec(spec: str) -> list[Shard]:
@@ -118,7 +142,8 @@ def _expand_spec(spec: str) -> list[Shard]:
         info = _stat(fs, path, listings if braced else None)
         if info is None and _GLOB_CHARS.search(path):
             found.extend(_to_shard(fs, match, match_info)
-                         for match, match_info in sorted(fs.glob(path, detail=True).items()))
+                         for match, match_info in sorted(fs.glob(path, detail=True).items())
+                         if not _hidden_match(path, match))
         elif info is None and braced:
             raise InputError(f"shard missing: {item} (from brace range {spec!r})")
         elif info is None:
@@ -128,6 +153,16 @@ def _expand_spec(spec: str) -> list[Shard]:
     if not found:
         raise InputError(f"no file matches {spec!r}")
     return found
+
+
+def _hidden_match(pattern: str, match: str) -> bool:
+    """A glob match below a hidden name (".x", macOS "._shard.tar") that the pattern does not spell out:
+    shells and Python's glob skip those, and folder inputs do."""
+    prefix = pattern[: _GLOB_CHARS.search(pattern).start()]
+    folder = prefix[: prefix.rfind("/") + 1]  # the pattern's folder before its first wildcard
+    if any(part.startswith(".") for part in pattern[len(folder):].split("/")):
+        return False
+    return any(part.startswith(".") for part in match[len(folder):].split("/"))
 
 
 def _url_to_fs(item: str, spec: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -161,7 +196,7 @@ def _stat(fs: fsspec.AbstractFileSystem, path: str,
 
 def _to_shard(fs: fsspec.AbstractFileSystem, path: str, info: dict[str, Any]) -> Shard:
     local = isinstance(fs, LocalFileSystem)
-    path = path.rstrip("/") or "/"
+    path = os.path.normpath(path) if local else path.rstrip("/") or "/"  # a/../b and a//b are one shard
     url = path if local else fs.unstrip_protocol(path)
     if info.get("type") == "directory":
         if local and not os.access(path, os.R_OK | os.X_OK):
@@ -192,7 +227,7 @@ def _check_folder(fs: fsspec.AbstractFileSystem, path: str, url: str) -> None:
     raise InputError(f"no image files in directory {url}{hint}")
 
 
-def _check_parquet(url: str, image_column: str | None) -> None:
+def _check_parquet(url: str, image_column: str | None, key_column: str) -> None:
     try:
         with fsspec.open(url, "rb") as f:
             schema = pq.read_schema(f)
@@ -201,6 +236,8 @@ def _check_parquet(url: str, image_column: str | None) -> None:
     except (OSError, pa.ArrowException):
         return  # a corrupt file is bad data, not bad usage: read_samples reports it as "unreadable_shard"
     _image_column(schema, image_column, url)
+    if key_column != DEFAULT_KEY_COLUMN and key_column not in schema.names:
+        raise InputError(f"key column {key_column!r} not found in {url} (columns: {_names(schema)})")
 
 
 def _image_column(schema: pa.Schema, image_column: str | None, url: str) -> str:
@@ -209,10 +246,13 @@ def _image_column(schema: pa.Schema, image_column: str | None, url: str) -> str:
         raise InputError(f"image column {image_column!r} not found in {url} (columns: {_names(schema)})")
     name = image_column or next((c for c in DEFAULT_IMAGE_COLUMNS if c in schema.names), None)
     if name is None:
-        raise InputError(f"no image column in {url}: expected 'jpg' or 'image', or name one with --image-column "
-                         f"(columns: {_names(schema)})")
+        raise InputError(f"no image column in {url}: expected one of {', '.join(DEFAULT_IMAGE_COLUMNS)}, or name one "
+                         f"with --image-column (columns: {_names(schema)})")
     column_type = schema.field(name).type
-    if not _is_bytes(column_type) and not (
+    if pa.types.is_dictionary(column_type):  # to_pylist() gives the values
+        column_type = column_type.value_type
+    # null: pandas writes a column whose every value is None (a shard of failed downloads) so
+    if not _is_bytes(column_type) and not pa.types.is_null(column_type) and not (
             pa.types.is_struct(column_type) and column_type.get_field_index("bytes") >= 0
             and _is_bytes(column_type.field("bytes").type)):
         raise InputError(f"image column {name!r} in {url} has type {column_type}; "
@@ -234,13 +274,14 @@ def _names(schema: pa.Schema, limit: int = 12) -> str:
 # shards -> sample records
 
 
-def read_samples(shard: Shard, image_column: str | None = None, key_column: str = "key") -> Iterator[dict]:
+def read_samples(shard: Shard, image_column: str | None = None,
+                 key_column: str = DEFAULT_KEY_COLUMN) -> Iterator[dict]:
     """Stream the sample records of one shard (schema in the module docstring). Memory stays bounded by
     one tar member, one Parquet row group, or one folder listing."""
     if shard.kind == WEBDATASET:
         return _read_tar(shard.url)
     if shard.kind == PARQUET:
-        return _read_parquet(shard.url, image_column, key_column)
+        return _read_parquet(shard, image_column, key_column)
     if shard.kind == FOLDER:
         return _read_folder(shard.url)
     raise ValueError(f"unknown shard kind {shard.kind!r}")
@@ -281,18 +322,21 @@ class _TarSample:
         self.key = key
         self.split = split  # the key was already seen earlier in this tar
         self.suffixes: list[str] = []
-        self.image_rank = len(IMAGE_EXTENSIONS)
+        self.image_rank = _NO_IMAGE_RANK
         self.image: bytes | None = None
         self.text: bytes | None = None
         self.meta: bytes | None = None
         self.too_large: str | None = None
         self.not_a_file: str | None = None  # an image member that is a link or device: never followed
 
+    def repeats(self, suffix: str) -> bool:
+        return suffix in self.suffixes
+
     def add(self, suffix: str, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         self.suffixes.append(suffix)
         if self.split:
             return
-        rank = _IMAGE_RANK.get(suffix)
+        rank = _image_rank(suffix)
         if not member.isfile():
             if rank is not None and self.not_a_file is None:
                 kind = "a symbolic link" if member.issym() else "a hard link" if member.islnk() else "not a file"
@@ -320,7 +364,7 @@ class _TarSample:
             return _record(self.key, url, status="split_sample",
                            error=f"members of key {self.key!r} are not contiguous in the tar; this later group "
                                  f"({found}) was not merged with the earlier one")
-        text = None if self.text is None else _decode(self.text)
+        text = None if self.text is None else _decode(self.text).strip()  # `echo caption > KEY.txt` ends in \n
         meta = None if self.meta is None else _decode(self.meta)
         if self.too_large:
             return _record(self.key, url, original_text=text, meta=meta, status="too_large", error=self.too_large)
@@ -360,15 +404,18 @@ def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
         while (member := tar.next()) is not None:
             tar.members = []  # stream mode still appends every TarInfo to .members: drop them, memory stays flat
             key, suffix = _split_key(member.name)
-            if key is None or suffix is None or member.isdir():
+            if key is None or suffix is None or member.isdir() or _hidden(member.name):
                 continue
-            if sample is None or key != sample.key:
+            suffix = suffix.lower()
+            # a repeated member (a second KEY.jpg right after the first) starts a sample of its own
+            if sample is None or key != sample.key or sample.repeats(suffix):
+                repeated = sample is not None and key == sample.key
                 if sample is not None:
                     yield sample.record(url)
                     complete += 1
-                sample = _TarSample(key, split=key in seen)
+                sample = _TarSample(key, split=key in seen and not repeated)
                 seen.add(key)
-            sample.add(suffix.lower(), tar, member)
+            sample.add(suffix, tar, member)
     except (tarfile.TarError, EOFError, OSError) as exc:
         problem = str(exc)
     else:
@@ -379,11 +426,47 @@ def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
     if problem is None:
         if sample is not None:
             yield sample.record(url)
+        if _data_follows(tar):
+            yield _shard_error(url, "trailing_data", "more data follows the tar's end-of-archive blocks (tars joined "
+                                                     "with cat?); tar readers stop there, so it was not read")
         return
     # The sample being read when the data ended may be missing members, so it is not yielded as ok.
     dropped = f"; incomplete sample {sample.key!r} skipped" if sample is not None else ""
     yield _shard_error(url, "truncated_shard", f"tar is cut or corrupt after {complete} complete samples: "
                                                f"{problem}{dropped}")
+
+
+def _data_follows(tar: tarfile.TarFile) -> bool:
+    """Whether anything but zero padding follows the end-of-archive blocks (read until it does)."""
+    try:
+        while chunk := tar.fileobj.read(_SCAN_CHUNK):
+            if chunk.strip(b"\0"):
+                return True
+    except (tarfile.TarError, EOFError, OSError):  # a damaged compressed tail after the archive's end
+        return False
+    return False
+
+
+def _file_type(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> str:
+    """A listing entry's type, of its target for a link (a broken one raises OSError)."""
+    if info.get("islink"):
+        target = fs.info(info["name"])  # a path (not a directory entry): LocalFileSystem follows the link
+        info.update(size=target.get("size"), type=target.get("type"))
+    return info.get("type")
+
+
+def _hidden(name: str) -> bool:
+    """Hidden files and macOS archive litter ("._x.jpg" resource forks, "__MACOSX/"): not samples."""
+    return any((part.startswith(".") and part not in (".", "..")) or part == "__MACOSX" for part in name.split("/"))
+
+
+def _image_rank(suffix: str) -> int | None:
+    """The preference of an image suffix (lower first): KEY.jpg by IMAGE_EXTENSIONS, then a dotted suffix
+    (KEY.x.jpg: webdataset's key ends at the first dot) by its last extension; None when not an image."""
+    if suffix in _IMAGE_RANK:
+        return _IMAGE_RANK[suffix]
+    last = suffix.rsplit(".", 1)[-1]
+    return len(IMAGE_EXTENSIONS) + _IMAGE_RANK[last] if last in _IMAGE_RANK else None
 
 
 def _split_key(name: str) -> tuple[str | None, str | None]:
@@ -393,17 +476,19 @@ def _split_key(name: str) -> tuple[str | None, str | None]:
     return storable(match.group(1)), match.group(2)
 
 
-def _read_parquet(url: str, image_column: str | None, key_column: str) -> Iterator[dict]:
+def _read_parquet(shard: Shard, image_column: str | None, key_column: str) -> Iterator[dict]:
+    url = shard.url
     with contextlib.ExitStack() as stack:
         try:
             parquet = pq.ParquetFile(stack.enter_context(fsspec.open(url, "rb")))
         except (OSError, pa.ArrowException) as exc:
             yield _shard_error(url, "unreadable_shard", f"not a readable parquet file: {exc}")
             return
-        yield from _parquet_samples(parquet, url, image_column, key_column)
+        yield from _parquet_samples(parquet, url, shard.name or posixpath.basename(url)[: -len(".parquet")],
+                                    image_column, key_column)
 
 
-def _parquet_samples(parquet: pq.ParquetFile, url: str, image_column: str | None,
+def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column: str | None,
                      key_column: str) -> Iterator[dict]:
     schema = parquet.schema_arrow
     unsupported: str | None = None
@@ -414,7 +499,6 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, image_column: str | None
     key_field = key_column if key_column in schema.names else None
     text_field = next((name for wanted in TEXT_COLUMNS for name in schema.names if name.lower() == wanted), None)
     columns = list(dict.fromkeys(c for c in (image_field, key_field, text_field) if c is not None))
-    stem = posixpath.basename(url)[: -len(".parquet")]
     row = 0
     try:
         # Only the needed columns are read, one batch (within one row group) at a time.
@@ -424,8 +508,8 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, image_column: str | None
             keys = batch.column(key_field).to_pylist() if key_field else [None] * n
             texts = batch.column(text_field).to_pylist() if text_field else [None] * n
             for image, key, text in zip(images, keys, texts, strict=True):
-                key_text = f"{stem}/{row}" if key is None else _as_text(key)
-                original_text = None if text is None else _as_text(text)
+                key_text = _key_text(key) or f"{name}/{row}"
+                original_text = None if text is None else _as_text(text).strip()
                 row += 1
                 if unsupported is not None:
                     yield _record(key_text, url, original_text=original_text, status="unsupported", error=unsupported)
@@ -458,13 +542,19 @@ def _read_folder(url: str) -> Iterator[dict]:
     listing = fs.find(root, detail=True)  # the one listing; everything below streams file by file
     for path in sorted(listing):
         relative = path[len(root):].lstrip("/")
-        if not _image_extension(relative) or any(part.startswith(".") for part in relative.split("/")):
+        if not _image_extension(relative) or _hidden(relative):
             continue  # hidden files (macOS "._x.jpg", ".thumbnails/") are not samples
         key, stem = storable(relative), path.rsplit(".", 1)[0]
-        files = {path: listing[path], **{stem + suffix: listing[stem + suffix] for suffix in (".txt", ".json")
-                                         if stem + suffix in listing}}
-        # a device or FIFO named like an image (a link to /dev/zero) would be read forever
-        special = next((name for name, info in files.items() if info.get("type") != "file"), None)
+        text_path, meta_path = (next((stem + s for s in (suffix, suffix.upper()) if stem + s in listing), None)
+                                for suffix in (".txt", ".json"))
+        files = {name: listing[name] for name in (path, text_path, meta_path) if name is not None}
+        try:
+            # a device or FIFO named like an image (a link to /dev/zero) would be read forever; links to
+            # files are followed (a Hugging Face hub snapshot's files are links into its blob store)
+            special = next((name for name, info in files.items() if _file_type(fs, info) != "file"), None)
+        except OSError as exc:
+            yield _record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
+            continue
         if special is not None:
             yield _record(key, url, status="unsupported", error=f"not a regular file: {special}")
             continue
@@ -475,8 +565,8 @@ def _read_folder(url: str) -> Iterator[dict]:
             continue
         try:
             image = fs.cat_file(path)
-            text = _decode(fs.cat_file(stem + ".txt")) if stem + ".txt" in files else None
-            meta = _decode(fs.cat_file(stem + ".json")) if stem + ".json" in files else None
+            text = None if text_path is None else _decode(fs.cat_file(text_path)).strip()
+            meta = None if meta_path is None else _decode(fs.cat_file(meta_path))
         except OSError as exc:
             yield _record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
             continue
@@ -528,3 +618,13 @@ def _decode(data: bytes) -> str:
 
 def _as_text(value: Any) -> str:
     return _decode(value) if isinstance(value, bytes) else str(value)
+
+
+def _key_text(value: Any) -> str | None:
+    """A key cell as text; None for a missing one (null, NaN). Whole floats lose their ".0": pandas
+    stores an integer key column with a missing value as float64."""
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return storable(_as_text(value))

@@ -36,11 +36,12 @@ def clean_caption(text: str) -> str:
 
 
 def storable(text: str) -> str:
-    """text with lone surrogates replaced by U+FFFD: os and tarfile decode non-UTF-8 file names
-    with surrogate escapes (one U+FFFD per undecodable byte here), and Arrow refuses to store them."""
+    """text that Arrow can store: os and tarfile decode non-UTF-8 file names with surrogate escapes,
+    which become backslash escapes of their bytes (b"caf\\xe9" -> "caf\\\\xe9"), so two such names stay two keys;
+    other lone surrogates (JSON's "\\ud800") become U+FFFD."""
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a surrogate that is no escaped byte, e.g. from JSON's "\ud800"
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
         return _SURROGATES.sub("\ufffd", text)
 
 

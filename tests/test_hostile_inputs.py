@@ -137,10 +137,20 @@ def _write_hostile_inputs(root: Path) -> Inputs:
     expected |= {"pq-good": ("ok", GOOD), "pq-null": ("no_image", None), "pq-twice": ("ok", GOOD)}
 
     again = write_tar(root / "again.tar", {"good-0": {"jpg": jpeg_bytes(40)}, "again-1": {"jpg": jpeg_bytes(41)}})
-    expected |= {"again-1": ("ok", GOOD)}
+    with tarfile.open(again, "a") as archive:
+        # again-1.jpg a second time (a sample of its own, so a duplicate key), and a macOS resource fork (no row)
+        for name, data in (("again-1.jpg", jpeg_bytes(42)), ("._again-1.jpg", b"\x00\x05\x16\x07")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    # a second tar joined with `cat`: readers stop at the first end-of-archive, so it is reported
+    appended = write_tar(root / "appended.tar", {"lost": {"jpg": jpeg_bytes(43)}})
+    again.write_bytes(again.read_bytes() + appended.read_bytes())
+    appended.unlink()
+    expected |= {"again-1": ("ok", GOOD), f"{_url(again)}#trailing_data": ("trailing_data", None)}
     # a later sample that already failed keeps its own status (the split group); an ok one is a duplicate
     repeated = [("good-2", _url(tar), "split_sample"), ("pq-twice", _url(parquet), "duplicate_key"),
-                ("good-0", _url(again), "duplicate_key")]
+                ("good-0", _url(again), "duplicate_key"), ("again-1", _url(again), "duplicate_key")]
     return Inputs((str(tar), str(cut), str(parquet), str(again)), expected, repeated, len(expected) + len(repeated))
 
 
@@ -298,3 +308,17 @@ def test_cli_reports_a_missing_shard_in_one_line(tiny_bundle, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "00001.tar" in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_inputs_without_a_sample_still_give_readable_tables(ray_local, tiny_bundle, tmp_path):
+    """An empty tar (webdataset's ShardWriter can leave one): captions/ and filtered/ hold empty tables, so
+    pq.read_table / datasets.load_dataset on them work instead of finding no file."""
+    empty = write_tar(tmp_path / "in" / "empty.tar", {})
+    config = RunConfig(inputs=(str(empty),), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                       decode=DecodeSettings(max_new_tokens=4), batch_size=8)
+    assert run(config)["counts"]["rows"] == 0
+    for folder in ("captions", "filtered"):
+        table = pq.read_table(tmp_path / "out" / folder)
+        assert table.num_rows == 0 and "image_embedding" in table.column_names
+    report = verify(str(tmp_path / "out"), [str(empty)])
+    assert report.ok, "\n".join(report.lines())

@@ -284,17 +284,18 @@ def test_oversized_tar_members_become_too_large_rows_without_being_read(monkeypa
 
 
 def test_member_names_that_are_not_utf8_give_storable_keys_and_errors(tmp_path: Path) -> None:
-    """tarfile decodes such names with surrogate escapes, which Arrow refuses: keys and error texts carry U+FFFD."""
+    """tarfile decodes such names with surrogate escapes, which Arrow refuses: keys and error texts carry the
+    bytes as backslash escapes, so names that differ only in such a byte (Latin-1 "café", "cafè") stay two keys."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
-        for name, data in (("k\udcff.jpg", b"image"), ("m.jp\udcfeg", b"no image suffix")):
+        for name, data in (("k\udcff.jpg", b"image"), ("k\udcfe.jpg", b"image"), ("m.jp\udcfeg", b"no image suffix")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     (tmp_path / "names.tar").write_bytes(buffer.getvalue())
     records = read_all(str(tmp_path / "names.tar"), WEBDATASET)
-    assert [(r["key"], r["status"]) for r in records] == [("k\ufffd", "ok"), ("m", "no_image")]
-    assert "jp\ufffdg" in records[1]["error"]
+    assert [(r["key"], r["status"]) for r in records] == [("k\\xff", "ok"), ("k\\xfe", "ok"), ("m", "no_image")]
+    assert "jp\\xfeg" in records[2]["error"]
     pa.table({"key": [r["key"] for r in records], "error": [r["error"] for r in records]})  # Arrow takes them
 
 
@@ -408,3 +409,99 @@ def test_corrupt_parquet_is_one_unreadable_record(tmp_path: Path) -> None:
     path.write_bytes(b"PAR1 not really parquet")
     [shard] = expand_inputs([str(path)])
     assert [r["status"] for r in read_all(shard.url, PARQUET)] == ["unreadable_shard"]
+
+
+# ------------------------------------------------------------------------- shards written by other tools
+
+
+def test_tars_from_other_tools_hidden_members_dotted_names_repeats_and_text_files(tmp_path: Path) -> None:
+    """macOS litter is skipped, an image is found by its last extension (webdataset's key ends at the first
+    dot), a repeated member is a sample of its own (the run marks its key a duplicate), `echo`'s newline goes."""
+    shard = write_tar(tmp_path / "s.tar", [
+        ("__MACOSX/._a.jpg", b"fork"), ("._a.jpg", b"fork"), ("a.jpg", b"a"), ("a.txt", b"caption a\n"),
+        ("x.y.jpg", b"xy"), ("x.y.txt", b"not KEY.txt"),
+        ("m.seg.png", b"mask"), ("m.jpg", b"m"),  # a plain image suffix wins over a dotted one
+        ("d.jpg", b"d1"), ("d.txt", b"first"), ("d.jpg", b"d2"),
+        (".hidden/e.jpg", b"e"), ("./f.jpg", b"f"),
+    ])
+    records = read_all(str(shard), WEBDATASET)
+    assert [(r["key"], r["image"], r["original_text"], r["status"]) for r in records] == [
+        ("a", b"a", "caption a", "ok"), ("x", b"xy", None, "ok"), ("m", b"m", None, "ok"),
+        ("d", b"d1", "first", "ok"), ("d", b"d2", None, "ok"), ("./f", b"f", None, "ok")]
+
+
+def test_concatenated_tars_report_the_data_after_the_first_end(tmp_path: Path) -> None:
+    first, second = tar_bytes([("a.jpg", b"a")]), tar_bytes([("b.jpg", b"b")])
+    (tmp_path / "joined.tar").write_bytes(first + second)
+    records = read_all(str(tmp_path / "joined.tar"), WEBDATASET)
+    assert [(r["key"], r["status"]) for r in records] == [
+        ("a", "ok"), (f"{tmp_path / 'joined.tar'}#trailing_data", "trailing_data")]
+    assert "cat" in records[1]["error"]
+    (tmp_path / "padded.tar").write_bytes(first + bytes(20480))  # zero padding past the end is no data
+    assert [r["status"] for r in read_all(str(tmp_path / "padded.tar"), WEBDATASET)] == ["ok"]
+
+
+@pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz")])
+def test_compressed_tars(tmp_path: Path, suffix: str, mode: str) -> None:
+    path = tmp_path / f"s{suffix}"
+    with tarfile.open(path, mode) as tar:
+        info = tarfile.TarInfo("k.jpg")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"k"))
+    [shard] = expand_inputs([str(tmp_path / "*")])
+    assert shard.kind == WEBDATASET and [(r["key"], r["image"]) for r in read_all(shard.url, WEBDATASET)] == [
+        ("k", b"k")]
+
+
+def test_folder_follows_links_to_files_and_finds_upper_case_caption_files(tmp_path: Path) -> None:
+    """A Hugging Face hub snapshot holds links into its blob store; a camera card says C.JPG and C.TXT."""
+    blobs, root = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    root.mkdir()
+    (blobs / "1f3a").write_bytes(b"linked image")
+    (blobs / "2b4c").write_bytes(b"linked caption\n")
+    (root / "a.jpg").symlink_to(blobs / "1f3a")
+    (root / "a.txt").symlink_to(blobs / "2b4c")
+    (root / "broken.jpg").symlink_to(blobs / "missing")
+    (root / "C.JPEG").write_bytes(b"c")
+    (root / "C.TXT").write_bytes(b"upper")
+    records = read_all(str(root), FOLDER)
+    assert [(r["key"], r["image"], r["original_text"], r["status"]) for r in records] == [
+        ("C.JPEG", b"c", "upper", "ok"), ("a.jpg", b"linked image", "linked caption", "ok"),
+        ("broken.jpg", None, None, "read_error")]
+
+
+def test_globs_skip_hidden_files_unless_the_pattern_names_them(tmp_path: Path) -> None:
+    write_tar(tmp_path / "a.tar", [("k.jpg", b"k")])
+    write_tar(tmp_path / "._a.tar", [("k.jpg", b"k")])  # a macOS resource fork copied along
+    write_tar(tmp_path / ".cache" / "b.tar", [("k.jpg", b"k")])
+    assert [s.url for s in expand_inputs([str(tmp_path / "*.tar")])] == [str(tmp_path / "a.tar")]
+    assert [s.url for s in expand_inputs([str(tmp_path / "**" / "*.tar")])] == [str(tmp_path / "a.tar")]
+    assert [s.url for s in expand_inputs([str(tmp_path / ".*.tar")])] == [str(tmp_path / "._a.tar")]
+    # one shard spelt two ways is read once
+    same = [str(tmp_path / "a.tar"), f"{tmp_path}/.cache/../a.tar", f"{tmp_path}//a.tar"]
+    assert [s.url for s in expand_inputs(same)] == [str(tmp_path / "a.tar")]
+
+
+def test_parquet_from_other_tools(tmp_path: Path) -> None:
+    """Hugging Face's converted layout (0000.parquet in each split's folder) keeps keys unique; a shard of failed
+    downloads (pandas writes its all-None image column as type null), a dictionary-encoded image column and
+    pandas' float keys are read; a key column the user names must exist."""
+    for split in ("train", "test"):
+        (tmp_path / "default" / split).mkdir(parents=True)
+        pq.write_table(pa.table({"jpg": [b"i0", b"i1"]}), tmp_path / "default" / split / "0000.parquet")
+    shards = expand_inputs([str(tmp_path / "default" / "*" / "*.parquet")])
+    keys = [r["key"] for shard in shards for r in read_samples(shard)]
+    assert keys == ["test/0000/0", "test/0000/1", "train/0000/0", "train/0000/1"]
+    [one] = expand_inputs([str(tmp_path / "default" / "test" / "0000.parquet")])
+    assert [r["key"] for r in read_samples(one)] == ["0000/0", "0000/1"]  # a single file: its stem
+
+    pq.write_table(pa.table({"key": pa.array([1.0, None, 3.0]), "jpg": pa.nulls(3),
+                             "webp": pa.array([b"w", b"w", b"w"]).dictionary_encode()}), tmp_path / "odd.parquet")
+    [odd] = expand_inputs([str(tmp_path / "odd.parquet")])
+    assert [(r["key"], r["status"]) for r in read_samples(odd)] == [
+        ("1", "no_image"), ("odd/1", "no_image"), ("3", "no_image")]
+    [webp] = expand_inputs([str(tmp_path / "odd.parquet")], image_column="webp")
+    assert [r["image"] for r in read_samples(webp, image_column="webp")] == [b"w"] * 3
+    with pytest.raises(InputError, match=r"key column 'image_id' not found in .*odd\.parquet"):
+        expand_inputs([str(tmp_path / "odd.parquet")], key_column="image_id")
