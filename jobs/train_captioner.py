@@ -51,8 +51,11 @@ def _encoder(config: TrainConfig):
     """A pretrained encoder: a bundle directory's encoder, an open_clip ARCH[:WEIGHTS], or a transformers CLIP."""
     if config.clip and (Path(config.clip) / BUNDLE_FILE).is_file():
         bundle = load_bundle(config.clip)
-        return bundle.encoder, ClipSpec(**{k: v for k, v in bundle.manifest["encoder"].items()
-                                          if k in ClipSpec.__dataclass_fields__}), Path(config.clip)
+        spec = ClipSpec(**{k: v for k, v in bundle.manifest["encoder"].items() if k in ClipSpec.__dataclass_fields__})
+        if spec.weights and (Path(config.clip) / spec.weights).is_file():
+            # a file of that bundle (an imported ClipCap's encoder.safetensors): the new bundle copies it in
+            spec = replace(spec, weights=str(Path(config.clip) / spec.weights))
+        return bundle.encoder, spec, Path(config.clip)
     spec = ClipSpec.parse(config.clip)
     return create_clip(spec), spec, None
 

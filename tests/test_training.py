@@ -138,16 +138,7 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
 
     # stage 2 from a pipeline output: image_embedding + caption columns, encoder taken from the bundle
     dim = bundle.encoder.embed_dim
-    embeddings = np.random.default_rng(0).normal(size=(20, dim)).astype(np.float16)
-    schema = captions_schema(dim)
-    table = pa.table({
-        "key": [f"k{i}" for i in range(20)], "source": ["s"] * 20, "status": ["ok"] * 19 + ["decode_error"],
-        "error": [None] * 19 + ["bad"], "width": [32] * 20, "height": [32] * 20,
-        "caption": ["Resimde büyük bir mavi kare var."] * 19 + [None], "clip_score": [0.5] * 19 + [None],
-        "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float16()), dim),
-        "candidates": [None] * 20, "keep": [True] * 19 + [False], "original_text": [None] * 20}, schema=schema)
-    (tmp_path / "output" / "filtered").mkdir(parents=True)
-    pq.write_table(table, tmp_path / "output" / "filtered" / "part-0.parquet")
+    _write_output(tmp_path / "output" / "filtered", dim)
     from_output = train(_config(tmp_path / "next", embeddings_from=(str(tmp_path / "output" / "filtered"),),
                                 clip=str(tmp_path / "run" / "bundle"), lm=str(tmp_path / "run" / "bundle" / "lm")))
     assert from_output["examples"] == 19 and "clip_losses" not in from_output
@@ -155,6 +146,42 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     assert summary["config"]["embeddings_from"] == [str(tmp_path / "output" / "filtered")]
     assert summary["config"]["caption_lr"] == CLIPCAP_LR  # a pretrained LM is fine-tuned at ClipCap's rate
     assert load_bundle(tmp_path / "next" / "bundle").encoder.embed_dim == dim
+
+
+def _write_output(folder: Path, dim: int) -> None:
+    """A pipeline output part of 20 rows (19 ok) with random embeddings."""
+    embeddings = np.random.default_rng(0).normal(size=(20, dim)).astype(np.float16)
+    table = pa.table({
+        "key": [f"k{i}" for i in range(20)], "source": ["s"] * 20, "status": ["ok"] * 19 + ["decode_error"],
+        "error": [None] * 19 + ["bad"], "width": [32] * 20, "height": [32] * 20,
+        "caption": ["Resimde büyük bir mavi kare var."] * 19 + [None], "clip_score": [0.5] * 19 + [None],
+        "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float16()), dim),
+        "candidates": [None] * 20, "keep": [True] * 19 + [False], "original_text": [None] * 20},
+        schema=captions_schema(dim))
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-0.parquet")
+
+
+def test_training_on_a_bundle_whose_encoder_is_a_named_model_with_stored_weights(tokenizer, tmp_path):
+    """--clip BUNDLE where the encoder is ARCH + the bundle's own weights file (an imported ClipCap's, or one
+    trained with --clip ARCH:FILE): the new bundle must carry those weights, not a name for a file it lacks."""
+    from pipeline.models.bundle import save_bundle
+    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.weights import save_weights
+
+    torch.manual_seed(0)
+    save_weights(create_clip(ClipSpec.parse("ViT-S-32")).clip, tmp_path / "vit.safetensors", torch.float16)
+    spec = ClipSpec.parse(f"ViT-S-32:{tmp_path / 'vit.safetensors'}")
+    encoder = create_clip(spec)
+    save_bundle(tmp_path / "first", encoder, spec, tiny_captioner(tokenizer, prefix_dim=encoder.embed_dim), name="a")
+    (tmp_path / "vit.safetensors").unlink()  # the first bundle stands alone
+    _write_output(tmp_path / "output", encoder.embed_dim)
+    train(_config(tmp_path / "next", embeddings_from=(str(tmp_path / "output"),), clip=str(tmp_path / "first"),
+                  lm=str(tmp_path / "first" / "lm")))
+    reloaded = load_bundle(tmp_path / "next" / "bundle").encoder
+    pixels = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.allclose(reloaded.encode_images(pixels), encoder.encode_images(pixels), atol=1e-4)
 
 
 def test_stride_16_tower_ends_in_a_3x3_grid_at_48px_and_survives_its_bundle(tokenizer, tmp_path):
