@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -96,6 +97,22 @@ def test_mismatched_weights_name_the_keys(bundle_dir):
         load_bundle(path)
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update(files=list(m["files"])), "'files' must map file names to sha256 digests"),
+    (lambda m: m["files"].update({"../../etc/hostname": "0" * 64}), "'../../etc/hostname' lies outside the bundle"),
+    (lambda m: m["files"].update({"/etc/hostname": "0" * 64}), "'/etc/hostname' lies outside the bundle"),
+    (lambda m: m["captioner"].update(prefix_length="4"), "invalid captioner entry: TypeError"),
+])
+def test_a_hand_edited_manifest_is_one_clear_error_and_reads_nothing_outside(bundle_dir, edit, message):
+    path = bundle_dir[0]
+    manifest = json.loads((path / BUNDLE_FILE).read_text())
+    edit(manifest)
+    (path / BUNDLE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match=re.escape(message)) as info:
+        load_bundle(path)
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("content", [None, "{not json", json.dumps({"format": "other"})])
 def test_not_a_bundle(tmp_path, content):
     if content is not None:
@@ -103,3 +120,24 @@ def test_not_a_bundle(tmp_path, content):
     with pytest.raises(ModelLoadError) as info:
         load_bundle(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_a_language_model_whose_checkpoint_pickles_an_object_is_refused_in_one_line(tokenizer, tmp_path):
+    """transformers loads pytorch_model.bin with torch.load(weights_only=True); what it refuses is one line."""
+    from conftest import tiny_lm
+
+    from pipeline.models.bundle import load_language_model
+
+    lm = tiny_lm(tokenizer)
+    lm.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    (tmp_path / "lm" / "model.safetensors").unlink()  # the older transformers' format
+    torch.save(lm.state_dict(), tmp_path / "lm" / "pytorch_model.bin")
+    load_language_model(tmp_path / "lm")  # a real .bin loads
+    torch.save({"transformer.wte.weight": torch.zeros(1), "hook": _Pickled()}, tmp_path / "lm" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"cannot load language model .*: refused: the checkpoint pickles"):
+        load_language_model(tmp_path / "lm")
+
+
+class _Pickled:
+    """A class no torch.load(weights_only=True) allows."""

@@ -141,6 +141,17 @@ def test_named_architecture_loads_a_local_weights_file(tmp_path):
         tokens = open_clip.get_tokenizer("ViT-B-32")(["bir kedi"])
         assert torch.allclose(loaded.encode_texts(["bir kedi"]),
                               torch.nn.functional.normalize(original.encode_text(tokens), dim=-1), atol=1e-5)
+    # open_clip would interpolate 224 px weights to ViT-B-32-256's grid, only logging it: features differ
+    with pytest.raises(ModelLoadError, match=r"image position embedding is \(50, 768\), the model's \(65, 768\)"):
+        create_clip(ClipSpec.parse(f"ViT-B-32-256:{weights}"))
+    # a checkpoint that pickles anything but tensors (an epoch file holding an object) is refused, never run
+    torch.save({"state_dict": original.state_dict(), "args": _Pickled()}, tmp_path / "epoch_1.pt")
+    with pytest.raises(ModelLoadError, match="refused: the checkpoint pickles more than tensors"):
+        create_clip(ClipSpec.parse(f"ViT-B-32:{tmp_path / 'epoch_1.pt'}"))
+
+
+class _Pickled:
+    """A class no torch.load(weights_only=True) allows."""
 
 
 def test_openai_torchscript_file_loads_without_torchscript_and_keeps_quick_gelu(tokenizer, tmp_path, monkeypatch):
@@ -251,6 +262,9 @@ def test_local_dir_schema_loads_config_and_weights(tokenizer, tmp_path):
               str(tmp_path / "open_clip_model.safetensors"))
     loaded = create_clip(ClipSpec.parse(f"local-dir:{tmp_path}"))
     assert loaded.image_spec.size == 32 and loaded.image_spec.interpolation == "bilinear"
+    # the folder named as a plain path (a hub snapshot, as users name it) is the same model
+    folder = json.loads((tmp_path / "open_clip_config.json").read_text())
+    assert create_clip(ClipSpec.parse(str(tmp_path))).open_clip_config == loaded.open_clip_config == folder
     pixels = torch.full((1, 32, 32, 3), 128, dtype=torch.uint8)
     assert torch.allclose(loaded.normalize_pixels(pixels), torch.full((1, 3, 32, 32), (128 / 255 - 0.5) / 0.25))
     with torch.inference_mode():

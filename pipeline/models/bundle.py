@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -26,8 +27,8 @@ from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_clip, uses_quick_gelu
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer
-from pipeline.models.weights import building_for, load_weights, save_weights
-from pipeline.text import one_line
+from pipeline.models.weights import building_for, load_failure, load_weights, save_weights
+from pipeline.text import describe_error
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "clipcap-tr-bundle/1"
@@ -104,7 +105,12 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     for key in ("encoder", "captioner", "scorer", "files"):
         if key not in manifest:
             raise ModelLoadError(f"{manifest_file}: missing entry {key!r}")
-    for relative, digest in manifest["files"].items():
+    files = manifest["files"]
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ModelLoadError(f"{manifest_file}: 'files' must map file names to sha256 digests")
+    for relative, digest in files.items():
+        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+            raise ModelLoadError(f"{manifest_file}: listed file {relative!r} lies outside the bundle")
         file = path / relative
         if not file.is_file():
             raise ModelLoadError(f"bundle file missing: {file} (listed in {BUNDLE_FILE})")
@@ -136,8 +142,8 @@ def load_language_model(name_or_dir: str | Path):
     try:
         lm = AutoModelForCausalLM.from_pretrained(name_or_dir, local_files_only=local, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir, local_files_only=local)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load language model {str(name_or_dir)!r}: {one_line(exc)}") from None
+    except (OSError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        raise ModelLoadError(f"cannot load language model {str(name_or_dir)!r}: {load_failure(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return lm.eval(), tokenizer
@@ -150,8 +156,11 @@ def _load_captioner(path: Path, entry: dict[str, Any]) -> PrefixCaptioner:
         raise ModelLoadError(f"{path / BUNDLE_FILE}: unknown mapper {config.mapper!r}")
     lm_ref = entry.get("language_model", LM_DIR)
     lm, tokenizer = load_language_model(path / lm_ref if (path / lm_ref).is_dir() else lm_ref)
-    with building_for(weights=True):
-        captioner = PrefixCaptioner(config, lm, tokenizer)
+    try:
+        with building_for(weights=True):
+            captioner = PrefixCaptioner(config, lm, tokenizer)
+    except (TypeError, ValueError, RuntimeError) as exc:  # a hand-edited entry: "prefix_length": "4"
+        raise ModelLoadError(f"{path / BUNDLE_FILE}: invalid captioner entry: {describe_error(exc)}") from None
     load_weights(captioner.mapper, path / entry.get("weights", "mapper.safetensors"))
     return captioner.eval()
 

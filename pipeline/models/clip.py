@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipeline.models.text_tokenizers import ClipTextTokenizer, TextTokenizer
 from pipeline.models.weights import (
     building_for,
     is_torchscript_archive,
+    load_failure,
     load_state,
     load_weights,
     read_torchscript_state,
@@ -156,22 +158,25 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     """Build a ClipModel from a spec; loads no network resource when all paths are local."""
     if spec.arch == CUSTOM:
         return _create_custom(spec, base_dir or Path("."))
-    if is_transformers_clip(spec.arch):
-        return _create_from_transformers(spec.arch)
-    weights = _resolve(spec.weights, base_dir)
     arch = spec.arch
+    if not arch.startswith(_SCHEMAS) and (Path(arch) / "open_clip_config.json").is_file():
+        arch = f"{LOCAL_DIR}{arch}"  # an open_clip folder (a hub snapshot) named without local-dir:
+    elif is_transformers_clip(arch):
+        return _create_from_transformers(arch)
+    weights = _resolve(spec.weights, base_dir)
     if arch.startswith(LOCAL_DIR) and base_dir is not None and (base_dir / arch.removeprefix(LOCAL_DIR)).is_dir():
         arch = f"{LOCAL_DIR}{base_dir / arch.removeprefix(LOCAL_DIR)}"  # a folder inside the bundle
     # OpenAI's own files are TorchScript: read safely here (open_clip would refuse or run them), QuickGELU
     openai_archive = weights is not None and Path(weights).is_file() and is_torchscript_archive(weights)
     try:
-        with building_for(weights is not None), _quiet_random_init_warning(openai_archive):
+        with building_for(weights is not None), _quiet_random_init_warning(openai_archive), _no_silent_resizing():
             clip = open_clip.create_model(arch, pretrained=None if openai_archive else weights, weights_only=True,
                                           force_quick_gelu=bool(spec.quick_gelu) or openai_archive)
         tokenizer = open_clip.get_tokenizer(arch)
-    except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError) as exc:
+    except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError, AssertionError,
+            pickle.UnpicklingError) as exc:
         what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
-        raise ModelLoadError(f"cannot load CLIP {what!r}: {describe_error(exc)}") from None
+        raise ModelLoadError(f"cannot load CLIP {what!r}: {load_failure(exc)}") from None
     if openai_archive:
         expected = clip.state_dict()  # the archive also holds tensors that are not weights (cached masks)
         load_state(clip, {k: v for k, v in read_torchscript_state(weights).items() if k in expected}, weights)
@@ -310,14 +315,51 @@ def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
 @contextlib.contextmanager
 def _quiet_random_init_warning(quiet: bool) -> Iterator[None]:
     """open_clip warns "Model initialized randomly" when it loads no weights itself; untrue when we do."""
+    if not quiet:
+        yield
+        return
+
     def drop(record: logging.LogRecord) -> bool:
-        return not quiet or "initialized randomly" not in record.getMessage()
+        return "initialized randomly" not in record.getMessage()
 
     logging.getLogger().addFilter(drop)
     try:
         yield
     finally:
         logging.getLogger().removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _no_silent_resizing() -> Iterator[None]:
+    """open_clip interpolates a checkpoint's position embeddings to the named model's image grid and text
+    length and says so only at INFO level: weights of another image size (ViT-B-32 weights named as
+    ViT-B-32-256) would load and give other features. Here a size that differs is an error."""
+    factory = open_clip.factory
+    originals = factory.resize_pos_embed, factory.resize_text_pos_embed
+
+    def checked(resize: Any, what: str, keys: tuple[str, ...], owners: tuple[str, ...]) -> Any:
+        def check(state_dict: dict[str, torch.Tensor], model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            stored = next((state_dict[k] for k in keys if k in state_dict), None)
+            wanted = next((getattr(m, "positional_embedding", None) for name in owners
+                           if (m := _submodule(model, name)) is not None
+                           and getattr(m, "positional_embedding", None) is not None), None)
+            if stored is not None and wanted is not None and tuple(stored.shape) != tuple(wanted.shape):
+                raise ValueError(f"the checkpoint's {what} position embedding is {tuple(stored.shape)}, the model's "
+                                 f"{tuple(wanted.shape)}: weights of another image size or model")
+            return resize(state_dict, model, *args, **kwargs)
+        return check
+
+    factory.resize_pos_embed = checked(originals[0], "image", ("visual.positional_embedding",), ("visual",))
+    factory.resize_text_pos_embed = checked(originals[1], "text", ("positional_embedding", "text.positional_embedding"),
+                                            ("", "text"))
+    try:
+        yield
+    finally:
+        factory.resize_pos_embed, factory.resize_text_pos_embed = originals
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    return model if not name else getattr(model, name, None)
 
 
 def _resolve(weights: str | None, base_dir: Path | None) -> str | None:

@@ -170,3 +170,10 @@ def _collect_tensors(value: Any, prefix: str, out: dict[str, torch.Tensor]) -> N
 def _few(items: list[str], limit: int = 4) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_failure(exc: BaseException) -> str:
+    """Why a checkpoint did not load, in one line; a pickle refused by torch.load(weights_only=True) says so."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "refused: the checkpoint pickles more than tensors (only weights-only checkpoints are loaded)"
+    return describe_error(exc)
