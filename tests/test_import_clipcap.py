@@ -53,12 +53,14 @@ def _reference(tokenizer, mapping: str, seed: int) -> ClipCaptionModel:
 
 
 @pytest.mark.parametrize("mapping", ["mlp", "transformer"])
-@pytest.mark.parametrize("with_gpt", [True, False], ids=["ClipCaptionModel", "ClipCaptionPrefix"])
+@pytest.mark.parametrize("with_gpt", [True, False, "bare"], ids=["ClipCaptionModel", "ClipCaptionPrefix", "mapper"])
 def test_imported_checkpoint_gives_the_reference_logits(tokenizer, parts, tmp_path, mapping, with_gpt):
-    reference = _reference(tokenizer, mapping, seed=11 if with_gpt else 5)
+    reference = _reference(tokenizer, mapping, seed=11 if with_gpt is True else 5)
     state = reference.state_dict()
-    if with_gpt:  # as old transformers wrote it, with the causal-mask buffers in the file
+    if with_gpt is True:  # as old transformers wrote it, with the causal-mask buffers in the file
         state["gpt.transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+    elif with_gpt == "bare":  # the mapper's own state dict, torch.save(model.clip_project.state_dict())
+        state = reference.clip_project.state_dict()
     else:  # mapper-only file: GPT-2 comes from --lm (the tiny LM saved with the same seed 5)
         state = {k: v for k, v in state.items() if k.startswith("clip_project.")}
     _assert_imports_as(reference, state, mapping, tokenizer, parts, tmp_path)

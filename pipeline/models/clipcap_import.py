@@ -56,6 +56,8 @@ def import_clipcap(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_len
     mapper_state = {k[len(MAPPER_PREFIX):]: v for k, v in state.items() if k.startswith(MAPPER_PREFIX)}
     lm_state = {k[len(LM_PREFIX):]: v for k, v in state.items() if k.startswith(LM_PREFIX)}
     unknown = sorted(k for k in state if not k.startswith((MAPPER_PREFIX, LM_PREFIX)))
+    if not mapper_state and not lm_state:  # the mapper's own state dict: torch.save(model.clip_project.state_dict())
+        mapper_state, unknown = state, []
     if unknown or not mapper_state:
         what = f"unknown keys {', '.join(unknown[:4])}" if unknown else f"no '{MAPPER_PREFIX}*' keys"
         raise ModelLoadError(f"{checkpoint}: not a ClipCap checkpoint ({what})")
