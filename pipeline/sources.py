@@ -61,6 +61,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 DEFAULT_IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg")
 DEFAULT_KEY_COLUMN = "key"
 TEXT_COLUMNS = ("caption", "text")  # matched in any case: LAION's parquet says TEXT
+DOWNLOAD_ERROR_COLUMN = "error_message"  # img2dataset's reason for a failed download, quoted in no_image rows
 # Files above these sizes are never read, so a hostile multi-gigabyte member cannot fill a reader's memory:
 # an uncompressed 100 MP RGB image (ImageSpec's pixel limit) is 300 MB; LAION's json is a few KB.
 MAX_IMAGE_BYTES = 320 << 20
@@ -498,7 +499,8 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
         image_field, unsupported = None, str(exc)
     key_field = key_column if key_column in schema.names else None
     text_field = next((name for wanted in TEXT_COLUMNS for name in schema.names if name.lower() == wanted), None)
-    columns = list(dict.fromkeys(c for c in (image_field, key_field, text_field) if c is not None))
+    reason_field = DOWNLOAD_ERROR_COLUMN if DOWNLOAD_ERROR_COLUMN in schema.names else None
+    columns = list(dict.fromkeys(c for c in (image_field, key_field, text_field, reason_field) if c is not None))
     row = 0
     try:
         # Only the needed columns are read, one batch (within one row group) at a time.
@@ -507,7 +509,8 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
             images = batch.column(image_field).to_pylist() if image_field else [None] * n
             keys = batch.column(key_field).to_pylist() if key_field else [None] * n
             texts = batch.column(text_field).to_pylist() if text_field else [None] * n
-            for image, key, text in zip(images, keys, texts, strict=True):
+            reasons = batch.column(reason_field).to_pylist() if reason_field else [None] * n
+            for image, key, text, reason in zip(images, keys, texts, reasons, strict=True):
                 key_text = _key_text(key) or f"{name}/{row}"
                 original_text = None if text is None else _as_text(text).strip()
                 row += 1
@@ -516,6 +519,7 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
                     continue
                 data, missing = _image_value(image, image_field)
                 if data is None:
+                    missing += f" ({DOWNLOAD_ERROR_COLUMN}: {reason})" if reason else ""
                     yield _record(key_text, url, original_text=original_text, status="no_image", error=missing)
                 else:
                     yield _record(key_text, url, image=data, original_text=original_text)

@@ -357,12 +357,13 @@ def test_folder_entries_that_are_not_regular_files_or_too_large_are_rows_not_rea
 
 def test_parquet_binary_column_with_null_image_and_key_column(tmp_path: Path) -> None:
     path = tmp_path / "part.parquet"
-    pq.write_table(pa.table({"key": [10, 11, 12], "jpg": [b"i0", None, b"i2"], "caption": ["bir", "iki", None]}),
-                   path)
+    pq.write_table(pa.table({"key": [10, 11, 12], "jpg": [b"i0", None, b"i2"], "caption": ["bir", "iki", None],
+                             "error_message": [None, "HTTP Error 404: Not Found", None]}), path)  # img2dataset's
     [shard] = expand_inputs([str(path)])
     records = read_all(shard.url, PARQUET)
     assert [(r["key"], r["image"], r["original_text"], r["status"]) for r in records] == [
         ("10", b"i0", "bir", "ok"), ("11", None, "iki", "no_image"), ("12", b"i2", None, "ok")]
+    assert records[1]["error"] == "image column 'jpg' is null (error_message: HTTP Error 404: Not Found)"
     assert {r["source"] for r in records} == {str(path)}
 
 
