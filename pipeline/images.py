@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from pipeline.text import describe_error, one_line
 
@@ -45,8 +46,17 @@ _DRAFT_MARGIN = 2
 # hundred bytes as PNG) would become a 224 x 22.4M, 15 GB intermediate. Strips past this ratio are
 # slivers after the center crop anyway.
 MAX_ASPECT_RATIO = 100
-# EXIF orientations that transpose the image (swap width and height).
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# EXIF orientation -> the transpose that shows the image upright (Pillow's ImageOps.exif_transpose table).
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+ANIMATED_PIXEL_SHARE = 4
+# Decoded images above this many pixels are box-reduced before their mode is converted (`_reduced`).
+REDUCE_ABOVE_PIXELS = 16_000_000
+# Modes whose resampling averages samples (not palette indices); 16-bit gray goes through "I".
+_REDUCIBLE_MODES = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F")
+# Reader refusals that name a variant of a decoded format, not damage: 12-bit JPEG, float16 TIFF.
+_UNSUPPORTED_VARIANT = re.compile(r"cannot handle|unknown pixel mode|not supported|unsupported", re.IGNORECASE)
 # ISO base media major brands of HEIF/HEIC files (iPhone photos): a format Pillow cannot decode.
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 _MAX_MESSAGE = 300
@@ -113,6 +123,9 @@ def decode_image(data: bytes, spec: ImageSpec) -> DecodedImage:
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit (header or a GIF/TIFF frame)
         raise ImageError("too_large", describe_error(exc)) from None
     except Exception as exc:  # untrusted bytes meet a large C and Python parser surface: any failure is a bad image
+        if data[:2] == b"\xff\xd8":  # a JPEG kind that has no DCT scaling (lossless): decode at full scale
+            with contextlib.suppress(Exception):
+                return _decode(data, spec, reduce=False)
         raise ImageError("decode_error", describe_error(exc)) from None
 
 
@@ -128,16 +141,17 @@ def prepare_pil(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     width, height = image.size
     _check_shape(width, height)
     size = spec.size
-    # torchvision's _compute_resized_output_size: the long side is truncated, not rounded.
-    if width <= height:
-        new_width, new_height = size, int(size * height / width)
-    else:
-        new_width, new_height = int(size * width / height), size
+    new_width, new_height = _resized_size(width, height, size)
     resized = image.resize((new_width, new_height), _RESAMPLE[spec.interpolation])
     # torchvision's center_crop offsets: Python's round(), i.e. half to even.
     left = round((new_width - size) / 2.0)
     top = round((new_height - size) / 2.0)
     return np.array(resized.crop((left, top, left + size, top + size)))
+
+
+def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """Shortest side to `size`; as torchvision's _compute_resized_output_size, the long side is truncated."""
+    return (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
 
 
 def portable_image(data: bytes) -> tuple[bytes, str]:
@@ -149,15 +163,15 @@ def portable_image(data: bytes) -> tuple[bytes, str]:
             extension = _PORTABLE_EXTENSIONS.get(image.format)
             if extension:
                 return data, extension
-            ImageOps.exif_transpose(image, in_place=True)
+            image.load()
             buffer = io.BytesIO()
-            _to_rgb(image).save(buffer, format="JPEG", quality=_EXPORT_JPEG_QUALITY)
+            _to_rgb(_oriented(image)).save(buffer, format="JPEG", quality=_EXPORT_JPEG_QUALITY)
             return buffer.getvalue(), "jpg"
     except Exception as exc:
         raise ImageError("decode_error", describe_error(exc)) from None
 
 
-def _decode(data: bytes, spec: ImageSpec) -> DecodedImage:
+def _decode(data: bytes, spec: ImageSpec, reduce: bool = True) -> DecodedImage:
     try:
         image = Image.open(io.BytesIO(data), formats=_open_formats())
     except UnidentifiedImageError as exc:
@@ -165,6 +179,11 @@ def _decode(data: bytes, spec: ImageSpec) -> DecodedImage:
         if known:
             raise ImageError("unsupported", f"{known} images are not decoded (decoded: {'/'.join(_open_formats())}; "
                                             "convert them to JPEG first)") from None
+        refusal = _refusal(data)
+        if refusal:  # a JPEG or TIFF of a kind Pillow does not read (12-bit samples, float16)
+            name, reason = refusal
+            status = "unsupported" if _UNSUPPORTED_VARIANT.search(reason) else "decode_error"
+            raise ImageError(status, f"{name} image: {reason}") from None
         # Pillow's message ends with the repr of our BytesIO (a memory address): every row would get a
         # different error text, and two runs over the same data would disagree.
         raise ImageError("decode_error", f"{type(exc).__name__}: not a {'/'.join(_open_formats())} image") from None
@@ -173,14 +192,58 @@ def _decode(data: bytes, spec: ImageSpec) -> DecodedImage:
         # Header size, before load(): nothing of a bomb has been allocated yet.
         if width * height > spec.max_pixels:
             raise ImageError("too_large", f"{width}x{height} image exceeds the limit of {spec.max_pixels} pixels")
+        # Animation decoders (libwebp's above all) hold several full-canvas buffers: a 140-byte WebP of a
+        # 100 MP canvas took 1.5 GB. A quarter of the limit still admits any real animation.
+        if getattr(image, "is_animated", False) and width * height > spec.max_pixels // ANIMATED_PIXEL_SHARE:
+            raise ImageError("too_large", f"{width}x{height} animated image exceeds the limit of "
+                                          f"{spec.max_pixels // ANIMATED_PIXEL_SHARE} pixels for animations")
         _check_shape(width, height)
-        if image.format in _DRAFT_FORMATS:
+        if reduce and image.format in _DRAFT_FORMATS:
             image.draft(None, (_DRAFT_MARGIN * spec.size, _DRAFT_MARGIN * spec.size))
-        if image.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING_ORIENTATIONS:
+        image.load()  # (the first frame); Pillow's TIFF reader applies and drops its own orientation here
+        oriented = _oriented(image)
+        if oriented.size != image.size:
             width, height = height, width
-        ImageOps.exif_transpose(image, in_place=True)  # loads the (first frame of the) image
         # Inside the `with`: closing the image releases its pixel buffer.
-        return DecodedImage(prepare_pil(_to_rgb(image), spec), width, height)
+        return DecodedImage(prepare_pil(_to_rgb(_reduced(oriented, spec) if reduce else oriented), spec), width, height)
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    """The loaded image turned as its EXIF orientation says. Pillow's ImageOps.exif_transpose also writes the
+    EXIF back, which fails on tags of odd types common in camera files; the pixels need only the orientation."""
+    try:
+        method = _TRANSPOSE.get(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # an unreadable EXIF block, or an unhashable orientation value: the pixels as stored
+        method = None
+    return image if method is None else image.transpose(method)
+
+
+def _reduced(image: Image.Image, spec: ImageSpec) -> Image.Image:
+    """A huge image resized to the encoder's resize size before its mode is converted (Pillow box-reduces it
+    first, as thumbnail() does): flattening 100 MP of RGBA or rescaling 100 MP of float samples took 1.2-1.7 GB.
+    Below REDUCE_ABOVE_PIXELS nothing changes, so ordinary images keep open_clip's exact arithmetic."""
+    if image.width * image.height <= REDUCE_ABOVE_PIXELS:
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # no 16-bit resampling kernels
+    if image.mode not in _REDUCIBLE_MODES:
+        return image
+    return image.resize(_resized_size(*image.size, spec.size), _RESAMPLE[spec.interpolation],
+                        reducing_gap=_DRAFT_MARGIN)
+
+
+def _refusal(data: bytes) -> tuple[str, str] | None:
+    """(format, reason) when a decoded format recognises the bytes but its reader refuses them."""
+    for name in _open_formats():
+        factory, accept = Image.OPEN[name]
+        with contextlib.suppress(Exception):
+            if accept is None or not accept(data[:16]):
+                continue
+        try:
+            factory(io.BytesIO(data)).close()
+        except Exception as exc:
+            return name, one_line(exc) or type(exc).__name__
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -247,6 +247,66 @@ def test_exif_orientation_6_swaps_the_size_and_moves_the_marked_corner():
     assert np.abs(quadrant["bottom_right"] - BLUE).max() < 10
 
 
+def test_orientation_survives_exif_tags_of_odd_types_and_tiff_reports_its_displayed_size():
+    """Camera files with a tag of a non-standard type (ResolutionUnit as ASCII) made exif_transpose fail while
+    writing the EXIF back; Pillow's TIFF reader turns TIFFs itself, so their size was swapped twice."""
+    stored = Image.new("RGB", (48, 32), BLUE)
+    stored.paste(RED, (8, 0, 24, 16))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    plain = exif.tobytes()  # b"Exif\0\0" + big-endian TIFF header + IFD0 of one entry at offset 14
+    tag = struct.pack(">HHI4s", 0x0128, 2, 2, b"2\0\0\0")  # ResolutionUnit (a SHORT) written as ASCII "2"
+    odd = plain[:14] + struct.pack(">H", 2) + plain[16:28] + tag + plain[28:]  # IFD0 of two entries
+    reference = decode_image(encode(stored, "PNG", exif=exif.tobytes()), ImageSpec(32))
+    for data in (encode(stored, "JPEG", quality=95, exif=odd), encode(stored, "TIFF", exif=exif.tobytes())):
+        decoded = decode_image(data, ImageSpec(32))
+        assert (decoded.width, decoded.height) == (32, 48)
+        assert np.abs(decoded.pixels.astype(int) - reference.pixels).mean() < 6
+
+
+def test_jpeg_and_tiff_variants_the_reader_cannot_handle_are_unsupported_and_say_why():
+    data = bytearray(encode(photo_like(40, 30), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 4] = 12  # sample precision: a 12-bit JPEG (medical and some camera files)
+    error = status_of(bytes(data))
+    assert error.status == "unsupported" and str(error) == "JPEG image: cannot handle 12-bit layers"
+
+
+def test_huge_images_are_reduced_before_their_mode_is_converted(monkeypatch):
+    """Flattening 100 MP of RGBA took 1.2 GB; resizing first (with Pillow's box reduction) keeps memory low
+    and the result close."""
+    gradient = np.linspace(0, 255, 5000, dtype=np.float32)
+    rgba = np.stack([np.tile(gradient, (4000, 1)), np.tile(gradient[::-1], (4000, 1)),
+                     np.full((4000, 5000), 90, np.float32), np.full((4000, 5000), 200, np.float32)], axis=-1)
+    image = Image.fromarray(rgba.astype(np.uint8), "RGBA")
+    spec = ImageSpec(64)
+    flattened = Image.new("RGB", image.size, WHITE)
+    flattened.paste(image, mask=image)
+    exact = prepare_pil(flattened, spec).astype(int)
+    resized_modes = []
+    resize = Image.Image.resize
+
+    def spy(self, *args, **kwargs):
+        resized_modes.append(self.mode)
+        return resize(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    decoded = decode_image(encode(image, "PNG"), spec)
+    assert resized_modes[0] == "RGBA"  # resized while still RGBA: before the flattening copies
+    assert (decoded.width, decoded.height) == (5000, 4000)
+    difference = np.abs(decoded.pixels.astype(int) - exact)
+    assert difference.mean() < 0.5 and difference.max() <= 2
+
+
+def test_an_animation_over_a_quarter_of_the_pixel_limit_is_too_large():
+    """Animation decoders hold several full canvases (a 140-byte WebP of a 100 MP canvas took 1.5 GB)."""
+    frames = [Image.new("RGB", (1100, 1000), colour) for colour in (RED, GREEN)]
+    animated = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    spec = ImageSpec(8, max_pixels=4_000_000)
+    assert status_of(animated, spec).status == "too_large"
+    assert (decode_image(encode(frames[0], "GIF"), spec).pixels == RED).all()  # one frame: the full limit
+
+
 def test_drafted_jpeg_reports_the_original_oriented_size():
     exif = Image.Exif()
     exif[0x0112] = 6
