@@ -9,6 +9,7 @@ true only when all of them passed.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -113,8 +114,8 @@ def verify(output_url: str, inputs: Sequence[str] | None = None, image_column: s
     report.checks.append(_check_filtered(captions.rows, filtered.rows, examples))
     if shards is not None:
         limit = ((run_json or {}).get("config") or {}).get("limit")
-        report.checks.append(_check_complete(captions.rows, _input_keys(shards, image_column, key_column), limit,
-                                             examples))
+        report.checks.append(_check_complete(captions.rows, _input_keys(shards, image_column, key_column, limit),
+                                             limit, examples))
     report.checks.append(_check_run_json(run_json, run_json_error, captions.rows, filtered.rows))
     return report
 
@@ -206,18 +207,21 @@ def _read_run_json(output: OutputDir) -> tuple[dict[str, Any] | None, str | None
     return data, None
 
 
-def _input_keys(shards: Iterable[Shard], image_column: str | None, key_column: str) -> pa.Table:
-    """(key, source) of every record the inputs yield, streamed: image bytes are dropped at once."""
+def _input_keys(shards: Iterable[Shard], image_column: str | None, key_column: str,
+                limit: int | None = None) -> pa.Table:
+    """(key, source) of the records the inputs yield, in input order, streamed (image bytes are dropped at
+    once); with `limit`, the first `limit`: the samples a --limit run captions."""
     chunks: list[pa.Table] = []
     keys: list[str] = []
     sources: list[str] = []
-    for shard in shards:
-        for record in read_samples(shard, image_column=image_column, key_column=key_column):
-            keys.append(record["key"])
-            sources.append(record["source"])
-            if len(keys) >= _KEY_CHUNK:
-                chunks.append(pa.table({"key": pa.array(keys, pa.string()), "source": pa.array(sources, pa.string())}))
-                keys, sources = [], []
+    records = (record for shard in shards
+               for record in read_samples(shard, image_column=image_column, key_column=key_column))
+    for record in itertools.islice(records, limit):
+        keys.append(record["key"])
+        sources.append(record["source"])
+        if len(keys) >= _KEY_CHUNK:
+            chunks.append(pa.table({"key": pa.array(keys, pa.string()), "source": pa.array(sources, pa.string())}))
+            keys, sources = [], []
     chunks.append(pa.table({"key": pa.array(keys, pa.string()), "source": pa.array(sources, pa.string())}))
     return pa.concat_tables(chunks)
 

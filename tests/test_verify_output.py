@@ -37,7 +37,7 @@ def make_row(key: str, source: str, status: str = "ok", **overrides) -> dict:
 
 
 def write_output(url: str, rows: list[dict], filtered: list[dict] | None = None, counts: dict | None = None,
-                 schema: pa.Schema = SCHEMA) -> OutputDir:
+                 schema: pa.Schema = SCHEMA, limit: int | None = None) -> OutputDir:
     """A finished output as pipeline.run writes it; `filtered` and `counts` default to the consistent ones."""
     output = OutputDir(url)
     output.write_parquet(pa.Table.from_pylist(rows, schema=schema), CAPTIONS, "part-0.parquet")
@@ -45,7 +45,7 @@ def write_output(url: str, rows: list[dict], filtered: list[dict] | None = None,
     if filtered:
         output.write_parquet(pa.Table.from_pylist(filtered, schema=schema), FILTERED, "part-0.parquet")
     by_status = dict(sorted(Counter(row["status"] for row in rows).items()))
-    output.write_json({"config": {"limit": None},
+    output.write_json({"config": {"limit": limit},
                        "counts": counts or {"rows": len(rows), "by_status": by_status, "kept": len(filtered)}},
                       RUN_JSON)
     return output
@@ -123,6 +123,16 @@ def test_missing_key_fails_complete(tmp_path, shard):
     assert failed(report) == {"complete"}
     assert "1 input keys missing (c)" in report["complete"].detail
     assert f"{url}: 3 samples, 2 rows" in report["complete"].detail
+
+
+def test_a_limit_run_is_complete_with_the_first_samples_in_input_order(tmp_path, shard):
+    spec, url = shard
+    write_output(str(tmp_path / "out"), good_rows(url)[:2], limit=2)
+    report = verify(str(tmp_path / "out"), [spec])
+    assert report.ok, "\n".join(report.lines())
+    write_output(str(tmp_path / "skipped"), [good_rows(url)[0], good_rows(url)[2]], limit=2)  # a, c: not b
+    report = verify(str(tmp_path / "skipped"), [spec])
+    assert failed(report) == {"complete"} and "1 input keys missing (b)" in report["complete"].detail
 
 
 def test_a_key_no_input_yields_fails_complete(tmp_path, shard):
