@@ -29,7 +29,8 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.decoding import DecodeSettings, decode_texts, generate, reference_clipcap_generate
+from pipeline.config import DecodeSettings
+from pipeline.decoding import decode_texts, generate, reference_clipcap_generate
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.precision import cpu_has_fast_bf16, resolve_dtype
 

@@ -12,8 +12,7 @@ import sys
 import _bootstrap  # noqa: F401
 import click
 
-from pipeline.config import DTYPES, ActorRange, RunConfig
-from pipeline.decoding import METHODS, DecodeSettings
+from pipeline.config import DTYPES, METHODS, ActorRange, DecodeSettings, RunConfig
 from pipeline.filtering import FilterSettings
 from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError

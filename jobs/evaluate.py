@@ -18,8 +18,7 @@ import click
 import torch
 from transformers.utils import logging as transformers_logging
 
-from pipeline.config import DEMO_BUNDLE, DEMO_MODEL
-from pipeline.decoding import METHODS, DecodeSettings
+from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, DecodeSettings
 from pipeline.evaluation import EvaluationError, evaluate, format_table
 from pipeline.models.bundle import load_bundle
 from pipeline.models.errors import ModelLoadError

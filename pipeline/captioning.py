@@ -11,7 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.decoding import DecodeSettings, decode_texts, generate
+from pipeline.config import DecodeSettings
+from pipeline.decoding import decode_texts, generate
 from pipeline.models.bundle import Bundle
 
 

@@ -2,17 +2,49 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.decoding import DecodeSettings
 from pipeline.filtering import FilterSettings
 
 DEMO_MODEL = "demo"
 DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
 AUTO = "auto"
 DTYPES = (AUTO, "fp32", "bf16", "fp16")
+METHODS = ("greedy", "beam", "sample")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How captions are decoded (`pipeline.decoding.generate`); here, away from torch, so the CLI checks
+    its usage without importing the model stack."""
+
+    method: str = "greedy"
+    max_new_tokens: int = 20
+    num_candidates: int = 1       # beam: beams returned (<= beam_width); sample: samples per image
+    beam_width: int = 5
+    length_penalty: float = 1.0   # beam score = sum log p / length ** length_penalty
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown decoding method {self.method!r} (expected {', '.join(METHODS)})")
+        if self.max_new_tokens < 1 or self.num_candidates < 1:
+            raise ValueError("max_new_tokens and num_candidates must be at least 1")
+        if self.method == "beam" and self.num_candidates > self.beam_width:
+            raise ValueError(f"num_candidates ({self.num_candidates}) exceeds beam_width ({self.beam_width})")
+        # written so that NaN fails too: every comparison with it is false
+        if not (0 < self.temperature < math.inf and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ValueError(f"need 0 < temperature < inf, 0 < top_p <= 1 and top_k >= 0, got temperature "
+                             f"{self.temperature}, top_p {self.top_p}, top_k {self.top_k}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -62,8 +94,8 @@ class RunConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
-            raise ValueError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor < math.inf:  # NaN fails too
+            raise ValueError(f"--gpus-per-actor must be a number >= 0, got {self.gpus_per_actor}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if self.rows_per_file < 1:

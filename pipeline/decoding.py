@@ -8,42 +8,14 @@ them into clean Turkish text.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from pipeline.config import DecodeSettings
 from pipeline.models.captioner import PrefixCaptioner
 from pipeline.text import clean_caption
-
-METHODS = ("greedy", "beam", "sample")
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    method: str = "greedy"
-    max_new_tokens: int = 20
-    num_candidates: int = 1       # beam: beams returned (<= beam_width); sample: samples per image
-    beam_width: int = 5
-    length_penalty: float = 1.0   # beam score = sum log p / length ** length_penalty
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown decoding method {self.method!r} (expected {', '.join(METHODS)})")
-        if self.max_new_tokens < 1 or self.num_candidates < 1:
-            raise ValueError("max_new_tokens and num_candidates must be at least 1")
-        if self.method == "beam" and self.num_candidates > self.beam_width:
-            raise ValueError(f"num_candidates ({self.num_candidates}) exceeds beam_width ({self.beam_width})")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
-            raise ValueError("need temperature > 0, 0 < top_p <= 1 and top_k >= 0")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @torch.inference_mode()

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from pipeline.captioning import caption_batch
-from pipeline.decoding import DecodeSettings
+from pipeline.config import DecodeSettings
 from pipeline.demo_world import Scene, score_caption, swap_attribute
 from pipeline.images import ImageError, decode_image
 from pipeline.models.bundle import Bundle

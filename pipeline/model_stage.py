@@ -16,7 +16,7 @@ import ray
 import torch
 
 from pipeline.captioning import caption_batch
-from pipeline.decoding import DecodeSettings
+from pipeline.config import DecodeSettings
 from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import tiny_captioner, tiny_clip
 
-from pipeline.decoding import DecodeSettings, generate
+from pipeline.config import DecodeSettings
+from pipeline.decoding import generate
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.errors import ModelLoadError
 

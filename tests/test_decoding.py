@@ -9,7 +9,8 @@ import pytest
 import torch
 from conftest import tiny_captioner
 
-from pipeline.decoding import DecodeSettings, decode_texts, generate, reference_clipcap_generate
+from pipeline.config import DecodeSettings
+from pipeline.decoding import decode_texts, generate, reference_clipcap_generate
 
 
 def _prefixes(captioner, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -153,6 +154,7 @@ def test_bf16_runs_every_method(tokenizer, method, extra):
 
 def test_invalid_settings_are_refused():
     for bad in ({"method": "nucleus"}, {"max_new_tokens": 0}, {"method": "beam", "beam_width": 2,
-                                                                "num_candidates": 3}, {"top_p": 0}):
+                                                                "num_candidates": 3}, {"top_p": 0},
+                {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")}):
         with pytest.raises(ValueError):
             DecodeSettings(**bad)

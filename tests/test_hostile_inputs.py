@@ -22,8 +22,7 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 from PIL import Image
 
-from pipeline.config import RunConfig
-from pipeline.decoding import DecodeSettings
+from pipeline.config import DecodeSettings, RunConfig
 from pipeline.run import UsageError, run
 from pipeline.sources import InputError, expand_inputs
 from pipeline.verify import verify
@@ -322,3 +321,20 @@ def test_inputs_without_a_sample_still_give_readable_tables(ray_local, tiny_bund
         assert table.num_rows == 0 and "image_embedding" in table.column_names
     report = verify(str(tmp_path / "out"), [str(empty)])
     assert report.ok, "\n".join(report.lines())
+
+
+@pytest.mark.parametrize("option", [("--gpus-per-actor", "nan"), ("--gpus-per-actor", "inf"),
+                                    ("--temperature", "nan"), ("--decode", "sample", "--top-p", "nan")])
+def test_impossible_values_are_one_usage_line_before_torch_or_ray_load(option, tmp_path):
+    """NaN passes click's range checks (every comparison with it is false); it reached Ray as a traceback, or
+    sampled NaN probabilities for every row. Usage is checked before the model stack is imported."""
+    script = ("import runpy, sys\n"
+              f"sys.path.insert(0, {str(ROOT / 'jobs')!r})\n"  # where `python jobs/caption_shards.py` looks first
+              f"sys.argv = ['caption_shards.py', '--input', 'x', '--output', 'y', *{list(option)!r}]\n"
+              "try:\n"
+              f"    runpy.run_path({str(ROOT / 'jobs' / 'caption_shards.py')!r}, run_name='__main__')\n"
+              "except SystemExit as exc:\n"
+              "    print(exc.code, 'torch' in sys.modules, 'ray' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.stdout.split() == ["2", "False", "False"], result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("Error: ")

@@ -15,7 +15,7 @@ from conftest import tiny_captioner, tiny_clip, tiny_clip_config, tiny_lm
 from safetensors.torch import save_file
 
 from pipeline.captioning import caption_batch
-from pipeline.decoding import DecodeSettings
+from pipeline.config import DecodeSettings
 from pipeline.images import ImageSpec
 from pipeline.models import clip as clip_module
 from pipeline.models.bundle import Bundle, load_bundle, save_bundle

@@ -13,8 +13,7 @@ import s3fs
 from conftest import jpeg_bytes, write_tar
 from moto.server import ThreadedMotoServer
 
-from pipeline.config import RunConfig
-from pipeline.decoding import DecodeSettings
+from pipeline.config import DecodeSettings, RunConfig
 from pipeline.filtering import FilterSettings
 from pipeline.run import run
 from pipeline.verify import verify

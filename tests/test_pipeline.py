@@ -12,8 +12,7 @@ from conftest import jpeg_bytes, write_tar
 from fsspec import AbstractFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline.config import ActorRange, RunConfig
-from pipeline.decoding import DecodeSettings
+from pipeline.config import ActorRange, DecodeSettings, RunConfig
 from pipeline.filtering import FilterSettings
 from pipeline.run import StagingNotListed, UsageError, run
 from pipeline.sinks import STAGING, STAGING_CONFIG, OutputDir

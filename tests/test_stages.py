@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline import model_stage, stages
-from pipeline.decoding import DecodeSettings
+from pipeline.config import DecodeSettings
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import load_bundle, load_manifest
 

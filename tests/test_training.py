@@ -17,7 +17,8 @@ import torch
 from conftest import jpeg_bytes, tiny_captioner
 from tqdm import tqdm
 
-from pipeline.decoding import DecodeSettings, decode_texts, generate
+from pipeline.config import DecodeSettings
+from pipeline.decoding import decode_texts, generate
 from pipeline.demo_world import write_corpus
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import load_bundle

@@ -12,8 +12,7 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 from PIL import Image
 
-from pipeline.config import RunConfig
-from pipeline.decoding import DecodeSettings
+from pipeline.config import DecodeSettings, RunConfig
 from pipeline.filtering import FilterSettings
 from pipeline.images import ImageError, portable_image
 from pipeline.run import run
