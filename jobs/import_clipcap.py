@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -39,7 +40,8 @@ def main(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_length: int, 
                                   out=out, clip_length=clip_length, num_layers=num_layers,
                                   normalize_prefix=normalize_prefix, scorer=scorer)
     except ModelLoadError as exc:
-        raise click.ClickException(str(exc)) from None
+        click.echo(f"error: {exc}", err=True)  # as every job: one line, exit status 2
+        sys.exit(2)
     click.echo(f"wrote bundle {out} ({mapper} mapper, prefix {prefix_length}, sha256 {manifest['sha256'][:12]})")
 
 

@@ -30,6 +30,7 @@ from PIL import Image
 from pipeline.images import ImageError, ImageSpec, decode_image
 from pipeline.sinks import CAPTIONS, RUN_JSON, OutputDir
 from pipeline.sources import FOLDER, InputError, Shard, expand_inputs, read_samples
+from pipeline.text import one_line
 
 THUMBNAIL = ImageSpec(size=128)
 HISTOGRAM_BINS = 30
@@ -78,8 +79,11 @@ def build_report(output_url: str, inputs: list[str] | None = None, samples: int 
     specs) is where the images are read back from; `samples` rows are shown per gallery section,
     drawn with `seed`, so the same output gives the same page."""
     output = OutputDir(output_url)
-    summary = output.read_json(RUN_JSON)
-    if summary is None:
+    try:
+        summary = output.read_json(RUN_JSON)
+    except ValueError as exc:  # json's decode errors are ValueErrors
+        raise ReportError(f"{output_url}/{RUN_JSON} is unreadable: {one_line(exc)}") from None
+    if not isinstance(summary, dict):
         raise ReportError(f"no {RUN_JSON} in {output_url}: not the output of a finished run")
     config = summary.get("config", {})
     sections, scores, kept_scores = _scan_captions(output, samples, seed)
@@ -141,8 +145,12 @@ def _scan_captions(output: OutputDir, samples: int, seed: int) -> tuple[dict[str
     scores: list[np.ndarray] = []
     kept_scores: list[np.ndarray] = []
     for path in output.parts(CAPTIONS):  # sorted, so the same output draws the same rows
-        with output.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, columns=_COLUMNS, use_threads=False)
+        try:
+            with output.fs.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=_COLUMNS, use_threads=False)
+        except pa.ArrowException as exc:  # a damaged part: jobs/verify_output.py tells what else is wrong
+            raise ReportError(f"{path} is unreadable ({one_line(exc)}); check the output with "
+                              "jobs/verify_output.py") from None
         priorities = rng.random(table.num_rows)
         ok = pc.equal(table.column("status"), "ok")
         kept = pc.fill_null(table.column("keep"), False)

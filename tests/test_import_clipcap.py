@@ -116,16 +116,17 @@ def test_malicious_pickle_is_not_executed_and_cli_prints_one_line(tmp_path, part
     lm_dir, clip = parts
     marker = Path(__file__).with_name("PWNED")
     marker.unlink(missing_ok=True)
-    evil = tmp_path / "evil.pt"
+    evil, junk = tmp_path / "evil.pt", tmp_path / "junk.pt"
     torch.save({"clip_project.model.0.weight": _Exploit()}, evil)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "import_clipcap.py"), str(evil), "--lm", str(lm_dir), "--clip", clip,
-         "--mapper", "mlp", "--prefix-length", "4", "--out", str(tmp_path / "b")],
-        capture_output=True, text=True, timeout=120)
-    assert not marker.exists()
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and "not a loadable weights-only checkpoint" in proc.stderr
+    junk.write_bytes(b"junk\n")  # fails inside torch's unpickler with a KeyError
+    for checkpoint in (evil, junk):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "jobs" / "import_clipcap.py"), str(checkpoint), "--lm", str(lm_dir),
+             "--clip", clip, "--mapper", "mlp", "--prefix-length", "4", "--out", str(tmp_path / "b")],
+            capture_output=True, text=True, timeout=120)
+        assert not marker.exists()
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "not a loadable weights-only checkpoint" in proc.stderr
 
 
 def test_a_separate_scorer_is_stored_and_loaded(tokenizer, parts, tmp_path):

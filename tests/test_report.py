@@ -219,6 +219,17 @@ def test_job_writes_the_report_and_refuses_a_non_run(run_output, tmp_path):
     refused = subprocess.run([*job, str(tmp_path / "empty")], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and refused.stderr.startswith("error: no run.json")
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    # a damaged output: a cut captions part, then a run.json that is not JSON
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_output["out"], damaged)
+    part = next((damaged / "captions").glob("*.parquet"))
+    part.write_bytes(part.read_bytes()[:100])
+    (damaged / "broken").mkdir()
+    (damaged / "broken" / "run.json").write_text('{"counts": \x01')
+    for folder, message in ((damaged, f"{part.name} is unreadable"), (damaged / "broken", "run.json is unreadable")):
+        refused = subprocess.run([*job, str(folder)], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_report_renders_in_headless_chromium(run_output, tmp_path):
