@@ -50,7 +50,7 @@ from pipeline.stages import (
     peak_rss_mb,
     write_webdataset_tar,
 )
-from pipeline.text import one_line
+from pipeline.text import describe_error, one_line
 from schemas.captions import captions_schema, validate_table
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,11 @@ def run(config: RunConfig) -> dict[str, Any]:
         output = OutputDir(config.output)
     except (ValueError, ImportError) as exc:  # unknown protocol, or its fsspec backend (s3fs, gcsfs) not installed
         raise UsageError(f"cannot open --output {config.output!r}: {one_line(exc)}") from None
-    if output.is_file():
+    try:
+        is_file = output.is_file()
+    except Exception as exc:  # what a storage backend raises: botocore's NoCredentialsError is no OSError
+        raise UsageError(f"cannot access --output {config.output!r}: {describe_error(exc)}") from None
+    if is_file:
         raise UsageError(f"--output {config.output} is a file, not a directory")
     shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)
     bundle = load_bundle(config.model_path)

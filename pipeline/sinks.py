@@ -58,7 +58,12 @@ class OutputDir:
         return self.fs.exists(self.path(*parts))
 
     def is_file(self) -> bool:
-        return self.fs.isfile(self.root)
+        """Whether the output path is a file. Unlike fsspec's isfile(), which answers False for any error, a
+        store that refuses access (no credentials, no permission) raises here, before any work is done."""
+        try:
+            return self.fs.info(self.root).get("type") == "file"
+        except FileNotFoundError:
+            return False
 
     def is_empty(self) -> bool:
         return not self.fs.exists(self.root) or not self.fs.ls(self.root)

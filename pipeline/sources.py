@@ -46,7 +46,7 @@ from braceexpand import UnbalancedBracesError, braceexpand
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.text import one_line, storable
+from pipeline.text import describe_error, one_line, storable
 
 WEBDATASET, PARQUET, FOLDER = "webdataset", "parquet", "folder"
 
@@ -109,7 +109,13 @@ def expand_inputs(specs: list[str], image_column: str | None = None,
         raise InputError("no --input given")
     shards: dict[str, Shard] = {}  # insertion-ordered; the same shard named twice is kept once
     for spec in specs:
-        for shard in sorted(_expand_spec(spec), key=lambda s: s.url):
+        try:
+            found = _expand_spec(spec)
+        except InputError:
+            raise
+        except Exception as exc:  # what a storage backend raises: botocore's NoCredentialsError is no OSError
+            raise InputError(f"cannot read --input {spec!r}: {describe_error(exc)}") from None
+        for shard in sorted(found, key=lambda s: s.url):
             shards.setdefault(shard.url, shard)
     parquet_urls = [s.url for s in shards.values() if s.kind == PARQUET]
     if parquet_urls:
@@ -236,6 +242,8 @@ def _check_parquet(url: str, image_column: str | None, key_column: str) -> None:
         raise InputError(f"cannot read {url}: {one_line(exc)}") from None
     except (OSError, pa.ArrowException):
         return  # a corrupt file is bad data, not bad usage: read_samples reports it as "unreadable_shard"
+    except Exception as exc:  # the storage backend's own errors (credentials, network)
+        raise InputError(f"cannot read {url}: {describe_error(exc)}") from None
     _image_column(schema, image_column, url)
     if key_column != DEFAULT_KEY_COLUMN and key_column not in schema.names:
         raise InputError(f"key column {key_column!r} not found in {url} (columns: {_names(schema)})")

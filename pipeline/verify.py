@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.sinks import _TMP_PREFIX, CAPTIONS, FILTERED, RUN_JSON, STAGING, OutputDir
 from pipeline.sources import Shard, expand_inputs, read_samples
-from pipeline.text import one_line
+from pipeline.text import describe_error, one_line
 from schemas.captions import METADATA_KEY, SchemaError, captions_schema, validate_table
 
 # What the `captioner` metadata JSON must name (SPEC.md: identities, decoding, filter, version).
@@ -95,10 +95,14 @@ def verify(output_url: str, inputs: Sequence[str] | None = None, image_column: s
     for a missing output and `pipeline.sources.InputError` for bad `inputs`, before reading anything.
     """
     output = OutputDir(output_url)
+    try:
+        is_file = output.is_file()
+    except Exception as exc:  # what a storage backend raises: no credentials, no permission
+        raise VerifyUsageError(f"cannot access output {output_url}: {describe_error(exc)}") from None
+    if is_file:
+        raise VerifyUsageError(f"output {output_url} is a file, not an output directory")
     if not output.fs.exists(output.root):
         raise VerifyUsageError(f"output {output_url} does not exist")
-    if output.is_file():
-        raise VerifyUsageError(f"output {output_url} is a file, not an output directory")
     shards = expand_inputs(list(inputs), image_column=image_column, key_column=key_column) if inputs else None
 
     files = [path[len(output.root):].lstrip("/") for path in output.fs.find(output.root)]

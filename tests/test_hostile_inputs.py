@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -295,6 +296,21 @@ def test_an_output_url_nothing_can_open_fails_before_any_work(tiny_bundle, tmp_p
         run(RunConfig(inputs=(spec.replace("{00000..00002}", "00000"),), output="nosuch://bucket/out",
                       model=str(tiny_bundle)))
     assert "\n" not in str(info.value)
+
+
+def test_an_output_store_that_refuses_access_fails_before_any_work(tiny_bundle, tmp_path):
+    """s3:// without credentials: botocore's NoCredentialsError is no OSError, and it was a traceback."""
+    class NoCredentials(fsspec.AbstractFileSystem):
+        protocol = "nocreds"
+
+        def info(self, path, **kwargs):
+            raise RuntimeError("Unable to locate credentials")
+
+    fsspec.register_implementation("nocreds", NoCredentials, clobber=True)
+    spec, _ = _missing_shard(tmp_path / "in")
+    with pytest.raises(UsageError, match=r"^cannot access --output 'nocreds://b/out': RuntimeError: Unable to"):
+        run(RunConfig(inputs=(spec.replace("{00000..00002}", "00000"),), output="nocreds://b/out",
+                      model=str(tiny_bundle)))
 
 
 def test_cli_reports_a_missing_shard_in_one_line(tiny_bundle, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -506,3 +507,21 @@ def test_parquet_from_other_tools(tmp_path: Path) -> None:
     assert [r["image"] for r in read_samples(webp, image_column="webp")] == [b"w"] * 3
     with pytest.raises(InputError, match=r"key column 'image_id' not found in .*odd\.parquet"):
         expand_inputs([str(tmp_path / "odd.parquet")], key_column="image_id")
+
+
+class _NoCredentials(fsspec.AbstractFileSystem):
+    """A store that refuses every call the way s3fs does without credentials (botocore's error is no OSError)."""
+
+    protocol = "nocreds"
+
+    def info(self, path, **kwargs):
+        raise RuntimeError("Unable to locate credentials")
+
+    ls = info
+
+
+def test_a_storage_backend_error_is_one_usage_line(tmp_path: Path) -> None:
+    fsspec.register_implementation("nocreds", _NoCredentials, clobber=True)
+    for spec in ("nocreds://bucket/a.tar", "nocreds://bucket/*.tar"):
+        with pytest.raises(InputError, match=rf"^cannot read --input '{re.escape(spec)}': RuntimeError: Unable to "):
+            expand_inputs([spec])
