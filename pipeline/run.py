@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -65,6 +66,7 @@ READ_CPUS = 0
 READS_PER_ACTOR = 4
 # Long enough for actors to load their models; past it Ray Data stops the run with its own reason.
 MIN_ACTORS_TIMEOUT_S = 1800
+RAY_ADDRESS_TIMEOUT_S = 10
 PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow")
 
 
@@ -481,8 +483,22 @@ def _mark_duplicates(table: pa.Table, renamed: dict[tuple[str, int], tuple[str, 
 def _init_ray() -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
+        if address:
+            _check_ray_address(address)
         ray.init(address=address, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if address is None else None)
+
+
+def _check_ray_address(address: str) -> None:
+    """A RAY_ADDRESS nothing listens on makes ray.init() retry for minutes in silence: say so at once."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UsageError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({describe_error(exc)}); "
+                         "start it, or unset RAY_ADDRESS to run on a local Ray") from None
 
 
 def _version(package: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import fsspec
 import pyarrow as pa
@@ -296,3 +297,27 @@ def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, ti
     assert summary["resumed_rows"] == 12 and summary["counts"]["rows"] == 12
     keys = _read(out / "captions").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 12
+
+
+def test_a_ray_address_nothing_listens_on_is_one_usage_line(monkeypatch):
+    """ray.init() retried such an address for minutes, printing only GCS connection warnings."""
+    import socket
+
+    import pipeline.run as run_module
+    from pipeline.run import _init_ray
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        port = listening.getsockname()[1]  # bound, not listening: connections are refused
+        monkeypatch.setattr(run_module.ray, "is_initialized", lambda: False)
+        monkeypatch.setattr(run_module.ray, "init", lambda **kwargs: pytest.fail("ray.init was called"))
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            monkeypatch.setenv("RAY_ADDRESS", address)
+            with pytest.raises(UsageError, match=rf"^RAY_ADDRESS={re.escape(address)}: no Ray cluster answers there"):
+                _init_ray()
+        listening.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        called = []
+        monkeypatch.setattr(run_module.ray, "init", lambda **kwargs: called.append(kwargs))
+        _init_ray()
+        assert called[0]["address"] == f"127.0.0.1:{port}"
