@@ -66,6 +66,7 @@ READ_CPUS = 0
 READS_PER_ACTOR = 4
 # Long enough for actors to load their models; past it Ray Data stops the run with its own reason.
 MIN_ACTORS_TIMEOUT_S = 1800
+NO_PLACE_TIMEOUT_S = 900  # long enough for a cloud node to boot and install
 RAY_ADDRESS_TIMEOUT_S = 10
 PACKAGES = ("torch", "ray", "transformers", "open_clip_torch", "pyarrow", "pillow")
 
@@ -287,9 +288,18 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     actors = config.actors or auto_actors(nodes, gpus, actor_memory_estimate(config.model_path))
     # Where the nodes up now hold the pool's minimum, no batch goes out before those actors have loaded
     # their models: otherwise the first actor up takes every batch of a short run and --actors N is not N.
-    # A pool that waits on an autoscaler, or asks for more than there is, starts with the actors it gets.
-    fits = actor_places(nodes, gpus) >= actors.min
-    context.wait_for_min_actors_s = MIN_ACTORS_TIMEOUT_S if fits else -1
+    # A pool that asks for more than there is starts with the actors it gets. Where not one actor fits,
+    # only an autoscaler can help: a Ray this process started has none, and elsewhere the wait is bounded.
+    places = actor_places(nodes, gpus)
+    need = f"1 CPU{f' and {gpus:g} GPU' if gpus else ''} each"
+    if places == 0 and _ray_started_here():
+        raise UsageError(f"no model actor ({need}) fits on this machine ({_total_resources(nodes)}); "
+                         "use --gpus-per-actor 0 on a machine without GPUs")
+    if places == 0:
+        log.warning("no node up now can hold a model actor (%s; the cluster has %s): waiting up to %d s for "
+                    "the autoscaler to add one", need, _total_resources(nodes), NO_PLACE_TIMEOUT_S)
+    timeout = NO_PLACE_TIMEOUT_S if places == 0 else MIN_ACTORS_TIMEOUT_S if places >= actors.min else -1
+    context.wait_for_min_actors_s = timeout
     if remaining is not None:
         context.execution_options.preserve_order = True  # --limit takes the first rows, deterministically
     cpu_threads = None if gpus else _cpu_threads_per_actor(nodes, actors.max)
@@ -319,10 +329,21 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     try:
         dataset.write_datasink(sink)
     except ray.exceptions.GetTimeoutError as exc:  # raised only by the wait above: the actors never came up
-        raise ActorStartTimeout(f"{actors.min} model actor(s) did not start within {MIN_ACTORS_TIMEOUT_S} s "
+        raise ActorStartTimeout(f"{actors.min} model actor(s) ({need}) did not start within {timeout} s "
                                 f"(see the Ray logs for why); rows written so far are kept and a rerun resumes") \
             from exc
     return actors, sink.parts_written
+
+
+def _ray_started_here() -> bool:
+    """Whether this process started the Ray it runs on: then no autoscaler will ever add a node."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    return bool(getattr(node, "head", False))  # a driver that connected to a cluster has a non-head node
+
+
+def _total_resources(nodes: list[dict[str, float]]) -> str:
+    return (f"{sum(n.get('CPU', 0) for n in nodes):g} CPUs, {sum(n.get('GPU', 0) for n in nodes):g} GPUs "
+            f"on {len(nodes)} node(s)")
 
 
 def live_node_resources() -> list[dict[str, float]]:

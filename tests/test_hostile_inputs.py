@@ -354,3 +354,12 @@ def test_impossible_values_are_one_usage_line_before_torch_or_ray_load(option, t
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.stdout.split() == ["2", "False", "False"], result.stderr
     assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("Error: ")
+
+
+def test_gpu_actors_on_a_local_ray_without_gpus_are_one_usage_line(ray_local, tiny_bundle, tmp_path):
+    """--gpus-per-actor 1 on a laptop: the pool waited forever for a GPU node no autoscaler would add."""
+    shard = write_tar(tmp_path / "in" / "s.tar", {"a": {"jpg": jpeg_bytes(0)}})
+    config = RunConfig(inputs=(str(shard),), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                       gpus_per_actor=1.0, decode=DecodeSettings(max_new_tokens=4), batch_size=8)
+    with pytest.raises(UsageError, match=r"^no model actor \(1 CPU and 1 GPU each\) fits on this machine \(.*0 GPUs"):
+        run(config)
