@@ -109,6 +109,8 @@ def expand_inputs(specs: list[str], image_column: str | None = None,
         raise InputError("no --input given")
     shards: dict[str, Shard] = {}  # insertion-ordered; the same shard named twice is kept once
     for spec in specs:
+        if not spec.strip():  # '' would be the current directory
+            raise InputError("empty --input")
         try:
             found = _expand_spec(spec)
         except InputError:

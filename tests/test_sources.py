@@ -85,11 +85,12 @@ def test_globs_sort_within_a_spec_keep_spec_order_and_drop_repeats(tmp_path: Pat
     ("nothing-here.tar", r"no such file or directory: '.*nothing-here\.tar'"),
     ("notes.csv", r"unknown input format: .*notes\.csv"),
     ("nope://bucket/x.tar", r"cannot open --input 'nope://bucket/x\.tar'"),
+    ("", r"^empty --input$"),  # was taken as the current directory
 ])
 def test_bad_specs_raise_one_clear_line(tmp_path: Path, spec: str, message: str) -> None:
     (tmp_path / "shards").mkdir()
     (tmp_path / "notes.csv").write_text("a,b\n")
-    if "://" not in spec:
+    if spec and "://" not in spec:
         spec = f"{tmp_path}/{spec}"
     with pytest.raises(InputError, match=message) as raised:
         expand_inputs([spec])
