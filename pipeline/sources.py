@@ -262,7 +262,7 @@ def _image_column(schema: pa.Schema, image_column: str | None, url: str) -> str:
     column_type = schema.field(name).type
     if pa.types.is_dictionary(column_type):  # to_pylist() gives the values
         column_type = column_type.value_type
-    # null: pandas writes a column whose every value is None (a shard of failed downloads) so
+    # null: the type pandas gives a column whose every value is None (a shard of only failed downloads)
     if not _is_bytes(column_type) and not pa.types.is_null(column_type) and not (
             pa.types.is_struct(column_type) and column_type.get_field_index("bytes") >= 0
             and _is_bytes(column_type.field("bytes").type)):

@@ -111,7 +111,8 @@ def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_
     _tar_corpus(tmp_path / "in", shards=1, per_shard=2)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=3), actors=ActorRange.parse("1"))
-    with pytest.raises(pipeline_run.ActorStartTimeout, match=r"1 model actor\(s\) did not start within 0.001 s"):
+    stopped = r"1 model actor\(s\) \(1 CPU each\) did not start within 0.001 s"
+    with pytest.raises(pipeline_run.ActorStartTimeout, match=stopped):
         run(config)
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 1800)
     assert run(config)["counts"]["rows"] == 2  # and a rerun goes on

@@ -340,9 +340,7 @@ def _no_silent_resizing() -> Iterator[None]:
     def checked(resize: Any, what: str, keys: tuple[str, ...], owners: tuple[str, ...]) -> Any:
         def check(state_dict: dict[str, torch.Tensor], model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             stored = next((state_dict[k] for k in keys if k in state_dict), None)
-            wanted = next((getattr(m, "positional_embedding", None) for name in owners
-                           if (m := _submodule(model, name)) is not None
-                           and getattr(m, "positional_embedding", None) is not None), None)
+            wanted = _position_embedding(model, owners)
             if stored is not None and wanted is not None and tuple(stored.shape) != tuple(wanted.shape):
                 raise ValueError(f"the checkpoint's {what} position embedding is {tuple(stored.shape)}, the model's "
                                  f"{tuple(wanted.shape)}: weights of another image size or model")
@@ -358,8 +356,13 @@ def _no_silent_resizing() -> Iterator[None]:
         factory.resize_pos_embed, factory.resize_text_pos_embed = originals
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    return model if not name else getattr(model, name, None)
+def _position_embedding(model: nn.Module, owners: tuple[str, ...]) -> torch.Tensor | None:
+    """The first positional_embedding among the model itself ("") and its named submodules."""
+    for name in owners:
+        embedding = getattr(getattr(model, name, None) if name else model, "positional_embedding", None)
+        if embedding is not None:
+            return embedding
+    return None
 
 
 def _resolve(weights: str | None, base_dir: Path | None) -> str | None:
