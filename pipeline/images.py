@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from pipeline.text import describe_error, one_line
 
@@ -60,6 +60,9 @@ _UNSUPPORTED_VARIANT = re.compile(r"cannot handle|unknown pixel mode|not support
 # ISO base media major brands of HEIF/HEIC files (iPhone photos): a format Pillow cannot decode.
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 _MAX_MESSAGE = 300
+# Pillow refuses a PNG whose one text or ICC chunk inflates past 1 MB; print workflows embed ICC profiles of
+# 1-4 MB, and the pixels are fine. 16 MB still bounds a hostile chunk (Pillow caps all text at 64 MB).
+PngImagePlugin.MAX_TEXT_CHUNK = max(PngImagePlugin.MAX_TEXT_CHUNK, 16 << 20)
 # Formats every WebDataset consumer decodes by their extension; exported images in others are re-encoded.
 _PORTABLE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _EXPORT_JPEG_QUALITY = 95

@@ -298,6 +298,12 @@ def test_huge_images_are_reduced_before_their_mode_is_converted(monkeypatch):
     assert difference.mean() < 0.5 and difference.max() <= 2
 
 
+def test_a_png_with_a_large_icc_profile_decodes():
+    """Print workflows embed ICC profiles over Pillow's 1 MB chunk limit; the pixels are fine."""
+    data = encode(Image.new("RGB", (8, 8), RED), "PNG", icc_profile=bytes(2 << 20))
+    assert (decode_image(data, ImageSpec(8)).pixels == RED).all()
+
+
 def test_an_animation_over_a_quarter_of_the_pixel_limit_is_too_large():
     """Animation decoders hold several full canvases (a 140-byte WebP of a 100 MP canvas took 1.5 GB)."""
     frames = [Image.new("RGB", (1100, 1000), colour) for colour in (RED, GREEN)]
