@@ -167,9 +167,12 @@ def _unique(stem: str, taken: set[str]) -> str:
     return candidate
 
 
-def part_name(keys: list[str]) -> str:
-    """Content-derived name: the same rows always get the same file name."""
-    digest = hashlib.sha256("\0".join(sorted(keys)).encode("utf-8")).hexdigest()[:20]
+def part_name(sources: list[str], indices: list[int]) -> str:
+    """Content-derived name: the same samples always get the same file name, and other samples another one.
+    Named by (source, position), not by key: a shard repeating another's keys (the same images as .tar and
+    as .parquet) made a part of the same name, which replaced the first, and those rows were lost."""
+    samples = sorted(f"{source}\0{index}" for source, index in zip(sources, indices, strict=True))
+    digest = hashlib.sha256("\0".join(samples).encode("utf-8", "surrogateescape")).hexdigest()[:20]
     return f"part-{digest}.parquet"
 
 

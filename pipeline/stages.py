@@ -193,7 +193,7 @@ class StagingSink(Datasink):
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
             if table.num_rows == 0:
                 continue
-            names.append(part_name(table.column("key").to_pylist()))
+            names.append(part_name(table.column("source").to_pylist(), table.column("index").to_pylist()))
             output.write_parquet(table, STAGING, names[-1])
         return names
 

@@ -363,3 +363,17 @@ def test_gpu_actors_on_a_local_ray_without_gpus_are_one_usage_line(ray_local, ti
                        gpus_per_actor=1.0, decode=DecodeSettings(max_new_tokens=4), batch_size=8)
     with pytest.raises(UsageError, match=r"^no model actor \(1 CPU and 1 GPU each\) fits on this machine \(.*0 GPUs"):
         run(config)
+
+
+def test_a_shard_repeating_another_shards_keys_loses_no_row(ray_local, tiny_bundle, tmp_path):
+    """The same images as a .tar and as a copy (or as .parquet): staged parts were named by their keys, so the
+    second shard's part replaced the first's and its rows were lost, while the run said it wrote them all."""
+    samples = {f"k{i}": {"jpg": jpeg_bytes(i)} for i in range(3)}
+    first, second = write_tar(tmp_path / "in" / "a.tar", samples), write_tar(tmp_path / "in" / "b.tar", samples)
+    config = RunConfig(inputs=(str(first), str(second)), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                       decode=DecodeSettings(max_new_tokens=4), batch_size=3, rows_per_file=3)  # a part per shard
+    assert run(config)["counts"]["by_status"] == {"duplicate_key": 3, "ok": 3}
+    rows = _read_rows(tmp_path / "out" / "captions")
+    assert sorted(row["source"] for row in rows) == [_url(first)] * 3 + [_url(second)] * 3
+    report = verify(str(tmp_path / "out"), [str(first), str(second)])
+    assert report.ok, "\n".join(report.lines())
