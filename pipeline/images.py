@@ -50,8 +50,9 @@ MAX_ASPECT_RATIO = 100
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}
+# An animation may have 1/ANIMATED_PIXEL_SHARE of max_pixels: its decoder holds several canvases (`_decode`).
 ANIMATED_PIXEL_SHARE = 4
-# Decoded images above this many pixels are box-reduced before their mode is converted (`_reduced`).
+# Decoded images above this many pixels are resized before their mode is converted (`_reduced`).
 REDUCE_ABOVE_PIXELS = 16_000_000
 # Modes whose resampling averages samples (not palette indices); 16-bit gray goes through "I".
 _REDUCIBLE_MODES = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr", "I", "F")
@@ -126,9 +127,6 @@ def decode_image(data: bytes, spec: ImageSpec) -> DecodedImage:
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit (header or a GIF/TIFF frame)
         raise ImageError("too_large", describe_error(exc)) from None
     except Exception as exc:  # untrusted bytes meet a large C and Python parser surface: any failure is a bad image
-        if data[:2] == b"\xff\xd8":  # a JPEG kind that has no DCT scaling (lossless): decode at full scale
-            with contextlib.suppress(Exception):
-                return _decode(data, spec, reduce=False)
         raise ImageError("decode_error", describe_error(exc)) from None
 
 
@@ -174,7 +172,7 @@ def portable_image(data: bytes) -> tuple[bytes, str]:
         raise ImageError("decode_error", describe_error(exc)) from None
 
 
-def _decode(data: bytes, spec: ImageSpec, reduce: bool = True) -> DecodedImage:
+def _decode(data: bytes, spec: ImageSpec, draft: bool = True) -> DecodedImage:
     try:
         image = Image.open(io.BytesIO(data), formats=_open_formats())
     except UnidentifiedImageError as exc:
@@ -201,14 +199,21 @@ def _decode(data: bytes, spec: ImageSpec, reduce: bool = True) -> DecodedImage:
             raise ImageError("too_large", f"{width}x{height} animated image exceeds the limit of "
                                           f"{spec.max_pixels // ANIMATED_PIXEL_SHARE} pixels for animations")
         _check_shape(width, height)
-        if reduce and image.format in _DRAFT_FORMATS:
+        scaled = False
+        if draft and image.format in _DRAFT_FORMATS:
             image.draft(None, (_DRAFT_MARGIN * spec.size, _DRAFT_MARGIN * spec.size))
-        image.load()  # (the first frame); Pillow's TIFF reader applies and drops its own orientation here
+            scaled = image.size != (width, height)
+        try:
+            image.load()  # (the first frame); Pillow's TIFF reader applies and drops its own orientation here
+        except Exception:
+            if not scaled:
+                raise
+            return _decode(data, spec, draft=False)  # a JPEG kind without DCT scaling (lossless): full scale
         oriented = _oriented(image)
         if oriented.size != image.size:
             width, height = height, width
         # Inside the `with`: closing the image releases its pixel buffer.
-        return DecodedImage(prepare_pil(_to_rgb(_reduced(oriented, spec) if reduce else oriented), spec), width, height)
+        return DecodedImage(prepare_pil(_to_rgb(_reduced(oriented, spec)), spec), width, height)
 
 
 def _oriented(image: Image.Image) -> Image.Image:

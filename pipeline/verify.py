@@ -392,5 +392,4 @@ def _first(items: Sequence[Any] | pa.Array | pa.ChunkedArray, count: int) -> str
     return shown + (f", ... ({len(values)} in all)" if len(values) > count else "")
 
 
-
 __all__ = ["Check", "VerifyReport", "VerifyUsageError", "verify"]

@@ -109,7 +109,8 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ModelLoadError(f"{manifest_file}: 'files' must map file names to sha256 digests")
     for relative, digest in files.items():
-        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+        listed = PurePosixPath(relative)
+        if listed.is_absolute() or ".." in listed.parts:
             raise ModelLoadError(f"{manifest_file}: listed file {relative!r} lies outside the bundle")
         file = path / relative
         if not file.is_file():
