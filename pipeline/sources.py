@@ -459,10 +459,10 @@ def _data_follows(tar: tarfile.TarFile) -> bool:
 
 
 def _file_type(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> str:
-    """A listing entry's type, of its target for a link (a broken one raises OSError)."""
+    """A listing entry's type, of its target for a link (a broken one raises OSError). The listing already
+    gives a link its target's size."""
     if info.get("islink"):
-        target = fs.info(info["name"])  # a path (not a directory entry): LocalFileSystem follows the link
-        info.update(size=target.get("size"), type=target.get("type"))
+        return fs.info(info["name"]).get("type")  # a path (not a directory entry): LocalFileSystem follows links
     return info.get("type")
 
 
