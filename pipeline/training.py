@@ -204,7 +204,10 @@ def _autocast(enabled: bool) -> Iterator[None]:
         yield
 
 
-def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int) -> None:
+def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, steps_per_epoch: int) -> None:
+    """Linear warmup over the first epoch, but at most a quarter of the run (a one-epoch run would
+    otherwise only ramp up and end at the peak), then the cosine decay to zero."""
+    warmup = min(steps_per_epoch, max(1, total // 4))
     lr = base * (step + 1) / warmup if step < warmup else base * 0.5 * (1 + math.cos(math.pi * step / total))
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -248,7 +251,7 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
                        leave=False)
         epoch_losses = []
         for step, index in enumerate(bar):
-            _cosine_lr(optimizer, config.clip_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
+            _cosine_lr(optimizer, config.clip_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
             texts = [rng.choice(examples.captions[i]) for i in index.tolist()]
             negatives = [rng.choice(examples.negatives[i]) for i in index.tolist()] if examples.negatives else []
             with _autocast(config.bf16):
@@ -342,7 +345,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         bar = progress(batches, desc=f"caption epoch {epoch + 1}", leave=False)
         epoch_losses = []
         for step, index in enumerate(bar):
-            _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + step, total, warmup=steps_per_epoch)
+            _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
             tokens, mask = _pad(captioner.tokenizer, [ids[i] for i in index.tolist()])
             with _autocast(config.bf16):
                 loss = captioner.caption_loss(examples.embeddings[index], tokens, mask)

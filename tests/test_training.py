@@ -3,6 +3,7 @@ stage 2 straight from this project's own output (stored embeddings, no images)."
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -29,6 +30,7 @@ from pipeline.training import (
     TrainConfig,
     _autocast,
     _batches,
+    _cosine_lr,
     _length_grouped_batches,
     contrastive_loss,
     load_examples,
@@ -57,6 +59,23 @@ def test_contrastive_loss_uses_hard_negatives():
     easy = contrastive_loss(images, texts, None, scale)
     hard = contrastive_loss(images, texts, images.clone(), scale)  # negatives as close as the positives
     assert hard > easy + 0.1
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 4, 24])
+def test_learning_rate_warms_up_to_the_peak_and_decays_to_near_zero_however_short_the_run(epochs):
+    steps_per_epoch, peak = 10, 1e-3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    total = epochs * steps_per_epoch
+    rates = []
+    for step in range(total):
+        _cosine_lr(optimizer, peak, step, total, steps_per_epoch)
+        rates.append(optimizer.param_groups[0]["lr"])
+    top = int(np.argmax(rates))
+    assert rates[top] == pytest.approx(peak) and max(rates) <= peak * (1 + 1e-9)
+    assert all(a < b for a, b in itertools.pairwise(rates[:top + 1]))  # warmup rises to the peak
+    assert all(a >= b for a, b in itertools.pairwise(rates[top + 1:]))  # then only falls
+    assert top + 1 == min(steps_per_epoch, total // 4)  # one epoch of warmup, at most a quarter of the run
+    assert rates[-1] < 0.05 * peak
 
 
 def test_caption_batches_group_similar_lengths_and_still_cover_every_example_once_in_random_order():
