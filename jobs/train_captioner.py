@@ -75,10 +75,10 @@ def train(config: TrainConfig) -> dict:
         clip, spec, _ = _encoder(config)
     elif config.clip:
         clip, spec, _ = _encoder(config)
-        examples = load_examples(list(config.data), clip.image_spec, config.limit)
+        examples = load_examples(list(config.data), clip.image_spec, config.limit, image_root=config.image_root)
     else:
         image_spec = ImageSpec(size=config.clip_arch.image_size)
-        examples = load_examples(list(config.data), image_spec, config.limit)
+        examples = load_examples(list(config.data), image_spec, config.limit, image_root=config.image_root)
     log.info("%d training examples", len(examples.captions))
 
     tokenizer = None
@@ -101,7 +101,11 @@ def train(config: TrainConfig) -> dict:
 
 
 @click.command()
-@click.option("--data", multiple=True, help="Images + Turkish captions: WebDataset/Parquet/folder/JSONL. Repeatable.")
+@click.option("--data", "--captions", "data", multiple=True,
+              help="Images + Turkish captions: WebDataset/Parquet/folder, or a caption file (COCO captions JSON, "
+              "Karpathy split JSON, JSON Lines). Repeatable.")
+@click.option("--image-root", default=None,
+              help="Folder of the images a caption file names by relative path (default: the file's folder).")
 @click.option("--embeddings-from", multiple=True, help="This project's output dir(s): stored embeddings + captions.")
 @click.option("--clip", default=None, help="open_clip ARCH[:WEIGHTS], a transformers CLIP (hub name or folder) or a "
               "bundle dir; omitted: train a small CLIP.")
@@ -129,15 +133,15 @@ def train(config: TrainConfig) -> dict:
               help="bf16 autocast (default: on where the CPU runs bf16 natively, i.e. with AVX-512).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
-def main(data, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
+def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
          batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
          first_reference_prob, save_fp16, bf16, seed, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
-    config = TrainConfig(out=out, data=tuple(data), embeddings_from=tuple(embeddings_from), clip=clip, lm=lm,
-                         mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length, limit=limit, seed=seed,
-                         first_reference_prob=first_reference_prob, save_fp16=save_fp16)
+    config = TrainConfig(out=out, data=tuple(data), image_root=image_root, embeddings_from=tuple(embeddings_from),
+                         clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length,
+                         limit=limit, seed=seed, first_reference_prob=first_reference_prob, save_fp16=save_fp16)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
                  "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr, "bf16": bf16}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

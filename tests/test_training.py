@@ -113,8 +113,9 @@ def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it
 
 
 def test_jsonl_captions_skip_bad_lines_and_keep_only_text_references(tmp_path, caplog):
-    """A caption file from elsewhere: a line that is not JSON, names no image or a missing one, or is not an
-    object is skipped with a warning, as an undecodable image is; only non-empty strings count as captions."""
+    """A caption file from elsewhere: a line that is not JSON, is not an object, names no image or a missing
+    one, or has no caption is skipped with a warning, as an undecodable image is; only non-empty strings count
+    as captions."""
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
     (tmp_path / "b.jpg").write_bytes(jpeg_bytes(1))
     lines = [{"image": "a.jpg", "captions": ["bir kedi", 3, "", None, "bir \ud800 kedi"], "negatives": "bir köpek"},
@@ -130,7 +131,54 @@ def test_jsonl_captions_skip_bad_lines_and_keep_only_text_references(tmp_path, c
     assert examples.pixels.shape == (2, 16, 16, 3)
     assert examples.negatives is None  # not every example has one
     skipped = sorted(int(r.getMessage().split(" line ")[1].split(":")[0]) for r in caplog.records)
-    assert skipped == [2, 3, 4, 5, 8]
+    assert skipped == [2, 3, 4, 5, 7, 8]
+
+
+def test_coco_and_karpathy_caption_files_pair_each_image_with_all_its_captions(tmp_path, caplog):
+    """Turkish MS COCO comes as COCO's captions JSON (captions are annotations pointing at an image id, the
+    images in a folder beside annotations/) or as Karpathy's split file (sentences inside each image, whose
+    val and test splits are held out); a JSON array of objects is read as JSON Lines are."""
+    for folder, name, seed in [("train2014", "a.jpg", 0), ("train2014", "b.jpg", 1), ("val2014", "c.jpg", 2)]:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_bytes(jpeg_bytes(seed))
+    (tmp_path / "annotations").mkdir()
+    coco = {"images": [{"id": 7, "file_name": "a.jpg"}, {"id": 9, "file_name": "b.jpg"},
+                       {"id": 11, "file_name": "yok.jpg"}, {"id": 12, "file_name": "a.jpg"}],
+            "annotations": [{"image_id": 9, "caption": "iki kedi"}, {"image_id": 7, "caption": "bir köpek"},
+                            {"image_id": 9, "caption": "kediler"}, {"image_id": 11, "caption": "kayıp"},
+                            {"image_id": 99, "caption": "resmi yok"}, {"image_id": 7, "caption": " "}]}
+    (tmp_path / "annotations" / "captions_tr.json").write_text(json.dumps(coco, ensure_ascii=False, indent=1))
+    karpathy = {"dataset": "coco", "images": [
+        {"filepath": "train2014", "filename": "a.jpg", "split": "train", "sentences": [{"raw": "bir köpek"}]},
+        {"filepath": "val2014", "filename": "c.jpg", "split": "restval", "sentences": [{"raw": "bir kuş"}]},
+        {"filepath": "train2014", "filename": "b.jpg", "split": "test", "sentences": [{"raw": "test resmi"}]}]}
+    (tmp_path / "dataset_coco_tr.json").write_text(json.dumps(karpathy))
+    (tmp_path / "train2014" / "array.json").write_text(json.dumps([{"image": "b.jpg", "caption": "dizi"}]))
+
+    with caplog.at_level(logging.INFO, logger="pipeline.training"):
+        coco_examples = load_examples([str(tmp_path / "annotations" / "captions_tr.json")], ImageSpec(size=16),
+                                      progress=_silent, image_root=str(tmp_path / "train2014"))
+        files = [str(tmp_path / "dataset_coco_tr.json"), str(tmp_path / "train2014" / "array.json")]
+        karpathy_examples = load_examples(files, ImageSpec(size=16), progress=_silent)
+    # image 12 has no caption of its own, 11's file is missing: both skipped with a warning
+    assert coco_examples.captions == [["bir köpek"], ["iki kedi", "kediler"]]
+    assert coco_examples.pixels.shape == (2, 16, 16, 3)
+    assert any("yok.jpg" in r.getMessage() for r in caplog.records)
+    assert karpathy_examples.captions == [["bir köpek"], ["bir kuş"], ["dizi"]]
+    assert any("leaving out its val/test splits (1 images)" in r.getMessage() for r in caplog.records)
+
+
+def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
+    import train_captioner
+    from click.testing import CliRunner
+
+    seen = []
+    monkeypatch.setattr(train_captioner, "train", lambda config: seen.append(config) or {
+        "examples": 1, "train_s": 0.0, "bundle": "b"})
+    result = CliRunner().invoke(train_captioner.main, ["--captions", "ann.json", "--captions", "x.tar",
+                                                       "--image-root", "imgs", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert seen[0].data == ("ann.json", "x.tar") and seen[0].image_root == "imgs"
 
 
 def _silent(*args, **kwargs):
