@@ -1,6 +1,7 @@
 """Evaluate a model bundle on a held-out split: caption metrics, demo-world object accuracy, CLIP-score filter.
 
   python jobs/evaluate.py --model bundles/demo --data 'data/demo/test/*.tar' [--limit 500] [--json eval.json]
+  python jobs/evaluate.py --model runs/coco-tr/bundle --data coco/dataset_coco_tr.json --image-root coco
 
 Runs in-process (no Ray), on the GPU when there is one, in float32.
 """
@@ -18,6 +19,7 @@ import click
 import torch
 from transformers.utils import logging as transformers_logging
 
+from pipeline.caption_files import TEST_SPLITS, find_caption_files, is_caption_file, read_caption_file
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, DecodeSettings
 from pipeline.evaluation import EvaluationError, evaluate, format_table
 from pipeline.models.bundle import load_bundle
@@ -28,7 +30,12 @@ from pipeline.sources import InputError, expand_inputs, read_samples
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, help="Model bundle directory, or 'demo' for the embedded bundle.")
 @click.option("--data", "data", multiple=True, required=True,
-              help="Shard path, glob, brace range or fsspec URL (as caption_shards --input). Repeatable.")
+              help="Shard path, glob, brace range or fsspec URL (as caption_shards --input), or a caption file "
+              "(COCO captions JSON, Karpathy split JSON, JSON Lines). Repeatable.")
+@click.option("--image-root", default=None,
+              help="Folder of the images a caption file names by relative path (default: the file's folder).")
+@click.option("--split", "splits", multiple=True, default=TEST_SPLITS, show_default=True,
+              help="The split of a Karpathy split file to evaluate on. Repeatable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--decode", "method", type=click.Choice(METHODS), default="greedy", show_default=True)
@@ -37,15 +44,17 @@ from pipeline.sources import InputError, expand_inputs, read_samples
               help="Seed of sampling, attribute swaps and the untrained baseline.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every figure and the first examples here.")
-def main(model: str, data: tuple[str, ...], limit: int | None, batch_size: int, method: str, max_new_tokens: int,
-         seed: int, json_path: Path | None) -> None:
+def main(model: str, data: tuple[str, ...], image_root: str | None, splits: tuple[str, ...], limit: int | None,
+         batch_size: int, method: str, max_new_tokens: int, seed: int, json_path: Path | None) -> None:
     """Caption a held-out split in-process and report caption metrics, object accuracy and filter figures."""
     # beam width and top-p as caption_shards uses them by default, so the figures describe that job's captions
     settings = DecodeSettings(method=method, max_new_tokens=max_new_tokens, beam_width=3,
                               top_p=0.9 if method == "sample" else 1.0, seed=seed)
     transformers_logging.disable_progress_bar()  # its weight-loading bar would bury the report and error lines
     try:
-        shards = expand_inputs(list(data))
+        others = [spec for spec in data if not is_caption_file(spec)]
+        caption_files = find_caption_files([spec for spec in data if is_caption_file(spec)])
+        shards = expand_inputs(others) if others else []
         bundle = load_bundle(DEMO_BUNDLE if model == DEMO_MODEL else Path(model))
     except (InputError, ModelLoadError) as exc:
         _fail(str(exc))
@@ -55,7 +64,9 @@ def main(model: str, data: tuple[str, ...], limit: int | None, batch_size: int, 
         except OSError as exc:
             _fail(f"cannot write --json {json_path}: {exc}")
     bundle.to("cuda" if torch.cuda.is_available() else "cpu")
-    samples = itertools.islice(itertools.chain.from_iterable(read_samples(shard) for shard in shards), limit)
+    samples = itertools.islice(itertools.chain(
+        itertools.chain.from_iterable(read_caption_file(spec, image_root, splits) for spec in caption_files),
+        itertools.chain.from_iterable(read_samples(shard) for shard in shards)), limit)
     try:
         report = evaluate(bundle, samples, settings, batch_size=batch_size, seed=seed, progress=True)
     except EvaluationError as exc:

@@ -298,14 +298,15 @@ def read_samples(shard: Shard, image_column: str | None = None,
     raise ValueError(f"unknown shard kind {shard.kind!r}")
 
 
-def _record(key: str, source: str, image: bytes | None = None, original_text: str | None = None,
-            meta: str | None = None, status: str = "ok", error: str | None = None) -> dict:
+def sample_record(key: str, source: str, image: bytes | None = None, original_text: str | None = None,
+                  meta: str | None = None, status: str = "ok", error: str | None = None) -> dict:
+    """A record of the shape the module docstring gives."""
     return {"key": key, "source": source, "image": image, "original_text": original_text, "meta": meta,
             "status": status, "error": None if error is None else one_line(error)}
 
 
 def _shard_error(url: str, status: str, error: str) -> dict:
-    return _record(f"{url}#{status}", url, status=status, error=error)
+    return sample_record(f"{url}#{status}", url, status=status, error=error)
 
 
 class _TrackingTarFile(tarfile.TarFile):
@@ -372,19 +373,20 @@ class _TarSample:
     def record(self, url: str) -> dict:
         found = ", ".join(self.suffixes)
         if self.split:
-            return _record(self.key, url, status="split_sample",
+            return sample_record(self.key, url, status="split_sample",
                            error=f"members of key {self.key!r} are not contiguous in the tar; this later group "
                                  f"({found}) was not merged with the earlier one")
         text = None if self.text is None else _decode(self.text).strip()  # `echo caption > KEY.txt` ends in \n
         meta = None if self.meta is None else _decode(self.meta)
         if self.too_large:
-            return _record(self.key, url, original_text=text, meta=meta, status="too_large", error=self.too_large)
+            return sample_record(self.key, url, original_text=text, meta=meta, status="too_large", error=self.too_large)
         if self.image is None and self.not_a_file:
-            return _record(self.key, url, original_text=text, meta=meta, status="unsupported", error=self.not_a_file)
+            return sample_record(self.key, url, original_text=text, meta=meta, status="unsupported",
+                                 error=self.not_a_file)
         if self.image is None:
-            return _record(self.key, url, original_text=text, meta=meta, status="no_image",
+            return sample_record(self.key, url, original_text=text, meta=meta, status="no_image",
                            error=f"no image member for key {self.key!r} (members: {found})")
-        return _record(self.key, url, image=self.image, original_text=text, meta=meta)
+        return sample_record(self.key, url, image=self.image, original_text=text, meta=meta)
 
 
 def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
@@ -458,6 +460,23 @@ def _data_follows(tar: tarfile.TarFile) -> bool:
     return False
 
 
+def read_image_file(url: str, key: str, source: str, meta: str | None = None) -> dict:
+    """The record of one image file named by path or URL (by a caption file), with the folder reader's
+    checks: read_error when it cannot be read, unsupported when it is no regular file (a FIFO would be
+    read forever), too_large over MAX_IMAGE_BYTES (never read)."""
+    try:
+        fs, path = url_to_fs(url)
+        info = fs.info(path)
+        kind = _file_type(fs, info)
+        if kind == "file" and not (too_large := _over_limit(url, info.get("size") or 0, image=True)):
+            return sample_record(key, source, image=fs.cat_file(path), meta=meta)
+    except (OSError, ValueError) as exc:  # ValueError: a URL of an unknown protocol
+        return sample_record(key, source, meta=meta, status="read_error", error=f"cannot read {url}: {exc}")
+    if kind != "file":
+        return sample_record(key, source, meta=meta, status="unsupported", error=f"not a regular file: {url}")
+    return sample_record(key, source, meta=meta, status="too_large", error=too_large)
+
+
 def _file_type(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> str:
     """A listing entry's type, of its target for a link (a broken one raises OSError). The listing already
     gives a link its target's size."""
@@ -525,14 +544,15 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
                 original_text = None if text is None else _as_text(text).strip()
                 row += 1
                 if unsupported is not None:
-                    yield _record(key_text, url, original_text=original_text, status="unsupported", error=unsupported)
+                    yield sample_record(key_text, url, original_text=original_text, status="unsupported",
+                                        error=unsupported)
                     continue
                 data, missing = _image_value(image, image_field)
                 if data is None:
                     missing += f" ({DOWNLOAD_ERROR_COLUMN}: {reason})" if reason else ""
-                    yield _record(key_text, url, original_text=original_text, status="no_image", error=missing)
+                    yield sample_record(key_text, url, original_text=original_text, status="no_image", error=missing)
                 else:
-                    yield _record(key_text, url, image=data, original_text=original_text)
+                    yield sample_record(key_text, url, image=data, original_text=original_text)
     except (OSError, pa.ArrowException) as exc:
         yield _shard_error(url, "unreadable_shard", f"parquet read failed after {row} rows: {exc}")
 
@@ -567,24 +587,24 @@ def _read_folder(url: str) -> Iterator[dict]:
             # files are followed (a Hugging Face hub snapshot's files are links into its blob store)
             special = next((name for name, info in files.items() if _file_type(fs, info) != "file"), None)
         except OSError as exc:
-            yield _record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
+            yield sample_record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
             continue
         if special is not None:
-            yield _record(key, url, status="unsupported", error=f"not a regular file: {special}")
+            yield sample_record(key, url, status="unsupported", error=f"not a regular file: {special}")
             continue
         too_large = next((reason for name, info in files.items()
                           if (reason := _over_limit(name, info.get("size") or 0, image=name == path))), None)
         if too_large:
-            yield _record(key, url, status="too_large", error=too_large)
+            yield sample_record(key, url, status="too_large", error=too_large)
             continue
         try:
             image = fs.cat_file(path)
             text = None if text_path is None else _decode(fs.cat_file(text_path)).strip()
             meta = None if meta_path is None else _decode(fs.cat_file(meta_path))
         except OSError as exc:
-            yield _record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
+            yield sample_record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
             continue
-        yield _record(key, url, image=image, original_text=text, meta=meta)
+        yield sample_record(key, url, image=image, original_text=text, meta=meta)
 
 
 def record_metadata(record: dict) -> dict[str, Any]:

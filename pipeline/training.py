@@ -33,7 +33,6 @@ from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip, encod
 from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
 from pipeline.precision import cpu_has_fast_bf16
-from pipeline.text import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -387,8 +386,8 @@ def write_summary(path: Path, config: TrainConfig, summary: dict[str, Any]) -> N
 def load_examples(specs: list[str], image_spec, limit: int | None = None,
                   progress: Callable[..., Any] = tqdm, image_root: str | None = None) -> Examples:
     """Images + reference captions from WebDataset / Parquet / folders (KEY.json 'captions' list, else
-    KEY.txt or a caption column) or caption files (.json/.jsonl, see `caption_file_records`), whose
-    relative image paths are taken from `image_root`, else from the caption file's folder."""
+    KEY.txt or a caption column) or caption files (`pipeline.caption_files`: COCO, Karpathy, JSON Lines),
+    whose relative image paths are taken from `image_root`, else from the caption file's folder."""
     from pipeline.images import ImageError, decode_image
 
     pixels, captions, negatives = [], [], []
@@ -411,124 +410,25 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
                     negatives=negatives if all(negatives) else None)
 
 
-CAPTION_FILE_SUFFIXES = (".jsonl", ".json")
-# Karpathy's split file marks held-out images "val" and "test"; captioners train on these two.
-KARPATHY_TRAIN_SPLITS = ("train", "restval")
-
-
-def caption_file_records(spec: str) -> Iterator[tuple[str, str, list[str], list[str]]]:
-    """(where in the file, image path as written, references, hard negatives) from a caption file in any of the forms
-    Turkish MS COCO and its kin come in: COCO's captions JSON ("images" + "annotations" with
-    image_id/caption), Karpathy's split JSON ("images" with "sentences"; its train and restval
-    splits), a JSON array of objects, or JSON Lines {"image": path, "caption" or "captions",
-    "negatives"}. A line or entry that names no image or no caption is skipped with a warning."""
-    import fsspec
-
-    with fsspec.open(spec, "rb") as handle:
-        first = handle.readline()
-        head = _json_or_none(first)
-        if isinstance(head, dict) and not _is_annotation_document(head):  # JSON Lines
-            yield from _object_records(spec, enumerate(itertools.chain([first], handle), 1))
-            return
-        rest = handle.read()
-    document = head if head is not None else _json_or_none(first + rest)
-    if document is None:  # JSON Lines whose first line is broken
-        yield from _object_records(spec, enumerate((first + rest).splitlines(), 1))
-    elif _is_annotation_document(document):
-        yield from _annotation_records(spec, document)
-    else:
-        entries = document if isinstance(document, list) else [document]
-        yield from _object_records(spec, ((f"entry {n}", entry) for n, entry in enumerate(entries, 1)))
-
-
-def _json_or_none(data: bytes) -> Any:
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-
-
-def _is_annotation_document(document: Any) -> bool:
-    return isinstance(document, dict) and isinstance(document.get("images"), list)
-
-
-def _object_records(spec: str, rows: Iterator[tuple[Any, Any]]) -> Iterator[tuple[str, str, list[str], list[str]]]:
-    """Records from JSON objects {"image", "caption" | "captions", "negatives"}; a row may still be a
-    line of bytes to parse."""
-    from pipeline.sources import text_list
-
-    for where, row in rows:
-        where = where if isinstance(where, str) else f"line {where}"
-        if isinstance(row, bytes):
-            if not row.strip():
-                continue
-            row = _json_or_none(row)
-        references = text_list(row.get("captions")) or text_list([row.get("caption")]) \
-            if isinstance(row, dict) else []
-        if not references or not isinstance(row.get("image"), str):
-            log.warning("skipping %s %s: not an object with an image path and a caption", spec, where)
-            continue
-        yield where, row["image"], references, text_list(row.get("negatives"))
-
-
-def _annotation_records(spec: str, document: dict) -> Iterator[tuple[str, str, list[str], list[str]]]:
-    from pipeline.sources import text_list
-
-    images = [image for image in document["images"] if isinstance(image, dict)]
-    if "annotations" in document:  # COCO: captions are annotations that point at an image id
-        captions: dict[Any, list[Any]] = {}
-        for annotation in document["annotations"] if isinstance(document["annotations"], list) else []:
-            if isinstance(annotation, dict):
-                captions.setdefault(annotation.get("image_id"), []).append(annotation.get("caption"))
-        rows = [(image.get("file_name"), captions.get(image.get("id"), [])) for image in images]
-    else:  # Karpathy: sentences inside each image, which names its split
-        held_out = [image for image in images if image.get("split", "train") not in KARPATHY_TRAIN_SPLITS]
-        if held_out:
-            log.info("%s: leaving out its val/test splits (%d images)", spec, len(held_out))
-        rows = [("/".join(part for part in (image.get("filepath"), image.get("filename")) if isinstance(part, str)),
-                 [s.get("raw") for s in image.get("sentences", []) if isinstance(s, dict)])
-                for image in images if image.get("split", "train") in KARPATHY_TRAIN_SPLITS]
-    skipped = 0
-    for path, references in rows:
-        references = text_list(references)
-        if isinstance(path, str) and path and references:
-            yield f"image {path}", path, references, []
-        else:
-            skipped += 1
-    if skipped:
-        log.warning("%s: %d images without a file name or a caption skipped", spec, skipped)
-
-
 def _caption_records(specs: list[str], image_root: str | None = None
                      ) -> Iterator[tuple[bytes, list[str], list[str]]]:
     """(image bytes, reference captions, hard negative captions) from every kind of input."""
-    import fsspec
-
+    from pipeline.caption_files import find_caption_files, is_caption_file, read_caption_file
     from pipeline.sources import expand_inputs, read_samples, record_metadata, reference_captions, text_list
 
-    caption_files = [s for s in specs if s.lower().endswith(CAPTION_FILE_SUFFIXES)]
-    for spec in caption_files:
-        root = (image_root or (spec.rsplit("/", 1)[0] if "/" in spec else ".")).rstrip("/")
-        for where, image, references, negatives in caption_file_records(spec):
-            path = image if "://" in image or image.startswith("/") else f"{root}/{image}"
-            try:  # a missing image is skipped, as an undecodable one is
-                with fsspec.open(path, "rb") as image_handle:
-                    data = image_handle.read()
-            except OSError as exc:
-                log.warning("skipping %s %s: %s", spec, where, describe_error(exc))
-                continue
-            yield data, references, negatives
-    others = [s for s in specs if s not in caption_files]
-    if not others:
-        return
-    for shard in expand_inputs(others):
-        for record in read_samples(shard):
-            if record["status"] != "ok" or record["image"] is None:
-                continue
-            meta = record_metadata(record)
-            references = reference_captions(record, meta)
-            if references:
-                yield record["image"], references, text_list(meta.get("negatives"))
+    caption_files = find_caption_files([s for s in specs if is_caption_file(s)])
+    others = [s for s in specs if not is_caption_file(s)]
+    records = itertools.chain(
+        itertools.chain.from_iterable(read_caption_file(spec, image_root) for spec in caption_files),
+        itertools.chain.from_iterable(read_samples(shard) for shard in (expand_inputs(others) if others else [])))
+    for record in records:
+        if record["status"] != "ok" or record["image"] is None:
+            log.warning("skipping %s of %s: %s: %s", record["key"], record["source"], record["status"], record["error"])
+            continue
+        meta = record_metadata(record)
+        references = reference_captions(record, meta)
+        if references:
+            yield record["image"], references, text_list(meta.get("negatives"))
 
 
 def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]:

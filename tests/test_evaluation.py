@@ -165,6 +165,28 @@ def test_job_reports_every_figure(tiny_bundle, split, tmp_path):
     assert "2 images (0 skipped)" in limited.stdout
 
 
+def test_job_evaluates_the_test_split_of_a_karpathy_caption_file(tiny_bundle, split, tmp_path):
+    """Turkish MS COCO's usual evaluation: Karpathy's split file, its test images only, every sentence a
+    reference; the images are found under --image-root."""
+    records = [r for shard in expand_inputs([str(split / "test" / "*.tar")]) for r in read_samples(shard)]
+    (tmp_path / "images" / "val2014").mkdir(parents=True)
+    entries = []
+    for i, record in enumerate(records):
+        (tmp_path / "images" / "val2014" / f"{record['key']}.jpg").write_bytes(record["image"])
+        sentences = [{"raw": text} for text in json.loads(record["meta"])["captions"]]
+        entries.append({"filepath": "val2014", "filename": f"{record['key']}.jpg",
+                        "split": "train" if i < 3 else "test", "sentences": sentences})
+    (tmp_path / "dataset_tr.json").write_text(json.dumps({"dataset": "coco", "images": entries}), encoding="utf-8")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(evaluate_job.main, ["--model", str(tiny_bundle), "--data", str(tmp_path / "*.json"),
+                                                    "--image-root", str(tmp_path / "images"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["counts"]["evaluated"] == report["counts"]["with_references"] == len(records) - 3
+    assert [e["key"] for e in report["examples"]] == [f"val2014/{r['key']}.jpg" for r in records[3:]]
+    assert [e["references"] for e in report["examples"]] == [json.loads(r["meta"])["captions"] for r in records[3:]]
+
+
 def _reference_recall(bundle_dir: Path, split: Path, examples: list[dict]) -> float:
     """Recall@1 of the canonical references, recomputed here the plain way: argmax over the distinct texts."""
     bundle = load_bundle(bundle_dir)
@@ -178,9 +200,9 @@ def _reference_recall(bundle_dir: Path, split: Path, examples: list[dict]) -> fl
     return float(np.mean([texts[int(row.argmax())] == own for row, own in zip(scores, canonical, strict=True)]))
 
 
-@pytest.mark.parametrize("case", ["no_match", "no_usable_sample"])
+@pytest.mark.parametrize("case", ["no_match", "no_usable_sample", "no_caption_file"])
 def test_job_bad_data_is_one_line(tiny_bundle, split, tmp_path, case):
-    data = str(tmp_path / "nothing" / "*.tar")
+    data = str(tmp_path / ("captions.json" if case == "no_caption_file" else "nothing/*.tar"))
     if case == "no_usable_sample":
         data = str(write_tar(tmp_path / "bad.tar", {"broken": {"jpg": b"not an image"}}))
     result = CliRunner().invoke(evaluate_job.main, ["--model", str(tiny_bundle), "--data", data])
