@@ -410,6 +410,9 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
                     negatives=negatives if all(negatives) else None)
 
 
+MAX_LISTED_SKIPS = 20
+
+
 def _caption_records(specs: list[str], image_root: str | None = None
                      ) -> Iterator[tuple[bytes, list[str], list[str]]]:
     """(image bytes, reference captions, hard negative captions) from every kind of input."""
@@ -421,9 +424,15 @@ def _caption_records(specs: list[str], image_root: str | None = None
     records = itertools.chain(
         itertools.chain.from_iterable(read_caption_file(spec, image_root) for spec in caption_files),
         itertools.chain.from_iterable(read_samples(shard) for shard in (expand_inputs(others) if others else [])))
+    unusable = 0
     for record in records:
         if record["status"] != "ok" or record["image"] is None:
-            log.warning("skipping %s of %s: %s: %s", record["key"], record["source"], record["status"], record["error"])
+            unusable += 1
+            if unusable <= MAX_LISTED_SKIPS:  # a LAION Parquet may hold thousands of failed downloads
+                log.warning("skipping %s of %s: %s: %s", record["key"], record["source"], record["status"],
+                            record["error"])
+            elif unusable == MAX_LISTED_SKIPS + 1:
+                log.warning("more unusable samples are skipped without a warning each")
             continue
         meta = record_metadata(record)
         references = reference_captions(record, meta)

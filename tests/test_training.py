@@ -25,6 +25,7 @@ from pipeline.images import ImageSpec
 from pipeline.models.bundle import load_bundle
 from pipeline.training import (
     CLIPCAP_LR,
+    MAX_LISTED_SKIPS,
     ClipArch,
     LMArch,
     TrainConfig,
@@ -170,6 +171,16 @@ def test_coco_and_karpathy_caption_files_pair_each_image_with_all_its_captions(t
     assert any("yok.jpg" in r.getMessage() for r in caplog.records)
     assert karpathy_examples.captions == [["bir köpek"], ["bir kuş"], ["dizi"]]
     assert any("reading its train/restval split(s), 2 of 3 images" in r.getMessage() for r in caplog.records)
+
+
+def test_unusable_samples_are_warned_about_a_bounded_number_of_times(tmp_path, caplog):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+    lines = [{"image": f"gone{i}.jpg", "caption": "yok"} for i in range(50)] + [{"image": "a.jpg", "caption": "var"}]
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with caplog.at_level(logging.WARNING):
+        examples = load_examples([str(tmp_path / "c.jsonl")], ImageSpec(size=16), progress=_silent)
+    assert examples.captions == [["var"]]
+    assert len(caplog.records) == MAX_LISTED_SKIPS + 1 and "gone0.jpg" in caplog.records[0].getMessage()
 
 
 def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
