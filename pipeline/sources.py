@@ -34,6 +34,7 @@ import os
 import posixpath
 import re
 import tarfile
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 # jpg: img2dataset; image: Hugging Face datasets; png/webp: img2dataset with another --encode_format.
 DEFAULT_IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg")
 DEFAULT_KEY_COLUMN = "key"
-TEXT_COLUMNS = ("caption", "text")  # matched in any case: LAION's parquet says TEXT
+# Matched in any case (LAION's parquet says TEXT); a list of strings (Hugging Face datasets' "captions",
+# "sentences") gives every caption as a reference, as KEY.json's "captions" does, and its first as the text.
+TEXT_COLUMNS = ("caption", "text", "captions", "sentences")
 DOWNLOAD_ERROR_COLUMN = "error_message"  # img2dataset's reason for a failed download, quoted in no_image rows
 # Files above these sizes are never read, so a hostile multi-gigabyte member cannot fill a reader's memory:
 # an uncompressed 100 MP RGB image (ImageSpec's pixel limit) is 300 MB; LAION's json is a few KB.
@@ -541,18 +544,19 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
             reasons = batch.column(reason_field).to_pylist() if reason_field else [None] * n
             for image, key, text, reason in zip(images, keys, texts, reasons, strict=True):
                 key_text = _key_text(key) or f"{name}/{row}"
-                original_text = None if text is None else _as_text(text).strip()
+                original_text, meta = _text_cell(text)
                 row += 1
                 if unsupported is not None:
-                    yield sample_record(key_text, url, original_text=original_text, status="unsupported",
+                    yield sample_record(key_text, url, original_text=original_text, meta=meta, status="unsupported",
                                         error=unsupported)
                     continue
                 data, missing = _image_value(image, image_field)
                 if data is None:
                     missing += f" ({DOWNLOAD_ERROR_COLUMN}: {reason})" if reason else ""
-                    yield sample_record(key_text, url, original_text=original_text, status="no_image", error=missing)
+                    yield sample_record(key_text, url, original_text=original_text, meta=meta, status="no_image",
+                                        error=missing)
                 else:
-                    yield sample_record(key_text, url, image=data, original_text=original_text)
+                    yield sample_record(key_text, url, image=data, original_text=original_text, meta=meta)
     except (OSError, pa.ArrowException) as exc:
         yield _shard_error(url, "unreadable_shard", f"parquet read failed after {row} rows: {exc}")
 
@@ -618,11 +622,12 @@ def record_metadata(record: dict) -> dict[str, Any]:
 
 
 def text_list(value: Any) -> list[str]:
-    """The non-empty strings of a metadata list ("captions", "negatives"); [] for anything else.
-    JSON may spell lone surrogates ("\\ud800"), which no tokenizer or Arrow column takes: replaced."""
+    """The non-empty strings of a metadata list ("captions", "negatives"), in NFC as generated captions
+    are; [] for anything else. JSON may spell lone surrogates ("\\ud800"), which no tokenizer or Arrow
+    column takes: replaced."""
     if not isinstance(value, list):
         return []
-    return [storable(item) for item in value if isinstance(item, str) and item.strip()]
+    return [unicodedata.normalize("NFC", storable(item)) for item in value if isinstance(item, str) and item.strip()]
 
 
 def reference_captions(record: dict, meta: dict[str, Any]) -> list[str]:
@@ -648,6 +653,16 @@ def _decode(data: bytes) -> str:
     # Non-UTF-8 text is kept with U+FFFD in place of the bad bytes; the record stays "ok" because the
     # image is fine and the output schema wants `error` null whenever status is "ok".
     return data.decode("utf-8", errors="replace")
+
+
+def _text_cell(value: Any) -> tuple[str | None, str | None]:
+    """A Parquet caption cell -> (original_text, meta): a list of strings is every reference."""
+    if value is None:
+        return None, None
+    if isinstance(value, list):
+        references = text_list(value)
+        return (references[0], json.dumps({"captions": references}, ensure_ascii=False)) if references else (None, None)
+    return _as_text(value).strip(), None
 
 
 def _as_text(value: Any) -> str:

@@ -7,6 +7,7 @@ import os
 import re
 import tarfile
 import threading
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
@@ -17,7 +18,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import sources
-from pipeline.sources import FOLDER, PARQUET, WEBDATASET, InputError, Shard, _split_key, expand_inputs, read_samples
+from pipeline.sources import (
+    FOLDER,
+    PARQUET,
+    WEBDATASET,
+    InputError,
+    Shard,
+    _split_key,
+    expand_inputs,
+    read_samples,
+    record_metadata,
+    reference_captions,
+)
 
 RECORD_KEYS = {"key", "source", "image", "original_text", "meta", "status", "error"}
 
@@ -375,6 +387,18 @@ def test_parquet_text_column_is_found_in_any_case_caption_first(tmp_path: Path) 
     assert read_all(str(path), PARQUET)[0]["original_text"] == "bir kedi"
     pq.write_table(pa.table({"text": ["alt"], "Caption": ["başlık"], "jpg": [b"i0"]}), path)
     assert read_all(str(path), PARQUET)[0]["original_text"] == "başlık"
+
+
+def test_parquet_caption_list_column_gives_every_caption_as_a_reference_in_nfc(tmp_path: Path) -> None:
+    """Hugging Face datasets keep a COCO image's captions as list<string>: all are references, the first is
+    the sample's text; decomposed (NFD) Turkish letters become the composed form generated captions use."""
+    path = tmp_path / "coco.parquet"
+    nfd = unicodedata.normalize("NFD", "küçük bir kuş")
+    pq.write_table(pa.table({"image": [b"i0", b"i1"], "captions": [[nfd, "", "iki kedi"], []]}), path)
+    first, second = read_all(str(path), PARQUET)
+    assert first["original_text"] == "küçük bir kuş"
+    assert reference_captions(first, record_metadata(first)) == ["küçük bir kuş", "iki kedi"]
+    assert second["original_text"] is None and reference_captions(second, record_metadata(second)) == []
 
 
 def test_parquet_huggingface_image_struct_and_missing_key_column(tmp_path: Path) -> None:
