@@ -58,6 +58,10 @@ def main(model: str, data: tuple[str, ...], image_root: str | None, splits: tupl
         bundle = load_bundle(DEMO_BUNDLE if model == DEMO_MODEL else Path(model))
     except (InputError, ModelLoadError) as exc:
         _fail(str(exc))
+    room = bundle.captioner.max_caption_tokens()
+    if room is not None and max_new_tokens > room:
+        _fail(f"--max-new-tokens {max_new_tokens} exceeds the {room} positions the model's language model has "
+              "after its prefix")
     if json_path:
         try:  # before the long run, not after it
             json_path.parent.mkdir(parents=True, exist_ok=True)

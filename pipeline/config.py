@@ -36,6 +36,11 @@ class DecodeSettings:
             raise ValueError(f"unknown decoding method {self.method!r} (expected {', '.join(METHODS)})")
         if self.max_new_tokens < 1 or self.num_candidates < 1:
             raise ValueError("max_new_tokens and num_candidates must be at least 1")
+        if self.method == "greedy" and self.num_candidates > 1:
+            raise ValueError("greedy decoding gives one caption per image: --num-candidates needs --decode beam "
+                             "or sample")
+        if not -(2**63) <= self.seed < 2**63:  # what torch.Generator.manual_seed takes, either sign
+            raise ValueError(f"--seed must lie in [-2**63, 2**63), got {self.seed}")
         if self.method == "beam" and self.num_candidates > self.beam_width:
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds beam_width ({self.beam_width})")
         # written so that NaN fails too: every comparison with it is false

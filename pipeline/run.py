@@ -5,6 +5,7 @@ This is the one place that knows about Ray; everything it calls is plain Python.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from pipeline.sinks import (
 )
 from pipeline.sources import Shard, expand_inputs
 from pipeline.stages import (
+    SHARD_RECORDS,
     STAGING_ONLY,
     DecodeSpec,
     ShardDatasource,
@@ -98,13 +100,20 @@ def run(config: RunConfig) -> dict[str, Any]:
         raise UsageError(f"--output {config.output} is a file, not a directory")
     shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)
     bundle = load_bundle(config.model_path)
+    room = bundle.captioner.max_caption_tokens()
+    if room is not None and config.decode.max_new_tokens > room:
+        raise UsageError(f"--max-new-tokens {config.decode.max_new_tokens} exceeds the {room} positions the "
+                         "model's language model has after its prefix")
     embedding_dim = bundle.encoder.embed_dim
     decode_spec = DecodeSpec(encoder=bundle.encoder.image_spec,
                              scorer=None if bundle.scorer is bundle.encoder else bundle.scorer.image_spec)
     identity = bundle.identity()
     del bundle  # the driver only validates the models; actors load their own copies
 
-    defining = {"config": config.output_defining(), "model_sha256": identity["sha256"]}
+    # the shards the inputs match define the run too: a glob that matches a shard added since a finished
+    # run would otherwise leave its samples out while the rerun reports the output complete
+    defining = {"config": config.output_defining(), "model_sha256": identity["sha256"],
+                "shards_sha256": _shards_digest(shards)}
     provenance = {"model": identity["name"], "model_sha256": identity["sha256"]}
     metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
                                 "scorer": identity["scorer"], "model": identity["name"],
@@ -182,15 +191,32 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
     finished = output.read_json(RUN_JSON)
     refiltering = output.read_json(REFILTER)  # where an interrupted re-filter was heading
     staged = output.read_json(STAGING, STAGING_CONFIG)
+    # An attempt that staged nothing (refused at actor placement, killed while starting) left only its
+    # configuration: nothing to keep, so it binds no later command.
+    started_only = staged is not None and finished is None and refiltering is None and not (
+        output.parts(STAGING) or output.parts(f"{STAGING}/{SHARD_RECORDS}", pattern="*"))
+    if started_only:
+        staged = None
     recorded = refiltering or (finished or {}).get("output_defining") or staged
     different = recorded is not None and _jsonable(recorded) != _jsonable(defining)
     if different and not config.overwrite:
-        raise UsageError(f"{config.output} holds a run with a different configuration; "
+        ours, theirs = _jsonable(defining), _jsonable(recorded)
+        ours_config, theirs_config = ours["config"], theirs.get("config") or {}
+        changed = sorted(key for key in ours_config.keys() | theirs_config.keys()
+                         if ours_config.get(key) != theirs_config.get(key))
+        changed += [name for key, name in (("model_sha256", "model"), ("shards_sha256", "the shards --input matches"))
+                    if ours.get(key) != theirs.get(key)]
+        raise UsageError(f"{config.output} holds a run with a different configuration ({', '.join(changed)}); "
                          f"use another --output, or --overwrite to replace it")
-    if recorded is None and not output.is_empty() and not config.overwrite:
+    if recorded is None and not started_only and not output.is_empty() and not config.overwrite:
         raise UsageError(f"{config.output} is not empty and holds no run of this tool; "
                          f"use an empty --output, or --overwrite")
-    output.clean_temporaries()
+    try:  # the first write: an output nobody may write to is one line, before any work
+        output.clean_temporaries()
+        if staged is None and finished is None and refiltering is None:
+            output.write_json(defining, STAGING, STAGING_CONFIG)
+    except Exception as exc:  # a storage backend's own errors are not all OSErrors
+        raise UsageError(f"cannot write --output {config.output}: {describe_error(exc)}") from None
     if finished is not None and (different or refiltering) and _only_filter_differs(finished, defining):
         return finished, True
     if different and config.overwrite:
@@ -200,9 +226,13 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
     if finished is not None:
         output.remove(STAGING)  # a run killed after its commit record but before this clean-up
         return finished, False
-    if staged is None:
+    if different:  # replaced under --overwrite
         output.write_json(defining, STAGING, STAGING_CONFIG)
     return None, False
+
+
+def _shards_digest(shards: list[Shard]) -> str:
+    return hashlib.sha256("\n".join(sorted(shard.url for shard in shards)).encode("utf-8")).hexdigest()
 
 
 def _only_filter_differs(finished: dict[str, Any], defining: dict[str, Any]) -> bool:

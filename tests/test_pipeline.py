@@ -176,10 +176,38 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
             "decode": DecodeSettings(max_new_tokens=4)}
     first = run(RunConfig(**base))
     assert run(RunConfig(**base, batch_size=7)) == first  # speed knobs do not change the run
-    with pytest.raises(UsageError, match="different configuration"):
+    with pytest.raises(UsageError, match=r"different configuration \(decode\)"):
         run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}))
     again = run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}, overwrite=True))
     assert again["counts"]["rows"] == 3
+    # a shard added under the glob since: refused rather than reported complete without its samples
+    _tar_corpus(tmp_path / "more", shards=1, per_shard=2)
+    (tmp_path / "more" / "00000.tar").rename(tmp_path / "in" / "00009.tar")
+    newer = {**base, "decode": DecodeSettings(max_new_tokens=5)}
+    with pytest.raises(UsageError, match="the shards --input matches"):
+        run(RunConfig(**newer))
+    assert run(RunConfig(**newer, overwrite=True))["counts"]["rows"] == 5
+
+
+def test_an_attempt_that_staged_nothing_binds_no_later_command(ray_local, tiny_bundle, tmp_path):
+    """A command refused after the output was claimed (no actor fits, say) staged only its settings: the
+    corrected command starts, where it used to be refused as 'a different configuration'."""
+    _tar_corpus(tmp_path / "in", shards=1, per_shard=2)
+    (tmp_path / "out" / "_staging").mkdir(parents=True)
+    (tmp_path / "out" / "_staging" / "config.json").write_text(json.dumps({"config": {"model": "other"}}))
+    summary = run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
+                            model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=4)))
+    assert summary["counts"]["rows"] == 2
+
+
+def test_usage_found_after_loading_the_model_is_one_line_before_any_work(tiny_bundle, tmp_path):
+    _tar_corpus(tmp_path / "in", shards=1, per_shard=1)
+    base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "model": str(tiny_bundle)}
+    with pytest.raises(UsageError, match=r"--max-new-tokens 100000 exceeds the \d+ positions"):
+        run(RunConfig(**base, output=str(tmp_path / "out"), decode=DecodeSettings(max_new_tokens=100_000)))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UsageError, match="cannot write --output /sys/kernel/"):  # refused even to root
+        run(RunConfig(**base, output="/sys/kernel/caption_test_out", decode=DecodeSettings(max_new_tokens=4)))
 
 
 def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(ray_local, tiny_bundle, tmp_path,

@@ -162,6 +162,11 @@ class PrefixCaptioner(nn.Module):
         x = image_features if self.config.raw_prefix else F.normalize(image_features, dim=-1)
         return self.mapper(x.to(self.lm.get_input_embeddings().weight.dtype))
 
+    def max_caption_tokens(self) -> int | None:
+        """Positions the LM has left after the prefix; None where its config names no limit."""
+        limit = getattr(self.lm.config, "n_positions", None) or getattr(self.lm.config, "max_position_embeddings", None)
+        return None if limit is None else int(limit) - self.config.prefix_length
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(tokens)
 
