@@ -14,6 +14,7 @@ Real models and data:
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -26,10 +27,12 @@ import torch
 
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
-from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.clip import SCHEMAS, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError
+from pipeline.text import describe_error
 from pipeline.training import (
+    MIN_CAPTION_TOKENS,
     Checkpoints,
     TrainConfig,
     build_captioner,
@@ -45,6 +48,7 @@ from pipeline.training import (
 )
 
 log = logging.getLogger("train_captioner")
+RESUMABLE_SETTINGS = ("out", "clip_epochs", "caption_epochs")  # a rerun with more epochs resumes
 
 
 def _encoder(config: TrainConfig):
@@ -57,7 +61,40 @@ def _encoder(config: TrainConfig):
             spec = replace(spec, weights=str(Path(config.clip) / spec.weights))
         return bundle.encoder, spec, Path(config.clip)
     spec = ClipSpec.parse(config.clip)
+    if spec.weights is None and not spec.arch.startswith(SCHEMAS) and "/" not in spec.arch \
+            and not Path(spec.arch).is_dir():
+        raise ModelLoadError(f"--clip {config.clip} names no weights, so the bundle would hold a random encoder; "
+                             "give ARCH:TAG (e.g. ViT-B-32:openai) or ARCH:FILE")
     return create_clip(spec), spec, None
+
+
+def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip) -> None:
+    """The stored embeddings must come from the encoder the new bundle ships, or its captions are noise."""
+    width = examples.embeddings.shape[1]
+    if width != clip.embed_dim:
+        raise ValueError(f"--embeddings-from holds {width}-d embeddings, but --clip {config.clip} makes "
+                         f"{clip.embed_dim}-d ones: give the encoder that made them")
+    made_by = metadata.get("encoder")
+    if made_by and (Path(config.clip) / BUNDLE_FILE).is_file():
+        ours = json.loads((Path(config.clip) / BUNDLE_FILE).read_text(encoding="utf-8")).get("encoder")
+        if ours != made_by:
+            raise ValueError(f"--embeddings-from was made by the encoder of model {metadata.get('model')!r}, "
+                             f"not by the one of --clip {config.clip}: give the bundle that made them")
+
+
+def _claim_run_directory(out: Path, config: TrainConfig) -> None:
+    """A rerun resumes from the checkpoints only under the same settings (more epochs excepted): the
+    checkpoints of other data or models would be resumed silently, against a tokenizer trained anew."""
+    settings = json.loads(json.dumps({k: v for k, v in config.to_json().items() if k not in RESUMABLE_SETTINGS}))
+    recorded_file = out / "work" / "settings.json"
+    if recorded_file.is_file():
+        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
+        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        if changed:
+            raise ValueError(f"{out} holds a training run with other settings ({', '.join(changed)}); "
+                             "use another --out (only more epochs resume a run)")
+    recorded_file.parent.mkdir(parents=True, exist_ok=True)
+    recorded_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def train(config: TrainConfig) -> dict:
@@ -66,13 +103,18 @@ def train(config: TrainConfig) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(config.out)
     work = out / "work"
+    if config.lm is None and config.lm_arch.n_positions - config.prefix_length < MIN_CAPTION_TOKENS:
+        raise ValueError(f"--prefix-length {config.prefix_length} leaves the small GPT-2's "
+                         f"{config.lm_arch.n_positions} positions too few for a caption")
+    _claim_run_directory(out, config)
     checkpoints = Checkpoints(out / "checkpoints")
     summary: dict = {}
     if config.embeddings_from:
         if not config.clip:
             raise click.UsageError("--embeddings-from needs --clip: the encoder that made those embeddings")
-        examples, _ = load_embedding_examples(list(config.embeddings_from))
+        examples, metadata = load_embedding_examples(list(config.embeddings_from))
         clip, spec, _ = _encoder(config)
+        _check_embeddings_encoder(config, examples, metadata, clip)
     elif config.clip:
         clip, spec, _ = _encoder(config)
         examples = load_examples(list(config.data), clip.image_spec, config.limit, image_root=config.image_root)
@@ -81,8 +123,9 @@ def train(config: TrainConfig) -> dict:
         examples = load_examples(list(config.data), image_spec, config.limit, image_root=config.image_root)
     log.info("%d training examples", len(examples.captions))
 
+    # the small CLIP's text tower and a GPT-2 from scratch share one tokenizer trained on the captions
     tokenizer = None
-    if config.lm is None:
+    if config.lm is None or not config.clip:
         tokenizer = train_tokenizer(examples.captions, config.vocab_size, work)
     if not config.clip:
         clip, spec = build_custom_clip(config.clip_arch, work / "text_tokenizer.json")
@@ -90,7 +133,7 @@ def train(config: TrainConfig) -> dict:
     if examples.embeddings is None:
         examples.embeddings = embed_images(clip, examples.pixels, bf16=config.bf16)
         examples.pixels = None
-    captioner = build_captioner(config, clip.embed_dim, tokenizer)
+    captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
     summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
     manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), name=out.name,
                            dtype=torch.float16 if config.save_fp16 else torch.float32)
@@ -139,6 +182,8 @@ def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
+    if data and embeddings_from:
+        raise click.UsageError("give --data or --embeddings-from, not both: one run trains on one kind of input")
     config = TrainConfig(out=out, data=tuple(data), image_root=image_root, embeddings_from=tuple(embeddings_from),
                          clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length,
                          limit=limit, seed=seed, first_reference_prob=first_reference_prob, save_fp16=save_fp16)
@@ -152,6 +197,9 @@ def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_
         summary = train(config)
     except (ModelLoadError, InputError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # --out a file, or not writable
+        click.echo(f"error: cannot write --out {out}: {describe_error(exc)}", err=True)
         sys.exit(2)
     click.echo(f"trained on {summary['examples']} examples in {summary['train_s']}s -> {summary['bundle']}")
 

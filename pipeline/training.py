@@ -30,11 +30,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip, encode_text_trimmed
+from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
 from pipeline.precision import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
+
+MAX_LISTED_SKIPS = 20
+MIN_CAPTION_TOKENS = 8  # positions after the prefix that a caption needs at the least (its eos included)
 
 
 @dataclass
@@ -289,6 +293,9 @@ def build_captioner(config: TrainConfig, prefix_dim: int, tokenizer) -> PrefixCa
         from pipeline.models.bundle import load_language_model
 
         lm, tokenizer = load_language_model(config.lm)
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(f"--lm {config.lm}: its tokenizer has no end-of-sequence token, which training "
+                                 "appends to every caption so that captions end")
     else:
         arch = config.lm_arch
         lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=arch.n_positions, n_embd=arch.n_embd,
@@ -298,7 +305,12 @@ def build_captioner(config: TrainConfig, prefix_dim: int, tokenizer) -> PrefixCa
                                         eos_token_id=tokenizer.eos_token_id))
     captioner_config = CaptionerConfig(mapper=config.mapper, prefix_length=config.prefix_length, prefix_dim=prefix_dim,
                                        clip_length=config.prefix_length)
-    return PrefixCaptioner(captioner_config, lm, tokenizer)
+    captioner = PrefixCaptioner(captioner_config, lm, tokenizer)
+    room = captioner.max_caption_tokens()
+    if room is not None and room < MIN_CAPTION_TOKENS:
+        raise ValueError(f"the language model's {room + config.prefix_length} positions leave {room} for a caption "
+                         f"after a prefix of {config.prefix_length}; use a shorter --prefix-length")
+    return captioner
 
 
 def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
@@ -331,8 +343,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     n = len(examples.captions)
     steps_per_epoch = max(1, n // config.caption_batch_size)
     total = steps_per_epoch * config.caption_epochs
-    max_tokens = captioner.lm.config.n_positions - config.prefix_length if hasattr(captioner.lm.config,
-                                                                                   "n_positions") else 64
+    max_tokens = captioner.max_caption_tokens() or 64
     generator = torch.Generator().manual_seed(config.seed + 1)
     rng = random.Random(config.seed + 1)
     losses = []
@@ -410,9 +421,6 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
                     negatives=negatives if all(negatives) else None)
 
 
-MAX_LISTED_SKIPS = 20
-
-
 def _caption_records(specs: list[str], image_root: str | None = None
                      ) -> Iterator[tuple[bytes, list[str], list[str]]]:
     """(image bytes, reference captions, hard negative captions) from every kind of input."""
@@ -426,18 +434,17 @@ def _caption_records(specs: list[str], image_root: str | None = None
         itertools.chain.from_iterable(read_samples(shard) for shard in (expand_inputs(others) if others else [])))
     unusable = 0
     for record in records:
-        if record["status"] != "ok" or record["image"] is None:
-            unusable += 1
-            if unusable <= MAX_LISTED_SKIPS:  # a LAION Parquet may hold thousands of failed downloads
-                log.warning("skipping %s of %s: %s: %s", record["key"], record["source"], record["status"],
-                            record["error"])
-            elif unusable == MAX_LISTED_SKIPS + 1:
-                log.warning("more unusable samples are skipped without a warning each")
-            continue
         meta = record_metadata(record)
-        references = reference_captions(record, meta)
+        references = reference_captions(record, meta) if record["status"] == "ok" and record["image"] else []
         if references:
             yield record["image"], references, text_list(meta.get("negatives"))
+            continue
+        unusable += 1
+        if unusable <= MAX_LISTED_SKIPS:  # a LAION Parquet may hold thousands of failed downloads
+            reason = f"{record['status']}: {record['error']}" if record["status"] != "ok" else "no caption"
+            log.warning("skipping %s of %s: %s", record["key"], record["source"], reason)
+        elif unusable == MAX_LISTED_SKIPS + 1:
+            log.warning("more unusable samples are skipped without a warning each")
 
 
 def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]:

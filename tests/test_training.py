@@ -183,6 +183,21 @@ def test_unusable_samples_are_warned_about_a_bounded_number_of_times(tmp_path, c
     assert len(caplog.records) == MAX_LISTED_SKIPS + 1 and "gone0.jpg" in caplog.records[0].getMessage()
 
 
+def test_train_cli_usage_is_one_line(tmp_path):
+    import train_captioner
+    from click.testing import CliRunner
+
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--data", "x.tar", "--embeddings-from", "out", "--out", str(tmp_path / "a")], "not both"),
+             (["--data", "x.json", "--clip", "RN50", "--out", str(tmp_path / "b")], "names no weights"),
+             (["--data", "x.json", "--out", str(tmp_path / "afile")], "cannot write --out"),
+             (["--data", "x.json", "--prefix-length", "95", "--out", str(tmp_path / "c")], "too few for a caption")]
+    for args, message in cases:
+        result = CliRunner().invoke(train_captioner.main, args)
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+
+
 def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
     import train_captioner
     from click.testing import CliRunner
@@ -229,6 +244,18 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     assert summary["config"]["embeddings_from"] == [str(tmp_path / "output" / "filtered")]
     assert summary["config"]["caption_lr"] == CLIPCAP_LR  # a pretrained LM is fine-tuned at ClipCap's rate
     assert load_bundle(tmp_path / "next" / "bundle").encoder.embed_dim == dim
+
+    # embeddings of another width than --clip's encoder makes are refused, not trained into noise
+    _write_output(tmp_path / "wider", dim + 8)
+    with pytest.raises(ValueError, match=f"holds {dim + 8}-d embeddings"):
+        train(_config(tmp_path / "wide", embeddings_from=(str(tmp_path / "wider"),),
+                      clip=str(tmp_path / "run" / "bundle")))
+    # the same run directory under other settings is refused; resuming it silently mixed two runs
+    with pytest.raises(ValueError, match=r"holds a training run with other settings \(data, seed\)"):
+        train(_config(tmp_path / "run", data=data + data, seed=1))
+    # a pretrained --lm beside a CLIP trained here: the CLIP still gets a text tokenizer of its own
+    lm_run = train(_config(tmp_path / "lm_run", data=data, lm=str(tmp_path / "run" / "bundle" / "lm")))
+    assert len(lm_run["clip_losses"]) == 1 and load_bundle(tmp_path / "lm_run" / "bundle").encoder.embed_dim == dim
 
 
 def _write_output(folder: Path, dim: int) -> None:

@@ -37,7 +37,7 @@ from pipeline.text import describe_error
 
 CUSTOM = "custom"
 LOCAL_DIR = "local-dir:"
-_SCHEMAS = ("hf-hub:", LOCAL_DIR)
+SCHEMAS = ("hf-hub:", LOCAL_DIR)
 # ViT-B/32 on this project's 2-core Zen 4 in bf16: 9 ms per image in passes of 32-64 images, 13-15 ms in
 # passes of 128-256 (README "Benchmarks")
 CPU_CHUNK = 64
@@ -69,7 +69,7 @@ class ClipSpec:
     @classmethod
     def parse(cls, text: str) -> ClipSpec:
         """'ARCH[:WEIGHTS]', e.g. 'ViT-B-32:openai', 'RN50x4:/ckpt/rn50x4.pt', 'hf-hub:org/repo'."""
-        if text.startswith(_SCHEMAS):
+        if text.startswith(SCHEMAS):
             return cls(arch=text)
         arch, _, weights = text.partition(":")
         if not arch:
@@ -159,7 +159,7 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     if spec.arch == CUSTOM:
         return _create_custom(spec, base_dir or Path("."))
     arch = spec.arch
-    if not arch.startswith(_SCHEMAS) and (Path(arch) / "open_clip_config.json").is_file():
+    if not arch.startswith(SCHEMAS) and (Path(arch) / "open_clip_config.json").is_file():
         arch = f"{LOCAL_DIR}{arch}"  # an open_clip folder (a hub snapshot) named without local-dir:
     elif is_transformers_clip(arch):
         return _create_from_transformers(arch)
@@ -193,7 +193,7 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
 
 def is_transformers_clip(arch: str) -> bool:
     """A Hugging Face transformers CLIP: a folder with a config.json, or an org/name that is no open_clip name."""
-    if arch.startswith(_SCHEMAS) or arch == CUSTOM:
+    if arch.startswith(SCHEMAS) or arch == CUSTOM:
         return False
     if (Path(arch) / "config.json").is_file():
         return True
