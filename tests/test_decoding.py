@@ -155,6 +155,10 @@ def test_bf16_runs_every_method(tokenizer, method, extra):
 def test_invalid_settings_are_refused():
     for bad in ({"method": "nucleus"}, {"max_new_tokens": 0}, {"method": "beam", "beam_width": 2,
                                                                 "num_candidates": 3}, {"top_p": 0},
-                {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")}):
+                {"temperature": float("nan")}, {"temperature": float("inf")}, {"top_p": float("nan")},
+                {"num_candidates": 4},  # greedy gives one caption: four asked for is a mistake, not one candidate
+                {"method": "sample", "seed": 2**64}, {"method": "sample", "seed": -(2**63) - 1}):
         with pytest.raises(ValueError):
             DecodeSettings(**bad)
+    DecodeSettings(method="sample", seed=2**63 - 1)
+    DecodeSettings(method="sample", seed=-(2**63))
