@@ -51,6 +51,14 @@ class DecodeSettings:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def output_defining(self) -> dict[str, Any]:
+        """The settings that can change this method's captions: those it ignores (greedy's seed, sampling's
+        beam width) are left out, so a rerun that only differs there is the same run."""
+        used = {"greedy": (), "beam": ("num_candidates", "beam_width", "length_penalty"),
+                "sample": ("num_candidates", "temperature", "top_p", "top_k", "seed")}[self.method]
+        return {"method": self.method, "max_new_tokens": self.max_new_tokens} | {
+            name: getattr(self, name) for name in used}
+
 
 @dataclass(frozen=True)
 class ActorRange:
@@ -116,9 +124,10 @@ class RunConfig:
     def output_defining(self) -> dict[str, Any]:
         """What decides the content of the output. Resuming with a different value is refused;
         batch size, actors, GPUs, file size, the WebDataset copy and --overwrite change speed or layout,
-        not the rows."""
-        settings = self.to_json()
-        for name in ("output", "batch_size", "actors", "gpus_per_actor", "rows_per_file", "write_webdataset",
-                     "overwrite"):
+        not the rows, and decoding settings the method ignores change nothing."""
+        settings = self.to_json() | {"decode": self.decode.output_defining()}
+        # the model is defined by its bundle's sha256 (recorded beside), not by the path that named it
+        for name in ("output", "model", "batch_size", "actors", "gpus_per_actor", "rows_per_file",
+                     "write_webdataset", "overwrite"):
             settings.pop(name)
         return settings

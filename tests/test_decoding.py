@@ -152,6 +152,17 @@ def test_bf16_runs_every_method(tokenizer, method, extra):
     assert all(len(tokens) <= 5 for tokens in itertools.chain.from_iterable(result))
 
 
+def test_only_the_settings_a_method_uses_define_its_output():
+    greedy = DecodeSettings(max_new_tokens=7)
+    assert DecodeSettings(max_new_tokens=7, seed=3, temperature=2.0, beam_width=9).output_defining() == \
+        greedy.output_defining() == {"method": "greedy", "max_new_tokens": 7}
+    sample = DecodeSettings(method="sample", seed=3)
+    assert sample.output_defining() != DecodeSettings(method="sample", seed=4).output_defining()
+    assert sample.output_defining() == DecodeSettings(method="sample", seed=3, beam_width=9).output_defining()
+    assert DecodeSettings(method="beam", beam_width=3).output_defining() != \
+        DecodeSettings(method="beam", beam_width=4).output_defining()
+
+
 def test_invalid_settings_are_refused():
     for bad in ({"method": "nucleus"}, {"max_new_tokens": 0}, {"method": "beam", "beam_width": 2,
                                                                 "num_candidates": 3}, {"top_p": 0},

@@ -176,6 +176,9 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
             "decode": DecodeSettings(max_new_tokens=4)}
     first = run(RunConfig(**base))
     assert run(RunConfig(**base, batch_size=7)) == first  # speed knobs do not change the run
+    # nor do settings greedy decoding ignores, or another path to the same bundle
+    ignored = DecodeSettings(max_new_tokens=4, seed=5, temperature=0.7, beam_width=2)
+    assert run(RunConfig(**{**base, "decode": ignored, "model": f"{tiny_bundle}/"})) == first
     with pytest.raises(UsageError, match=r"different configuration \(decode\)"):
         run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}))
     again = run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}, overwrite=True))
