@@ -175,7 +175,8 @@ def peak_rss_mb() -> float:
 
 
 class StagingSink(Datasink):
-    """Writes each block of model-stage output as one atomic Parquet part under _staging/."""
+    """Writes model-stage output as atomic Parquet parts of at most `rows_per_part` rows under _staging/
+    (Ray hands it blocks of at least that many rows, where the run has them)."""
 
     def __init__(self, output_url: str, rows_per_part: int):
         self.output_url = output_url
@@ -191,10 +192,11 @@ class StagingSink(Datasink):
         names = []
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-            if table.num_rows == 0:
-                continue
-            names.append(part_name(table.column("source").to_pylist(), table.column("index").to_pylist()))
-            output.write_parquet(table, STAGING, names[-1])
+            # a block holds a whole shard's rows: parts of at most rows_per_part, each named by its own samples
+            for start in range(0, table.num_rows, self.rows_per_part):
+                part = table.slice(start, self.rows_per_part)
+                names.append(part_name(part.column("source").to_pylist(), part.column("index").to_pylist()))
+                output.write_parquet(part, STAGING, names[-1])
         return names
 
     def on_write_complete(self, write_result: WriteResult[list[str]]) -> None:

@@ -192,6 +192,16 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
     assert run(RunConfig(**newer, overwrite=True))["counts"]["rows"] == 5
 
 
+def test_parts_hold_at_most_rows_per_file_rows(ray_local, tiny_bundle, tmp_path):
+    """A shard is one block of model output; its rows are still split into parts of --rows-per-file."""
+    _tar_corpus(tmp_path / "in", shards=1, per_shard=7)
+    run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                  decode=DecodeSettings(max_new_tokens=4), rows_per_file=3))
+    sizes = sorted(pq.read_metadata(path).num_rows for path in (tmp_path / "out" / "captions").glob("*.parquet"))
+    assert sizes == [1, 3, 3]
+    assert sorted(_read(tmp_path / "out" / "captions").column("key").to_pylist()) == [f"000{i:04d}" for i in range(7)]
+
+
 def test_an_attempt_that_staged_nothing_binds_no_later_command(ray_local, tiny_bundle, tmp_path):
     """A command refused after the output was claimed (no actor fits, say) staged only its settings: the
     corrected command starts, where it used to be refused as 'a different configuration'."""
