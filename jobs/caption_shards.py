@@ -12,13 +12,14 @@ import sys
 import _bootstrap  # noqa: F401
 import click
 
+from pipeline.cli import OneLineErrors
 from pipeline.config import DTYPES, METHODS, ActorRange, DecodeSettings, RunConfig
 from pipeline.filtering import FilterSettings
 from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--input", "inputs", multiple=True, required=True,
               help="Shard path, glob, brace range or fsspec URL (.tar, .parquet, or a directory). Repeatable.")
 @click.option("--output", required=True, help="Output directory (local path or fsspec URL).")

@@ -20,6 +20,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from pipeline.caption_files import TEST_SPLITS, find_caption_files, is_caption_file, read_caption_file
+from pipeline.cli import OneLineErrors
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, DecodeSettings
 from pipeline.evaluation import EvaluationError, evaluate, format_table
 from pipeline.models.bundle import load_bundle
@@ -27,7 +28,7 @@ from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError, expand_inputs, read_samples
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", required=True, help="Model bundle directory, or 'demo' for the embedded bundle.")
 @click.option("--data", "data", multiple=True, required=True,
               help="Shard path, glob, brace range or fsspec URL (as caption_shards --input), or a caption file "

@@ -12,11 +12,12 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import click
 
+from pipeline.cli import OneLineErrors
 from pipeline.models.clipcap_import import import_clipcap
 from pipeline.models.errors import ModelLoadError
 
 
-@click.command()
+@click.command(cls=OneLineErrors)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--lm", required=True, help="Hugging Face causal LM: hub name or local directory.")
 @click.option("--clip", required=True,

@@ -10,33 +10,17 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import _bootstrap  # noqa: F401
 import click
 
+from pipeline.cli import OneLineErrors
 from pipeline.demo_world import FORMATS, write_corpus
 
 _SIZE = re.compile(r"(\d+)x(\d+)")
 MIN_SIDE, MAX_SIDE = 16, 4096
-
-
-class _OneLineErrors(click.Command):
-    """Reports a usage error as one `error: ...` line on stderr instead of click's usage block."""
-
-    def main(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.pop("standalone_mode", None)
-        try:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as exc:
-            click.echo(f"error: {exc.format_message()}", err=True)
-            sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("error: aborted", err=True)
-            sys.exit(1)
 
 
 def _parse_size(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -53,7 +37,7 @@ def _parse_formats(ctx: click.Context, param: click.Parameter, value: str) -> tu
     return formats
 
 
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--train", type=click.IntRange(min=0), default=1000, show_default=True, help="Training samples.")

@@ -13,10 +13,11 @@ import sys
 import _bootstrap  # noqa: F401
 import click
 
+from pipeline.cli import OneLineErrors
 from pipeline.report import ReportError, build_report, write_report
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("output")
 @click.option("--input", "inputs", multiple=True,
               help="Where the run's inputs are now (default: the run's own --input). Repeatable.")

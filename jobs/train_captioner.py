@@ -25,6 +25,7 @@ import _bootstrap  # noqa: F401
 import click
 import torch
 
+from pipeline.cli import OneLineErrors
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.clip import SCHEMAS, ClipSpec, create_clip
@@ -143,7 +144,7 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
-@click.command()
+@click.command(cls=OneLineErrors)
 @click.option("--data", "--captions", "data", multiple=True,
               help="Images + Turkish captions: WebDataset/Parquet/folder, or a caption file (COCO captions JSON, "
               "Karpathy split JSON, JSON Lines). Repeatable.")

@@ -13,13 +13,14 @@ import sys
 import _bootstrap  # noqa: F401
 import click
 
+from pipeline.cli import OneLineErrors
 from pipeline.sources import InputError
 from pipeline.verify import VerifyUsageError, verify
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("output", required=False)
 @click.option("--input", "inputs", multiple=True,
               help="The run's --input specs; when given, captions/ must hold exactly their keys. Repeatable.")

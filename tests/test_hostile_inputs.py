@@ -353,7 +353,7 @@ def test_impossible_values_are_one_usage_line_before_torch_or_ray_load(option, t
               "    print(exc.code, 'torch' in sys.modules, 'ray' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.stdout.split() == ["2", "False", "False"], result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.strip().splitlines()[-1].startswith("Error: ")
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
 
 
 def test_gpu_actors_on_a_local_ray_without_gpus_are_one_usage_line(ray_local, tiny_bundle, tmp_path):
