@@ -85,13 +85,14 @@ def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, cli
 
 def _claim_run_directory(out: Path, config: TrainConfig) -> None:
     """A rerun resumes from the checkpoints only under the same settings (more epochs excepted): the
-    checkpoints of other data or models would be resumed silently, against a tokenizer trained anew."""
+    checkpoints of other data or models would be resumed silently, against a tokenizer trained anew. A run
+    that stopped before its first checkpoint (a typo in --data) binds nothing."""
     settings = json.loads(json.dumps({k: v for k, v in config.to_json().items() if k not in RESUMABLE_SETTINGS}))
     recorded_file = out / "work" / "settings.json"
     if recorded_file.is_file():
         recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
-        if changed:
+        if changed and any((out / "checkpoints").glob("*")):  # a run that saved nothing binds nothing
             raise ValueError(f"{out} holds a training run with other settings ({', '.join(changed)}); "
                              "use another --out (only more epochs resume a run)")
     recorded_file.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from pipeline.decoding import decode_texts, generate
 from pipeline.demo_world import write_corpus
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import load_bundle
+from pipeline.sources import InputError
 from pipeline.training import (
     CLIPCAP_LR,
     MAX_LISTED_SKIPS,
@@ -218,6 +219,8 @@ def _silent(*args, **kwargs):
 def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     write_corpus(tmp_path / "corpus", seed=3, counts={"train": 48}, size=(32, 32), formats=("webdataset",))
     data = (str(tmp_path / "corpus" / "train" / "*.tar"),)
+    with pytest.raises(InputError):  # a typo in --data: the corrected command must still start in this --out
+        train(_config(tmp_path / "run", data=(str(tmp_path / "corpus" / "tran" / "*.tar"),)))
     first = train(_config(tmp_path / "run", data=data))
     assert len(first["clip_losses"]) == 1 and len(first["caption_losses"]) == 1
     # the GPT-2 trained from scratch gets the from-scratch rate, recorded in the run summary
