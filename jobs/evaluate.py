@@ -19,13 +19,13 @@ import click
 import torch
 from transformers.utils import logging as transformers_logging
 
-from pipeline.caption_files import TEST_SPLITS, find_caption_files, is_caption_file, read_caption_file
+from pipeline.caption_files import TEST_SPLITS, expand_labelled_inputs, read_labelled_inputs
 from pipeline.cli import OneLineErrors
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, DecodeSettings
 from pipeline.evaluation import EvaluationError, evaluate, format_table
 from pipeline.models.bundle import load_bundle
 from pipeline.models.errors import ModelLoadError
-from pipeline.sources import InputError, expand_inputs, read_samples
+from pipeline.sources import InputError
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,25 +53,21 @@ def main(model: str, data: tuple[str, ...], image_root: str | None, splits: tupl
                               top_p=0.9 if method == "sample" else 1.0, seed=seed)
     transformers_logging.disable_progress_bar()  # its weight-loading bar would bury the report and error lines
     try:
-        others = [spec for spec in data if not is_caption_file(spec)]
-        caption_files = find_caption_files([spec for spec in data if is_caption_file(spec)])
-        shards = expand_inputs(others) if others else []
+        caption_files, shards = expand_labelled_inputs(list(data))
         bundle = load_bundle(DEMO_BUNDLE if model == DEMO_MODEL else Path(model))
     except (InputError, ModelLoadError) as exc:
         _fail(str(exc))
-    room = bundle.captioner.max_caption_tokens()
-    if room is not None and max_new_tokens > room:
-        _fail(f"--max-new-tokens {max_new_tokens} exceeds the {room} positions the model's language model has "
-              "after its prefix")
+    try:
+        bundle.captioner.check_max_new_tokens(max_new_tokens)
+    except ValueError as exc:
+        _fail(str(exc))
     if json_path:
         try:  # before the long run, not after it
             json_path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             _fail(f"cannot write --json {json_path}: {exc}")
     bundle.to("cuda" if torch.cuda.is_available() else "cpu")
-    samples = itertools.islice(itertools.chain(
-        itertools.chain.from_iterable(read_caption_file(spec, image_root, splits) for spec in caption_files),
-        itertools.chain.from_iterable(read_samples(shard) for shard in shards)), limit)
+    samples = itertools.islice(read_labelled_inputs(caption_files, shards, image_root, splits), limit)
     try:
         report = evaluate(bundle, samples, settings, batch_size=batch_size, seed=seed, progress=True)
     except EvaluationError as exc:

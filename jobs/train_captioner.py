@@ -33,11 +33,11 @@ from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError
 from pipeline.text import describe_error
 from pipeline.training import (
-    MIN_CAPTION_TOKENS,
     Checkpoints,
     TrainConfig,
     build_captioner,
     build_custom_clip,
+    check_caption_room,
     embed_images,
     load_embedding_examples,
     load_examples,
@@ -105,9 +105,8 @@ def train(config: TrainConfig) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(config.out)
     work = out / "work"
-    if config.lm is None and config.lm_arch.n_positions - config.prefix_length < MIN_CAPTION_TOKENS:
-        raise ValueError(f"--prefix-length {config.prefix_length} leaves the small GPT-2's "
-                         f"{config.lm_arch.n_positions} positions too few for a caption")
+    if config.lm is None:  # the small GPT-2's positions are known now, before the CLIP stage
+        check_caption_room(config.lm_arch.n_positions - config.prefix_length, config.prefix_length)
     _claim_run_directory(out, config)
     checkpoints = Checkpoints(out / "checkpoints")
     summary: dict = {}

@@ -24,7 +24,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.sources import InputError, read_image_file, text_list
+from pipeline.sources import InputError, Shard, expand_inputs, read_image_file, read_samples, text_list
 from pipeline.text import one_line
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,23 @@ def find_caption_files(specs: list[str]) -> list[str]:
             raise InputError(f"no caption file matches {spec}")
         found += [match if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(match) for match in matches]
     return found
+
+
+def expand_labelled_inputs(specs: list[str]) -> tuple[list[str], list[Shard]]:
+    """The caption files and the shards among training or evaluation --data specs, both listed and
+    checked now, before any work (bad usage is one InputError)."""
+    others = [spec for spec in specs if not is_caption_file(spec)]
+    caption_files = find_caption_files([spec for spec in specs if is_caption_file(spec)])
+    return caption_files, expand_inputs(others) if others else []
+
+
+def read_labelled_inputs(caption_files: list[str], shards: list[Shard], image_root: str | None = None,
+                         splits: tuple[str, ...] = TRAIN_SPLITS) -> Iterator[dict]:
+    """Every sample record: the caption files' images, then the shards' samples."""
+    for spec in caption_files:
+        yield from read_caption_file(spec, image_root, splits)
+    for shard in shards:
+        yield from read_samples(shard)
 
 
 def read_caption_file(spec: str, image_root: str | None = None,

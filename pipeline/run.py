@@ -100,10 +100,10 @@ def run(config: RunConfig) -> dict[str, Any]:
         raise UsageError(f"--output {config.output} is a file, not a directory")
     shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)
     bundle = load_bundle(config.model_path)
-    room = bundle.captioner.max_caption_tokens()
-    if room is not None and config.decode.max_new_tokens > room:
-        raise UsageError(f"--max-new-tokens {config.decode.max_new_tokens} exceeds the {room} positions the "
-                         "model's language model has after its prefix")
+    try:
+        bundle.captioner.check_max_new_tokens(config.decode.max_new_tokens)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     embedding_dim = bundle.encoder.embed_dim
     decode_spec = DecodeSpec(encoder=bundle.encoder.image_spec,
                              scorer=None if bundle.scorer is bundle.encoder else bundle.scorer.image_spec)

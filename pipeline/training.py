@@ -9,7 +9,6 @@ or this project's own filtered output, whose stored embeddings skip the image en
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import logging
 import math
@@ -307,10 +306,16 @@ def build_captioner(config: TrainConfig, prefix_dim: int, tokenizer) -> PrefixCa
                                        clip_length=config.prefix_length)
     captioner = PrefixCaptioner(captioner_config, lm, tokenizer)
     room = captioner.max_caption_tokens()
-    if room is not None and room < MIN_CAPTION_TOKENS:
-        raise ValueError(f"the language model's {room + config.prefix_length} positions leave {room} for a caption "
-                         f"after a prefix of {config.prefix_length}; use a shorter --prefix-length")
+    if room is not None:
+        check_caption_room(room, config.prefix_length)
     return captioner
+
+
+def check_caption_room(room: int, prefix_length: int) -> None:
+    """ValueError when the `room` an LM has after a prefix cannot hold a caption."""
+    if room < MIN_CAPTION_TOKENS:
+        raise ValueError(f"a prefix of {prefix_length} leaves the language model {room} positions, too few for a "
+                         "caption; use a shorter --prefix-length")
 
 
 def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
@@ -343,7 +348,8 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     n = len(examples.captions)
     steps_per_epoch = max(1, n // config.caption_batch_size)
     total = steps_per_epoch * config.caption_epochs
-    max_tokens = captioner.max_caption_tokens() or 64
+    room = captioner.max_caption_tokens()
+    max_tokens = 64 if room is None else room
     generator = torch.Generator().manual_seed(config.seed + 1)
     rng = random.Random(config.seed + 1)
     losses = []
@@ -424,16 +430,12 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
 def _caption_records(specs: list[str], image_root: str | None = None
                      ) -> Iterator[tuple[bytes, list[str], list[str]]]:
     """(image bytes, reference captions, hard negative captions) from every kind of input."""
-    from pipeline.caption_files import find_caption_files, is_caption_file, read_caption_file
-    from pipeline.sources import expand_inputs, read_samples, record_metadata, reference_captions, text_list
+    from pipeline.caption_files import expand_labelled_inputs, read_labelled_inputs
+    from pipeline.sources import record_metadata, reference_captions, text_list
 
-    caption_files = find_caption_files([s for s in specs if is_caption_file(s)])
-    others = [s for s in specs if not is_caption_file(s)]
-    records = itertools.chain(
-        itertools.chain.from_iterable(read_caption_file(spec, image_root) for spec in caption_files),
-        itertools.chain.from_iterable(read_samples(shard) for shard in (expand_inputs(others) if others else [])))
+    caption_files, shards = expand_labelled_inputs(specs)
     unusable = 0
-    for record in records:
+    for record in read_labelled_inputs(caption_files, shards, image_root):
         meta = record_metadata(record)
         references = reference_captions(record, meta) if record["status"] == "ok" and record["image"] else []
         if references:
