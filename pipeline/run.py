@@ -344,7 +344,10 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
                                       batch_size=config.batch_size)
     dataset = dataset.map_batches(
         CaptionStage,
-        fn_constructor_kwargs={"bundle": ShippedBundle.of(config.model_path, bundle_sha256), "settings": config.decode,
+        # a Ray this process started is this one machine: its actors read the bundle in place, no copy needed
+        fn_constructor_kwargs={"bundle": ShippedBundle.of(config.model_path, bundle_sha256,
+                                                          ship=not _ray_started_here()),
+                               "settings": config.decode,
                                "dtype": config.dtype, "batch_size": config.batch_size, "embedding_dim": embedding_dim,
                                "metadata_json": metadata_json, "cpu_threads": cpu_threads,
                                # a CPU actor already uses its cores: decoding beside it would only make its

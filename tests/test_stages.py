@@ -23,6 +23,7 @@ from pipeline import model_stage, stages
 from pipeline.config import DecodeSettings
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import load_bundle, load_manifest
+from pipeline.models.errors import ModelLoadError
 
 POISON = 7
 
@@ -91,6 +92,21 @@ def test_an_actor_that_does_not_see_the_validated_bundle_loads_the_shipped_copy(
     (elsewhere / "bundle.json").write_text(json.dumps({**manifest, "name": "another"}))
     assert load_bundle(elsewhere).identity()["name"] == "another"
     assert replace(shipped, path=str(elsewhere)).load().identity()["name"] == manifest["name"]
+
+
+def test_without_a_shipped_copy_a_bundle_changed_since_validation_is_an_error(ray_local, tiny_bundle, tmp_path):
+    # a Ray the driver started itself gets no copy: its actors must find the very bundle the driver validated
+    unshipped = model_stage.ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"], ship=False)
+    assert unshipped.files is None
+    assert unshipped.load().identity()["sha256"] == load_manifest(tiny_bundle)["sha256"]
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_bundle, changed)
+    manifest = json.loads((changed / "bundle.json").read_text())
+    (changed / "bundle.json").write_text(json.dumps({**manifest, "name": "another"}))
+    with pytest.raises(ModelLoadError, match="changed since this run validated it: it is another bundle"):
+        replace(unshipped, path=str(changed)).load()
+    with pytest.raises(ModelLoadError, match="changed since this run validated it"):
+        replace(unshipped, path=str(tmp_path / "gone")).load()
 
 
 def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(stage, monkeypatch):
