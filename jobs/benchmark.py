@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
@@ -219,10 +221,12 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
 
 
 def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int, dtype: str,
-                 actors: int | None = None) -> dict:
-    """The whole job in this process, Ray started and stopped inside the measured time; on CPU the
-    model actors share the cores (one actor: all of them as its threads). None: the job's default,
-    `--actors auto`."""
+                 actors: int | None = None, running: bool = False) -> dict:
+    """The whole job in this process as a driver. By default it starts and stops Ray inside the measured
+    time (`python jobs/caption_shards.py` on a machine without a Ray); `running`: it connects to the
+    Ray that `running_ray` started, as a job `ray job submit` sends to a running head does (its
+    connecting is measured). On CPU the model actors share the cores (one actor: all of them as its
+    threads). None: the job's default, `--actors auto`."""
     import shutil
 
     import ray
@@ -232,6 +236,8 @@ def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
+    if running:
+        ray.init(address="auto", log_to_driver=True, configure_logging=False)
     summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(bundle_dir), batch_size=batch_size,
                             dtype=dtype, decode=DecodeSettings(max_new_tokens=20),
                             actors=actors and ActorRange(actors, actors)))
@@ -242,6 +248,22 @@ def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int
             "model_stage_images_per_s": rows / summary["timings"]["model_stage_s"],
             "actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"], "actors": summary["actors"]["max"],
             "timings": summary["timings"]}
+
+
+@contextmanager
+def running_ray() -> Iterator[float]:
+    """A Ray head on this machine, as `ray start --head` starts one for `ray job submit`; yields the
+    seconds it took to start, stops it at the end."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # Ray 2.60 turns token auth on for a head once any local ray.init() wrote a token: both sides use it
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    started = time.perf_counter()
+    subprocess.run([ray_cli, "start", "--head", f"--num-cpus={len(os.sched_getaffinity(0))}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        yield time.perf_counter() - started
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -383,8 +405,9 @@ def decoding(batch_size: int, max_new_tokens: int, reference_images: int, json_p
 def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None) -> None:
     """Bare in-process loop vs the full Ray pipeline on the same real-size model and 640x480 JPEGs;
     dtype and batch-size variants of the bare loop; time per stage; actor memory. The pipeline runs
-    as the job does by default (`--actors auto`), and also with one model actor on all cores when
-    that default is more than one."""
+    as the job does by default (`--actors auto`): as plain `python` (Ray started inside the measured time),
+    and on a running Ray head (as `ray job submit` runs it; the head's start is reported apart); also with
+    one model actor on all cores when that default is more than one."""
     bundle_dir = real_size_bundle(workdir / "bundle")
     inputs = photo_corpus(workdir / "corpus", images, shards=max(4, -(-images // 400)))
     shards = sorted(str(path) for path in Path(inputs).parent.glob("*.tar"))
@@ -406,16 +429,21 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     if result["ray"]["actors"] > 1:
         result["ray_one_actor"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", 1)
         result["ray_one_actor_over_bare"] = result["ray_one_actor"]["images_per_s"] / result["bare"]["images_per_s"]
-    # Steady state: both again on the first half of the shards; the second half's images over the
-    # difference in wall time cancels each side's fixed start-up cost (model load; Ray, actor start).
+    # Steady state: each again on the first half of the shards; the second half's images over the
+    # difference in wall time cancels each side's fixed start-up cost (model load; actors starting).
     half_shards = shards[: len(shards) // 2]
     half_images = result["bare"]["images"] * len(half_shards) // len(shards)
     result["bare_half"] = bare_loop(bundle_dir, inputs, batch_size, dtype, limit=half_images)
-    result["ray_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, "auto")
-    rest = result["ray"]["images"] - result["ray_half"]["images"]
+    with running_ray() as start_s:
+        result["ray_start_s"] = start_s
+        result["ray_running"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", running=True)
+        result["ray_running_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, "auto",
+                                                  running=True)
+    result["ray_running_over_bare"] = result["ray_running"]["images_per_s"] / result["bare"]["images_per_s"]
+    rest = result["ray_running"]["images"] - result["ray_running_half"]["images"]
     result["steady_images_per_s"] = {
         "bare": rest / (result["bare"]["wall_s"] - result["bare_half"]["wall_s"]),
-        "ray": rest / (result["ray"]["wall_s"] - result["ray_half"]["wall_s"])}
+        "ray": rest / (result["ray_running"]["wall_s"] - result["ray_running_half"]["wall_s"])}
     result["ray_over_bare_steady"] = result["steady_images_per_s"]["ray"] / result["steady_images_per_s"]["bare"]
     peak = result["matmul_gflops"][_dtype_name(dtype)] * 1e9
 
@@ -432,9 +460,12 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
     click.echo(f"{'measure':<44}{'value':>12}")
     for label, value in [*((f"bare loop {k} (images/s)", v) for k, v in variants.items()),
                          ("bare loop, full corpus (images/s)", result["bare"]["images_per_s"]),
-                         (f"Ray pipeline, {result['ray']['actors']} actor(s) (images/s)",
+                         (f"Ray pipeline, {result['ray']['actors']} actor(s), Ray started (images/s)",
                           result["ray"]["images_per_s"]),
-                         ("Ray / bare", result["ray_over_bare"]),
+                         ("Ray started / bare", result["ray_over_bare"]),
+                         ("Ray's start (ray start --head, s)", result["ray_start_s"]),
+                         ("Ray pipeline on a running Ray (images/s)", result["ray_running"]["images_per_s"]),
+                         ("Ray on a running Ray / bare", result["ray_running_over_bare"]),
                          *([("Ray pipeline, 1 actor (images/s)", result["ray_one_actor"]["images_per_s"]),
                             ("Ray with 1 actor / bare", result["ray_one_actor_over_bare"])]
                            if "ray_one_actor" in result else []),
