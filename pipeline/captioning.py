@@ -5,6 +5,7 @@ Plain PyTorch: the Ray model stage and the benchmarks' bare loop both call `capt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,15 +27,17 @@ class CaptionedBatch:
 
 @torch.inference_mode()
 def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings,
-                  scorer_pixels: torch.Tensor | None = None) -> CaptionedBatch:
+                  scorer_pixels: torch.Tensor | None = None, sample_seeds: Sequence[int] | None = None,
+                  ) -> CaptionedBatch:
     """uint8 (B, H, W, 3) images at the encoder's input size -> captions, scores and embeddings.
 
     `scorer_pixels` are the same images at the scorer's input size, needed only when the scorer is
-    a different model with a different input size.
+    a different model with a different input size. `sample_seeds`: one per image for sampling
+    (`decoding.seeds_for` of the samples' keys), so an image's captions do not depend on its batch.
     """
     features = bundle.encoder.encode_images(pixels, normalize=False)
     embeddings = F.normalize(features, dim=-1)
-    token_lists = generate(bundle.captioner, bundle.captioner.prefix(features), settings)
+    token_lists = generate(bundle.captioner, bundle.captioner.prefix(features), settings, sample_seeds)
     per_image = [len(candidates) for candidates in token_lists]
     texts = decode_texts(bundle.captioner, [tokens for candidates in token_lists for tokens in candidates])
     if bundle.scorer is bundle.encoder:

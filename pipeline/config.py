@@ -39,7 +39,7 @@ class DecodeSettings:
         if self.method == "greedy" and self.num_candidates > 1:
             raise ValueError("greedy decoding gives one caption per image: --num-candidates needs --decode beam "
                              "or sample")
-        if not -(2**63) <= self.seed < 2**63:  # what torch.Generator.manual_seed takes, either sign
+        if not -(2**63) <= self.seed < 2**63:  # a 64-bit seed, either sign
             raise ValueError(f"--seed must lie in [-2**63, 2**63), got {self.seed}")
         if self.method == "beam" and self.num_candidates > self.beam_width:
             raise ValueError(f"num_candidates ({self.num_candidates}) exceeds beam_width ({self.beam_width})")

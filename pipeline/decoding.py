@@ -8,8 +8,11 @@ them into clean Turkish text.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -19,15 +22,59 @@ from pipeline.text import clean_caption
 
 
 @torch.inference_mode()
-def generate(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeSettings) -> list[list[list[int]]]:
-    """(B, L, E) prefixes -> for each image, its candidates' token ids (best first for beam)."""
+def generate(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeSettings,
+             sample_seeds: Sequence[int] | None = None) -> list[list[list[int]]]:
+    """(B, L, E) prefixes -> for each image, its candidates' token ids (best first for beam).
+
+    Sampling draws from one random stream per image and candidate, seeded by `sample_seeds` (one per
+    image, see `seeds_for`; default: the settings' seed and the image's place in the batch), so an
+    image gets the same draws in any batch it is captioned in."""
     stop_ids = captioner.stop_token_ids()
     if settings.method == "beam":
         return _beam_search(captioner, prefix, settings, stop_ids)
+    batch = prefix.shape[0]
     n = settings.num_candidates if settings.method == "sample" else 1
-    choose = _greedy_choice if settings.method == "greedy" else _sampler(settings, prefix.device)
+    if settings.method == "greedy":
+        choose = _greedy_choice
+    else:
+        seeds = seeds_for(settings.seed, [str(i) for i in range(batch)]) if sample_seeds is None else sample_seeds
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} sample seeds for {batch} images")
+        choose = _sampler(settings, _streams(seeds, n))
     rows = _decode_rows(captioner, prefix.repeat_interleave(n, dim=0), settings.max_new_tokens, stop_ids, choose)
-    return [rows[i * n:(i + 1) * n] for i in range(prefix.shape[0])]
+    return [rows[i * n:(i + 1) * n] for i in range(batch)]
+
+
+def seeds_for(seed: int, keys: Sequence[str]) -> list[int]:
+    """One 64-bit sampling seed per sample, from the run's seed and the sample's key."""
+    return [int.from_bytes(hashlib.blake2b(f"{seed}\0{key}".encode("utf-8", "surrogatepass"),
+                                           digest_size=8).digest(), "little") for key in keys]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(state: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function: a counter-based generator, so draw number t of a stream is
+    computed directly (no generator object per stream, no state carried between steps)."""
+    with np.errstate(over="ignore"):
+        state = (state ^ (state >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        state = (state ^ (state >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return state ^ (state >> np.uint64(31))
+
+
+def _streams(seeds: Sequence[int], candidates: int) -> np.ndarray:
+    """(B * candidates,) stream keys, image-major as the rows `generate` decodes."""
+    with np.errstate(over="ignore"):
+        per_image = np.asarray(seeds, dtype=np.uint64)[:, None]
+        return _splitmix64(per_image + _GOLDEN * np.arange(1, candidates + 1, dtype=np.uint64)).reshape(-1)
+
+
+def _uniforms(streams: np.ndarray, step: int) -> np.ndarray:
+    """Draw `step` of each stream, uniform in [0, 1) on a 2^-24 grid (exact in float32)."""
+    with np.errstate(over="ignore"):
+        bits = _splitmix64(streams + _GOLDEN * np.uint64(step + 1)) >> np.uint64(40)
+    return bits.astype(np.float32) * np.float32(2.0**-24)
 
 
 def decode_texts(captioner: PrefixCaptioner, token_lists: list[list[int]]) -> list[str]:
@@ -93,16 +140,14 @@ def _step(captioner: PrefixCaptioner, embeds: torch.Tensor, cache: Cache) -> tor
     return captioner.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
-def _greedy_choice(logits: torch.Tensor) -> torch.Tensor:
+def _greedy_choice(logits: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
     # In the model's own dtype: float32 copies of bf16 logits hold the same values, and making them took
     # 12 ms a step at batch 256 here. max's indices are argmax's (the first maximum on ties), ~4x faster.
     return logits.max(dim=-1).indices
 
 
-def _sampler(settings: DecodeSettings, device: torch.device):
-    generator = torch.Generator(device=device).manual_seed(settings.seed)
-
-    def choose(logits: torch.Tensor) -> torch.Tensor:
+def _sampler(settings: DecodeSettings, streams: np.ndarray):
+    def choose(logits: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
         logits = logits.float() / settings.temperature
         if settings.top_k:
             kth = logits.topk(min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -113,7 +158,12 @@ def _sampler(settings: DecodeSettings, device: torch.device):
             # drop a token once the mass before it already reaches top_p (the first token always stays)
             drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= settings.top_p
             logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        # inverse-CDF sampling: each row's own uniform picks the first token whose cumulative mass exceeds it
+        cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+        uniform = torch.from_numpy(_uniforms(streams[rows], step)).to(cdf.device)
+        picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        # rounding may put the threshold at the total: the last token of positive mass, never a masked one
+        return torch.minimum(picks, cdf.argmax(dim=-1))
 
     return choose
 
@@ -129,7 +179,7 @@ def _decode_rows(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_token
     outputs: list[list[int]] = [[] for _ in range(prefix.shape[0])]
     live = list(range(prefix.shape[0]))
     for step in range(max_new_tokens):
-        tokens = choose(logits)
+        tokens = choose(logits, live, step)
         finished = torch.isin(tokens, stops)
         for row, token, done in zip(live, tokens.tolist(), finished.tolist(), strict=True):
             if not (done and token == eos):

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
+from pipeline.decoding import seeds_for
 from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
@@ -163,7 +164,10 @@ class CaptionStage:
             tensors = {name: torch.from_numpy(array[rows]) for name, array in pixels.items()}
             if self.device.type == "cuda":
                 tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
-            captioned = caption_batch(self.bundle, tensors["pixels"], self.settings, tensors.get("scorer_pixels"))
+            # each sample draws from its own stream: its captions do not depend on the rows batched with it
+            seeds = seeds_for(self.settings.seed, [keys[i] for i in rows])
+            captioned = caption_batch(self.bundle, tensors["pixels"], self.settings, tensors.get("scorer_pixels"),
+                                      seeds)
         except Exception as exc:  # any model failure must turn into rows, not a lost batch
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_captioner
 
 from pipeline.config import DecodeSettings
-from pipeline.decoding import decode_texts, generate, reference_clipcap_generate
+from pipeline.decoding import decode_texts, generate, reference_clipcap_generate, seeds_for
 
 
 def _prefixes(captioner, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -119,6 +119,37 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(tokenizer):
     top1 = generate(captioner, prefix, DecodeSettings(method="sample", num_candidates=2, top_k=1,
                                                       max_new_tokens=8))
     assert all(candidates == [g[0], g[0]] for candidates, g in zip(top1, greedy, strict=True))
+
+
+def test_a_sampled_image_draws_the_same_in_any_batch(tokenizer):
+    # the draws follow the sample (its seed), not its place in a batch: a resumed run or another
+    # batching repeats a seeded run's captions
+    captioner = tiny_captioner(tokenizer).double()
+    prefix = _prefixes(captioner, 5)
+    settings = DecodeSettings(method="sample", num_candidates=2, max_new_tokens=8, temperature=2.0, seed=3)
+    seeds = seeds_for(settings.seed, ["a", "b", "c", "d", "e"])
+    together = generate(captioner, prefix, settings, seeds)
+    alone = [generate(captioner, prefix[i:i + 1], settings, seeds[i:i + 1])[0] for i in range(5)]
+    order = [3, 0, 4, 2, 1]
+    shuffled = generate(captioner, prefix[order], settings, [seeds[i] for i in order])
+    assert together == alone and [together[i] for i in order] == shuffled
+    assert len({tuple(map(tuple, c)) for c in together}) > 1  # the streams differ between samples
+    assert seeds_for(4, ["a"]) != seeds_for(3, ["a"])
+    with pytest.raises(ValueError, match="2 sample seeds for 5 images"):
+        generate(captioner, prefix, settings, seeds[:2])
+
+
+def test_sampling_draws_each_token_at_its_probability():
+    from pipeline.decoding import _sampler, _streams
+
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05, 0.0])  # zero-mass tokens must never come up
+    rows = 20_000
+    choose = _sampler(DecodeSettings(method="sample", seed=0), _streams(seeds_for(0, [str(i) for i in range(rows)]), 1))
+    picks = choose(probs.log().expand(rows, -1), list(range(rows)), step=0)
+    frequencies = torch.bincount(picks, minlength=len(probs)) / rows
+    assert (frequencies - probs).abs().max() < 0.015, frequencies  # 4.5 sigma for p = 0.5
+    later = choose(probs.log().expand(rows, -1), list(range(rows)), step=1)
+    assert 0.3 < (later != picks).float().mean() < 0.9  # each step draws anew
 
 
 def test_top_p_keeps_only_the_nucleus(tokenizer):

@@ -109,6 +109,28 @@ def test_without_a_shipped_copy_a_bundle_changed_since_validation_is_an_error(ra
         replace(unshipped, path=str(tmp_path / "gone")).load()
 
 
+def test_a_seeded_sampled_caption_follows_its_sample_not_its_batch(ray_local, tiny_bundle):
+    # Ray Data batches rows as blocks arrive, and a resumed run batches the rest anew: with draws per
+    # batch, --seed repeated nothing; each sample now draws from its key's stream
+    settings = DecodeSettings(method="sample", num_candidates=2, temperature=3.0, max_new_tokens=6, seed=11)
+    shipped = model_stage.ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"], ship=False)
+
+    def captions(batch_size: int, order: list[int]) -> dict[str, str]:
+        actor = model_stage.CaptionStage(shipped, settings, "fp32", batch_size=batch_size, embedding_dim=24,
+                                         metadata_json="{}")
+        samples = _samples([_png(30 * i) for i in range(6)]).take(order)
+        out = actor(stages.decode_batch(samples, stages.DecodeSpec(ImageSpec(size=32))))
+        return dict(zip(out.column("key").to_pylist(), out.column("caption").to_pylist(), strict=True))
+
+    whole = captions(6, list(range(6)))
+    assert captions(2, [5, 3, 1, 0, 2, 4]) == whole and len(set(whole.values())) > 1
+    other_seed = model_stage.CaptionStage(shipped, DecodeSettings(**{**settings.to_json(), "seed": 12}), "fp32",
+                                          batch_size=6, embedding_dim=24, metadata_json="{}")
+    out = other_seed(stages.decode_batch(_samples([_png(30 * i) for i in range(6)]),
+                                         stages.DecodeSpec(ImageSpec(size=32))))
+    assert out.column("caption").to_pylist() != list(whole.values())
+
+
 def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(stage, monkeypatch):
     real = model_stage.caption_batch
     calls = []
