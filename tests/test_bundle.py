@@ -114,6 +114,34 @@ def test_a_hand_edited_manifest_is_one_clear_error_and_reads_nothing_outside(bun
     assert "\n" not in str(info.value)
 
 
+def test_a_bundle_written_over_another_keeps_none_of_its_files(bundle_dir, tokenizer, tmp_path):
+    path, _, captioner = bundle_dir
+    clip, spec = tiny_clip(tokenizer, tmp_path / "src")
+    other_clip, other_spec = tiny_clip(tokenizer, tmp_path / "other", seed=3)
+    save_bundle(path, clip, spec, captioner, scorer=other_clip, scorer_spec=other_spec)
+    assert (path / "scorer.safetensors").is_file()
+    (path / "lm" / "model.safetensors.index.json").write_text("{}")  # a stale file from an earlier save
+    manifest = save_bundle(path, clip, spec, captioner, name="again")
+    assert not (path / "scorer.safetensors").exists() and not (path / "lm" / "model.safetensors.index.json").exists()
+    assert sorted(manifest["files"]) == sorted(str(f.relative_to(path)) for f in path.rglob("*")
+                                               if f.is_file() and f.name != BUNDLE_FILE)
+    assert load_bundle(path).identity()["name"] == "again"
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # nothing left beside it
+
+
+def test_a_bundle_is_not_written_into_a_folder_of_other_files(bundle_dir, tokenizer, tmp_path):
+    captioner = bundle_dir[2]
+    clip, spec = tiny_clip(tokenizer, tmp_path / "src")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(ModelLoadError, match="exists and is not a model bundle"):
+        save_bundle(folder, clip, spec, captioner)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    assert save_bundle(tmp_path / "empty", clip, spec, captioner)["name"] == "empty"
+
+
 @pytest.mark.parametrize("content", [None, "{not json", json.dumps({"format": "other"})])
 def test_not_a_bundle(tmp_path, content):
     if content is not None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import shutil
+import uuid
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -60,12 +62,38 @@ def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, ca
                 name: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Write a complete, self-contained bundle; returns its manifest (the bundle.json content).
     `dtype` is the storage type of floating weights (fp16 halves the size); loading always
-    gives float32 models, so a run picks its compute dtype itself."""
+    gives float32 models, so a run picks its compute dtype itself.
+
+    The bundle is written beside `path` and then replaces it: written into an earlier bundle, that
+    bundle's files stayed (an LM once saved in shards left its shard index, which transformers loads
+    first) and were hashed into the new one. `path` must be new, empty or an earlier bundle."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not (path / BUNDLE_FILE).is_file() and (not path.is_dir() or any(path.iterdir())):
+        raise ModelLoadError(f"{path} exists and is not a model bundle: write a bundle to a new or empty "
+                             "directory, or over an earlier bundle")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writing = path.with_name(f".{path.name}.writing-{uuid.uuid4().hex[:8]}")
+    writing.mkdir()
+    try:
+        _write_bundle(writing, name or path.name, encoder, encoder_spec, captioner, scorer, scorer_spec, dtype)
+    except BaseException:
+        shutil.rmtree(writing, ignore_errors=True)
+        raise
+    if path.exists():
+        replaced = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:8]}")
+        path.rename(replaced)
+        writing.rename(path)
+        shutil.rmtree(replaced)
+    else:
+        writing.rename(path)
+    return load_manifest(path)
+
+
+def _write_bundle(path: Path, name: str, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
+                  scorer: ClipModel | None, scorer_spec: ClipSpec | None, dtype: torch.dtype) -> None:
     manifest: dict[str, Any] = {
         "format": FORMAT,
-        "name": name or path.name,
+        "name": name,
         "encoder": _save_clip(path, "encoder", encoder, encoder_spec, dtype),
         "captioner": {**captioner.config.to_json(), "weights": "mapper.safetensors", "language_model": LM_DIR},
     }
@@ -82,9 +110,7 @@ def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, ca
         str(file.relative_to(path)): _sha256(file)
         for file in sorted(path.rglob("*")) if file.is_file() and file.name != BUNDLE_FILE
     }
-    text = json.dumps(manifest, indent=2, ensure_ascii=False)
-    (path / BUNDLE_FILE).write_text(text, encoding="utf-8")
-    return load_manifest(path)
+    (path / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:
