@@ -145,7 +145,8 @@ class Checkpoints:
         root.mkdir(parents=True, exist_ok=True)
 
     def save(self, stage: str, epoch: int, modules: dict[str, torch.nn.Module],
-             optimizer: torch.optim.Optimizer) -> None:
+             optimizer: torch.optim.Optimizer, losses: list[float | None]) -> None:
+        """`losses`: the stage's mean loss of every epoch so far, so a resumed run reports its whole history."""
         final = self.root / f"{stage}-{epoch:04d}"
         temporary = self.root / f".tmp-{stage}-{epoch:04d}"
         shutil.rmtree(temporary, ignore_errors=True)
@@ -155,22 +156,27 @@ class Checkpoints:
         torch.save(optimizer.state_dict(), temporary / "optimizer.pt")
         # batch order and caption choice are re-seeded per epoch; only torch's global RNG (dropout) carries
         torch.save({"torch": torch.get_rng_state()}, temporary / "rng.pt")
+        (temporary / "losses.json").write_text(json.dumps(losses))
         shutil.rmtree(final, ignore_errors=True)
         temporary.rename(final)
         for old in sorted(self.root.glob(f"{stage}-*"))[:-1]:
             shutil.rmtree(old)
 
-    def resume(self, stage: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> int:
-        """Load the newest checkpoint of a stage; returns the number of epochs it completed (0: none)."""
+    def resume(self, stage: str, modules: dict[str, torch.nn.Module],
+               optimizer: torch.optim.Optimizer) -> list[float | None]:
+        """Load the newest checkpoint of a stage; returns the mean loss of each epoch it completed (none:
+        no checkpoint; None for an epoch whose loss a checkpoint of an earlier version did not record)."""
         found = sorted(self.root.glob(f"{stage}-*"))
         if not found:
-            return 0
+            return []
         path = found[-1]
         for name, module in modules.items():
             load_state(module, torch.load(path / f"{name}.pt", weights_only=True), str(path / f"{name}.pt"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-        return int(path.name.rsplit("-", 1)[1])
+        epochs = int(path.name.rsplit("-", 1)[1])
+        history = path / "losses.json"
+        return json.loads(history.read_text()) if history.is_file() else [None] * epochs
 
 
 def seed_everything(seed: int) -> None:
@@ -237,19 +243,18 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
 
 
 def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
-               progress: Callable[..., Any] = tqdm) -> list[float]:
+               progress: Callable[..., Any] = tqdm) -> list[float | None]:
     """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
     negative caption per image when the data provides them."""
     model = clip.clip.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1, fused=True)
-    start = checkpoints.resume("clip", {"clip": model}, optimizer)
+    losses = checkpoints.resume("clip", {"clip": model}, optimizer)
     n = len(examples.captions)
     steps_per_epoch = max(1, n // config.clip_batch_size)
     total = steps_per_epoch * config.clip_epochs
     generator = torch.Generator().manual_seed(config.seed)
     rng = random.Random(config.seed)
-    losses = []
-    for epoch in range(start, config.clip_epochs):
+    for epoch in range(len(losses), config.clip_epochs):
         generator.manual_seed(config.seed * 1000 + epoch)
         rng.seed(config.seed * 1000 + epoch)
         bar = progress(list(_batches(n, config.clip_batch_size, generator)), desc=f"clip epoch {epoch + 1}",
@@ -273,7 +278,7 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
         log.info("clip epoch %d/%d loss %.4f", epoch + 1, config.clip_epochs, losses[-1])
-        checkpoints.save("clip", epoch + 1, {"clip": model}, optimizer)
+        checkpoints.save("clip", epoch + 1, {"clip": model}, optimizer, losses)
     model.eval()
     return losses
 
@@ -336,15 +341,16 @@ def _pad(tokenizer, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
-                    progress: Callable[..., Any] = tqdm) -> list[float]:
-    """Stage 2: next-token loss on caption tokens, the CLIP embedding (frozen) as the only input."""
+                    progress: Callable[..., Any] = tqdm) -> list[float | None]:
+    """Stage 2: next-token loss on caption tokens, the CLIP embedding (frozen) as the only input.
+    Returns the mean loss of every epoch, those of a resumed checkpoint included."""
     if config.freeze_lm:
         captioner.lm.requires_grad_(False)
     trainable = [p for p in captioner.parameters() if p.requires_grad]
     peak_lr = config.caption_peak_lr()
     optimizer = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.01, fused=True)
     modules = {"mapper": captioner.mapper} if config.freeze_lm else {"mapper": captioner.mapper, "lm": captioner.lm}
-    start = checkpoints.resume("captioner", modules, optimizer)
+    losses = checkpoints.resume("captioner", modules, optimizer)
     n = len(examples.captions)
     steps_per_epoch = max(1, n // config.caption_batch_size)
     total = steps_per_epoch * config.caption_epochs
@@ -352,8 +358,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     max_tokens = 64 if room is None else room
     generator = torch.Generator().manual_seed(config.seed + 1)
     rng = random.Random(config.seed + 1)
-    losses = []
-    for epoch in range(start, config.caption_epochs):
+    for epoch in range(len(losses), config.caption_epochs):
         captioner.mapper.train()
         captioner.lm.train(not config.freeze_lm)
         generator.manual_seed(config.seed * 1000 + epoch + 1)
@@ -376,7 +381,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
         log.info("caption epoch %d/%d loss %.4f", epoch + 1, config.caption_epochs, losses[-1])
-        checkpoints.save("captioner", epoch + 1, modules, optimizer)
+        checkpoints.save("captioner", epoch + 1, modules, optimizer, losses)
     captioner.eval()
     return losses
 

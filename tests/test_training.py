@@ -233,9 +233,13 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
                           DecodeSettings(max_new_tokens=5))
     assert len(decode_texts(bundle.captioner, [t[0] for t in tokens])) == 2
 
-    # a longer schedule on the same run directory resumes: no CLIP epoch again, one new caption epoch
+    # a longer schedule on the same run directory resumes: no CLIP epoch again, one new caption epoch;
+    # its summary keeps the whole loss history, the resumed epochs' losses included
     resumed = train(_config(tmp_path / "run", data=data, caption_epochs=2))
-    assert resumed["clip_losses"] == [] and len(resumed["caption_losses"]) == 1
+    assert resumed["clip_losses"] == first["clip_losses"]
+    assert len(resumed["caption_losses"]) == 2 and resumed["caption_losses"][0] == first["caption_losses"][0]
+    assert json.loads((tmp_path / "run" / "train_summary.json").read_text())["caption_losses"] == \
+        resumed["caption_losses"]
 
     # stage 2 from a pipeline output: image_embedding + caption columns, encoder taken from the bundle
     dim = bundle.encoder.embed_dim
