@@ -9,6 +9,7 @@ them into clean Turkish text.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,8 +81,12 @@ def _uniforms(streams: np.ndarray, step: int) -> np.ndarray:
 def decode_texts(captioner: PrefixCaptioner, token_lists: list[list[int]]) -> list[str]:
     texts = captioner.tokenizer.batch_decode(token_lists, skip_special_tokens=True,
                                              clean_up_tokenization_spaces=False)
-    # a byte-level BPE cut at max_new_tokens inside a multi-byte letter (ş, ğ) leaves U+FFFD
-    return [clean_caption(text.rstrip("\ufffd")) for text in texts]
+    return [clean_caption(_NOT_TEXT.sub("", text)) for text in texts]
+
+
+# Bytes of a byte-level BPE that form no UTF-8 letter decode as U+FFFD: a two-byte letter (ş, ğ) cut at
+# max_new_tokens, or any byte sampled at a high temperature; control characters are no caption text either.
+_NOT_TEXT = re.compile("[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 class _InPlaceLayer(DynamicLayer):

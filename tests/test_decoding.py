@@ -173,6 +173,18 @@ def test_decode_texts_are_clean_nfc_without_special_tokens(tokenizer):
     assert unicodedata.is_normalized("NFC", text)
 
 
+def test_decode_texts_drop_bytes_that_are_no_text(tokenizer):
+    # a byte-level BPE can emit half of a two-byte letter anywhere when sampling (U+FFFD once decoded)
+    # and control characters; neither is caption text
+    captioner = tiny_captioner(tokenizer)
+    half_s = tokenizer.convert_tokens_to_ids(["Å"])  # the byte-level symbol of 0xC5, ş's first byte
+    bell = tokenizer.convert_tokens_to_ids(tokenizer.tokenize("\x07"))
+    assert tokenizer.decode(half_s) == "\ufffd" and len(bell) == 1
+    ids = [*tokenizer.encode("bir", add_special_tokens=False), *half_s, *bell,
+           *tokenizer.encode(" kedi", add_special_tokens=False), *half_s]
+    assert decode_texts(captioner, [ids]) == ["bir kedi"]
+
+
 @pytest.mark.parametrize(("method", "extra"), [("greedy", {}), ("beam", {"beam_width": 3}),
                                                 ("sample", {"num_candidates": 2})])
 def test_bf16_runs_every_method(tokenizer, method, extra):
