@@ -26,6 +26,7 @@ import click
 import torch
 
 from pipeline.cli import OneLineErrors
+from pipeline.config import differing_keys
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.clip import SCHEMAS, ClipSpec, create_clip
@@ -53,14 +54,15 @@ RESUMABLE_SETTINGS = ("out", "clip_epochs", "caption_epochs")  # a rerun with mo
 
 
 def _encoder(config: TrainConfig):
-    """A pretrained encoder: a bundle directory's encoder, an open_clip ARCH[:WEIGHTS], or a transformers CLIP."""
+    """A pretrained encoder: a bundle directory's encoder, an open_clip ARCH[:WEIGHTS], or a transformers CLIP.
+    Returns the model, its spec and, from a bundle, the bundle.json entry that identifies it (else None)."""
     if config.clip and (Path(config.clip) / BUNDLE_FILE).is_file():
         bundle = load_bundle(config.clip)
         spec = ClipSpec(**{k: v for k, v in bundle.manifest["encoder"].items() if k in ClipSpec.__dataclass_fields__})
         if spec.weights and (Path(config.clip) / spec.weights).is_file():
             # a file of that bundle (an imported ClipCap's encoder.safetensors): the new bundle copies it in
             spec = replace(spec, weights=str(Path(config.clip) / spec.weights))
-        return bundle.encoder, spec, Path(config.clip)
+        return bundle.encoder, spec, bundle.manifest["encoder"]
     spec = ClipSpec.parse(config.clip)
     if spec.weights is None and not spec.arch.startswith(SCHEMAS) and "/" not in spec.arch \
             and not Path(spec.arch).is_dir():
@@ -69,18 +71,17 @@ def _encoder(config: TrainConfig):
     return create_clip(spec), spec, None
 
 
-def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip) -> None:
-    """The stored embeddings must come from the encoder the new bundle ships, or its captions are noise."""
+def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip, identity: dict | None) -> None:
+    """The stored embeddings must come from the encoder the new bundle ships, or its captions are noise.
+    `identity`: the encoder's bundle.json entry, where --clip is a bundle."""
     width = examples.embeddings.shape[1]
     if width != clip.embed_dim:
         raise ValueError(f"--embeddings-from holds {width}-d embeddings, but --clip {config.clip} makes "
                          f"{clip.embed_dim}-d ones: give the encoder that made them")
     made_by = metadata.get("encoder")
-    if made_by and (Path(config.clip) / BUNDLE_FILE).is_file():
-        ours = json.loads((Path(config.clip) / BUNDLE_FILE).read_text(encoding="utf-8")).get("encoder")
-        if ours != made_by:
-            raise ValueError(f"--embeddings-from was made by the encoder of model {metadata.get('model')!r}, "
-                             f"not by the one of --clip {config.clip}: give the bundle that made them")
+    if made_by and identity is not None and identity != made_by:
+        raise ValueError(f"--embeddings-from was made by the encoder of model {metadata.get('model')!r}, "
+                         f"not by the one of --clip {config.clip}: give the bundle that made them")
 
 
 def _claim_run_directory(out: Path, config: TrainConfig) -> None:
@@ -91,7 +92,7 @@ def _claim_run_directory(out: Path, config: TrainConfig) -> None:
     recorded_file = out / "work" / "settings.json"
     if recorded_file.is_file():
         recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
-        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        changed = differing_keys(settings, recorded)
         if changed and any((out / "checkpoints").glob("*")):  # a run that saved nothing binds nothing
             raise ValueError(f"{out} holds a training run with other settings ({', '.join(changed)}); "
                              "use another --out (only more epochs resume a run)")
@@ -114,8 +115,8 @@ def train(config: TrainConfig) -> dict:
         if not config.clip:
             raise click.UsageError("--embeddings-from needs --clip: the encoder that made those embeddings")
         examples, metadata = load_embedding_examples(list(config.embeddings_from))
-        clip, spec, _ = _encoder(config)
-        _check_embeddings_encoder(config, examples, metadata, clip)
+        clip, spec, identity = _encoder(config)
+        _check_embeddings_encoder(config, examples, metadata, clip, identity)
     elif config.clip:
         clip, spec, _ = _encoder(config)
         examples = load_examples(list(config.data), clip.image_spec, config.limit, image_root=config.image_root)

@@ -131,3 +131,8 @@ class RunConfig:
                      "write_webdataset", "overwrite"):
             settings.pop(name)
         return settings
+
+
+def differing_keys(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two recorded settings (a key missing on one side differs)."""
+    return sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))

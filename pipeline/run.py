@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import __version__
-from pipeline.config import ActorRange, RunConfig
+from pipeline.config import ActorRange, RunConfig, differing_keys
 from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
 from pipeline.model_stage import CaptionStage, ShippedBundle
 from pipeline.models.bundle import load_bundle
@@ -201,9 +201,7 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
     different = recorded is not None and _jsonable(recorded) != _jsonable(defining)
     if different and not config.overwrite:
         ours, theirs = _jsonable(defining), _jsonable(recorded)
-        ours_config, theirs_config = ours["config"], theirs.get("config") or {}
-        changed = sorted(key for key in ours_config.keys() | theirs_config.keys()
-                         if ours_config.get(key) != theirs_config.get(key))
+        changed = differing_keys(ours["config"], theirs.get("config") or {})
         changed += [name for key, name in (("model_sha256", "model"), ("shards_sha256", "the shards --input matches"))
                     if ours.get(key) != theirs.get(key)]
         raise UsageError(f"{config.output} holds a run with a different configuration ({', '.join(changed)}); "
