@@ -144,6 +144,8 @@ class CaptionStage:
             "original_text": batch.column("original_text"),
             "index": batch.column("index"),
             "node": pa.array([self.node_id] * n, pa.string()),
+            # "auto" resolves per machine: a run resumed elsewhere may have captioned in another precision
+            "compute": pa.array([f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"] * n, pa.string()),
             "actor_peak_rss_mb": pa.array([peak_rss_mb()] * n, pa.float32()),
         }
         return pa.table(columns, schema=self.schema)

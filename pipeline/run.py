@@ -446,6 +446,7 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     written: set[tuple[str, int]] = set()
     counts: Counter[str] = Counter()
     by_node: Counter[str] = Counter()
+    by_compute: Counter[str] = Counter()
     actor_peak_mb = 0.0
     kept = 0
     for path in staged_paths:
@@ -453,14 +454,18 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
             table = pq.read_table(handle, use_threads=False)
         table = _mark_duplicates(_drop_written(table, written), renamed)
         by_node.update(table.column("node").to_pylist())
+        # parts staged by a version that did not record it
+        by_compute.update(table.column("compute").to_pylist() if "compute" in table.column_names
+                          else ["unrecorded"] * table.num_rows)
         actor_peak_mb = max(actor_peak_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
-        table = table.drop_columns(list(STAGING_ONLY)).cast(schema)
+        table = table.drop_columns([c for c in STAGING_ONLY if c in table.column_names]).cast(schema)
         kept += _write_part(output, config, cutoff, table, embedding_dim, path.rsplit("/", 1)[-1])
         counts.update(table.column("status").to_pylist())
     if not output.parts(CAPTIONS):  # inputs without one sample (an empty tar): readers still find the tables
         _write_part(output, config, cutoff, schema.empty_table(), embedding_dim, "part-empty.parquet")
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
             "top_fraction_cutoff_score": cutoff.score if cutoff else None, "rows_by_node": dict(by_node),
+            "rows_by_compute": dict(by_compute),
             "model_actor_peak_rss_mb": round(actor_peak_mb, 1)}
 
 

@@ -160,13 +160,15 @@ def pixels_from_column(column: pa.ChunkedArray, size: int) -> np.ndarray:
 
 # Staging-only columns, dropped when captions/ is written: the sample's position in its shard, and
 # where it was captioned (node, and the peak memory of that actor so far) for run.json.
-STAGING_ONLY = ("index", "node", "actor_peak_rss_mb")
+STAGING_ONLY = ("index", "node", "compute", "actor_peak_rss_mb")
 
 
 def staging_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.Schema:
     """The output schema plus the staging-only columns."""
     schema = captions_schema(embedding_dim, metadata_json).append(pa.field("index", pa.int64(), nullable=False))
-    return schema.append(pa.field("node", pa.string())).append(pa.field("actor_peak_rss_mb", pa.float32()))
+    for name, kind in (("node", pa.string()), ("compute", pa.string()), ("actor_peak_rss_mb", pa.float32())):
+        schema = schema.append(pa.field(name, kind))
+    return schema
 
 
 def peak_rss_mb() -> float:

@@ -9,12 +9,14 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from conftest import jpeg_bytes, write_tar
 from fsspec import AbstractFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.config import ActorRange, DecodeSettings, RunConfig
 from pipeline.filtering import FilterSettings
+from pipeline.precision import resolve_dtype
 from pipeline.run import StagingNotListed, UsageError, run
 from pipeline.sinks import STAGING, STAGING_CONFIG, OutputDir
 from pipeline.verify import verify
@@ -57,6 +59,9 @@ def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
     assert meta["filter"]["keep_top_fraction"] == 0.5 and meta["model"] == "tiny"
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["counts"]["rows"] == 10 and not (tmp_path / "out" / "_staging").exists()
+    # what "auto" resolved to on the actors' machine, per row: a run resumed elsewhere shows both
+    compute = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    assert run_json["counts"]["rows_by_compute"] == {f"cpu {compute}": 10}
     # --actors auto (the default) on 2 CPUs with memory to spare: one single-thread actor per core
     assert run_json["config"]["actors"] is None and run_json["actors"] == {"min": 2, "max": 2}
     # the ecosystem reads it: pandas, and Hugging Face datasets' parquet loader
@@ -164,10 +169,15 @@ def test_a_commit_that_would_miss_staged_parts_stops_and_the_rerun_finishes(ray_
     with pytest.raises(StagingNotListed, match=r"part\(s\) this run wrote are not listed .*submit the job again"):
         run(config)
     assert not (tmp_path / "out" / "run.json").exists() and not (tmp_path / "out" / "captions").exists()
-    assert list((tmp_path / "out" / "_staging").glob("part-*.parquet"))
+    staged = sorted((tmp_path / "out" / "_staging").glob("part-*.parquet"))
+    assert staged
+    # a part staged by a version that recorded no compute column is still committed
+    older = pq.read_table(staged[0])
+    pq.write_table(older.drop_columns(["compute"]), staged[0])
     monkeypatch.undo()
     summary = run(config)
     assert summary["counts"]["rows"] == 6 and summary["resumed_rows"] == 6
+    assert summary["counts"]["rows_by_compute"]["unrecorded"] == older.num_rows
 
 
 def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):
