@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DecodeSettings
-from pipeline.decoding import decode_texts, generate
+from pipeline.decoding import decode_texts, generate, seeds_for
 from pipeline.models.bundle import Bundle
 
 
@@ -27,16 +27,16 @@ class CaptionedBatch:
 
 @torch.inference_mode()
 def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings,
-                  scorer_pixels: torch.Tensor | None = None, sample_seeds: Sequence[int] | None = None,
-                  ) -> CaptionedBatch:
+                  scorer_pixels: torch.Tensor | None = None, keys: Sequence[str] | None = None) -> CaptionedBatch:
     """uint8 (B, H, W, 3) images at the encoder's input size -> captions, scores and embeddings.
 
     `scorer_pixels` are the same images at the scorer's input size, needed only when the scorer is
-    a different model with a different input size. `sample_seeds`: one per image for sampling
-    (`decoding.seeds_for` of the samples' keys), so an image's captions do not depend on its batch.
+    a different model with a different input size. `keys`: the samples' keys, which seed sampling's
+    draws, so an image's captions do not depend on the batch it is in.
     """
     features = bundle.encoder.encode_images(pixels, normalize=False)
     embeddings = F.normalize(features, dim=-1)
+    sample_seeds = seeds_for(settings.seed, keys) if keys is not None and settings.method == "sample" else None
     token_lists = generate(bundle.captioner, bundle.captioner.prefix(features), settings, sample_seeds)
     per_image = [len(candidates) for candidates in token_lists]
     texts = decode_texts(bundle.captioner, [tokens for candidates in token_lists for tokens in candidates])

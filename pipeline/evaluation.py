@@ -25,7 +25,6 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
-from pipeline.decoding import seeds_for
 from pipeline.demo_world import Scene, score_caption, swap_attribute
 from pipeline.images import ImageError, decode_image
 from pipeline.models.bundle import Bundle
@@ -156,8 +155,8 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
     with tqdm(unit="img", desc="evaluate", disable=None if progress else True) as bar:
         for batch, pixels, scorer_pixels in _decoded_batches(bundle, samples, batch_size, skipped):
             tic = time.perf_counter()
-            seeds = seeds_for(settings.seed, [item.key for item in batch])  # as the caption job draws
-            result = caption_batch(bundle, pixels, settings, scorer_pixels, seeds)
+            keys = [item.key for item in batch]  # seed sampling as the caption job does
+            result = caption_batch(bundle, pixels, settings, scorer_pixels, keys)
             captioning_s += time.perf_counter() - tic
             items += batch
             captions += result.captions
@@ -169,8 +168,7 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
             else:
                 image_embeddings.append(result.image_embeddings)
             if untrained is not None:
-                untrained_scores += caption_batch(untrained, pixels, settings, scorer_pixels,
-                                                  seeds).clip_scores.tolist()
+                untrained_scores += caption_batch(untrained, pixels, settings, scorer_pixels, keys).clip_scores.tolist()
             bar.update(len(batch))
     if not items:
         found = ", ".join(f"{count} {status}" for status, count in sorted(skipped.items())) or "none"

@@ -17,7 +17,6 @@ import torch
 
 from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
-from pipeline.decoding import seeds_for
 from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
@@ -54,9 +53,10 @@ class ShippedBundle:
         # reading the copy meant a copy in memory and one on disk in every actor (~1 s of its start here)
         try:
             bundle = load_bundle(self.path)  # checks every file against its bundle.json, once
-            if bundle.identity()["sha256"] == self.sha256:
+            found = bundle.identity()["sha256"]
+            if found == self.sha256:
                 return bundle
-            problem = f"it is another bundle now (sha256 {bundle.identity()['sha256'][:12]}...)"
+            problem = f"it is another bundle now (sha256 {found[:12]}...)"
         except ModelLoadError as exc:
             problem = str(exc)  # not on this node, or its files changed
         if self.files is None:
@@ -166,10 +166,9 @@ class CaptionStage:
             tensors = {name: torch.from_numpy(array[rows]) for name, array in pixels.items()}
             if self.device.type == "cuda":
                 tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
-            # each sample draws from its own stream: its captions do not depend on the rows batched with it
-            seeds = seeds_for(self.settings.seed, [keys[i] for i in rows])
+            # each sample draws from its key's stream: its captions do not depend on the rows batched with it
             captioned = caption_batch(self.bundle, tensors["pixels"], self.settings, tensors.get("scorer_pixels"),
-                                      seeds)
+                                      [keys[i] for i in rows])
         except Exception as exc:  # any model failure must turn into rows, not a lost batch
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()

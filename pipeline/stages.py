@@ -159,7 +159,7 @@ def pixels_from_column(column: pa.ChunkedArray, size: int) -> np.ndarray:
 
 
 # Staging-only columns, dropped when captions/ is written: the sample's position in its shard, and
-# where it was captioned (node, and the peak memory of that actor so far) for run.json.
+# where it was captioned (node, device and precision, the peak memory of that actor so far) for run.json.
 STAGING_ONLY = ("index", "node", "compute", "actor_peak_rss_mb")
 
 

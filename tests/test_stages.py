@@ -135,11 +135,11 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
     real = model_stage.caption_batch
     calls = []
 
-    def fails_on_poison(bundle, pixels, settings, scorer_pixels=None, sample_seeds=None):
+    def fails_on_poison(bundle, pixels, settings, scorer_pixels=None, keys=None):
         calls.append(len(pixels))
         if bool((pixels == POISON).flatten(1).all(dim=1).any()):
             raise torch.OutOfMemoryError("simulated out of memory")
-        return real(bundle, pixels, settings, scorer_pixels, sample_seeds)
+        return real(bundle, pixels, settings, scorer_pixels, keys)
 
     monkeypatch.setattr(model_stage, "caption_batch", fails_on_poison)
     values = [10, 20, POISON, 30, 40, 50, 60, 70]
