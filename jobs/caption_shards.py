@@ -70,14 +70,14 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
     # torch and Ray load only once the usage is known to be sound
-    from pipeline.run import ActorStartTimeout, StagingNotListed, UsageError, run
+    from pipeline.run import ActorStartFailed, StagingNotListed, UsageError, run
 
     try:
         summary = run(config)
     except (UsageError, InputError, ModelLoadError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except (ActorStartTimeout, StagingNotListed) as exc:
+    except (ActorStartFailed, StagingNotListed) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     counts, timings = summary["counts"], summary["timings"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,20 @@ def load_shipped_bundle(files: dict[str, bytes]) -> Bundle:
         return load_bundle(root)
 
 
+def actor_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
+    """The device a model actor computes on: the GPU Ray gave it, else the CPU. Not whether CUDA is
+    visible: Ray leaves CUDA_VISIBLE_DEVICES alone for an actor of 0 GPUs, so every CPU actor on a GPU
+    node would crowd onto its first GPU; and an actor holding a GPU it cannot use would run ~100x slower."""
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not cuda_available:
+        raise ModelLoadError(f"this model actor holds GPU {', '.join(map(str, gpu_ids))} but PyTorch sees no CUDA "
+                             f"device (torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): "
+                             "install a CUDA build of torch on the GPU nodes, or caption on CPUs with "
+                             "--gpus-per-actor 0")
+    return torch.device("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPU it gave: cuda:0 is that one
+
+
 class CaptionStage:
     """Model stage actor: loads the three models once, then captions batches of decoded rows.
 
@@ -85,7 +100,7 @@ class CaptionStage:
     def __init__(self, bundle: ShippedBundle, settings: DecodeSettings, dtype: str,
                  batch_size: int, embedding_dim: int, metadata_json: str, cpu_threads: int | None = None,
                  decode_spec: DecodeSpec | None = None):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = actor_device(ray.get_gpu_ids(), torch.cuda.is_available())
         # Ray pins OMP threads to the actor's 1 reserved CPU; a CPU-only actor may use its share of the
         # node (the reservation stays 1 so that read tasks can always be scheduled beside it). Ray Data
         # calls the actor on another thread than this one, and OpenMP gives every calling thread its own

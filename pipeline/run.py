@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
 import time
 from collections import Counter
@@ -29,6 +30,7 @@ from pipeline.config import ActorRange, RunConfig, differing_keys
 from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
 from pipeline.model_stage import CaptionStage, ShippedBundle
 from pipeline.models.bundle import load_bundle
+from pipeline.models.errors import ModelLoadError
 from pipeline.sinks import (
     CAPTIONS,
     FILTERED,
@@ -77,8 +79,8 @@ class UsageError(ValueError):
     """Bad usage found before any work starts; the message is one line for the user."""
 
 
-class ActorStartTimeout(RuntimeError):
-    """The model actors the cluster holds did not start in time; the message is one line for the user."""
+class ActorStartFailed(RuntimeError):
+    """The model actors did not start: not in time, or their setup raised. One line for the user."""
 
 
 class StagingNotListed(RuntimeError):
@@ -360,10 +362,26 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     try:
         dataset.write_datasink(sink)
     except ray.exceptions.GetTimeoutError as exc:  # raised only by the wait above: the actors never came up
-        raise ActorStartTimeout(f"{actors.min} model actor(s) ({need}) did not start within {timeout} s "
-                                f"(see the Ray logs for why); rows written so far are kept and a rerun resumes") \
+        raise ActorStartFailed(f"{actors.min} model actor(s) ({need}) did not start within {timeout} s "
+                               f"(see the Ray logs for why); rows written so far are kept and a rerun resumes") \
             from exc
+    except ray.exceptions.RayActorError as exc:
+        if not exc.actor_init_failed:  # an actor lost mid-run that Ray Data gave up on: not a usage problem
+            raise
+        raise ActorStartFailed(f"a model actor could not start: {_creation_error(exc)}; rows written so far are "
+                               "kept and a rerun resumes") from None
     return actors, sink.parts_written
+
+
+def _creation_error(exc: ray.exceptions.RayActorError) -> str:
+    """The line that names what an actor's __init__ raised: the last of the remote traceback Ray's message
+    carries (it keeps no exception object), its exception type without the module path."""
+    last = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unknown error")
+    name, colon, message = last.partition(": ")
+    if not colon or not re.fullmatch(r"[\w.]+", name):
+        return last
+    name = name.rpartition(".")[2]
+    return message if name == ModelLoadError.__name__ else f"{name}: {message}"
 
 
 def _ray_started_here() -> bool:

@@ -119,3 +119,26 @@ def write_tar(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def tar_corpus(root: Path, shards: int = 2, per_shard: int = 5) -> list[Path]:
+    """Shards 00000.tar... of distinct JPEGs keyed SSSIIII (shard, index), with .txt and .json members."""
+    import json
+
+    paths = []
+    for s in range(shards):
+        samples = {}
+        for i in range(per_shard):
+            key = f"{s:03d}{i:04d}"
+            samples[key] = {"jpg": jpeg_bytes(s * 100 + i),
+                            "txt": f"örnek {key}".encode(), "json": json.dumps({"key": key}).encode()}
+        paths.append(write_tar(root / f"{s:05d}.tar", samples))
+    return paths
+
+
+def read_parts(folder: Path):
+    """The Parquet parts of an output folder (captions/, filtered/) as one table, in part order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pa.concat_tables([pq.read_table(path) for path in sorted(folder.glob("*.parquet"))])

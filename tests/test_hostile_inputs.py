@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg_bytes, write_tar
+from conftest import jpeg_bytes, read_parts, write_tar
 from PIL import Image
 
 from pipeline.config import DecodeSettings, RunConfig
@@ -167,10 +167,6 @@ class HostileRun:
     rows: list[dict]  # captions/
 
 
-def _read_rows(folder: Path) -> list[dict]:
-    return pa.concat_tables([pq.read_table(path) for path in sorted(folder.glob("*.parquet"))]).to_pylist()
-
-
 @pytest.fixture(scope="module")
 def hostile(ray_local, tiny_bundle, tmp_path_factory) -> HostileRun:
     """The one pipeline run over all hostile inputs together."""
@@ -179,7 +175,7 @@ def hostile(ray_local, tiny_bundle, tmp_path_factory) -> HostileRun:
     config = RunConfig(inputs=inputs.specs, output=str(root / "out"), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=4), batch_size=8)
     summary = run(config)
-    return HostileRun(inputs, root / "out", summary, _read_rows(root / "out" / "captions"))
+    return HostileRun(inputs, root / "out", summary, read_parts(root / "out" / "captions").to_pylist())
 
 
 def _renamed(row: dict) -> bool:
@@ -373,7 +369,7 @@ def test_a_shard_repeating_another_shards_keys_loses_no_row(ray_local, tiny_bund
     config = RunConfig(inputs=(str(first), str(second)), output=str(tmp_path / "out"), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=4), batch_size=3, rows_per_file=3)  # a part per shard
     assert run(config)["counts"]["by_status"] == {"duplicate_key": 3, "ok": 3}
-    rows = _read_rows(tmp_path / "out" / "captions")
+    rows = read_parts(tmp_path / "out" / "captions").to_pylist()
     assert sorted(row["source"] for row in rows) == [_url(first)] * 3 + [_url(second)] * 3
     report = verify(str(tmp_path / "out"), [str(first), str(second)])
     assert report.ok, "\n".join(report.lines())

@@ -6,11 +6,10 @@ import json
 import re
 
 import fsspec
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import jpeg_bytes, write_tar
+from conftest import jpeg_bytes, read_parts, tar_corpus, write_tar
 from fsspec import AbstractFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -23,35 +22,19 @@ from pipeline.verify import verify
 from schemas.captions import validate_table
 
 
-def _tar_corpus(root, shards=2, per_shard=5):
-    paths = []
-    for s in range(shards):
-        samples = {}
-        for i in range(per_shard):
-            key = f"{s:03d}{i:04d}"
-            samples[key] = {"jpg": jpeg_bytes(s * 100 + i),
-                            "txt": f"örnek {key}".encode(), "json": json.dumps({"key": key}).encode()}
-        paths.append(write_tar(root / f"{s:05d}.tar", samples))
-    return paths
-
-
-def _read(folder):
-    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
-
-
 def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
-    _tar_corpus(tmp_path / "in")
+    tar_corpus(tmp_path / "in")
     config = RunConfig(inputs=(str(tmp_path / "in" / "{00000..00001}.tar"),), output=str(tmp_path / "out"),
                        model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=5), batch_size=4,
                        filter=FilterSettings(keep_top_fraction=0.5))
     summary = run(config)
-    captions = _read(tmp_path / "out" / "captions")
+    captions = read_parts(tmp_path / "out" / "captions")
     validate_table(captions, 24)
     assert sorted(captions.column("key").to_pylist()) == sorted(f"{s:03d}{i:04d}" for s in range(2) for i in range(5))
     assert set(captions.column("status").to_pylist()) == {"ok"}
     assert captions.column("width").to_pylist() == [48] * 10
     assert captions.column("original_text").to_pylist()[0].startswith("örnek")
-    filtered = _read(tmp_path / "out" / "filtered")
+    filtered = read_parts(tmp_path / "out" / "filtered")
     assert filtered.num_rows == 5 == summary["counts"]["kept"]
     scores = sorted(captions.column("clip_score").to_pylist(), reverse=True)
     assert min(filtered.column("clip_score").to_pylist()) == pytest.approx(scores[4])
@@ -84,7 +67,7 @@ def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local
     nodes = pipeline_run.live_node_resources()
     assert pipeline_run.actor_places(nodes, 0.0) == 2 and pipeline_run.actor_places(nodes, 1.0) == 0  # 2 CPUs
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 20)  # a wrong wait fails fast, not in 30 minutes
-    _tar_corpus(tmp_path / "in", shards=1, per_shard=4)
+    tar_corpus(tmp_path / "in", shards=1, per_shard=4)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=3), batch_size=2, actors=ActorRange.parse("3"))
     assert run(config)["counts"]["rows"] == 4
@@ -113,11 +96,11 @@ def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_
     import pipeline.run as pipeline_run
 
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 0.001)  # no actor loads its models that fast
-    _tar_corpus(tmp_path / "in", shards=1, per_shard=2)
+    tar_corpus(tmp_path / "in", shards=1, per_shard=2)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=3), actors=ActorRange.parse("1"))
     stopped = r"1 model actor\(s\) \(1 CPU each\) did not start within 0.001 s"
-    with pytest.raises(pipeline_run.ActorStartTimeout, match=stopped):
+    with pytest.raises(pipeline_run.ActorStartFailed, match=stopped):
         run(config)
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 1800)
     assert run(config)["counts"]["rows"] == 2  # and a rerun goes on
@@ -160,7 +143,7 @@ def test_a_commit_that_would_miss_staged_parts_stops_and_the_rerun_finishes(ray_
                                                                            monkeypatch):
     """If the driver's listing misses parts this attempt wrote, it commits nothing and deletes nothing: one
     clear error, and the same command again finishes with every row."""
-    _tar_corpus(tmp_path / "in", shards=2, per_shard=3)
+    tar_corpus(tmp_path / "in", shards=2, per_shard=3)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
                        model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=4))
     listed = OutputDir.parts
@@ -181,7 +164,7 @@ def test_a_commit_that_would_miss_staged_parts_stops_and_the_rerun_finishes(ray_
 
 
 def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):
-    _tar_corpus(tmp_path / "in", shards=1, per_shard=3)
+    tar_corpus(tmp_path / "in", shards=1, per_shard=3)
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(tmp_path / "out"), "model": str(tiny_bundle),
             "decode": DecodeSettings(max_new_tokens=4)}
     first = run(RunConfig(**base))
@@ -194,7 +177,7 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
     again = run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}, overwrite=True))
     assert again["counts"]["rows"] == 3
     # a shard added under the glob since: refused rather than reported complete without its samples
-    _tar_corpus(tmp_path / "more", shards=1, per_shard=2)
+    tar_corpus(tmp_path / "more", shards=1, per_shard=2)
     (tmp_path / "more" / "00000.tar").rename(tmp_path / "in" / "00009.tar")
     newer = {**base, "decode": DecodeSettings(max_new_tokens=5)}
     with pytest.raises(UsageError, match="the shards --input matches"):
@@ -204,18 +187,19 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
 
 def test_parts_hold_at_most_rows_per_file_rows(ray_local, tiny_bundle, tmp_path):
     """A shard is one block of model output; its rows are still split into parts of --rows-per-file."""
-    _tar_corpus(tmp_path / "in", shards=1, per_shard=7)
+    tar_corpus(tmp_path / "in", shards=1, per_shard=7)
     run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
                   decode=DecodeSettings(max_new_tokens=4), rows_per_file=3))
     sizes = sorted(pq.read_metadata(path).num_rows for path in (tmp_path / "out" / "captions").glob("*.parquet"))
     assert sizes == [1, 3, 3]
-    assert sorted(_read(tmp_path / "out" / "captions").column("key").to_pylist()) == [f"000{i:04d}" for i in range(7)]
+    keys = read_parts(tmp_path / "out" / "captions").column("key").to_pylist()
+    assert sorted(keys) == [f"000{i:04d}" for i in range(7)]
 
 
 def test_an_attempt_that_staged_nothing_binds_no_later_command(ray_local, tiny_bundle, tmp_path):
     """A command refused after the output was claimed (no actor fits, say) staged only its settings: the
     corrected command starts, where it used to be refused as 'a different configuration'."""
-    _tar_corpus(tmp_path / "in", shards=1, per_shard=2)
+    tar_corpus(tmp_path / "in", shards=1, per_shard=2)
     (tmp_path / "out" / "_staging").mkdir(parents=True)
     (tmp_path / "out" / "_staging" / "config.json").write_text(json.dumps({"config": {"model": "other"}}))
     summary = run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
@@ -224,7 +208,7 @@ def test_an_attempt_that_staged_nothing_binds_no_later_command(ray_local, tiny_b
 
 
 def test_usage_found_after_loading_the_model_is_one_line_before_any_work(tiny_bundle, tmp_path):
-    _tar_corpus(tmp_path / "in", shards=1, per_shard=1)
+    tar_corpus(tmp_path / "in", shards=1, per_shard=1)
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "model": str(tiny_bundle)}
     with pytest.raises(UsageError, match=r"--max-new-tokens 100000 exceeds the \d+ positions"):
         run(RunConfig(**base, output=str(tmp_path / "out"), decode=DecodeSettings(max_new_tokens=100_000)))
@@ -237,12 +221,12 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
                                                                               monkeypatch):
     import pipeline.run as run_module
 
-    _tar_corpus(tmp_path / "in")
+    tar_corpus(tmp_path / "in")
     out = tmp_path / "out"
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(out), "model": str(tiny_bundle),
             "decode": DecodeSettings(max_new_tokens=4), "batch_size": 4}
     first = run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.5)))
-    before = _read(out / "captions").sort_by("key")
+    before = read_parts(out / "captions").sort_by("key")
     with pytest.raises(UsageError, match="different configuration"):
         run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3)))
 
@@ -251,10 +235,10 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
 
     monkeypatch.setattr(run_module, "_caption_into_staging", no_models)
     summary = run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3), overwrite=True))
-    after = _read(out / "captions").sort_by("key")
+    after = read_parts(out / "captions").sort_by("key")
     assert after.drop_columns(["keep"]).equals(before.drop_columns(["keep"]))  # same rows, scores, captions
     top3 = sorted(after.column("clip_score").to_pylist(), reverse=True)[:3]
-    filtered = _read(out / "filtered")
+    filtered = read_parts(out / "filtered")
     assert sorted(filtered.column("clip_score").to_pylist(), reverse=True) == top3
     assert summary["counts"]["kept"] == 3 == sum(after.column("keep").to_pylist())
     assert summary["counts"]["rows"] == first["counts"]["rows"] == 10 and summary["timings"]["refilter_s"] >= 0
@@ -286,8 +270,8 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
     assert done["counts"]["kept"] == 0 and pq.read_table(out / "filtered").num_rows == 0  # empty, still a table
     assert sorted(p.name for p in (out / "filtered").glob("*.parquet")) == sorted(
         p.name for p in (out / "captions").glob("*.parquet"))
-    assert not any(_read(out / "captions").column("keep").to_pylist()) and not (out / "_refilter.json").exists()
-    assert _read(out / "captions").num_rows == 10
+    assert not any(read_parts(out / "captions").column("keep").to_pylist()) and not (out / "_refilter.json").exists()
+    assert read_parts(out / "captions").num_rows == 10
     report = verify(str(out), list(base["inputs"]))
     assert report.ok, "\n".join(report.lines())
 
@@ -298,7 +282,7 @@ def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_p
     write_tar(tmp_path / "in" / "b.tar", {"dup": {"jpg": jpeg_bytes(3)}})
     summary = run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
                             model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=3)))
-    rows = {row["key"]: row for row in _read(tmp_path / "out" / "captions").to_pylist()}
+    rows = {row["key"]: row for row in read_parts(tmp_path / "out" / "captions").to_pylist()}
     b_url = str(tmp_path / "in" / "b.tar")
     assert set(rows) == {"dup", "only_a", f"dup@{b_url}#0"}
     assert rows["dup"]["status"] == "ok" and rows["dup"]["source"].endswith("a.tar")
@@ -313,7 +297,7 @@ def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, ti
     from pipeline.sources import expand_inputs
     from pipeline.stages import _shard_id, finished_shards
 
-    _tar_corpus(tmp_path / "in", shards=3, per_shard=4)
+    tar_corpus(tmp_path / "in", shards=3, per_shard=4)
     out = tmp_path / "out"
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(out), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=4), batch_size=4)
@@ -347,7 +331,7 @@ def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, ti
     summary = run(config)
     assert read_again == [shard.url for shard in shards if _shard_id(shard.url) == markers[1].name.split(".")[0]]
     assert summary["resumed_rows"] == 12 and summary["counts"]["rows"] == 12
-    keys = _read(out / "captions").column("key").to_pylist()
+    keys = read_parts(out / "captions").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 12
 
 

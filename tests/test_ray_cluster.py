@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg_bytes, write_tar
+from conftest import jpeg_bytes, read_parts, write_tar
 from ray.cluster_utils import Cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +47,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _captions(out: Path) -> pa.Table:
-    return pa.concat_tables([pq.read_table(p) for p in sorted((out / "captions").glob("*.parquet"))])
+    return read_parts(out / "captions")
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import jpeg_bytes, write_tar
+from conftest import jpeg_bytes, read_parts, write_tar
 from PIL import Image
 
 from pipeline.config import DecodeSettings, RunConfig
@@ -61,7 +61,7 @@ def test_write_webdataset_matches_filtered_and_loads_in_training_readers(ray_loc
     summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(tiny_bundle),
                             decode=DecodeSettings(max_new_tokens=4), batch_size=4,
                             filter=FilterSettings(keep_top_fraction=0.75), write_webdataset=True))
-    filtered = pa.concat_tables([pq.read_table(p) for p in sorted((out / "filtered").glob("*.parquet"))])
+    filtered = read_parts(out / "filtered")
     kept = {row["key"]: row for row in filtered.to_pylist()}
     assert 0 < len(kept) < summary["counts"]["rows"]
     assert summary["webdataset"] == {"folder": WEBDATASET, "tars": len({row["source"] for row in kept.values()}),
