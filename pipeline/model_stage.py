@@ -178,29 +178,42 @@ class CaptionStage:
         if not rows:
             return
         try:
-            tensors = {name: torch.from_numpy(array[rows]) for name, array in pixels.items()}
-            if self.device.type == "cuda":
-                tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
+            tensors = {name: self._host_batch(array, rows) for name, array in pixels.items()}
             # each sample draws from its key's stream: its captions do not depend on the rows batched with it
             captioned = caption_batch(self.bundle, tensors["pixels"], self.settings, tensors.get("scorer_pixels"),
                                       [keys[i] for i in rows])
-        except Exception as exc:  # any model failure must turn into rows, not a lost batch
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(rows) > 1:
-                half = len(rows) // 2
-                self._caption(pixels, keys, rows[:half], result)
-                self._caption(pixels, keys, rows[half:], result)
-                return
-            log.warning("model failed on %s: %s", keys[rows[0]], exc)
-            result.status[rows[0]] = "model_error"
-            result.error[rows[0]] = describe_error(exc)
+        except torch.AcceleratorError:
+            raise  # a CUDA error leaves the device unusable to this process: every later batch would fail too
+        except Exception as exc:  # any other model failure (out of memory included) must turn into rows
+            failure = describe_error(exc)
+        else:
+            for j, i in enumerate(rows):
+                result.captions[i] = captioned.captions[j]
+                result.scores[i] = float(captioned.clip_scores[j])
+                result.embeddings[i] = captioned.image_embeddings[j]
+                result.candidates[i] = [{"caption": c, "clip_score": s} for c, s in captioned.candidates[j]]
             return
-        for j, i in enumerate(rows):
-            result.captions[i] = captioned.captions[j]
-            result.scores[i] = float(captioned.clip_scores[j])
-            result.embeddings[i] = captioned.image_embeddings[j]
-            result.candidates[i] = [{"caption": c, "clip_score": s} for c, s in captioned.candidates[j]]
+        # retried only here, past the except block: the exception's traceback holds the failed attempt's frames,
+        # and with them its activations and KV cache, which every smaller retry would otherwise run beside
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(rows) > 1:
+            half = len(rows) // 2
+            self._caption(pixels, keys, rows[:half], result)
+            self._caption(pixels, keys, rows[half:], result)
+            return
+        log.warning("model failed on %s: %s", keys[rows[0]], failure)
+        result.status[rows[0]] = "model_error"
+        result.error[rows[0]] = failure
+
+    def _host_batch(self, array: np.ndarray, rows: list[int]) -> torch.Tensor:
+        """The rows' images as one uint8 tensor; for a GPU, gathered straight into pinned memory, from which
+        the copy to the device runs asynchronously (pinning a gathered copy would copy the batch twice)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(array[rows])
+        host = torch.empty((len(rows), *array.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        np.take(array, rows, axis=0, out=host.numpy())
+        return host
 
 
 @dataclass

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -153,6 +154,36 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
     assert calls[0] == 8 and 1 in calls  # whole batch first, then halves down to the single bad sample
     embeddings = np.array([out.column("image_embedding")[i].as_py() for i in (0, 1)], dtype=np.float32)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-2)
+
+
+def test_a_failed_batch_frees_its_memory_before_its_halves_are_retried(stage, monkeypatch):
+    """The halves of a batch that ran out of GPU memory ran inside the except block, beside the failed
+    attempt's activations and KV cache, which the exception's traceback kept alive: single rows were
+    retried with ~1.75 batches' memory held, and failed too."""
+    attempts, held = [], []
+
+    def out_of_memory(bundle, pixels, settings, scorer_pixels=None, keys=None):
+        activations = torch.empty(len(pixels), 1024)  # stands for what the attempt had allocated
+        held.append(sum(attempt() is not None for attempt in attempts))
+        attempts.append(weakref.ref(activations))
+        raise torch.OutOfMemoryError("simulated out of memory")
+
+    monkeypatch.setattr(model_stage, "caption_batch", out_of_memory)
+    out = stage(stages.decode_batch(_samples([_png(v) for v in (10, 20, 30, 40)]),
+                                    stages.DecodeSpec(ImageSpec(size=32))))
+    assert out.column("status").to_pylist() == ["model_error"] * 4
+    assert held == [0] * 7  # 4 rows, 2 halves, 4 single rows: none ran beside an earlier attempt's memory
+
+
+def test_a_cuda_error_stops_the_actor_instead_of_failing_every_later_row(stage, monkeypatch):
+    """A CUDA error (a device-side assert, an ECC error) leaves the device unusable to the process: turned
+    into model_error rows, every later batch of the actor failed the same way, and was committed as failed."""
+    def device_error(*args, **kwargs):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model_stage, "caption_batch", device_error)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        stage(stages.decode_batch(_samples([_png(10), _png(20)]), stages.DecodeSpec(ImageSpec(size=32))))
 
 
 def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tiny_bundle, stage):
