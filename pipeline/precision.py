@@ -24,5 +24,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16":
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # emulated bf16 (before Ampere) runs without tensor cores: fp16 there
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32

@@ -22,7 +22,9 @@ def test_explicit_dtypes_are_kept_on_any_device(monkeypatch):
         assert precision.resolve_dtype(name, torch.device("cuda")) == dtype
 
 
-@pytest.mark.parametrize(("bf16_supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_on_gpu_is_half_precision(monkeypatch, bf16_supported, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16_supported)
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_on_gpu_is_half_precision_with_tensor_cores(monkeypatch, native_bf16, expected):
+    """torch counts bf16 emulated without tensor cores (a T4, a V100) as supported by default: fp16 there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
     assert precision.resolve_dtype("auto", torch.device("cuda")) == expected
