@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import lzma
 import os
 import posixpath
 import re
 import tarfile
 import unicodedata
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -453,12 +455,38 @@ def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
 
 
 def _data_follows(tar: tarfile.TarFile) -> bool:
-    """Whether anything but zero padding follows the end-of-archive blocks (read until it does)."""
+    """Whether anything but zero padding follows the end-of-archive blocks (read until it does): in the tar
+    stream, or for a compressed tar, after its compressed stream (a second one joined with cat), which
+    tarfile's stream never returns."""
+    stream = tar.fileobj
+    decompressor = getattr(stream, "cmp", None)
     try:
-        while chunk := tar.fileobj.read(_SCAN_CHUNK):
-            if chunk.strip(b"\0"):
+        if decompressor is None:  # an uncompressed tar
+            while chunk := stream.read(_SCAN_CHUNK):
+                if chunk.strip(b"\0"):
+                    return True
+            return False
+        # fed by hand: once its stream ends, tarfile's read would take the rest of the file into memory
+        decompressed, stream.dbuf, raw, stream.buf = stream.dbuf, b"", stream.buf, b""
+        while not decompressor.eof:
+            if decompressed.strip(b"\0"):
                 return True
-    except (tarfile.TarError, EOFError, OSError):  # a damaged compressed tail after the archive's end
+            raw = raw or stream.fileobj.read(_SCAN_CHUNK)
+            if not raw:
+                return False  # cut after the archive's end: nothing is lost
+            decompressed, raw = decompressor.decompress(raw), b""
+        if decompressed.strip(b"\0"):
+            return True
+        after = decompressor.unused_data + raw
+        if stream.comptype == "gz":  # tarfile inflates raw deflate data: gzip's 8-byte trailer is left over too
+            while len(after) < 8 and (more := stream.fileobj.read(_SCAN_CHUNK)):
+                after += more
+            after = after[8:]
+        while after:
+            if after.strip(b"\0"):
+                return True
+            after = stream.fileobj.read(_SCAN_CHUNK)
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):  # a damaged tail after the end
         return False
     return False
 

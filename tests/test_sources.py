@@ -468,16 +468,37 @@ def test_concatenated_tars_report_the_data_after_the_first_end(tmp_path: Path) -
     assert [r["status"] for r in read_all(str(tmp_path / "padded.tar"), WEBDATASET)] == ["ok"]
 
 
+def _compressed_tar(path: Path, mode: str, key: str, size: int = 1) -> bytes:
+    with tarfile.open(path, mode) as tar:
+        info = tarfile.TarInfo(f"{key}.jpg")
+        info.size = size
+        tar.addfile(info, io.BytesIO(key.encode() * size))
+    return path.read_bytes()
+
+
 @pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz")])
 def test_compressed_tars(tmp_path: Path, suffix: str, mode: str) -> None:
-    path = tmp_path / f"s{suffix}"
-    with tarfile.open(path, mode) as tar:
-        info = tarfile.TarInfo("k.jpg")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"k"))
+    _compressed_tar(tmp_path / f"s{suffix}", mode, "k")
     [shard] = expand_inputs([str(tmp_path / "*")])
     assert shard.kind == WEBDATASET and [(r["key"], r["image"]) for r in read_all(shard.url, WEBDATASET)] == [
         ("k", b"k")]
+
+
+@pytest.mark.parametrize("size", [1, 300_000])  # within one read of the file, and across many
+@pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz")])
+def test_compressed_tars_joined_with_cat_report_what_was_not_read(tmp_path: Path, suffix: str, mode: str,
+                                                                  size: int) -> None:
+    """tarfile stops at the end of the first compressed stream, so the second tar of `cat a.tar.gz b.tar.gz`
+    vanished without a row, where a joined plain tar gets its trailing_data row."""
+    first = _compressed_tar(tmp_path / f"a{suffix}", mode, "a", size)
+    second = _compressed_tar(tmp_path / f"b{suffix}", mode, "b", size)
+    joined, padded = tmp_path / f"joined{suffix}", tmp_path / f"padded{suffix}"
+    joined.write_bytes(first + second)
+    padded.write_bytes(first + bytes(20480))  # zeros after the compressed stream are no data
+    assert [(r["key"], r["status"]) for r in read_all(str(joined), WEBDATASET)] == [
+        ("a", "ok"), (f"{joined}#trailing_data", "trailing_data")]
+    assert [r["status"] for r in read_all(str(padded), WEBDATASET)] == ["ok"]
+    assert [r["status"] for r in read_all(str(tmp_path / f"a{suffix}"), WEBDATASET)] == ["ok"]
 
 
 def test_folder_follows_links_to_files_and_finds_upper_case_caption_files(tmp_path: Path) -> None:
