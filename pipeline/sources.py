@@ -63,9 +63,10 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 # jpg: img2dataset; image: Hugging Face datasets; png/webp: img2dataset with another --encode_format.
 DEFAULT_IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg")
 DEFAULT_KEY_COLUMN = "key"
+HF_KEY_COLUMN = "__key__"  # Hugging Face datasets' webdataset loader keeps each sample's key there
 # Matched in any case (LAION's parquet says TEXT); a list of strings (Hugging Face datasets' "captions",
 # "sentences") gives every caption as a reference, as KEY.json's "captions" does, and its first as the text.
-TEXT_COLUMNS = ("caption", "text", "captions", "sentences")
+TEXT_COLUMNS = ("caption", "text", "captions", "sentences", "txt")  # txt: a KEY.txt loaded by datasets
 DOWNLOAD_ERROR_COLUMN = "error_message"  # img2dataset's reason for a failed download, quoted in no_image rows
 # Files above these sizes are never read, so a hostile multi-gigabyte member cannot fill a reader's memory:
 # an uncompressed 100 MP RGB image (ImageSpec's pixel limit) is 300 MB; LAION's json is a few KB.
@@ -557,7 +558,8 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
         image_field: str | None = _image_column(schema, image_column, url)
     except InputError as exc:  # expand_inputs checks this up front; here it is data, so one status per row
         image_field, unsupported = None, str(exc)
-    key_field = key_column if key_column in schema.names else None
+    key_field = next((name for name in (key_column, HF_KEY_COLUMN if key_column == DEFAULT_KEY_COLUMN else None)
+                      if name in schema.names), None)
     text_field = next((name for wanted in TEXT_COLUMNS for name in schema.names if name.lower() == wanted), None)
     reason_field = DOWNLOAD_ERROR_COLUMN if DOWNLOAD_ERROR_COLUMN in schema.names else None
     columns = list(dict.fromkeys(c for c in (image_field, key_field, text_field, reason_field) if c is not None))
@@ -678,8 +680,15 @@ def _image_extension(name: str) -> str | None:
 
 
 def _decode(data: bytes) -> str:
-    # Non-UTF-8 text is kept with U+FFFD in place of the bad bytes; the record stays "ok" because the
-    # image is fine and the output schema wants `error` null whenever status is "ok".
+    """A text member or file's text: UTF-8 (a byte-order mark, as Windows Notepad writes, dropped), else the
+    Windows Turkish code page that older Turkish caption files use, whose every letter UTF-8 would have lost
+    to U+FFFD. Bytes neither reads keep U+FFFD in their place; the record stays "ok" because the image is
+    fine and the output schema wants `error` null whenever status is "ok"."""
+    for encoding in ("utf-8-sig", "cp1254"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
     return data.decode("utf-8", errors="replace")
 
 

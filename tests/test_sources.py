@@ -173,7 +173,7 @@ def test_img2dataset_layout(tmp_path: Path) -> None:
         ("00001.txt", b"caption without image"), ("00001.json", b"{}"),
         ("00002.cls", b"3"), ("00002.webp", b"webp-2"), ("00002.npy", b"\x93NUMPY"),
         ("00003.png", b"png-3"), ("00003.JPG", b"jpg-3"),  # both: jpg preferred, whatever the member order
-        ("00004.jpg", b"jpeg-4"), ("00004.txt", b"caf\xe9 \xff"),  # Latin-1, not UTF-8
+        ("00004.jpg", b"jpeg-4"), ("00004.txt", b"caf\xe9 \xff"),  # Latin-1: the Turkish code page reads it alike
         ("sub/00005.jpg", b"jpeg-5"),
         ("README", b"a member without an extension is not a sample"),
     ])
@@ -187,7 +187,7 @@ def test_img2dataset_layout(tmp_path: Path) -> None:
     assert "txt, json" in records[1]["error"]
     assert records[2]["image"] == b"webp-2" and records[2]["original_text"] is None
     assert records[3]["image"] == b"jpg-3"
-    assert records[4]["original_text"] == "caf\ufffd \ufffd"
+    assert records[4]["original_text"] == "café ÿ"
 
 
 def test_key_reappearing_later_is_reported_not_merged(tmp_path: Path) -> None:
@@ -387,6 +387,21 @@ def test_parquet_text_column_is_found_in_any_case_caption_first(tmp_path: Path) 
     assert read_all(str(path), PARQUET)[0]["original_text"] == "bir kedi"
     pq.write_table(pa.table({"text": ["alt"], "Caption": ["başlık"], "jpg": [b"i0"]}), path)
     assert read_all(str(path), PARQUET)[0]["original_text"] == "başlık"
+
+
+def test_parquet_that_datasets_made_of_a_webdataset_keeps_its_keys_and_texts(tmp_path: Path) -> None:
+    """`load_dataset("webdataset", ...).to_parquet()` names columns after the members (jpg, txt, json) and
+    keeps the sample key in __key__: keys became positional and the KEY.txt text was dropped."""
+    path = tmp_path / "from-wds.parquet"
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"jpg": pa.array([{"bytes": b"i0", "path": "a.jpg"}], image_type), "txt": ["bir kuş"],
+                             "__key__": ["000123"], "__url__": ["shard-0.tar"]}), path)
+    [record] = read_all(str(path), PARQUET)
+    assert (record["key"], record["original_text"]) == ("000123", "bir kuş")
+    # a key column the user names still wins, and a real "key" column over __key__
+    assert read_all(str(path), PARQUET, key_column="__url__")[0]["key"] == "shard-0.tar"
+    pq.write_table(pa.table({"jpg": [b"i0"], "key": ["k"], "__key__": ["hf"]}), path)
+    assert read_all(str(path), PARQUET)[0]["key"] == "k"
 
 
 def test_parquet_caption_list_column_gives_every_caption_as_a_reference_in_nfc(tmp_path: Path) -> None:
