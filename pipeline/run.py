@@ -35,6 +35,7 @@ from pipeline.sinks import (
     CAPTIONS,
     FILTERED,
     REFILTER,
+    REPORT,
     RUN_JSON,
     STAGING,
     STAGING_CONFIG,
@@ -220,7 +221,7 @@ def _prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, An
     if finished is not None and (different or refiltering) and _only_filter_differs(finished, defining):
         return finished, True
     if different and config.overwrite:
-        for folder in (CAPTIONS, FILTERED, WEBDATASET, STAGING, REFILTER, RUN_JSON):
+        for folder in (CAPTIONS, FILTERED, WEBDATASET, STAGING, REFILTER, RUN_JSON, REPORT):
             output.remove(folder)
         finished = None
     if finished is not None:
@@ -253,6 +254,7 @@ def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], def
     started = time.time()
     output.write_json(defining, REFILTER)
     output.remove(WEBDATASET)
+    output.remove(REPORT)  # a page of the old filter's figures
     scores = read_columns(output, CAPTIONS, ["key", "status", "clip_score"])
     ok = scores.filter(pc.equal(scores.column("status"), "ok")) if scores is not None else None
     cutoff = None if ok is None else top_fraction_cutoff(
@@ -471,10 +473,11 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
         with output.fs.open(path, "rb") as handle:
             table = pq.read_table(handle, use_threads=False)
         table = _mark_duplicates(_drop_written(table, written), renamed)
-        by_node.update(table.column("node").to_pylist())
+        captioned = table.filter(pc.equal(table.column("status"), "ok"))  # not rows failed before the models
+        by_node.update(captioned.column("node").to_pylist())
         # parts staged by a version that did not record it
-        by_compute.update(table.column("compute").to_pylist() if "compute" in table.column_names
-                          else ["unrecorded"] * table.num_rows)
+        by_compute.update(captioned.column("compute").to_pylist() if "compute" in table.column_names
+                          else ["unrecorded"] * captioned.num_rows)
         actor_peak_mb = max(actor_peak_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
         table = table.drop_columns([c for c in STAGING_ONLY if c in table.column_names]).cast(schema)
         kept += _write_part(output, config, cutoff, table, embedding_dim, path.rsplit("/", 1)[-1])

@@ -94,7 +94,9 @@ HOSTILE_TAR: dict[str, tuple[dict[str, bytes], str, tuple[int, int] | None]] = {
     "exif-rotated": ({"jpg": _rotated_jpeg()}, "ok", (40, 60)),
     "text-only": ({"txt": b"resim yok", "json": b"{}"}, "no_image", None),
     "not-an-image": ({"bin": b"\x00\x01\x02"}, "no_image", None),
-    "cp1254-text": ({"jpg": jpeg_bytes(5), "txt": "çığ".encode("cp1254")}, "ok", GOOD),
+    "cp1254-text": ({"jpg": jpeg_bytes(5), "txt": "Işık, çığ ve ağaç".encode("cp1254")}, "ok", GOOD),
+    "notepad-text": ({"jpg": jpeg_bytes(6), "txt": "\ufeffmavi kare\r\n".encode()}, "ok", GOOD),
+    "undecodable-text": ({"jpg": jpeg_bytes(7), "txt": b"a\x81\x8db"}, "ok", GOOD),
 }
 CUT_SAMPLES = 4  # in cut.tar; the tar is cut in the middle of the third sample
 
@@ -240,7 +242,10 @@ def test_good_rows_have_captions_scores_and_embeddings(hostile):
 def test_sample_text_survives_bad_encodings(hostile):
     rows = _by_key(hostile)
     assert rows["good-0"]["original_text"] == "kırmızı bir daire"
-    assert rows["cp1254-text"]["original_text"] == "\ufffd" * 3  # undecodable bytes; the row stays ok
+    # Windows Turkish text read as UTF-8 lost every Turkish letter to U+FFFD, and training learnt U+FFFD
+    assert rows["cp1254-text"]["original_text"] == "Işık, çığ ve ağaç"
+    assert rows["notepad-text"]["original_text"] == "mavi kare"  # its byte-order mark is no text
+    assert rows["undecodable-text"]["original_text"] == "a\ufffd\ufffdb"  # neither reads it; the row stays ok
     assert rows["pq-good"]["original_text"] == "bir resim"
 
 
@@ -251,6 +256,8 @@ def test_run_json_counts_match(hostile):
     assert counts["rows"] == hostile.inputs.samples
     assert counts["by_status"] == dict(sorted(expected.items()))
     assert counts["kept"] == expected["ok"]
+    # what the models captioned, not rows that failed before them
+    assert sum(counts["rows_by_node"].values()) == sum(counts["rows_by_compute"].values()) == expected["ok"]
 
 
 # --------------------------------------------------------------------------------------------------
