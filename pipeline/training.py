@@ -332,7 +332,9 @@ def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
 def _pad(tokenizer, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids; the mask marks the tokens the loss is taken on."""
     width = max(len(x) for x in ids)
-    tokens = torch.full((len(ids), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    # padding is masked out of attention and loss, so any id does; eos is one the LM has, while a pad token
+    # added to a hub tokenizer (without resizing the LM's embeddings) lies beyond them
+    tokens = torch.full((len(ids), width), tokenizer.eos_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, x in enumerate(ids):
         tokens[row, : len(x)] = torch.tensor(x)

@@ -266,17 +266,38 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
 
 
 def _write_output(folder: Path, dim: int) -> None:
-    """A pipeline output part of 20 rows (19 ok) with random embeddings."""
+    """A pipeline output part of 20 rows (19 ok) with random embeddings; every other caption longer."""
     embeddings = np.random.default_rng(0).normal(size=(20, dim)).astype(np.float16)
     table = pa.table({
         "key": [f"k{i}" for i in range(20)], "source": ["s"] * 20, "status": ["ok"] * 19 + ["decode_error"],
         "error": [None] * 19 + ["bad"], "width": [32] * 20, "height": [32] * 20,
-        "caption": ["Resimde büyük bir mavi kare var."] * 19 + [None], "clip_score": [0.5] * 19 + [None],
+        "caption": ["Resimde büyük bir mavi kare var." + " Solda bir daire." * (i % 2) for i in range(19)] + [None],
+        "clip_score": [0.5] * 19 + [None],
         "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float16()), dim),
         "candidates": [None] * 20, "keep": [True] * 19 + [False], "original_text": [None] * 20},
         schema=captions_schema(dim))
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-0.parquet")
+
+
+def test_a_hub_lm_whose_tokenizer_got_a_pad_token_beyond_its_embeddings_trains(tokenizer, tiny_bundle, tmp_path):
+    """`tokenizer.add_special_tokens({"pad_token": "<pad>"})` without resizing the LM (common with GPT-2,
+    which has no pad token) gives a pad id past the embedding rows: padding with it stopped training with
+    an IndexError, after stage 1."""
+    import copy
+
+    from conftest import tiny_lm
+
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "[PAD]"})
+    lm = tiny_lm(tokenizer)
+    assert padded.pad_token_id >= lm.get_input_embeddings().num_embeddings
+    lm.save_pretrained(tmp_path / "lm")
+    padded.save_pretrained(tmp_path / "lm")
+    _write_output(tmp_path / "output", 24)
+    summary = train(_config(tmp_path / "run", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
+                            lm=str(tmp_path / "lm")))
+    assert np.isfinite(summary["caption_losses"]).all()
 
 
 def test_training_on_a_bundle_whose_encoder_is_a_named_model_with_stored_weights(tokenizer, tmp_path):
