@@ -15,6 +15,7 @@ import click
 
 from pipeline.cli import OneLineErrors
 from pipeline.report import ReportError, build_report, write_report
+from pipeline.sinks import REPORT
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,7 +27,7 @@ from pipeline.report import ReportError, build_report, write_report
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the row sample.")
 @click.option("--out", default=None, help="Report path or fsspec URL [default: OUTPUT/report.html].")
 def main(output: str, inputs: tuple[str, ...], samples: int, seed: int, out: str | None) -> None:
-    target = out or output.rstrip("/") + "/report.html"
+    target = out or f"{output.rstrip('/')}/{REPORT}"
     try:
         write_report(build_report(output, list(inputs) or None, samples=samples, seed=seed), target)
     except (ReportError, OSError) as exc:

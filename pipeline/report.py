@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.images import ImageError, ImageSpec, decode_image
-from pipeline.sinks import CAPTIONS, RUN_JSON, OutputDir
+from pipeline.sinks import CAPTIONS, RUN_JSON, TMP_PREFIX, OutputDir
 from pipeline.sources import FOLDER, InputError, Shard, expand_inputs, read_samples
 from pipeline.text import one_line
 
@@ -123,7 +123,8 @@ def write_report(text: str, url: str) -> None:
     folder = posixpath.dirname(path)
     if folder:
         fs.makedirs(folder, exist_ok=True)
-    temporary = posixpath.join(folder, f".{uuid.uuid4().hex}-{posixpath.basename(path)}.tmp")
+    # named as the run's own temporaries: a killed report is cleaned up by the next run, and verify sees it
+    temporary = posixpath.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}")
     try:
         with fs.open(temporary, "wb") as handle:
             handle.write(text.encode("utf-8"))

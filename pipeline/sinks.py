@@ -36,9 +36,10 @@ WEBDATASET = "filtered_wds"
 # The filtered columns a WebDataset sample carries (in KEY.txt and KEY.json).
 WEBDATASET_COLUMNS = ("key", "source", "caption", "clip_score", "original_text", "width", "height")
 RUN_JSON = "run.json"
+REPORT = "report.html"  # jobs/report.py's page of the run, removed whenever run.json is rewritten
 REFILTER = "_refilter.json"  # the configuration a re-filter in progress is heading to
 STAGING_CONFIG = "config.json"
-_TMP_PREFIX = "._tmp-"
+TMP_PREFIX = "._tmp-"
 
 
 class OutputDir:
@@ -73,7 +74,7 @@ class OutputDir:
         if not self.exists(folder):
             return []
         names = self.fs.glob(self.path(folder, pattern))
-        return sorted(name for name in names if not name.rsplit("/", 1)[-1].startswith(_TMP_PREFIX))
+        return sorted(name for name in names if not name.rsplit("/", 1)[-1].startswith(TMP_PREFIX))
 
     def read_json(self, *parts: str) -> dict[str, Any] | None:
         if not self.exists(*parts):
@@ -93,7 +94,7 @@ class OutputDir:
         path = self.path(*parts)
         folder, name = path.rsplit("/", 1)
         self.fs.makedirs(folder, exist_ok=True)
-        temporary = f"{folder}/{_TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        temporary = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
         try:
             with self.fs.open(temporary, "wb") as handle:
                 write(handle)
@@ -109,7 +110,7 @@ class OutputDir:
 
     def clean_temporaries(self) -> int:
         """Delete temporary files left by writers that were killed mid-write."""
-        stale = [p for p in self.fs.glob(self.path("**", _TMP_PREFIX + "*")) if self.fs.isfile(p)]
+        stale = [p for p in self.fs.glob(self.path("**", TMP_PREFIX + "*")) if self.fs.isfile(p)]
         for path in stale:
             self.fs.rm(path)
         return len(stale)

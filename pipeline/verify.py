@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sinks import _TMP_PREFIX, CAPTIONS, FILTERED, RUN_JSON, STAGING, OutputDir
+from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, TMP_PREFIX, OutputDir
 from pipeline.sources import Shard, expand_inputs, read_samples
 from pipeline.text import describe_error, one_line
 from schemas.captions import METADATA_KEY, SchemaError, captions_schema, validate_table
@@ -147,7 +147,7 @@ def _read_parts(output: OutputDir, folder: str, files: list[str]) -> _Parts:
     tables = []
     for relative in sorted(files):
         folder_name, _, name = relative.partition("/")
-        if folder_name != folder or "/" in name or not name.endswith(".parquet") or name.startswith(_TMP_PREFIX):
+        if folder_name != folder or "/" in name or not name.endswith(".parquet") or name.startswith(TMP_PREFIX):
             continue  # temporary and stray files are the layout check's business
         parts.files += 1
         try:
@@ -235,7 +235,7 @@ def _input_keys(shards: Iterable[Shard], image_column: str | None, key_column: s
 
 
 def _check_layout(output: OutputDir, files: list[str], examples: int) -> Check:
-    temporaries = [f for f in files if f.rsplit("/", 1)[-1].startswith(_TMP_PREFIX)]
+    temporaries = [f for f in files if f.rsplit("/", 1)[-1].startswith(TMP_PREFIX)]
     # Anything else in captions/ or filtered/ breaks readers that load the folder as one dataset.
     stray = [f for f in files if f.split("/", 1)[0] in (CAPTIONS, FILTERED) and f not in temporaries
              and (f.count("/") != 1 or not f.endswith(".parquet"))]

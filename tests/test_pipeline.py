@@ -174,8 +174,10 @@ def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tm
     assert run(RunConfig(**{**base, "decode": ignored, "model": f"{tiny_bundle}/"})) == first
     with pytest.raises(UsageError, match=r"different configuration \(decode\)"):
         run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}))
+    (tmp_path / "out" / "report.html").write_text("the first run's page")
     again = run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}, overwrite=True))
     assert again["counts"]["rows"] == 3
+    assert not (tmp_path / "out" / "report.html").exists()  # it described the run replaced
     # a shard added under the glob since: refused rather than reported complete without its samples
     tar_corpus(tmp_path / "more", shards=1, per_shard=2)
     (tmp_path / "more" / "00000.tar").rename(tmp_path / "in" / "00009.tar")
@@ -234,7 +236,9 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
         raise AssertionError("a re-filter must not run the models")
 
     monkeypatch.setattr(run_module, "_caption_into_staging", no_models)
+    (out / "report.html").write_text("a page of the old filter's figures")
     summary = run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3), overwrite=True))
+    assert not (out / "report.html").exists()
     after = read_parts(out / "captions").sort_by("key")
     assert after.drop_columns(["keep"]).equals(before.drop_columns(["keep"]))  # same rows, scores, captions
     top3 = sorted(after.column("clip_score").to_pylist(), reverse=True)[:3]
