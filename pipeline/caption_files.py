@@ -25,7 +25,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.sources import InputError, Shard, expand_inputs, read_image_file, read_samples, text_list
-from pipeline.text import one_line
+from pipeline.text import decode_text, one_line
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def _entries(spec: str, splits: tuple[str, ...]) -> Iterator[tuple[str, list[str
 
 def _json_or_none(data: bytes) -> Any:
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return json.loads(decode_text(data))
+    except (json.JSONDecodeError, RecursionError):
         return None
 
 

@@ -49,7 +49,7 @@ from braceexpand import UnbalancedBracesError, braceexpand
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.text import describe_error, one_line, storable
+from pipeline.text import decode_text, describe_error, one_line, storable
 
 WEBDATASET, PARQUET, FOLDER = "webdataset", "parquet", "folder"
 
@@ -382,8 +382,9 @@ class _TarSample:
             return sample_record(self.key, url, status="split_sample",
                            error=f"members of key {self.key!r} are not contiguous in the tar; this later group "
                                  f"({found}) was not merged with the earlier one")
-        text = None if self.text is None else _decode(self.text).strip()  # `echo caption > KEY.txt` ends in \n
-        meta = None if self.meta is None else _decode(self.meta)
+        # `echo caption > KEY.txt` ends in \n; bytes no encoding reads are U+FFFD, the row stays ok (its image is)
+        text = None if self.text is None else decode_text(self.text).strip()
+        meta = None if self.meta is None else decode_text(self.meta)
         if self.too_large:
             return sample_record(self.key, url, original_text=text, meta=meta, status="too_large", error=self.too_large)
         if self.image is None and self.not_a_file:
@@ -633,8 +634,8 @@ def _read_folder(url: str) -> Iterator[dict]:
             continue
         try:
             image = fs.cat_file(path)
-            text = None if text_path is None else _decode(fs.cat_file(text_path)).strip()
-            meta = None if meta_path is None else _decode(fs.cat_file(meta_path))
+            text = None if text_path is None else decode_text(fs.cat_file(text_path)).strip()
+            meta = None if meta_path is None else decode_text(fs.cat_file(meta_path))
         except OSError as exc:
             yield sample_record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
             continue
@@ -679,19 +680,6 @@ def _image_extension(name: str) -> str | None:
     return extension if extension in _IMAGE_RANK else None
 
 
-def _decode(data: bytes) -> str:
-    """A text member or file's text: UTF-8 (a byte-order mark, as Windows Notepad writes, dropped), else the
-    Windows Turkish code page that older Turkish caption files use, whose every letter UTF-8 would have lost
-    to U+FFFD. Bytes neither reads keep U+FFFD in their place; the record stays "ok" because the image is
-    fine and the output schema wants `error` null whenever status is "ok"."""
-    for encoding in ("utf-8-sig", "cp1254"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            pass
-    return data.decode("utf-8", errors="replace")
-
-
 def _text_cell(value: Any) -> tuple[str | None, str | None]:
     """A Parquet caption cell -> (original_text, meta): a list of strings is every reference."""
     if value is None:
@@ -703,7 +691,7 @@ def _text_cell(value: Any) -> tuple[str | None, str | None]:
 
 
 def _as_text(value: Any) -> str:
-    return _decode(value) if isinstance(value, bytes) else str(value)
+    return decode_text(value) if isinstance(value, bytes) else str(value)
 
 
 def _key_text(value: Any) -> str | None:

@@ -13,6 +13,18 @@ _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
+def decode_text(data: bytes) -> str:
+    """Text from a file or tar member: UTF-8 (a byte-order mark, as Windows Notepad writes, dropped), else the
+    Windows Turkish code page that older Turkish caption files use, whose every letter UTF-8 would have lost
+    to U+FFFD. Bytes neither reads keep U+FFFD in their place."""
+    for encoding in ("utf-8-sig", "cp1254"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("utf-8", errors="replace")
+
+
 def tr_lower(text: str) -> str:
     """Lowercase with Turkish dotted/dotless i rules."""
     return unicodedata.normalize("NFC", text).translate(_TR_LOWER).lower()

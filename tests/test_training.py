@@ -140,6 +140,19 @@ def test_jsonl_captions_skip_bad_lines_and_keep_only_text_references(tmp_path, c
         f"{tmp_path / 'missing.jpg'}: [Errno 2] No such file or directory: '{tmp_path / 'missing.jpg'}'"]
 
 
+@pytest.mark.parametrize("encoding", ["cp1254", "utf-8-sig"])
+def test_a_caption_file_saved_by_windows_tools_keeps_its_turkish_letters(tmp_path, encoding):
+    """A JSON Lines file in the Windows Turkish code page was refused line by line as 'not an object with
+    an image path and a caption'; one with Notepad's byte-order mark lost its first line."""
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(0))
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(1))
+    lines = [{"image": "a.jpg", "caption": "Işık ağacın üstünde"}, {"image": "b.jpg", "caption": "şişe ve çiçek"}]
+    (tmp_path / "captions.jsonl").write_bytes("\n".join(json.dumps(line, ensure_ascii=False) for line in lines)
+                                              .encode(encoding))
+    examples = load_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), progress=_silent)
+    assert examples.captions == [["Işık ağacın üstünde"], ["şişe ve çiçek"]]
+
+
 def test_coco_and_karpathy_caption_files_pair_each_image_with_all_its_captions(tmp_path, caplog):
     """Turkish MS COCO comes as COCO's captions JSON (captions are annotations pointing at an image id, the
     images in a folder beside annotations/) or as Karpathy's split file (sentences inside each image, whose
