@@ -41,7 +41,8 @@ def generate(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeS
         seeds = seeds_for(settings.seed, [str(i) for i in range(batch)]) if sample_seeds is None else sample_seeds
         if len(seeds) != batch:
             raise ValueError(f"{len(seeds)} sample seeds for {batch} images")
-        choose = _sampler(settings, _streams(seeds, n))
+        uniforms = _uniforms(_streams(seeds, n), settings.max_new_tokens)
+        choose = _sampler(settings, torch.from_numpy(uniforms).to(prefix.device))  # one copy, not one a step
     rows = _decode_rows(captioner, prefix.repeat_interleave(n, dim=0), settings.max_new_tokens, stop_ids, choose)
     return [rows[i * n:(i + 1) * n] for i in range(batch)]
 
@@ -71,10 +72,11 @@ def _streams(seeds: Sequence[int], candidates: int) -> np.ndarray:
         return _splitmix64(per_image + _GOLDEN * np.arange(1, candidates + 1, dtype=np.uint64)).reshape(-1)
 
 
-def _uniforms(streams: np.ndarray, step: int) -> np.ndarray:
-    """Draw `step` of each stream, uniform in [0, 1) on a 2^-24 grid (exact in float32)."""
+def _uniforms(streams: np.ndarray, steps: int) -> np.ndarray:
+    """(streams, steps) draws, row r's draw t uniform in [0, 1) on a 2^-24 grid (exact in float32)."""
     with np.errstate(over="ignore"):
-        bits = _splitmix64(streams + _GOLDEN * np.uint64(step + 1)) >> np.uint64(40)
+        counters = streams[:, None] + _GOLDEN * np.arange(1, steps + 1, dtype=np.uint64)
+        bits = _splitmix64(counters) >> np.uint64(40)
     return bits.astype(np.float32) * np.float32(2.0**-24)
 
 
@@ -145,14 +147,16 @@ def _step(captioner: PrefixCaptioner, embeds: torch.Tensor, cache: Cache) -> tor
     return captioner.lm(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
-def _greedy_choice(logits: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+def _greedy_choice(logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
     # In the model's own dtype: float32 copies of bf16 logits hold the same values, and making them took
     # 12 ms a step at batch 256 here. max's indices are argmax's (the first maximum on ties), ~4x faster.
     return logits.max(dim=-1).indices
 
 
-def _sampler(settings: DecodeSettings, streams: np.ndarray):
-    def choose(logits: torch.Tensor, rows: list[int], step: int) -> torch.Tensor:
+def _sampler(settings: DecodeSettings, uniforms: torch.Tensor):
+    """`uniforms`: (rows, steps) draws on the logits' device (see `_uniforms`); `rows` are the live rows'
+    indices into them, on that device too, so that choosing needs nothing from the host."""
+    def choose(logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
         logits = logits.float() / settings.temperature
         if settings.top_k:
             kth = logits.topk(min(settings.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -165,8 +169,7 @@ def _sampler(settings: DecodeSettings, streams: np.ndarray):
             logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
         # inverse-CDF sampling: each row's own uniform picks the first token whose cumulative mass exceeds it
         cdf = logits.softmax(dim=-1).cumsum(dim=-1)
-        uniform = torch.from_numpy(_uniforms(streams[rows], step)).to(cdf.device)
-        picks = torch.searchsorted(cdf, (uniform * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        picks = torch.searchsorted(cdf, (uniforms[rows, step] * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
         # rounding may put the threshold at the total: the last token of positive mass, never a masked one
         return torch.minimum(picks, cdf.argmax(dim=-1))
 
@@ -176,26 +179,30 @@ def _sampler(settings: DecodeSettings, streams: np.ndarray):
 def _decode_rows(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_tokens: int,
                  stop_ids: list[int], choose) -> list[list[int]]:
     """Greedy/sampling loop. Finished rows leave the batch (and the KV cache), so a batch of mixed
-    caption lengths costs what its live rows cost."""
+    caption lengths costs what its live rows cost. The host waits for the device once a step, for the
+    step's tokens (and sends it the rows to keep when some finished)."""
     cache = _new_cache(prefix, max_new_tokens)
     logits = _step(captioner, prefix, cache)
-    stops = torch.tensor(stop_ids, device=prefix.device)
+    stops = set(stop_ids)
     eos = captioner.tokenizer.eos_token_id
     outputs: list[list[int]] = [[] for _ in range(prefix.shape[0])]
     live = list(range(prefix.shape[0]))
+    live_rows = torch.arange(prefix.shape[0], device=prefix.device)
     for step in range(max_new_tokens):
-        tokens = choose(logits, live, step)
-        finished = torch.isin(tokens, stops)
-        for row, token, done in zip(live, tokens.tolist(), finished.tolist(), strict=True):
+        tokens = choose(logits, live_rows, step)
+        picked = tokens.tolist()
+        finished = [token in stops for token in picked]
+        for row, token, done in zip(live, picked, finished, strict=True):
             if not (done and token == eos):
                 outputs[row].append(token)
-        if finished.all() or step == max_new_tokens - 1:  # no forward pass whose logits nobody reads
+        if all(finished) or step == max_new_tokens - 1:  # no forward pass whose logits nobody reads
             break
-        if finished.any():
-            keep = (~finished).nonzero().squeeze(-1)
+        if any(finished):
+            kept = [i for i, done in enumerate(finished) if not done]
+            keep = torch.tensor(kept, device=tokens.device)
             cache.batch_select_indices(keep)
-            tokens = tokens[keep]
-            live = [live[i] for i in keep.tolist()]
+            tokens, live_rows = tokens[keep], live_rows[keep]
+            live = [live[i] for i in kept]
         logits = _step(captioner, captioner.embed_tokens(tokens[:, None]), cache)
     return outputs
 
@@ -240,11 +247,12 @@ def _beam_search(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: Dec
     order = (scores / lengths.clamp(min=1).view(batch, k).pow(settings.length_penalty)).argsort(dim=-1,
                                                                                              descending=True)
     eos = captioner.tokenizer.eos_token_id
+    best, token_rows = order[:, : settings.num_candidates].tolist(), tokens.tolist()  # two copies to the host
     results = []
     for image in range(batch):
         beams = []
-        for beam in order[image, : settings.num_candidates].tolist():
-            ids = [t for t in tokens[image * k + beam].tolist() if t >= 0]
+        for beam in best[image]:
+            ids = [t for t in token_rows[image * k + beam] if t >= 0]
             beams.append(ids[:-1] if ids and ids[-1] == eos else ids)
         results.append(beams)
     return results

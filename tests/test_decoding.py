@@ -140,15 +140,16 @@ def test_a_sampled_image_draws_the_same_in_any_batch(tokenizer):
 
 
 def test_sampling_draws_each_token_at_its_probability():
-    from pipeline.decoding import _sampler, _streams
+    from pipeline.decoding import _sampler, _streams, _uniforms
 
     probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05, 0.0])  # zero-mass tokens must never come up
     rows = 20_000
-    choose = _sampler(DecodeSettings(method="sample", seed=0), _streams(seeds_for(0, [str(i) for i in range(rows)]), 1))
-    picks = choose(probs.log().expand(rows, -1), list(range(rows)), step=0)
+    uniforms = _uniforms(_streams(seeds_for(0, [str(i) for i in range(rows)]), 1), steps=2)
+    choose = _sampler(DecodeSettings(method="sample", seed=0), torch.from_numpy(uniforms))
+    picks = choose(probs.log().expand(rows, -1), torch.arange(rows), step=0)
     frequencies = torch.bincount(picks, minlength=len(probs)) / rows
     assert (frequencies - probs).abs().max() < 0.015, frequencies  # 4.5 sigma for p = 0.5
-    later = choose(probs.log().expand(rows, -1), list(range(rows)), step=1)
+    later = choose(probs.log().expand(rows, -1), torch.arange(rows), step=1)
     assert 0.3 < (later != picks).float().mean() < 0.9  # each step draws anew
 
 
