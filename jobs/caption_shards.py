@@ -42,8 +42,9 @@ from pipeline.sources import InputError
               help="Images per model batch; decoding gains from every extra row (README \"Benchmarks\").")
 @click.option("--actors", default="auto", show_default=True,
               help="Model actors: N, MIN-MAX to autoscale, or auto: as many as the nodes up now hold.")
-@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=None,
-              help="GPUs per model actor (default: 1 when the cluster has GPUs, else 0).")
+@click.option("--gpus-per-actor", type=click.FloatRange(0, 1), default=None,
+              help="GPUs per model actor: 1, or a share such as 0.5 (default: 1 when the cluster has GPUs, "
+                   "else 0).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Caption only the first N samples.")
 @click.option("--rows-per-file", type=click.IntRange(min=1), default=4096, show_default=True,

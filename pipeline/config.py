@@ -107,8 +107,9 @@ class RunConfig:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor < math.inf:  # NaN fails too
-            raise ValueError(f"--gpus-per-actor must be a number >= 0, got {self.gpus_per_actor}")
+        if self.gpus_per_actor is not None and not 0 <= self.gpus_per_actor <= 1:  # NaN fails too
+            raise ValueError(f"--gpus-per-actor must be between 0 and 1 (a model actor computes on one GPU; "
+                             f"more actors use more GPUs), got {self.gpus_per_actor}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if self.rows_per_file < 1:

@@ -317,6 +317,9 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     gpus = config.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if any(resources.get("GPU", 0) > 0 for resources in nodes) else 0.0
+        if not gpus and not _ray_started_here():  # the autoscaler adds GPU nodes only for actors that ask
+            log.info("no node up now has a GPU: the model actors caption on CPUs (on an autoscaling GPU cluster, "
+                     "give --gpus-per-actor 1 and --actors MIN-MAX)")
     actors = config.actors or auto_actors(nodes, gpus, actor_memory_estimate(config.model_path))
     # Where the nodes up now hold the pool's minimum, no batch goes out before those actors have loaded
     # their models: otherwise the first actor up takes every batch of a short run and --actors N is not N.

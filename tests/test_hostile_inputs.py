@@ -342,7 +342,7 @@ def test_inputs_without_a_sample_still_give_readable_tables(ray_local, tiny_bund
     assert report.ok, "\n".join(report.lines())
 
 
-@pytest.mark.parametrize("option", [("--gpus-per-actor", "nan"), ("--gpus-per-actor", "inf"),
+@pytest.mark.parametrize("option", [("--gpus-per-actor", "nan"), ("--gpus-per-actor", "inf"), ("--gpus-per-actor", "2"),
                                     ("--temperature", "nan"), ("--decode", "sample", "--top-p", "nan")])
 def test_impossible_values_are_one_usage_line_before_torch_or_ray_load(option, tmp_path):
     """NaN passes click's range checks (every comparison with it is false); it reached Ray as a traceback, or
