@@ -37,6 +37,7 @@ from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.precision import cpu_has_fast_bf16, resolve_dtype
 
 GPT2_VOCAB = 50257
+CPU = torch.device("cpu")
 EOS = "<|endoftext|>"
 
 
@@ -63,9 +64,18 @@ def _letters(number: int) -> str:
             return word
 
 
-def compute_dtypes() -> list[torch.dtype]:
-    """fp32, and bf16 where this CPU runs it natively (elsewhere a bf16 model would take hours here)."""
+def compute_dtypes(device: torch.device = CPU) -> list[torch.dtype]:
+    """On CPU fp32, and bf16 where this CPU runs it natively (elsewhere a bf16 model would take hours here);
+    on a GPU the half precisions it has tensor cores for."""
+    if device.type == "cuda":
+        return [torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported(including_emulation=False) else [])
     return [torch.float32, torch.bfloat16] if cpu_has_fast_bf16() else [torch.float32]
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a timer read next includes it (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -132,7 +142,8 @@ def photo_corpus(root: Path, images: int, shards: int) -> str:
     root = root.with_name(f"{root.name}-{images}x{shards}")
     if not (root / "test").is_dir():
         write_corpus(root, seed=1, counts={"test": images}, size=(640, 480),
-                     shard_size=max(1, -(-images // shards)), formats=("webdataset",))
+                     shard_size=max(1, -(-images // shards)), formats=("webdataset",),
+                     workers=len(os.sched_getaffinity(0)))
     return str(root / "test" / "*.tar")
 
 
@@ -168,15 +179,17 @@ def flops_per_image(bundle_dir: Path, inputs: str, dtype: torch.dtype, images: i
     return counts
 
 
-def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype, limit: int | None = None) -> dict:
+def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype, limit: int | None = None,
+              device: torch.device = CPU) -> dict:
     """decode JPEG -> encode -> caption -> score in one process, no Ray; model load included, as in
-    the pipeline's actor. Also times each stage."""
+    the pipeline's actor. Also times each stage (decoding on this process's one thread)."""
     from pipeline.images import decode_image
     from pipeline.models.bundle import load_bundle
     from pipeline.sources import expand_inputs, read_samples
 
     started = time.perf_counter()
-    bundle = load_bundle(bundle_dir).to("cpu", dtype)
+    bundle = load_bundle(bundle_dir).to(device, dtype)
+    _sync(device)
     stages = {"load": time.perf_counter() - started, "read+decode": 0.0, "encode": 0.0, "caption": 0.0,
               "score": 0.0}
     settings = DecodeSettings(max_new_tokens=20)
@@ -188,11 +201,12 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
             t0 = time.perf_counter()
             features = bundle.encoder.encode_images(batch, normalize=False)  # as caption_batch
             embeddings = torch.nn.functional.normalize(features, dim=-1)
+            _sync(device)
             t1 = time.perf_counter()
             texts = decode_texts(bundle.captioner, [c[0] for c in generate(
                 bundle.captioner, bundle.captioner.prefix(features), settings)])
             t2 = time.perf_counter()
-            (embeddings * bundle.scorer.encode_texts(texts)).sum(-1)
+            (embeddings * bundle.scorer.encode_texts(texts)).sum(-1).cpu()  # as caption_batch: scores to the host
             t3 = time.perf_counter()
         stages["encode"] += t1 - t0
         stages["caption"] += t2 - t1
@@ -221,12 +235,12 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
 
 
 def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int, dtype: str,
-                 actors: int | None = None, running: bool = False) -> dict:
+                 actors: int | None = None, running: bool = False, gpus: float | None = None) -> dict:
     """The whole job in this process as a driver. By default it starts and stops Ray inside the measured
     time (`python jobs/caption_shards.py` on a machine without a Ray); `running`: it connects to the
     Ray that `running_ray` started, as a job `ray job submit` sends to a running head does (its
     connecting is measured). On CPU the model actors share the cores (one actor: all of them as its
-    threads). None: the job's default, `--actors auto`."""
+    threads). None: the job's defaults, `--actors auto` and `--gpus-per-actor` (1 where there are GPUs)."""
     import shutil
 
     import ray
@@ -240,7 +254,7 @@ def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int
         ray.init(address="auto", log_to_driver=True, configure_logging=False)
     summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(bundle_dir), batch_size=batch_size,
                             dtype=dtype, decode=DecodeSettings(max_new_tokens=20),
-                            actors=actors and ActorRange(actors, actors)))
+                            actors=actors and ActorRange(actors, actors), gpus_per_actor=gpus))
     ray.shutdown()
     wall = time.perf_counter() - started
     rows = summary["counts"]["rows"]
@@ -266,13 +280,66 @@ def running_ray() -> Iterator[float]:
         subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5,
+                  device: torch.device = CPU) -> float:
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    _sync(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+class GpuSampler:
+    """Samples the GPUs' utilisation and memory with `nvidia-smi --loop-ms` in the background; a summary of
+    None where there is no nvidia-smi (no NVIDIA GPU)."""
+
+    QUERY = ("--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits")
+
+    def __init__(self, interval_ms: int = 250, command: str = "nvidia-smi"):
+        self.command = [command, *self.QUERY, f"--loop-ms={interval_ms}"]
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> GpuSampler:
+        self.output = tempfile.TemporaryFile()  # read back by summary()
+        try:
+            self.process = subprocess.Popen(self.command, stdout=self.output, stderr=subprocess.DEVNULL)
+        except OSError:
+            self.process = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait()
+
+    def summary(self) -> dict[str, float] | None:
+        """Over every sample of every GPU: mean and peak utilisation (%), peak memory used (MiB)."""
+        self.output.seek(0)
+        samples = []
+        for line in self.output.read().decode(errors="replace").splitlines():
+            try:
+                utilization, memory = (float(field) for field in line.split(","))
+            except ValueError:
+                continue  # "[N/A]", a line cut by the stop
+            samples.append((utilization, memory))
+        if not samples:
+            return None
+        return {"samples": len(samples), "utilization_mean_pct": round(sum(u for u, _ in samples) / len(samples), 1),
+                "utilization_max_pct": max(u for u, _ in samples), "memory_peak_mib": max(m for _, m in samples)}
+
+
+def bottleneck(gpu: dict[str, float] | None, cpu_busy_cores: float, cores: int) -> str:
+    """What held a GPU run back, from the GPU's mean utilisation and how many cores were busy."""
+    if gpu is None:
+        return "no GPU measured"
+    if gpu["utilization_mean_pct"] >= 80:
+        return "GPU (the model stage)"
+    if cpu_busy_cores >= 0.85 * cores:
+        return "CPU (JPEG decode and the model actor's host work)"
+    return "neither saturated: the pipeline's own latency (batches in flight, scheduling)"
 
 
 class ProcessSampler:
@@ -401,44 +468,67 @@ def decoding(batch_size: int, max_new_tokens: int, reference_images: int, json_p
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
               help="The job's default.")
 @click.option("--workdir", default="/tmp/captioner-bench", show_default=True, type=click.Path(path_type=Path))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the models run, in the bare loop and in the pipeline (auto: cuda where there is one).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
-def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None) -> None:
+def pipeline(images: int, batch_size: int, workdir: Path, device: str, json_path: Path | None) -> None:
     """Bare in-process loop vs the full Ray pipeline on the same real-size model and 640x480 JPEGs;
     dtype and batch-size variants of the bare loop; time per stage; actor memory. The pipeline runs
     as the job does by default (`--actors auto`): as plain `python` (Ray started inside the measured time),
     and on a running Ray head (as `ray job submit` runs it; the head's start is reported apart); also with
-    one model actor on all cores when that default is more than one."""
+    one model actor on all cores when that default is more than one. On a GPU the running-head run also
+    samples GPU utilisation and memory and the cores' load, and names the bottleneck; the pipeline runs
+    in each half precision."""
+    on = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
+                      else device)
+    gpus = 1.0 if on.type == "cuda" else 0.0
     bundle_dir = real_size_bundle(workdir / "bundle")
     inputs = photo_corpus(workdir / "corpus", images, shards=max(4, -(-images // 400)))
     shards = sorted(str(path) for path in Path(inputs).parent.glob("*.tar"))
-    dtype = resolve_dtype("auto", torch.device("cpu"))  # what the pipeline's "auto" computes in here
-    result: dict = {"images": images, "batch_size": batch_size, "dtype": _dtype_name(dtype),
-                    "flops_per_image": flops_per_image(bundle_dir, inputs, dtype)}
-    # a dtype this CPU does not run natively is timed on a small product only, to record how slow it is
-    result["matmul_gflops"] = {_dtype_name(d): matmul_gflops(d, size=2048 if d in compute_dtypes() else 256)
-                               for d in (torch.float32, torch.bfloat16)}
+    dtype = resolve_dtype("auto", on)  # what the pipeline's "auto" computes in there
+    result: dict = {"images": images, "batch_size": batch_size, "device": str(on), "dtype": _dtype_name(dtype),
+                    # FLOPs do not depend on where they run: counted on the CPU
+                    "flops_per_image": flops_per_image(bundle_dir, inputs,
+                                                       dtype if on.type == "cpu" else torch.float32)}
+    if on.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(on)
+        result["matmul_gflops"] = {_dtype_name(d): matmul_gflops(d, size=8192, repeats=20, device=on)
+                                   for d in compute_dtypes(on)}
+    else:  # a dtype this CPU does not run natively is timed on a small product only, to record how slow it is
+        result["matmul_gflops"] = {_dtype_name(d): matmul_gflops(d, size=2048 if d in compute_dtypes() else 256)
+                                   for d in (torch.float32, torch.bfloat16)}
     variants = {}
-    for variant_dtype in compute_dtypes():
+    for variant_dtype in compute_dtypes(on):
         for size in sorted({32, batch_size}):
             variants[f"{_dtype_name(variant_dtype)}_batch{size}"] = bare_loop(
-                bundle_dir, inputs, size, variant_dtype, limit=min(images, 2 * size))["images_per_s"]
+                bundle_dir, inputs, size, variant_dtype, limit=min(images, 2 * size), device=on)["images_per_s"]
     result["bare_variants_images_per_s"] = variants
-    result["bare"] = bare_loop(bundle_dir, inputs, batch_size, dtype)
-    result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto")
+    result["bare"] = bare_loop(bundle_dir, inputs, batch_size, dtype, device=on)
+    result["ray"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", gpus=gpus)
     result["ray_over_bare"] = result["ray"]["images_per_s"] / result["bare"]["images_per_s"]
-    if result["ray"]["actors"] > 1:
-        result["ray_one_actor"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", 1)
+    if result["ray"]["actors"] > 1 and on.type == "cpu":
+        result["ray_one_actor"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", 1, gpus=gpus)
         result["ray_one_actor_over_bare"] = result["ray_one_actor"]["images_per_s"] / result["bare"]["images_per_s"]
     # Steady state: each again on the first half of the shards; the second half's images over the
     # difference in wall time cancels each side's fixed start-up cost (model load; actors starting).
     half_shards = shards[: len(shards) // 2]
     half_images = result["bare"]["images"] * len(half_shards) // len(shards)
-    result["bare_half"] = bare_loop(bundle_dir, inputs, batch_size, dtype, limit=half_images)
+    result["bare_half"] = bare_loop(bundle_dir, inputs, batch_size, dtype, limit=half_images, device=on)
     with running_ray() as start_s:
         result["ray_start_s"] = start_s
-        result["ray_running"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto", running=True)
+        with ProcessSampler() as processes, GpuSampler() as gpu:
+            result["ray_running"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto",
+                                                 running=True, gpus=gpus)
+        busy_cores = sum(role["cpu_s"] for role in processes.summary().values()) / result["ray_running"]["wall_s"]
+        result["ray_running"].update(processes=processes.summary(), gpu_sampled=gpu.summary(),
+                                     busy_cores=round(busy_cores, 2), cores=len(os.sched_getaffinity(0)))
+        if on.type == "cuda":
+            result["bottleneck"] = bottleneck(gpu.summary(), busy_cores, len(os.sched_getaffinity(0)))
+            result["ray_running_by_dtype_images_per_s"] = {
+                name: ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, name, running=True,
+                                   gpus=gpus)["images_per_s"] for name in ("fp16", "bf16")}
         result["ray_running_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, "auto",
-                                                  running=True)
+                                                  running=True, gpus=gpus)
     result["ray_running_over_bare"] = result["ray_running"]["images_per_s"] / result["bare"]["images_per_s"]
     rest = result["ray_running"]["images"] - result["ray_running_half"]["images"]
     result["steady_images_per_s"] = {
@@ -474,8 +564,15 @@ def pipeline(images: int, batch_size: int, workdir: Path, json_path: Path | None
                          ("Ray / bare, steady state", result["ray_over_bare_steady"]),
                          ("model stage share of matmul peak", result["model_stage_share_of_matmul_peak"]),
                          ("  encoder + decoder only", result["encoder_decoder_share_of_matmul_peak"]),
-                         ("model actor peak RSS (MB)", result["ray"]["actor_peak_rss_mb"])]:
+                         ("model actor peak RSS (MB)", result["ray"]["actor_peak_rss_mb"]),
+                         ("cores busy during the running-Ray run", result["ray_running"]["busy_cores"]),
+                         *((f"GPU {k} (running-Ray run)", v) for k, v in (result["ray_running"]["gpu_sampled"]
+                                                                          or {}).items()),
+                         *((f"Ray pipeline {k} (images/s)", v)
+                           for k, v in result.get("ray_running_by_dtype_images_per_s", {}).items())]:
         click.echo(f"{label:<44}{value:>12.3f}")
+    if "bottleneck" in result:
+        click.echo(f"bottleneck: {result['bottleneck']}")
     stage_s = result["bare"]["stage_s"]
     click.echo("bare loop time share: " + ", ".join(f"{k} {v / sum(stage_s.values()):.0%}" for k, v in stage_s.items()))
     if json_path:
