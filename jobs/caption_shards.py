@@ -84,10 +84,13 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     counts, timings = summary["counts"], summary["timings"]
     failed = counts["rows"] - counts["by_status"].get("ok", 0)
     rate = timings.get("images_per_s")
-    click.echo(f"captioned {counts['rows']} rows ({failed} failed, {counts['kept']} kept) "
-               f"in {timings['wall_s']:.1f}s, {rate if rate is not None else 'n/a'} images/s -> {output}")
-    if "refilter_s" in timings:
-        click.echo(f"re-filtered the stored scores in {timings['refilter_s']:.1f}s (no model run)")
+    captioned = (f"captioned {counts['rows']} rows ({failed} failed) in {timings['wall_s']:.1f}s, "
+                 f"{rate if rate is not None else 'n/a'} images/s")
+    if "refilter_s" in timings:  # the wall time and rate are those of the run that captioned them
+        click.echo(f"re-filtered {counts['rows']} rows from their stored scores in {timings['refilter_s']:.1f}s, "
+                   f"no model run ({counts['kept']} kept) -> {output}; {captioned} earlier")
+    else:
+        click.echo(f"{captioned}, {counts['kept']} kept -> {output}")
     if "webdataset" in summary:
         webdataset = summary["webdataset"]
         click.echo(f"webdataset: {webdataset['samples']} samples in {webdataset['tars']} tars -> "
