@@ -11,18 +11,27 @@ _TR_UPPER = str.maketrans({"ı": "I", "i": "İ"})
 _SPACES = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([.,;:!?])")
 _SURROGATES = re.compile("[\ud800-\udfff]")
+_UTF8_LETTER = re.compile("[^\x00-\x7f\ufffd]")  # a multi-byte UTF-8 sequence that decoded
 
 
 def decode_text(data: bytes) -> str:
-    """Text from a file or tar member: UTF-8 (a byte-order mark, as Windows Notepad writes, dropped), else the
-    Windows Turkish code page that older Turkish caption files use, whose every letter UTF-8 would have lost
-    to U+FFFD. Bytes neither reads keep U+FFFD in their place."""
-    for encoding in ("utf-8-sig", "cp1254"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            pass
-    return data.decode("utf-8", errors="replace")
+    """Text from a file or tar member: UTF-16 where it starts with its byte-order mark (Windows Notepad's
+    "Unicode"), else UTF-8 (a byte-order mark dropped); UTF-8 with a few bad bytes (a letter cut in two)
+    keeps its letters and U+FFFD for the bad bytes; text with no UTF-8 letter at all is read in the Windows
+    Turkish code page that older Turkish caption files use, whose every letter UTF-8 would have lost."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16", errors="replace")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    as_utf8 = data.decode("utf-8", errors="replace")
+    if _UTF8_LETTER.search(as_utf8):
+        return as_utf8
+    try:
+        return data.decode("cp1254")
+    except UnicodeDecodeError:
+        return as_utf8
 
 
 def tr_lower(text: str) -> str:
