@@ -4,6 +4,7 @@ batches of decoded (or, on CPU clusters, raw) samples. Plain PyTorch underneath:
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,8 @@ def actor_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
                              f"device (torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): "
                              "install a CUDA build of torch on the GPU nodes, or caption on CPUs with "
                              "--gpus-per-actor 0")
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):  # every GPU visible: pick Ray's by number
+        return torch.device("cuda", int(gpu_ids[0]))
     return torch.device("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the GPU it gave: cuda:0 is that one
 
 

@@ -379,14 +379,21 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
 
 
 def _creation_error(exc: ray.exceptions.RayActorError) -> str:
-    """The line that names what an actor's __init__ raised: the last of the remote traceback Ray's message
-    carries (it keeps no exception object), its exception type without the module path."""
-    last = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "unknown error")
-    name, colon, message = last.partition(": ")
-    if not colon or not re.fullmatch(r"[\w.]+", name):
-        return last
+    """What an actor's __init__ raised, from the remote traceback Ray's message carries (it keeps no
+    exception object): the exception's own line and any after it (torch's CUDA messages run over several),
+    on one line, its type without the module path."""
+    lines = str(exc).splitlines()
+    start = next((i for i in range(len(lines) - 1, -1, -1) if _EXCEPTION_LINE.match(lines[i])), None)
+    if start is None:
+        return one_line(next((line for line in reversed(lines) if line.strip()), "unknown error"))
+    name, _, message = lines[start].partition(":")
     name = name.rpartition(".")[2]
-    return message if name == ModelLoadError.__name__ else f"{name}: {message}"
+    message = one_line(" ".join([message, *lines[start + 1:]]))
+    return message if name == ModelLoadError.__name__ else f"{name}: {message}" if message else name
+
+
+# "pipeline.models.errors.ModelLoadError: ...", "torch.AcceleratorError: ...", "MemoryError": at the line's start
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(:|$)")
 
 
 def _ray_started_here() -> bool:
