@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -316,7 +316,8 @@ class GpuSampler:
             self.process.wait()
 
     def summary(self) -> dict[str, float] | None:
-        """Over every sample of every GPU: mean and peak utilisation (%), peak memory used (MiB)."""
+        """Over every sample of every GPU: mean and peak utilisation (%), peak memory used (MiB); and the mean
+        from the first busy sample to the last, which leaves out the run's start and end (Ray, model load)."""
         self.output.seek(0)
         samples = []
         for line in self.output.read().decode(errors="replace").splitlines():
@@ -327,15 +328,24 @@ class GpuSampler:
             samples.append((utilization, memory))
         if not samples:
             return None
-        return {"samples": len(samples), "utilization_mean_pct": round(sum(u for u, _ in samples) / len(samples), 1),
+        busy = [i for i, (utilization, _) in enumerate(samples) if utilization > 0]
+        active = samples[busy[0]:busy[-1] + 1] if busy else samples
+        return {"samples": len(samples), "utilization_mean_pct": _mean_pct(u for u, _ in samples),
+                "utilization_active_mean_pct": _mean_pct(u for u, _ in active),
                 "utilization_max_pct": max(u for u, _ in samples), "memory_peak_mib": max(m for _, m in samples)}
 
 
+def _mean_pct(values: Iterable[float]) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 1)
+
+
 def bottleneck(gpu: dict[str, float] | None, cpu_busy_cores: float, cores: int) -> str:
-    """What held a GPU run back, from the GPU's mean utilisation and how many cores were busy."""
+    """What held a GPU run back, from the GPU's mean utilisation while batches flowed and how many cores were
+    busy (over the whole run: a lower bound)."""
     if gpu is None:
         return "no GPU measured"
-    if gpu["utilization_mean_pct"] >= 80:
+    if gpu["utilization_active_mean_pct"] >= 80:
         return "GPU (the model stage)"
     if cpu_busy_cores >= 0.85 * cores:
         return "CPU (JPEG decode and the model actor's host work)"

@@ -64,15 +64,17 @@ def test_gpu_sampler_reads_nvidia_smi_and_names_the_bottleneck(tmp_path):
     """The GPU figures of issue 7 come from nvidia-smi's loop: here a stand-in prints what it prints
     (one line per GPU and sample, "[N/A]" where a value is missing) and waits to be stopped."""
     fake = tmp_path / "nvidia-smi"
-    fake.write_text("#!/bin/sh\necho \"$@\" > \"$0.args\"\nprintf '87, 1200\\n[N/A], 1300\\n93, 1500\\n'\nsleep 60\n")
+    fake.write_text("#!/bin/sh\necho \"$@\" > \"$0.args\"\n"
+                    "printf '0, 900\\n87, 1200\\n[N/A], 1300\\n93, 1500\\n0, 1500\\n0, 1500\\n'\nsleep 60\n")
     fake.chmod(0o755)
     with benchmark.GpuSampler(command=str(fake)) as sampler:
         for _ in range(100):  # until the stand-in has written its samples
             if (tmp_path / "nvidia-smi.args").exists() and sampler.summary():
                 break
             time.sleep(0.05)
-    assert sampler.summary() == {"samples": 2, "utilization_mean_pct": 90.0, "utilization_max_pct": 93.0,
-                                 "memory_peak_mib": 1500.0}
+    # the idle samples before the first busy one and after the last (Ray starting, models loading) stay out
+    assert sampler.summary() == {"samples": 5, "utilization_mean_pct": 36.0, "utilization_active_mean_pct": 90.0,
+                                 "utilization_max_pct": 93.0, "memory_peak_mib": 1500.0}
     assert "--query-gpu=utilization.gpu,memory.used" in (tmp_path / "nvidia-smi.args").read_text()
     assert sampler.process.poll() is not None  # stopped with the sampler
     with benchmark.GpuSampler(command=str(tmp_path / "absent")) as none:
@@ -80,7 +82,7 @@ def test_gpu_sampler_reads_nvidia_smi_and_names_the_bottleneck(tmp_path):
     assert none.summary() is None
     gpu = sampler.summary()
     assert benchmark.bottleneck(gpu, cpu_busy_cores=3.0, cores=16).startswith("GPU")
-    idle_gpu = {**gpu, "utilization_mean_pct": 40.0}
+    idle_gpu = {**gpu, "utilization_active_mean_pct": 40.0}
     assert benchmark.bottleneck(idle_gpu, cpu_busy_cores=15.0, cores=16).startswith("CPU")
     assert benchmark.bottleneck(idle_gpu, cpu_busy_cores=6.0, cores=16).startswith("neither")
     assert benchmark.bottleneck(None, 6.0, 16) == "no GPU measured"
