@@ -180,17 +180,16 @@ def _decode_rows(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_token
                  stop_ids: list[int], choose) -> list[list[int]]:
     """Greedy/sampling loop. Finished rows leave the batch (and the KV cache), so a batch of mixed
     caption lengths costs what its live rows cost. The host waits for the device once a step, for the
-    step's tokens (and sends it the rows to keep when some finished)."""
+    step's tokens and their rows (and sends it the rows to keep when some finished)."""
     cache = _new_cache(prefix, max_new_tokens)
     logits = _step(captioner, prefix, cache)
     stops = set(stop_ids)
     eos = captioner.tokenizer.eos_token_id
     outputs: list[list[int]] = [[] for _ in range(prefix.shape[0])]
-    live = list(range(prefix.shape[0]))
     live_rows = torch.arange(prefix.shape[0], device=prefix.device)
     for step in range(max_new_tokens):
         tokens = choose(logits, live_rows, step)
-        picked = tokens.tolist()
+        picked, live = torch.stack((tokens, live_rows)).tolist()
         finished = [token in stops for token in picked]
         for row, token, done in zip(live, picked, finished, strict=True):
             if not (done and token == eos):
@@ -198,11 +197,9 @@ def _decode_rows(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_token
         if all(finished) or step == max_new_tokens - 1:  # no forward pass whose logits nobody reads
             break
         if any(finished):
-            kept = [i for i, done in enumerate(finished) if not done]
-            keep = torch.tensor(kept, device=tokens.device)
+            keep = torch.tensor([i for i, done in enumerate(finished) if not done], device=tokens.device)
             cache.batch_select_indices(keep)
             tokens, live_rows = tokens[keep], live_rows[keep]
-            live = [live[i] for i in kept]
         logits = _step(captioner, captioner.embed_tokens(tokens[:, None]), cache)
     return outputs
 
