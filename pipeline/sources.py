@@ -29,6 +29,7 @@ which the run then marks as a duplicate key. Hidden files (".x", macOS "._x", "_
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import lzma
 import os
@@ -37,7 +38,7 @@ import re
 import tarfile
 import unicodedata
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -464,33 +465,30 @@ def _data_follows(tar: tarfile.TarFile) -> bool:
     decompressor = getattr(stream, "cmp", None)
     try:
         if decompressor is None:  # an uncompressed tar
-            while chunk := stream.read(_SCAN_CHUNK):
-                if chunk.strip(b"\0"):
-                    return True
-            return False
+            return _not_zeros(iter(lambda: stream.read(_SCAN_CHUNK), b""))
+        raw_rest = iter(lambda: stream.fileobj.read(_SCAN_CHUNK), b"")
         # fed by hand: once its stream ends, tarfile's read would take the rest of the file into memory
         decompressed, stream.dbuf, raw, stream.buf = stream.dbuf, b"", stream.buf, b""
         while not decompressor.eof:
             if decompressed.strip(b"\0"):
                 return True
-            raw = raw or stream.fileobj.read(_SCAN_CHUNK)
+            raw = raw or next(raw_rest, b"")
             if not raw:
                 return False  # cut after the archive's end: nothing is lost
             decompressed, raw = decompressor.decompress(raw), b""
-        if decompressed.strip(b"\0"):
-            return True
         after = decompressor.unused_data + raw
         if stream.comptype == "gz":  # tarfile inflates raw deflate data: gzip's 8-byte trailer is left over too
-            while len(after) < 8 and (more := stream.fileobj.read(_SCAN_CHUNK)):
+            while len(after) < 8 and (more := next(raw_rest, b"")):
                 after += more
             after = after[8:]
-        while after:
-            if after.strip(b"\0"):
-                return True
-            after = stream.fileobj.read(_SCAN_CHUNK)
+        return _not_zeros(itertools.chain((decompressed, after), raw_rest))
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):  # a damaged tail after the end
         return False
-    return False
+
+
+def _not_zeros(chunks: Iterable[bytes]) -> bool:
+    """Whether any chunk holds a byte other than zero padding (reading no further than that chunk)."""
+    return any(chunk.strip(b"\0") for chunk in chunks)
 
 
 def read_image_file(url: str, key: str, source: str, meta: str | None = None) -> dict:
@@ -559,8 +557,9 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
         image_field: str | None = _image_column(schema, image_column, url)
     except InputError as exc:  # expand_inputs checks this up front; here it is data, so one status per row
         image_field, unsupported = None, str(exc)
-    key_field = next((name for name in (key_column, HF_KEY_COLUMN if key_column == DEFAULT_KEY_COLUMN else None)
-                      if name in schema.names), None)
+    # no key column named: datasets' WebDataset loader's __key__ stands in for the default one
+    key_names = (key_column, HF_KEY_COLUMN) if key_column == DEFAULT_KEY_COLUMN else (key_column,)
+    key_field = next((name for name in key_names if name in schema.names), None)
     text_field = next((name for wanted in TEXT_COLUMNS for name in schema.names if name.lower() == wanted), None)
     reason_field = DOWNLOAD_ERROR_COLUMN if DOWNLOAD_ERROR_COLUMN in schema.names else None
     columns = list(dict.fromkeys(c for c in (image_field, key_field, text_field, reason_field) if c is not None))
