@@ -34,7 +34,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 from pipeline.config import DecodeSettings
 from pipeline.decoding import decode_texts, generate, reference_clipcap_generate
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
-from pipeline.precision import cpu_has_fast_bf16, resolve_dtype
+from pipeline.precision import cpu_has_fast_bf16, cuda_has_native_bf16, resolve_dtype
 
 GPT2_VOCAB = 50257
 CPU = torch.device("cpu")
@@ -68,7 +68,7 @@ def compute_dtypes(device: torch.device = CPU) -> list[torch.dtype]:
     """On CPU fp32, and bf16 where this CPU runs it natively (elsewhere a bf16 model would take hours here);
     on a GPU the half precisions it has tensor cores for."""
     if device.type == "cuda":
-        return [torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported(including_emulation=False) else [])
+        return [torch.float16] + ([torch.bfloat16] if cuda_has_native_bf16() else [])
     return [torch.float32, torch.bfloat16] if cpu_has_fast_bf16() else [torch.float32]
 
 
@@ -489,8 +489,9 @@ def pipeline(images: int, batch_size: int, workdir: Path, device: str, json_path
     one model actor on all cores when that default is more than one. On a GPU the running-head run also
     samples GPU utilisation and memory and the cores' load, and names the bottleneck; the pipeline runs
     in each half precision."""
-    on = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto"
-                      else device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on = torch.device(device)
     gpus = 1.0 if on.type == "cuda" else 0.0
     bundle_dir = real_size_bundle(workdir / "bundle")
     inputs = photo_corpus(workdir / "corpus", images, shards=max(4, -(-images // 400)))
@@ -529,14 +530,19 @@ def pipeline(images: int, batch_size: int, workdir: Path, device: str, json_path
         with ProcessSampler() as processes, GpuSampler() as gpu:
             result["ray_running"] = ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, "auto",
                                                  running=True, gpus=gpus)
-        busy_cores = sum(role["cpu_s"] for role in processes.summary().values()) / result["ray_running"]["wall_s"]
-        result["ray_running"].update(processes=processes.summary(), gpu_sampled=gpu.summary(),
-                                     busy_cores=round(busy_cores, 2), cores=len(os.sched_getaffinity(0)))
+        by_role, gpu_sampled, cores = processes.summary(), gpu.summary(), len(os.sched_getaffinity(0))
+        busy_cores = sum(role["cpu_s"] for role in by_role.values()) / result["ray_running"]["wall_s"]
+        result["ray_running"].update(processes=by_role, gpu_sampled=gpu_sampled, busy_cores=round(busy_cores, 2),
+                                     cores=cores)
         if on.type == "cuda":
-            result["bottleneck"] = bottleneck(gpu.summary(), busy_cores, len(os.sched_getaffinity(0)))
-            result["ray_running_by_dtype_images_per_s"] = {
-                name: ray_pipeline(bundle_dir, shards, workdir / "out", batch_size, name, running=True,
-                                   gpus=gpus)["images_per_s"] for name in ("fp16", "bf16")}
+            result["bottleneck"] = bottleneck(gpu_sampled, busy_cores, cores)
+            # the run above computed in "auto"'s half precision: the others run once more
+            result["ray_running_by_dtype_images_per_s"] = {_dtype_name(dtype): result["ray_running"]["images_per_s"]}
+            for name in ("fp16", "bf16"):  # as the job's --dtype names them
+                other = resolve_dtype(name, on)
+                if other != dtype and other in compute_dtypes(on):
+                    result["ray_running_by_dtype_images_per_s"][_dtype_name(other)] = ray_pipeline(
+                        bundle_dir, shards, workdir / "out", batch_size, name, running=True, gpus=gpus)["images_per_s"]
         result["ray_running_half"] = ray_pipeline(bundle_dir, half_shards, workdir / "out", batch_size, "auto",
                                                   running=True, gpus=gpus)
     result["ray_running_over_bare"] = result["ray_running"]["images_per_s"] / result["bare"]["images_per_s"]

@@ -15,6 +15,11 @@ def cpu_has_fast_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() in _BF16_CPU_CAPABILITIES
 
 
+def cuda_has_native_bf16() -> bool:
+    # torch counts emulated bf16 (before Ampere: a T4, a V100) as supported by default; it has no tensor cores
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto': bf16 on a CPU with fast bf16 matmuls, bf16 (else fp16) on GPU, fp32 otherwise."""
     if name == "fp32":
@@ -24,6 +29,5 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "fp16":
         return torch.float16
     if device.type == "cuda":
-        # emulated bf16 (before Ampere) runs without tensor cores: fp16 there
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
