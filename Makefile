@@ -8,17 +8,20 @@ STAMP := $(VENV)/.installed
 DEMO_CORPUS := $(CURDIR)/data/demo-corpus
 DEMO_OUT := $(CURDIR)/out/demo
 RAY_DASHBOARD := http://127.0.0.1:8265
-# The Ray head runs the job's `python`: start it with the venv first on PATH. Ray 2.60 turns token
-# auth on for a head whenever a token file exists (any local ray.init() writes one), so client and
-# head both use it explicitly.
-VENV_PATH := PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token
+# The Ray head starts with the venv first on PATH, and the job names the venv's python: a head
+# someone started outside the venv runs it all the same. The demo is local:
+# a RAY_ADDRESS pointing elsewhere is not used. Token auth is on (Ray's default for a new local
+# cluster); a head already running without it accepts the token too.
+RAY := env -u RAY_ADDRESS PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token $(CURDIR)/$(VENV)/bin/ray
 
 .PHONY: install test lint demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: these two wheels are on the workplace's local disk.
+	# torch and torchvision go first, as a pinned pair (each torchvision release is built for one torch
+	# release): the default wheels are the CUDA 13 build, about 5 GB with its CUDA libraries, which
+	# also runs on CPUs; pinning keeps pip from fetching another multi-GB build on a later install.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
@@ -33,12 +36,21 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline jobs schemas tests
 
-demo: $(STAMP)
-	test -f $(DEMO_CORPUS)/test/shard-00000.tar || $(PY) jobs/make_demo_corpus.py --out $(DEMO_CORPUS) \
-		--seed 0 --train 0 --val 0 --test 1000 --formats webdataset
-	$(VENV_PATH) ray status >/dev/null 2>&1 || $(VENV_PATH) ray start --head --num-cpus=2 \
-		--disable-usage-stats --dashboard-host=127.0.0.1
-	$(VENV_PATH) ray job submit --address $(RAY_DASHBOARD) --working-dir . -- \
-		python jobs/caption_shards.py --input '$(DEMO_CORPUS)/test/*.tar' --output $(DEMO_OUT) \
-		--keep-top-fraction 0.9 --overwrite
+$(DEMO_CORPUS)/test/shard-00000.tar: | $(STAMP)
+	$(PY) jobs/make_demo_corpus.py --out $(DEMO_CORPUS) --seed 0 --train 0 --val 0 --test 1000 --formats webdataset
+
+# Submits the job to the local Ray head: the one already running, or one started here with every core
+# and stopped again at the end. `ray get-auth-token --generate` writes ~/.ray/auth_token only where
+# there is none. --overwrite: the output is replaced only when the bundle or settings changed;
+# otherwise the finished run is reported complete.
+demo: $(STAMP) $(DEMO_CORPUS)/test/shard-00000.tar
+	@$(RAY) get-auth-token --generate >/dev/null
+	@if $(RAY) status >/dev/null 2>&1; then started=; echo "demo: using the Ray head already running"; \
+	else $(RAY) start --head --disable-usage-stats --dashboard-host=127.0.0.1 >/dev/null || exit 1; \
+		started=1; echo "demo: started a local Ray head (dashboard $(RAY_DASHBOARD))"; fi; \
+	$(RAY) job submit --address $(RAY_DASHBOARD) --working-dir . -- \
+		$(CURDIR)/$(PY) jobs/caption_shards.py --input '$(DEMO_CORPUS)/test/*.tar' --output $(DEMO_OUT) \
+		--keep-top-fraction 0.9 --overwrite; submitted=$$?; \
+	if [ -n "$$started" ]; then $(RAY) stop >/dev/null 2>&1; echo "demo: stopped the Ray head it started"; fi; \
+	exit $$submitted
 	$(PY) jobs/report.py $(DEMO_OUT)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,6 +139,43 @@ def test_driver_killed_mid_run_resumes_without_redoing_or_duplicating(cluster, t
     keys = _captions(out).column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 480
     assert not list(out.rglob("._tmp-*")) and not (out / "_staging").exists()
+
+
+def _processes_with_env(name: str, value: str) -> list[int]:
+    """Processes whose environment holds name=value: every process a run starts inherits it, even a
+    Ray worker whose command line is only its title (ray::IDLE)."""
+    wanted, found = f"{name}={value}".encode(), []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if wanted in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def test_a_plain_python_run_leaves_no_ray_process_behind(tiny_bundle, tmp_path):
+    """`python jobs/caption_shards.py` on a machine with no Ray running starts a local Ray (token auth on,
+    as Ray does by default, with a token of its own in a fresh HOME) and shuts all of it down at the end."""
+    inputs = _corpus(tmp_path / "in", shards=2, per_shard=4)
+    ray_root = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = _env(RAY_TMPDIR=ray_root, HOME=str(tmp_path / "home"))
+    env.pop("RAY_AUTH_MODE")
+    try:
+        proc = subprocess.run([sys.executable, str(JOB), "--input", inputs, "--output", str(tmp_path / "out"),
+                               "--model", str(tiny_bundle), "--max-new-tokens", "4"],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "captioned 8 rows (0 failed" in proc.stdout
+        assert list(Path(ray_root).glob("ray/session_*")), "the run did not start a Ray of its own"
+        deadline = time.time() + 10  # a process may take a moment to exit after the driver
+        while (left := _processes_with_env("RAY_TMPDIR", ray_root)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not left, f"Ray processes left running: {left}"
+    finally:
+        for pid in _processes_with_env("RAY_TMPDIR", ray_root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_root, ignore_errors=True)
 
 
 def _pids(pattern: str) -> list[int]:

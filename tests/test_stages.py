@@ -61,6 +61,13 @@ def _caption_stage(ray_local, bundle: Path, seen_at: Path | None = None, **optio
                                     metadata_json="{}", **options)
 
 
+def _ok_values(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column's values on the rows the models captioned."""
+    statuses = table.column("status").to_pylist()
+    return np.array([v for v, status in zip(table.column(name).to_pylist(), statuses, strict=True) if status == "ok"],
+                    dtype=np.float64)
+
+
 @pytest.fixture()
 def stage(ray_local, tiny_bundle):
     return _caption_stage(ray_local, tiny_bundle)
@@ -195,8 +202,13 @@ def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tin
     expected = stage(stages.decode_batch(raw, spec))
     got = decoding(raw)
     assert got.column("status").to_pylist() == ["ok", "decode_error", "ok", "ok", "empty", "ok", "ok"]
-    for name in ("key", "status", "error", "width", "height", "caption", "clip_score"):
+    for name in ("key", "status", "error", "width", "height", "caption"):
         assert got.column(name).to_pylist() == expected.column(name).to_pylist(), name
+    # Scores are computed over other batch shapes here (the actor's slices): CPU kernels block a matmul by
+    # its shape and instruction set (AVX2, AVX-512, AMX), so the last bits of a float32 may differ.
+    np.testing.assert_allclose(_ok_values(got, "clip_score"), _ok_values(expected, "clip_score"), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_ok_values(got, "image_embedding"), _ok_values(expected, "image_embedding"),
+                               rtol=0, atol=1e-3)  # float16 in the table: one step of its rounding
     assert decoding(raw.slice(0, 1)).column("status").to_pylist() == ["ok"]
 
 
