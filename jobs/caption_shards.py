@@ -52,11 +52,14 @@ from pipeline.sources import InputError
 @click.option("--write-webdataset", is_flag=True,
               help="Also write the filtered set with its images as WebDataset tars (OUTPUT/filtered_wds/).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--allow-foreign-scorer", is_flag=True,
+              help="Let --min-clip-score / --keep-top-fraction filter by a scorer whose text tower was not "
+                   "trained on the captions' language (bundle.json 'languages'), which is refused otherwise.")
 @click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration "
               "(a finished run whose filter alone changed is re-filtered from its stored scores, no model run).")
 def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, method,
          num_candidates, beam_width, max_new_tokens, temperature, top_p, batch_size, actors, gpus_per_actor,
-         dtype, limit, rows_per_file, write_webdataset, seed, overwrite) -> None:
+         dtype, limit, rows_per_file, write_webdataset, seed, allow_foreign_scorer, overwrite) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         decode = DecodeSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
@@ -67,7 +70,8 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
                            filter=FilterSettings(min_clip_score=min_clip_score, keep_top_fraction=keep_top_fraction),
                            decode=decode, batch_size=batch_size, actors=ActorRange.parse(actors),
                            gpus_per_actor=gpus_per_actor, dtype=dtype, limit=limit, rows_per_file=rows_per_file,
-                           write_webdataset=write_webdataset, overwrite=overwrite)
+                           write_webdataset=write_webdataset, overwrite=overwrite,
+                           allow_foreign_scorer=allow_foreign_scorer)
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
     # torch and Ray load only once the usage is known to be sound

@@ -1,7 +1,7 @@
 """Import an original ClipCap checkpoint (.pt) into a model bundle.
 
   python jobs/import_clipcap.py coco_weights.pt --lm gpt2 --clip ViT-B-32:openai \
-      --mapper mlp --prefix-length 10 --out bundles/clipcap-coco
+      --mapper mlp --prefix-length 10 --caption-language en --out bundles/clipcap-coco
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import _bootstrap  # noqa: F401
 import click
 
-from pipeline.cli import OneLineErrors
+from pipeline.cli import OneLineErrors, language_options
 from pipeline.models.clipcap_import import import_clipcap
 from pipeline.models.errors import ModelLoadError
 
@@ -33,13 +33,17 @@ from pipeline.models.errors import ModelLoadError
 @click.option("--scorer", default=None,
               help="open_clip ARCH[:WEIGHTS] that scores captions (e.g. xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k); "
                    "default: the encoder.")
+@language_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 def main(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_length: int, clip_length: int | None,
-         num_layers: int | None, normalize_prefix: bool, scorer: str | None, out: Path) -> None:
+         num_layers: int | None, normalize_prefix: bool, scorer: str | None,
+         caption_language: tuple[str], scorer_languages: tuple[str, ...] | None, out: Path) -> None:
     try:
         manifest = import_clipcap(checkpoint, lm=lm, clip=clip, mapper=mapper, prefix_length=prefix_length,
                                   out=out, clip_length=clip_length, num_layers=num_layers,
-                                  normalize_prefix=normalize_prefix, scorer=scorer)
+                                  normalize_prefix=normalize_prefix, scorer=scorer,
+                                  caption_language=caption_language[0],
+                                  scorer_languages=scorer_languages)
     except ModelLoadError as exc:
         click.echo(f"error: {exc}", err=True)  # as every job: one line, exit status 2
         sys.exit(2)

@@ -25,12 +25,13 @@ import _bootstrap  # noqa: F401
 import click
 import torch
 
-from pipeline.cli import OneLineErrors
+from pipeline.cli import OneLineErrors, language_options
 from pipeline.config import differing_keys
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.clip import SCHEMAS, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
+from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.sources import InputError
 from pipeline.text import describe_error
 from pipeline.training import (
@@ -100,7 +101,8 @@ def _claim_run_directory(out: Path, config: TrainConfig) -> None:
     recorded_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def train(config: TrainConfig) -> dict:
+def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
+          scorer_languages: tuple[str, ...] | None = None) -> dict:
     started = time.time()
     seed_everything(config.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -138,8 +140,10 @@ def train(config: TrainConfig) -> dict:
     captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
     summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
     manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), name=out.name,
-                           dtype=torch.float16 if config.save_fp16 else torch.float32)
+                           dtype=torch.float16 if config.save_fp16 else torch.float32,
+                           caption_language=caption_language, scorer_languages=scorer_languages)
     summary.update({"examples": len(examples.captions), "bundle": str(out / "bundle"),
+                    "languages": manifest["languages"],
                     "bundle_sha256": manifest["sha256"], "train_s": round(time.time() - started, 1)})
     write_summary(out / "train_summary.json", config, summary)
     return summary
@@ -177,10 +181,11 @@ def train(config: TrainConfig) -> dict:
 @click.option("--bf16/--no-bf16", default=None,
               help="bf16 autocast (default: on where the CPU runs bf16 natively, i.e. with AVX-512).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@language_options
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
          batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
-         first_reference_prob, save_fp16, bf16, seed, out) -> None:
+         first_reference_prob, save_fp16, bf16, seed, caption_language, scorer_languages, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
@@ -196,7 +201,7 @@ def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_
             "vision_width": clip_width}
     config = replace(config, clip_arch=replace(config.clip_arch, **{k: v for k, v in arch.items() if v is not None}))
     try:
-        summary = train(config)
+        summary = train(config, caption_language[0], scorer_languages)
     except (ModelLoadError, InputError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

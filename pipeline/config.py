@@ -99,6 +99,7 @@ class RunConfig:
     rows_per_file: int = 4096             # rows per Parquet part file
     write_webdataset: bool = False        # also write filtered/ with its images as WebDataset tars
     overwrite: bool = False
+    allow_foreign_scorer: bool = False    # filter by a scorer not trained on the captions' language
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -124,12 +125,12 @@ class RunConfig:
 
     def output_defining(self) -> dict[str, Any]:
         """What decides the content of the output. Resuming with a different value is refused;
-        batch size, actors, GPUs, file size, the WebDataset copy and --overwrite change speed or layout,
-        not the rows, and decoding settings the method ignores change nothing."""
+        batch size, actors, GPUs, file size, the WebDataset copy, --overwrite and --allow-foreign-scorer
+        change speed, layout or permission, not the rows, and decoding settings the method ignores change nothing."""
         settings = self.to_json() | {"decode": self.decode.output_defining()}
         # the model is defined by its bundle's sha256 (recorded beside), not by the path that named it
         for name in ("output", "model", "batch_size", "actors", "gpus_per_actor", "rows_per_file",
-                     "write_webdataset", "overwrite"):
+                     "write_webdataset", "overwrite", "allow_foreign_scorer"):
             settings.pop(name)
         return settings
 

@@ -22,6 +22,11 @@ class FilterSettings:
         if self.keep_top_fraction is not None and not 0 < self.keep_top_fraction <= 1:
             raise ValueError(f"--keep-top-fraction must lie in (0, 1], got {self.keep_top_fraction}")
 
+    @property
+    def filters(self) -> bool:
+        """Whether any row is filtered by its score (else every ok row is kept)."""
+        return self.min_clip_score is not None or self.keep_top_fraction is not None
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -99,6 +99,7 @@ def build_report(output_url: str, inputs: list[str] | None = None, samples: int 
         thresholds.append((CUTOFF, float(cutoff)))
     body = [
         _header(output_url, summary),
+        *(f'<p class="notice">{_esc(warning)}</p>' for warning in summary.get("warnings") or []),
         _stats(summary),
         _panel("CLIP score", _histogram_svg(scores, kept_scores, thresholds) + _legend(thresholds)),
         _panel("Rows by status", _status_table(summary)),

@@ -29,7 +29,7 @@ from pipeline import __version__
 from pipeline.config import ActorRange, RunConfig, differing_keys
 from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
 from pipeline.model_stage import CaptionStage, ShippedBundle
-from pipeline.models.bundle import load_bundle
+from pipeline.models.bundle import load_bundle, read_languages
 from pipeline.models.errors import ModelLoadError
 from pipeline.sinks import (
     CAPTIONS,
@@ -91,6 +91,14 @@ class StagingNotListed(RuntimeError):
 def run(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) a captioning job; returns the run summary that is also written to run.json."""
     started = time.time()
+    languages = read_languages(config.model_path)
+    if languages is not None and not languages.scorer_reads_captions:
+        log.warning("%s", languages.warning())
+        if config.filter.filters and not config.allow_foreign_scorer:
+            raise UsageError(f"refusing to filter {languages.captions} captions by the scores of a scorer that reads "
+                             f"{', '.join(languages.scorer)}: use a bundle whose scorer reads {languages.captions} "
+                             "(a multilingual CLIP, or train_captioner.py --scorer-languages for one you trained), "
+                             "or --allow-foreign-scorer")
     try:
         output = OutputDir(config.output)
     except (ValueError, ImportError) as exc:  # unknown protocol, or its fsspec backend (s3fs, gcsfs) not installed
@@ -119,7 +127,8 @@ def run(config: RunConfig) -> dict[str, Any]:
                 "shards_sha256": _shards_digest(shards)}
     provenance = {"model": identity["name"], "model_sha256": identity["sha256"]}
     metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
-                                "scorer": identity["scorer"], "model": identity["name"],
+                                "scorer": identity["scorer"], "languages": identity["languages"],
+                                "model": identity["name"],
                                 "model_sha256": identity["sha256"], "decoding": config.decode.to_json(),
                                 "filter": config.filter.to_json(), "version": __version__},
                                ensure_ascii=False)
@@ -179,6 +188,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         },
         "output": config.output,
     }
+    if languages is not None and not languages.scorer_reads_captions:
+        summary["warnings"] = [languages.warning()]
     if webdataset is not None:
         summary["webdataset"] = webdataset
     output.write_json(summary, RUN_JSON)

@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_clip, uses_quick_gelu
 from pipeline.models.errors import ModelLoadError
+from pipeline.models.languages import PROJECT_LANGUAGE, Languages, infer, of_manifest
 from pipeline.models.text_tokenizers import ClipTextTokenizer
 from pipeline.models.weights import building_for, load_failure, load_weights, save_weights
 from pipeline.text import describe_error
@@ -52,17 +53,26 @@ class Bundle:
             module.to(device=device, dtype=dtype)
         return self
 
+    @property
+    def languages(self) -> Languages:
+        return of_manifest(self.manifest)
+
     def identity(self) -> dict[str, Any]:
         """What run.json and the Parquet metadata record about the models."""
-        return {key: self.manifest[key] for key in ("name", "sha256", "encoder", "captioner", "scorer")}
+        return {key: self.manifest[key] for key in ("name", "sha256", "encoder", "captioner", "scorer")} | {
+            "languages": self.languages.to_json()}
 
 
 def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
                 scorer: ClipModel | None = None, scorer_spec: ClipSpec | None = None,
-                name: str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                name: str | None = None, dtype: torch.dtype = torch.float32,
+                caption_language: str = PROJECT_LANGUAGE, scorer_languages: tuple[str, ...] | None = None,
+                ) -> dict[str, Any]:
     """Write a complete, self-contained bundle; returns its manifest (the bundle.json content).
     `dtype` is the storage type of floating weights (fp16 halves the size); loading always
-    gives float32 models, so a run picks its compute dtype itself.
+    gives float32 models, so a run picks its compute dtype itself. `caption_language` is what the
+    captioner writes, `scorer_languages` what the scorer's text tower was trained on, as its maker
+    declares them; by default guessed from the specs (`pipeline.models.languages.infer`).
 
     The bundle is written beside `path` and then replaces it: written into an earlier bundle, that
     bundle's files stayed (an LM once saved in shards left its shard index, which transformers loads
@@ -73,9 +83,17 @@ def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, ca
                              "directory, or over an earlier bundle")
     path.parent.mkdir(parents=True, exist_ok=True)
     writing = path.with_name(f".{path.name}.writing-{uuid.uuid4().hex[:8]}")
+    separate_scorer = scorer is not None and scorer is not encoder
+    if separate_scorer and scorer_spec is None:
+        scorer_spec = ClipSpec(arch=CUSTOM)
+    if scorer_languages is None:  # from the specs as given: saving renames some (local-dir: folders)
+        scorer_languages = infer({"encoder": encoder_spec.to_json(), "languages": {"captions": caption_language},
+                                  "scorer": scorer_spec.to_json() if separate_scorer else SAME_AS_ENCODER}).scorer
+    languages = Languages(caption_language, tuple(scorer_languages))
     writing.mkdir()
     try:
-        _write_bundle(writing, name or path.name, encoder, encoder_spec, captioner, scorer, scorer_spec, dtype)
+        _write_bundle(writing, name or path.name, encoder, encoder_spec, captioner,
+                      scorer if separate_scorer else None, scorer_spec, dtype, languages)
     except BaseException:
         shutil.rmtree(writing, ignore_errors=True)
         raise
@@ -90,22 +108,24 @@ def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, ca
 
 
 def _write_bundle(path: Path, name: str, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
-                  scorer: ClipModel | None, scorer_spec: ClipSpec | None, dtype: torch.dtype) -> None:
+                  scorer: ClipModel | None, scorer_spec: ClipSpec | None, dtype: torch.dtype,
+                  languages: Languages) -> None:
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "name": name,
         "encoder": _save_clip(path, "encoder", encoder, encoder_spec, dtype),
         "captioner": {**captioner.config.to_json(), "weights": "mapper.safetensors", "language_model": LM_DIR},
+        "languages": languages.to_json(),
     }
     save_weights(captioner.mapper, path / "mapper.safetensors", dtype)
     original_dtype = captioner.lm.dtype
     captioner.lm.to(dtype).save_pretrained(path / LM_DIR)
     captioner.lm.to(original_dtype)
     captioner.tokenizer.save_pretrained(path / LM_DIR)
-    if scorer is None or scorer is encoder:
+    if scorer is None:
         manifest["scorer"] = SAME_AS_ENCODER
     else:
-        manifest["scorer"] = _save_clip(path, "scorer", scorer, scorer_spec or ClipSpec(arch=CUSTOM), dtype)
+        manifest["scorer"] = _save_clip(path, "scorer", scorer, scorer_spec, dtype)
     manifest["files"] = {
         str(file.relative_to(path)): _sha256(file)
         for file in sorted(path.rglob("*")) if file.is_file() and file.name != BUNDLE_FILE
@@ -146,6 +166,16 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     manifest.setdefault("name", path.name)
     manifest["sha256"] = hashlib.sha256(raw).hexdigest()
     return manifest
+
+
+def read_languages(path: str | Path) -> Languages | None:
+    """The bundle's languages from its bundle.json alone, no file hashed nor model built (a run says them
+    first); None where bundle.json is unreadable, which loading the bundle then reports."""
+    try:
+        manifest = json.loads((Path(path) / BUNDLE_FILE).read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return of_manifest(manifest) if isinstance(manifest, dict) else None
 
 
 def load_bundle(path: str | Path) -> Bundle:

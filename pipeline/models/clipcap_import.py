@@ -15,6 +15,7 @@ from pipeline.models.bundle import load_language_model, save_bundle
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
+from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.weights import load_state
 from pipeline.text import describe_error
 
@@ -45,9 +46,11 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def import_clipcap(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_length: int, out: Path,
                    clip_length: int | None = None, num_layers: int | None = None,
                    normalize_prefix: bool = False, stop_token: str = ".",
-                   scorer: str | None = None) -> dict[str, Any]:
+                   scorer: str | None = None, caption_language: str = PROJECT_LANGUAGE,
+                   scorer_languages: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Build a bundle from a ClipCap checkpoint; returns the bundle manifest. `scorer` names another
-    open_clip model (e.g. a multilingual one) to score captions; by default the encoder scores."""
+    open_clip model (e.g. a multilingual one) to score captions; by default the encoder scores. The
+    languages are recorded as `save_bundle` records them."""
     if mapper not in MAPPERS:
         raise ModelLoadError(f"unknown mapper {mapper!r} (expected one of {', '.join(MAPPERS)})")
     state = read_checkpoint(checkpoint)
@@ -81,4 +84,5 @@ def import_clipcap(checkpoint: Path, lm: str, clip: str, mapper: str, prefix_len
     load_state(captioner.mapper, mapper_state, f"{checkpoint} ({MAPPER_PREFIX}*)")
     scorer_spec = ClipSpec.parse(scorer) if scorer else None
     return save_bundle(out, encoder, encoder_spec, captioner, name=out.name,
-                       scorer=create_clip(scorer_spec) if scorer_spec else None, scorer_spec=scorer_spec)
+                       scorer=create_clip(scorer_spec) if scorer_spec else None, scorer_spec=scorer_spec,
+                       caption_language=caption_language, scorer_languages=scorer_languages)
