@@ -23,16 +23,19 @@ class CaptionedBatch:
     clip_scores: np.ndarray            # float32 (B,): raw cosine of the chosen caption
     image_embeddings: np.ndarray       # float32 (B, D): L2-normalized encoder embeddings
     candidates: list[list[tuple[str, float]]]  # every candidate with its score, best first
+    original_scores: np.ndarray | None = None  # float32 (B,): the scorer's cosine of each original text, NaN: none
 
 
 @torch.inference_mode()
 def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings,
-                  scorer_pixels: torch.Tensor | None = None, keys: Sequence[str] | None = None) -> CaptionedBatch:
+                  scorer_pixels: torch.Tensor | None = None, keys: Sequence[str] | None = None,
+                  original_texts: Sequence[str | None] | None = None) -> CaptionedBatch:
     """uint8 (B, H, W, 3) images at the encoder's input size -> captions, scores and embeddings.
 
     `scorer_pixels` are the same images at the scorer's input size, needed only when the scorer is
     a different model with a different input size. `keys`: the samples' keys, which seed sampling's
-    draws, so an image's captions do not depend on the batch it is in.
+    draws, so an image's captions do not depend on the batch it is in. `original_texts`: the text that
+    came with each image (alt text, a dataset's caption, or None), scored by the same scorer.
     """
     features = bundle.encoder.encode_images(pixels, normalize=False)
     embeddings = F.normalize(features, dim=-1)
@@ -47,6 +50,14 @@ def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings
     text_embeddings = bundle.scorer.encode_texts(texts)
     owner = torch.repeat_interleave(torch.arange(len(per_image)), torch.tensor(per_image))
     scores = (scorer_embeddings[owner.to(scorer_embeddings.device)] * text_embeddings).sum(-1).cpu().numpy()
+    original_scores = None
+    if original_texts is not None:
+        original_scores = np.full(len(per_image), np.nan, dtype=np.float32)
+        given = [i for i, text in enumerate(original_texts) if text]
+        if given:
+            originals = bundle.scorer.encode_texts([original_texts[i] for i in given])
+            at = torch.tensor(given, device=scorer_embeddings.device)
+            original_scores[given] = (scorer_embeddings[at] * originals).sum(-1).cpu().numpy()
     captions, best_scores, candidates = [], [], []
     start = 0
     for count in per_image:
@@ -57,4 +68,5 @@ def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings
         candidates.append(pairs)
         start += count
     return CaptionedBatch(captions=captions, clip_scores=np.asarray(best_scores, dtype=np.float32),
-                          image_embeddings=embeddings.cpu().numpy().astype(np.float32), candidates=candidates)
+                          image_embeddings=embeddings.cpu().numpy().astype(np.float32), candidates=candidates,
+                          original_scores=original_scores)

@@ -137,8 +137,9 @@ class CaptionStage:
         result = _Results(batch.column("status").to_pylist(), batch.column("error").to_pylist())
         ok = [i for i in range(n) if result.status[i] == "ok"]
         keys = batch.column("key").to_pylist()
+        originals = batch.column("original_text").to_pylist()
         for start in range(0, len(ok), self.batch_size):
-            self._caption(pixels, keys, ok[start:start + self.batch_size], result)
+            self._caption(pixels, keys, originals, ok[start:start + self.batch_size], result)
         flat = np.zeros((n, self.embedding_dim), dtype=np.float16)
         for i, embedding in result.embeddings.items():
             flat[i] = embedding
@@ -160,6 +161,7 @@ class CaptionStage:
                                    pa.list_(CANDIDATE_TYPE)),
             "keep": pa.array([status == "ok" for status in result.status], pa.bool_()),
             "original_text": batch.column("original_text"),
+            "original_clip_score": pa.array([result.original_scores.get(i) for i in range(n)], pa.float32()),
             "index": batch.column("index"),
             "node": pa.array([self.node_id] * n, pa.string()),
             # "auto" resolves per machine: a run resumed elsewhere may have captioned in another precision
@@ -177,14 +179,15 @@ class CaptionStage:
         decoded = self.decode_threads.map(lambda part: decode_batch(part, self.decode_spec), slices)
         return pa.concat_tables(decoded).combine_chunks()
 
-    def _caption(self, pixels: dict[str, np.ndarray], keys: list[str], rows: list[int], result: _Results) -> None:
+    def _caption(self, pixels: dict[str, np.ndarray], keys: list[str], originals: list[str | None], rows: list[int],
+                 result: _Results) -> None:
         if not rows:
             return
         try:
             tensors = {name: self._host_batch(array, rows) for name, array in pixels.items()}
             # each sample draws from its key's stream: its captions do not depend on the rows batched with it
             captioned = caption_batch(self.bundle, tensors["pixels"], self.settings, tensors.get("scorer_pixels"),
-                                      [keys[i] for i in rows])
+                                      [keys[i] for i in rows], [originals[i] for i in rows])
         except torch.AcceleratorError:
             raise  # a CUDA error leaves the device unusable to this process: every later batch would fail too
         except Exception as exc:  # any other model failure (out of memory included) must turn into rows
@@ -195,6 +198,8 @@ class CaptionStage:
                 result.scores[i] = float(captioned.clip_scores[j])
                 result.embeddings[i] = captioned.image_embeddings[j]
                 result.candidates[i] = [{"caption": c, "clip_score": s} for c, s in captioned.candidates[j]]
+                if not np.isnan(captioned.original_scores[j]):
+                    result.original_scores[i] = float(captioned.original_scores[j])
             return
         # retried only here, past the except block: the exception's traceback holds the failed attempt's frames,
         # and with them its activations and KV cache, which every smaller retry would otherwise run beside
@@ -202,8 +207,8 @@ class CaptionStage:
             torch.cuda.empty_cache()
         if len(rows) > 1:
             half = len(rows) // 2
-            self._caption(pixels, keys, rows[:half], result)
-            self._caption(pixels, keys, rows[half:], result)
+            self._caption(pixels, keys, originals, rows[:half], result)
+            self._caption(pixels, keys, originals, rows[half:], result)
             return
         log.warning("model failed on %s: %s", keys[rows[0]], failure)
         result.status[rows[0]] = "model_error"
@@ -229,3 +234,4 @@ class _Results:
     scores: dict[int, float] = field(default_factory=dict)
     embeddings: dict[int, np.ndarray] = field(default_factory=dict)
     candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    original_scores: dict[int, float] = field(default_factory=dict)

@@ -41,7 +41,7 @@ SECTIONS = {
     FAILED: ("Failed", "Rows that could not be captioned, with their error."),
 }
 _COLUMNS = ["key", "source", "status", "error", "width", "height", "caption", "clip_score", "candidates", "keep",
-            "original_text"]
+            "original_text", "original_clip_score"]  # the last is absent from outputs written before it existed
 
 
 class ReportError(ValueError):
@@ -149,7 +149,9 @@ def _scan_captions(output: OutputDir, samples: int, seed: int) -> tuple[dict[str
     for path in output.parts(CAPTIONS):  # sorted, so the same output draws the same rows
         try:
             with output.fs.open(path, "rb") as handle:
-                table = pq.read_table(handle, columns=_COLUMNS, use_threads=False)
+                part = pq.ParquetFile(handle)
+                present = set(part.schema_arrow.names)
+                table = part.read(columns=[name for name in _COLUMNS if name in present], use_threads=False)
         except pa.ArrowException as exc:  # a damaged part: jobs/verify_output.py tells what else is wrong
             raise ReportError(f"{path} is unreadable ({one_line(exc)}); check the output with "
                               "jobs/verify_output.py") from None
@@ -362,7 +364,10 @@ def _card(row: dict[str, Any], thumbnails: _Thumbnails) -> str:
     if not ok:
         text += f'<p class="error">{_esc(row["error"] or row["status"])}</p>'
     if row["original_text"]:
-        text += f'<p class="original" title="text that came with the sample">{_esc(row["original_text"])}</p>'
+        score = row.get("original_clip_score")
+        scored = f' <span class="score">CLIP {score:.3f}</span>' if score is not None else ""
+        text += (f'<p class="original" title="text that came with the sample">{_esc(row["original_text"])}'
+                 f'{scored}</p>')
     candidates = row["candidates"] or []
     if len(candidates) > 1:
         items = "".join(f"<li>{_esc(c['caption'])} <span class=\"score\">{_number(c['clip_score'])}</span></li>"

@@ -57,7 +57,7 @@ from pipeline.stages import (
     write_webdataset_tar,
 )
 from pipeline.text import describe_error, one_line
-from schemas.captions import captions_schema, validate_table
+from schemas.captions import captions_schema, conform, validate_table
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], def
         with output.fs.open(path, "rb") as handle:
             table = pq.read_table(handle, use_threads=False)
         name = path.rsplit("/", 1)[-1]
-        kept += _write_part(output, config, cutoff, table.cast(schema), embedding_dim, name)
+        kept += _write_part(output, config, cutoff, conform(table, schema), embedding_dim, name)
     summary.pop("webdataset", None)
     summary["config"], summary["output_defining"] = config.to_json(), defining
     summary["counts"] |= {"kept": kept, "top_fraction_cutoff_score": cutoff.score if cutoff else None}
@@ -500,7 +500,7 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
         by_compute.update(captioned.column("compute").to_pylist() if "compute" in table.column_names
                           else ["unrecorded"] * captioned.num_rows)
         actor_peak_mb = max(actor_peak_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
-        table = table.drop_columns([c for c in STAGING_ONLY if c in table.column_names]).cast(schema)
+        table = conform(table.drop_columns([c for c in STAGING_ONLY if c in table.column_names]), schema)
         kept += _write_part(output, config, cutoff, table, embedding_dim, path.rsplit("/", 1)[-1])
         counts.update(table.column("status").to_pylist())
     if not output.parts(CAPTIONS):  # inputs without one sample (an empty tar): readers still find the tables

@@ -29,12 +29,15 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.captions import ADDED_COLUMNS
+
 STAGING = "_staging"
 CAPTIONS = "captions"
 FILTERED = "filtered"
 WEBDATASET = "filtered_wds"
 # The filtered columns a WebDataset sample carries (in KEY.txt and KEY.json).
-WEBDATASET_COLUMNS = ("key", "source", "caption", "clip_score", "original_text", "width", "height")
+WEBDATASET_COLUMNS = ("key", "source", "caption", "clip_score", "original_text", "original_clip_score", "width",
+                      "height")
 RUN_JSON = "run.json"
 REPORT = "report.html"  # jobs/report.py's page of the run, removed whenever run.json is rewritten
 REFILTER = "_refilter.json"  # the configuration a re-filter in progress is heading to
@@ -184,6 +187,12 @@ def read_columns(output: OutputDir, folder: str, columns: list[str], paths: list
     tables = []
     for path in output.parts(folder) if paths is None else paths:
         with output.fs.open(path, "rb") as handle:
+            part = pq.ParquetFile(handle)
+            present = [name for name in columns if name in part.schema_arrow.names]
             # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
-            tables.append(pq.read_table(handle, columns=columns, use_threads=False))
+            table = part.read(columns=present, use_threads=False)
+        for name in columns:  # a column added after this part was written (ADDED_COLUMNS) reads as nulls
+            if name not in present and name in ADDED_COLUMNS:
+                table = table.append_column(name, pa.nulls(table.num_rows, ADDED_COLUMNS[name]))
+        tables.append(table.select(columns))
     return pa.concat_tables(tables) if tables else None

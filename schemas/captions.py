@@ -29,9 +29,22 @@ def captions_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.
         pa.field("candidates", pa.list_(CANDIDATE_TYPE)),
         pa.field("keep", pa.bool_(), nullable=False),
         pa.field("original_text", pa.string()),
+        pa.field("original_clip_score", pa.float32()),
     ]
     metadata = {METADATA_KEY: metadata_json.encode()} if metadata_json else None
     return pa.schema(fields, metadata=metadata)
+
+
+# Columns later versions added: parts written before them read as nulls there (a resumed or re-filtered run)
+ADDED_COLUMNS = {"original_clip_score": pa.float32()}
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema`'s column order and types, with the ADDED_COLUMNS it lacks as nulls."""
+    for name, kind in ADDED_COLUMNS.items():
+        if name not in table.column_names and name in schema.names:
+            table = table.append_column(name, pa.nulls(table.num_rows, kind))
+    return table.select(schema.names).cast(schema)
 
 
 def validate_table(table: pa.Table, embedding_dim: int) -> None:

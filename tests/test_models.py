@@ -293,3 +293,20 @@ def test_caption_batch_scores_candidates_and_picks_the_best(tokenizer, tmp_path)
         with torch.inference_mode():
             text = clip.encode_texts([result.captions[i]])[0].numpy()
         assert result.clip_scores[i] == pytest.approx(float(np.dot(result.image_embeddings[i], text)), abs=1e-5)
+    assert result.original_scores is None  # none asked for
+
+
+def test_caption_batch_scores_the_text_that_came_with_each_image(tokenizer, tmp_path):
+    """original_clip_score: the scorer's cosine of the image and its own text (alt text), as for a caption."""
+    clip, _ = tiny_clip(tokenizer, tmp_path)
+    bundle = Bundle(encoder=clip, captioner=tiny_captioner(tokenizer), scorer=clip, manifest={})
+    pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    settings = DecodeSettings(max_new_tokens=6)
+    captions = caption_batch(bundle, pixels, settings).captions
+    originals = [captions[0], None, "Solda küçük mavi bir kare duruyor.", ""]
+    result = caption_batch(bundle, pixels, settings, original_texts=originals)
+    assert result.original_scores.dtype == np.float32 and np.isnan(result.original_scores[[1, 3]]).all()
+    assert result.original_scores[0] == pytest.approx(result.clip_scores[0], abs=1e-5)  # same text, same score
+    with torch.inference_mode():
+        text = clip.encode_texts([originals[2]])[0].numpy()
+    assert result.original_scores[2] == pytest.approx(float(np.dot(result.image_embeddings[2], text)), abs=1e-5)

@@ -34,6 +34,8 @@ def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
     assert set(captions.column("status").to_pylist()) == {"ok"}
     assert captions.column("width").to_pylist() == [48] * 10
     assert captions.column("original_text").to_pylist()[0].startswith("örnek")
+    original_scores = captions.column("original_clip_score").to_pylist()  # every sample came with a text
+    assert None not in original_scores and original_scores != captions.column("clip_score").to_pylist()
     filtered = read_parts(tmp_path / "out" / "filtered")
     assert filtered.num_rows == 5 == summary["counts"]["kept"]
     scores = sorted(captions.column("clip_score").to_pylist(), reverse=True)
@@ -276,6 +278,24 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
         p.name for p in (out / "captions").glob("*.parquet"))
     assert not any(read_parts(out / "captions").column("keep").to_pylist()) and not (out / "_refilter.json").exists()
     assert read_parts(out / "captions").num_rows == 10
+    report = verify(str(out), list(base["inputs"]))
+    assert report.ok, "\n".join(report.lines())
+
+
+def test_an_output_written_before_a_column_was_added_still_refilters(ray_local, tiny_bundle, tmp_path):
+    """Parts written before original_clip_score existed (no such column) are re-filtered with it as nulls."""
+    tar_corpus(tmp_path / "in", shards=1, per_shard=4)
+    out = tmp_path / "out"
+    base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(out), "model": str(tiny_bundle),
+            "decode": DecodeSettings(max_new_tokens=4), "batch_size": 4}
+    run(RunConfig(**base))
+    for path in (out / "captions").glob("*.parquet"):
+        older = pq.read_table(path).drop_columns(["original_clip_score"])
+        pq.write_table(older, path)
+    summary = run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.5), overwrite=True))
+    captions = read_parts(out / "captions")
+    validate_table(captions, 24)
+    assert summary["counts"]["kept"] == 2 and captions.column("original_clip_score").null_count == 4
     report = verify(str(out), list(base["inputs"]))
     assert report.ok, "\n".join(report.lines())
 

@@ -63,7 +63,8 @@ def _rows(input_tar: str) -> list[dict]:
         score = round(0.05 + 0.03 * i, 2)
         rows.append({"key": f"k{i:02d}", "source": input_tar, "status": "ok", "error": None, "width": 48,
                      "height": 40, "caption": CAPTIONS[i % len(CAPTIONS)], "clip_score": score,
-                     "image_embedding": [0.5] * DIM, "candidates": [], "original_text": f"örnek {i}"})
+                     "image_embedding": [0.5] * DIM, "candidates": [], "original_text": f"örnek {i}",
+                     "original_clip_score": round(0.5 - 0.01 * i, 2)})
     rows.append({"key": "broken", "source": input_tar, "status": "decode_error", "error": BROKEN_ERROR,
                  "width": None, "height": None, "caption": None, "clip_score": None, "image_embedding": None,
                  "candidates": [], "original_text": None})
@@ -143,6 +144,15 @@ def test_report_shows_sampled_images_captions_and_escapes_everything(run_output)
     # counts, timings, configuration and model identity from run.json
     assert "demo-türkçe" in text and "ab" * 32 in text and "ViT-B-32" in text and "filter.min_clip_score" in text
     assert f"{run_output['kept']}" in text and "1.40" in text and "decode_error" in text
+    # the text that came with a sample, and the scorer's score of it
+    assert all(f"örnek {i} CLIP {0.5 - 0.01 * i:.3f}" in text for i in range(12))
+
+
+def test_a_report_reads_parts_written_before_original_clip_score_existed(run_output):
+    for path in (run_output["out"] / "captions").glob("*.parquet"):
+        pq.write_table(pq.read_table(path).drop_columns(["original_clip_score"]), path)
+    text = "".join(_Tags(build_report(str(run_output["out"]), samples=24)).text)
+    assert "örnek 3" in text and "örnek 3 CLIP" not in text
 
 
 def test_histogram_bars_and_threshold_lines(run_output):

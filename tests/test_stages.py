@@ -143,11 +143,11 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
     real = model_stage.caption_batch
     calls = []
 
-    def fails_on_poison(bundle, pixels, settings, scorer_pixels=None, keys=None):
+    def fails_on_poison(bundle, pixels, settings, scorer_pixels=None, keys=None, original_texts=None):
         calls.append(len(pixels))
         if bool((pixels == POISON).flatten(1).all(dim=1).any()):
             raise torch.OutOfMemoryError("simulated out of memory")
-        return real(bundle, pixels, settings, scorer_pixels, keys)
+        return real(bundle, pixels, settings, scorer_pixels, keys, original_texts)
 
     monkeypatch.setattr(model_stage, "caption_batch", fails_on_poison)
     values = [10, 20, POISON, 30, 40, 50, 60, 70]
@@ -169,7 +169,7 @@ def test_a_failed_batch_frees_its_memory_before_its_halves_are_retried(stage, mo
     retried with ~1.75 batches' memory held, and failed too."""
     attempts, held = [], []
 
-    def out_of_memory(bundle, pixels, settings, scorer_pixels=None, keys=None):
+    def out_of_memory(bundle, pixels, settings, scorer_pixels=None, keys=None, original_texts=None):
         activations = torch.empty(len(pixels), 1024)  # stands for what the attempt had allocated
         held.append(sum(attempt() is not None for attempt in attempts))
         attempts.append(weakref.ref(activations))

@@ -217,7 +217,7 @@ def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     seen = []
-    monkeypatch.setattr(train_captioner, "train", lambda config: seen.append(config) or {
+    monkeypatch.setattr(train_captioner, "train", lambda config, *languages: seen.append(config) or {
         "examples": 1, "train_s": 0.0, "bundle": "b"})
     result = CliRunner().invoke(train_captioner.main, ["--captions", "ann.json", "--captions", "x.tar",
                                                        "--image-root", "imgs", "--out", str(tmp_path / "run")])
@@ -287,7 +287,8 @@ def _write_output(folder: Path, dim: int) -> None:
         "caption": ["Resimde büyük bir mavi kare var." + " Solda bir daire." * (i % 2) for i in range(19)] + [None],
         "clip_score": [0.5] * 19 + [None],
         "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float16()), dim),
-        "candidates": [None] * 20, "keep": [True] * 19 + [False], "original_text": [None] * 20},
+        "candidates": [None] * 20, "keep": [True] * 19 + [False], "original_text": [None] * 20,
+        "original_clip_score": pa.nulls(20, pa.float32())},
         schema=captions_schema(dim))
     folder.mkdir(parents=True)
     pq.write_table(table, folder / "part-0.parquet")
