@@ -39,6 +39,7 @@ from pipeline.training import (
     TrainConfig,
     build_captioner,
     build_custom_clip,
+    build_locked_scorer,
     check_caption_room,
     embed_images,
     load_embedding_examples,
@@ -46,30 +47,32 @@ from pipeline.training import (
     seed_everything,
     train_captioner,
     train_clip,
+    train_scorer,
     train_tokenizer,
     write_summary,
 )
 
 log = logging.getLogger("train_captioner")
-RESUMABLE_SETTINGS = ("out", "clip_epochs", "caption_epochs")  # a rerun with more epochs resumes
+RESUMABLE_SETTINGS = ("out", "clip_epochs", "caption_epochs", "scorer_epochs")  # more epochs resume a run
 
 
 def _encoder(config: TrainConfig):
     """A pretrained encoder: a bundle directory's encoder, an open_clip ARCH[:WEIGHTS], or a transformers CLIP.
-    Returns the model, its spec and, from a bundle, the bundle.json entry that identifies it (else None)."""
+    Returns the model, its spec and, from a bundle, the bundle.json entry that identifies it and the bundle's
+    captioner (else None twice)."""
     if config.clip and (Path(config.clip) / BUNDLE_FILE).is_file():
         bundle = load_bundle(config.clip)
         spec = ClipSpec(**{k: v for k, v in bundle.manifest["encoder"].items() if k in ClipSpec.__dataclass_fields__})
         if spec.weights and (Path(config.clip) / spec.weights).is_file():
             # a file of that bundle (an imported ClipCap's encoder.safetensors): the new bundle copies it in
             spec = replace(spec, weights=str(Path(config.clip) / spec.weights))
-        return bundle.encoder, spec, bundle.manifest["encoder"]
+        return bundle.encoder, spec, bundle.manifest["encoder"], bundle.captioner
     spec = ClipSpec.parse(config.clip)
     if spec.weights is None and not spec.arch.startswith(SCHEMAS) and "/" not in spec.arch \
             and not Path(spec.arch).is_dir():
         raise ModelLoadError(f"--clip {config.clip} names no weights, so the bundle would hold a random encoder; "
                              "give ARCH:TAG (e.g. ViT-B-32:openai) or ARCH:FILE")
-    return create_clip(spec), spec, None
+    return create_clip(spec), spec, None, None
 
 
 def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip, identity: dict | None) -> None:
@@ -117,19 +120,20 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
         if not config.clip:
             raise click.UsageError("--embeddings-from needs --clip: the encoder that made those embeddings")
         examples, metadata = load_embedding_examples(list(config.embeddings_from))
-        clip, spec, identity = _encoder(config)
+        clip, spec, identity, bundle_captioner = _encoder(config)
         _check_embeddings_encoder(config, examples, metadata, clip, identity)
     elif config.clip:
-        clip, spec, _ = _encoder(config)
+        clip, spec, _, bundle_captioner = _encoder(config)
         examples = load_examples(list(config.data), clip.image_spec, config.limit, image_root=config.image_root)
     else:
+        bundle_captioner = None
         image_spec = ImageSpec(size=config.clip_arch.image_size)
         examples = load_examples(list(config.data), image_spec, config.limit, image_root=config.image_root)
     log.info("%d training examples", len(examples.captions))
 
     # the small CLIP's text tower and a GPT-2 from scratch share one tokenizer trained on the captions
     tokenizer = None
-    if config.lm is None or not config.clip:
+    if config.lm is None or not config.clip or config.train_scorer:
         tokenizer = train_tokenizer(examples.captions, config.vocab_size, work)
     if not config.clip:
         clip, spec = build_custom_clip(config.clip_arch, work / "text_tokenizer.json")
@@ -137,9 +141,18 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
     if examples.embeddings is None:
         examples.embeddings = embed_images(clip, examples.pixels, bf16=config.bf16)
         examples.pixels = None
-    captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
-    summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
+    scorer = scorer_spec = None
+    if config.train_scorer:
+        scorer, scorer_spec = build_locked_scorer(clip, config.clip_arch, work / "text_tokenizer.json")
+        summary["scorer_losses"] = train_scorer(scorer, examples, config, checkpoints)
+        scorer = scorer.float()
+    if config.caption_epochs == 0 and bundle_captioner is not None:
+        captioner = bundle_captioner  # a new scorer for a bundle's captioner, which stays as it is
+    else:
+        captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
+        summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
     manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), name=out.name,
+                           scorer=scorer, scorer_spec=scorer_spec,
                            dtype=torch.float16 if config.save_fp16 else torch.float32,
                            caption_language=caption_language, scorer_languages=scorer_languages)
     summary.update({"examples": len(examples.captions), "bundle": str(out / "bundle"),
@@ -177,6 +190,13 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N examples.")
 @click.option("--first-reference-prob", type=click.FloatRange(0, 1), default=None,
               help="Stage 2 trains on each image's first reference with this probability (default: uniform).")
+@click.option("--train-scorer", "scorer_training", is_flag=True,
+              help="Also train a text tower against the frozen encoder (locked-image tuning) on the captions, as the "
+                   "bundle's scorer: a CLIP score that reads their language. With a bundle --clip and "
+                   "--caption-epochs 0, the bundle's captioner is kept.")
+@click.option("--scorer-epochs", type=click.IntRange(min=1), default=None, help="Its epochs (default: 10).")
+@click.option("--scorer-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Its peak learning rate (default: 1e-3).")
 @click.option("--save-fp16", is_flag=True, help="Store the bundle's weights as fp16 (half the size).")
 @click.option("--bf16/--no-bf16", default=None,
               help="bf16 autocast (default: on where the CPU runs bf16 natively, i.e. with AVX-512).")
@@ -185,7 +205,8 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
          batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
-         first_reference_prob, save_fp16, bf16, seed, caption_language, scorer_languages, out) -> None:
+         first_reference_prob, scorer_training, scorer_epochs, scorer_lr, save_fp16, bf16, seed, caption_language,
+         scorer_languages, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
@@ -193,9 +214,11 @@ def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_
         raise click.UsageError("give --data or --embeddings-from, not both: one run trains on one kind of input")
     config = TrainConfig(out=out, data=tuple(data), image_root=image_root, embeddings_from=tuple(embeddings_from),
                          clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length,
-                         limit=limit, seed=seed, first_reference_prob=first_reference_prob, save_fp16=save_fp16)
+                         limit=limit, seed=seed, first_reference_prob=first_reference_prob, save_fp16=save_fp16,
+                         train_scorer=scorer_training)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
-                 "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr, "bf16": bf16}
+                 "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr, "bf16": bf16,
+                 "scorer_epochs": scorer_epochs, "scorer_lr": scorer_lr}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     arch = {"image_size": clip_image_size, "vision_stride": clip_stride and int(clip_stride),
             "vision_width": clip_width}

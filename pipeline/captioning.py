@@ -43,7 +43,7 @@ def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings
     token_lists = generate(bundle.captioner, bundle.captioner.prefix(features), settings, sample_seeds)
     per_image = [len(candidates) for candidates in token_lists]
     texts = decode_texts(bundle.captioner, [tokens for candidates in token_lists for tokens in candidates])
-    if bundle.scorer is bundle.encoder:
+    if bundle.scorer.shares_image_tower(bundle.encoder):
         scorer_embeddings = embeddings
     else:
         scorer_embeddings = bundle.scorer.encode_images(pixels if scorer_pixels is None else scorer_pixels)

@@ -144,7 +144,7 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
     settings = settings or DecodeSettings()
     start = time.perf_counter()
     untrained = untrained_bundle(bundle, seed) if baseline else None
-    separate_scorer = bundle.scorer is not bundle.encoder
+    separate_scorer = not bundle.scorer.shares_image_tower(bundle.encoder)
     items: list[_Item] = []
     captions: list[str] = []
     clip_scores: list[float] = []

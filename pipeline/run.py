@@ -116,8 +116,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     embedding_dim = bundle.encoder.embed_dim
-    decode_spec = DecodeSpec(encoder=bundle.encoder.image_spec,
-                             scorer=None if bundle.scorer is bundle.encoder else bundle.scorer.image_spec)
+    scorer_images = None if bundle.scorer.shares_image_tower(bundle.encoder) else bundle.scorer.image_spec
+    decode_spec = DecodeSpec(encoder=bundle.encoder.image_spec, scorer=scorer_images)
     identity = bundle.identity()
     del bundle  # the driver only validates the models; actors load their own copies
 

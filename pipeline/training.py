@@ -28,7 +28,15 @@ from tqdm import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip, encode_text_trimmed
+from pipeline.models.clip import (
+    CUSTOM,
+    LOCKED_VISION_PLACEHOLDER,
+    ClipModel,
+    ClipSpec,
+    create_clip,
+    encode_text_trimmed,
+    lock_image_tower,
+)
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
@@ -115,6 +123,11 @@ class TrainConfig:
     # teaches greedy decoding one consistent form.
     first_reference_prob: float | None = None
     save_fp16: bool = False  # store the bundle's weights as fp16 (half the size; loaded as fp32)
+    # Locked-image tuning: a text tower (clip_arch's) trained against the frozen encoder's image embeddings
+    # becomes the bundle's scorer, so that its scores read the captions' language
+    train_scorer: bool = False
+    scorer_epochs: int = 10
+    scorer_lr: float = 1e-3
 
     def caption_peak_lr(self) -> float:
         """caption_lr, else by the LM: a from-scratch rate would wreck a pretrained LM's weights in a few steps."""
@@ -279,6 +292,80 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
         losses.append(float(np.mean(epoch_losses)))
         log.info("clip epoch %d/%d loss %.4f", epoch + 1, config.clip_epochs, losses[-1])
         checkpoints.save("clip", epoch + 1, {"clip": model}, optimizer, losses)
+    model.eval()
+    return losses
+
+
+def build_locked_scorer(encoder: ClipModel, arch: ClipArch, text_tokenizer_file: Path) -> tuple[ClipModel, ClipSpec]:
+    """A new text tower (`arch`'s text transformer over the captions' tokenizer) that scores against
+    `encoder`'s image tower, which it shares and never trains (LiT, Zhai et al. 2022)."""
+    tokenizer = ClipTextTokenizer.from_file(text_tokenizer_file, arch.context_length)
+    text_cfg = arch.open_clip_config(tokenizer.tokenizer.get_vocab_size(), tokenizer.eos_id)["text_cfg"]
+    config = {"embed_dim": encoder.embed_dim, "vision_cfg": dict(LOCKED_VISION_PLACEHOLDER), "text_cfg": text_cfg}
+    spec = ClipSpec(arch=CUSTOM, config=config, tokenizer=text_tokenizer_file.name, image_tower="encoder")
+    return lock_image_tower(create_clip(spec, text_tokenizer_file.parent), encoder), spec
+
+
+def word_swap_negative(text: str, vocabulary: list[str], rng: random.Random) -> str:
+    """`text` with one of its words replaced by another word of the captions: a hard negative for data that
+    brings none (a colour, shape or count word swapped is a caption that is wrong in one detail)."""
+    words = text.split(" ")
+    positions = [i for i, word in enumerate(words) if word.strip(_PUNCTUATION)]
+    if not positions or len(vocabulary) < 2:
+        return text
+    i = rng.choice(positions)
+    core = words[i].strip(_PUNCTUATION)
+    other = rng.choice(vocabulary)
+    while other == core:
+        other = rng.choice(vocabulary)
+    words[i] = words[i].replace(core, other, 1)
+    return " ".join(words)
+
+
+_PUNCTUATION = ".,;:!?\"'()"
+
+
+def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
+                 progress: Callable[..., Any] = tqdm) -> list[float | None]:
+    """Locked-image tuning: only the text tower (and the temperature) learn, contrasting each image's frozen
+    embedding with one of its captions against the batch's other captions and one hard negative per image
+    (the data's own, else `word_swap_negative`). Returns the mean loss of every epoch."""
+    model = scorer.clip.train()
+    model.visual.requires_grad_(False)
+    model.visual.eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.scorer_lr, weight_decay=0.1, fused=True)
+    losses = checkpoints.resume("scorer", {"scorer": model}, optimizer)
+    n = len(examples.captions)
+    batch_size = min(config.clip_batch_size, n)
+    steps_per_epoch = max(1, n // batch_size)
+    total = steps_per_epoch * config.scorer_epochs
+    vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions for text in references
+                         for word in text.split(" ")} - {""})
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    rng = random.Random(config.seed + 2)
+    for epoch in range(len(losses), config.scorer_epochs):
+        generator.manual_seed(config.seed * 1000 + epoch + 2)
+        rng.seed(config.seed * 1000 + epoch + 2)
+        bar = progress(list(_batches(n, batch_size, generator)), desc=f"scorer epoch {epoch + 1}", leave=False)
+        epoch_losses = []
+        for step, index in enumerate(bar):
+            _cosine_lr(optimizer, config.scorer_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
+            texts = [rng.choice(examples.captions[i]) for i in index.tolist()]
+            negatives = ([rng.choice(examples.negatives[i]) for i in index.tolist()] if examples.negatives
+                         else [word_swap_negative(text, vocabulary, rng) for text in texts])
+            with _autocast(config.bf16):
+                all_text = F.normalize(encode_text_trimmed(model, scorer.tokenizer(texts + negatives)), dim=-1).float()
+                loss = contrastive_loss(examples.embeddings[index], all_text[: len(texts)], all_text[len(texts):],
+                                        model.logit_scale.exp().clamp(max=100))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        losses.append(float(np.mean(epoch_losses)))
+        log.info("scorer epoch %d/%d loss %.4f", epoch + 1, config.scorer_epochs, losses[-1])
+        checkpoints.save("scorer", epoch + 1, {"scorer": model}, optimizer, losses)
     model.eval()
     return losses
 

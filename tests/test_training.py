@@ -18,6 +18,7 @@ import torch
 from conftest import jpeg_bytes, tiny_captioner
 from tqdm import tqdm
 
+from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
 from pipeline.decoding import decode_texts, generate
 from pipeline.demo_world import write_corpus
@@ -36,6 +37,7 @@ from pipeline.training import (
     _length_grouped_batches,
     contrastive_loss,
     load_examples,
+    word_swap_negative,
 )
 from schemas.captions import captions_schema
 
@@ -276,6 +278,57 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     # a pretrained --lm beside a CLIP trained here: the CLIP still gets a text tokenizer of its own
     lm_run = train(_config(tmp_path / "lm_run", data=data, lm=str(tmp_path / "run" / "bundle" / "lm")))
     assert len(lm_run["clip_losses"]) == 1 and load_bundle(tmp_path / "lm_run" / "bundle").encoder.embed_dim == dim
+
+
+def test_a_scorer_trained_against_the_frozen_encoder_shares_its_image_tower(tmp_path):
+    """--train-scorer with a bundle's encoder and --caption-epochs 0: a text tower learns the captions against
+    the encoder's frozen image embeddings; the new bundle keeps the captioner, stores no second image tower,
+    and its scorer scores against the encoder's own embeddings (one image forward serves both)."""
+    write_corpus(tmp_path / "corpus", seed=4, counts={"train": 64}, size=(32, 32), formats=("webdataset",))
+    data = (str(tmp_path / "corpus" / "train" / "*.tar"),)
+    train(_config(tmp_path / "base", data=data))
+    base = load_bundle(tmp_path / "base" / "bundle")
+    visual_before = {k: v.clone() for k, v in base.encoder.clip.visual.state_dict().items()}
+    summary = train(_config(tmp_path / "lit", data=data, clip=str(tmp_path / "base" / "bundle"), train_scorer=True,
+                            scorer_epochs=3, caption_epochs=0))
+    losses = summary["scorer_losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0] and "caption_losses" not in summary
+    lit = load_bundle(tmp_path / "lit" / "bundle")
+    manifest = lit.manifest
+    assert manifest["scorer"]["image_tower"] == "encoder" and manifest["languages"]["scorer"] == ["tr"]
+    stored = _safetensors_keys(tmp_path / "lit" / "bundle" / manifest["scorer"]["weights"])
+    assert stored and not any(key.startswith("visual.") for key in stored)
+    assert lit.scorer.shares_image_tower(lit.encoder) and not base.scorer.shares_image_tower(lit.encoder)
+    for key, value in lit.encoder.clip.visual.state_dict().items():  # the image tower was never trained
+        assert torch.equal(value, visual_before[key]), key
+    for name, value in lit.captioner.mapper.state_dict().items():  # nor the captioner
+        assert torch.equal(value, base.captioner.mapper.state_dict()[name]), name
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    result = caption_batch(lit, pixels, DecodeSettings(max_new_tokens=5))
+    with torch.inference_mode():
+        texts = lit.scorer.encode_texts(result.captions).numpy()
+        differs = base.scorer.encode_texts(result.captions).numpy()
+    np.testing.assert_allclose(result.clip_scores, (result.image_embeddings * texts).sum(1), atol=1e-5)
+    assert not np.allclose(texts, differs, atol=1e-3)  # a new text tower, not the encoder's
+
+
+def test_a_word_swap_negative_changes_one_word_and_keeps_the_punctuation():
+    import random
+
+    vocabulary = ["kırmızı", "mavi", "kare", "daire", "iki"]
+    for seed in range(20):
+        text = "Solda iki kırmızı kare."
+        swapped = word_swap_negative(text, vocabulary, random.Random(seed))
+        changed = [(a, b) for a, b in zip(text.split(" "), swapped.split(" "), strict=True) if a != b]
+        assert len(changed) == 1 and swapped.endswith(".")
+        assert changed[0][1].strip(".") in vocabulary
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
 
 
 def _write_output(folder: Path, dim: int) -> None:

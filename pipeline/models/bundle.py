@@ -26,7 +26,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import CUSTOM, LOCAL_DIR, ClipModel, ClipSpec, create_clip, uses_quick_gelu
+from pipeline.models.clip import (
+    CUSTOM,
+    LOCAL_DIR,
+    LOCKED_PREFIX,
+    ClipModel,
+    ClipSpec,
+    create_clip,
+    lock_image_tower,
+    uses_quick_gelu,
+)
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE, Languages, infer, of_manifest
 from pipeline.models.text_tokenizers import ClipTextTokenizer
@@ -183,8 +192,7 @@ def load_bundle(path: str | Path) -> Bundle:
     path = Path(path)
     manifest = load_manifest(path)
     encoder = create_clip(_clip_spec(manifest["encoder"], "encoder"), path)
-    scorer = (encoder if manifest["scorer"] == SAME_AS_ENCODER
-              else create_clip(_clip_spec(manifest["scorer"], "scorer"), path))
+    scorer = encoder if manifest["scorer"] == SAME_AS_ENCODER else _load_scorer(manifest["scorer"], path, encoder)
     captioner = _load_captioner(path, manifest["captioner"])
     if captioner.config.prefix_dim != encoder.embed_dim:
         raise ModelLoadError(f"{path / BUNDLE_FILE}: captioner prefix_dim {captioner.config.prefix_dim} "
@@ -222,6 +230,16 @@ def _load_captioner(path: Path, entry: dict[str, Any]) -> PrefixCaptioner:
     return captioner.eval()
 
 
+def _load_scorer(entry: Any, path: Path, encoder: ClipModel) -> ClipModel:
+    spec = _clip_spec(entry, "scorer")
+    if spec.image_tower is None:
+        return create_clip(spec, path)
+    if spec.image_tower != SAME_AS_ENCODER:
+        raise ModelLoadError(f"{path / BUNDLE_FILE}: scorer image_tower {spec.image_tower!r} (expected "
+                             f"{SAME_AS_ENCODER!r})")
+    return lock_image_tower(create_clip(spec, path), encoder)
+
+
 def _clip_spec(entry: Any, role: str) -> ClipSpec:
     if not isinstance(entry, dict) or "arch" not in entry:
         raise ModelLoadError(f"{BUNDLE_FILE}: {role} entry needs an 'arch'")
@@ -240,7 +258,7 @@ def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: t
         save_weights(model.clip, folder / "open_clip_model.safetensors", dtype)
         entry["arch"] = f"{LOCAL_DIR}{folder.name}"
     elif spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):
-        save_weights(model.clip, path / f"{role}.safetensors", dtype)
+        save_weights(model.clip, path / f"{role}.safetensors", dtype, skip=LOCKED_PREFIX if spec.image_tower else None)
         entry["weights"] = f"{role}.safetensors"
         if spec.arch != CUSTOM and uses_quick_gelu(model.clip):
             entry["quick_gelu"] = True  # the stored weights need it whatever the name says (OpenAI's files)

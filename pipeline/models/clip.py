@@ -58,6 +58,8 @@ class ClipSpec:
     config: for 'custom', the keyword arguments of `open_clip.CLIP` plus an optional 'preprocess'
       entry (size, mean, std, interpolation).
     tokenizer: for 'custom', a `tokenizers` JSON file.
+    image_tower: 'encoder' for a scorer whose text tower was trained against the bundle's frozen encoder
+      (`lock_image_tower`): its weights hold the text tower only, the image tower is the encoder's.
     """
 
     arch: str
@@ -65,6 +67,7 @@ class ClipSpec:
     config: dict[str, Any] | None = None
     tokenizer: str | None = None
     quick_gelu: bool | None = None
+    image_tower: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> ClipSpec:
@@ -106,6 +109,13 @@ class ClipModel(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    def shares_image_tower(self, other: ClipModel) -> bool:
+        """Whether this model's image embeddings are `other`'s: the same model, or a text tower trained against
+        `other`'s frozen image tower (`lock_image_tower`), so one image forward serves both."""
+        return self is other or (self.clip.visual is other.clip.visual and self.image_spec == other.image_spec
+                                 and torch.equal(self.pixel_mean, other.pixel_mean)
+                                 and torch.equal(self.pixel_std, other.pixel_std))
+
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> normalized (B, 3, H, W) in the model's dtype, on its device."""
         dtype = self.clip.logit_scale.dtype
@@ -131,6 +141,24 @@ class ClipModel(nn.Module):
         if self.device.type != "cpu" or len(items) <= CPU_CHUNK:
             return encode(items)
         return torch.cat([encode(items[start:start + CPU_CHUNK]) for start in range(0, len(items), CPU_CHUNK)])
+
+
+# The vision config a locked-image scorer is built with before it takes its encoder's image tower: the
+# smallest ViT open_clip builds, so that building one never allocates an image tower it throws away.
+LOCKED_PREFIX = "visual."  # the keys of the image tower a locked-image scorer borrows
+LOCKED_VISION_PLACEHOLDER = {"image_size": 32, "patch_size": 32, "width": 64, "layers": 1, "head_width": 64}
+
+
+def lock_image_tower(scorer: ClipModel, encoder: ClipModel) -> ClipModel:
+    """`scorer` with `encoder`'s image tower and preprocessing in place of its own (locked-image tuning, LiT:
+    a text tower trained against a frozen image tower). The tower is shared, not copied."""
+    if scorer.embed_dim != encoder.embed_dim:
+        raise ModelLoadError(f"a text tower of {scorer.embed_dim}-d embeddings cannot score against an image "
+                             f"tower of {encoder.embed_dim}-d ones")
+    scorer.clip.visual = encoder.clip.visual
+    scorer.image_spec = encoder.image_spec
+    scorer.pixel_mean, scorer.pixel_std = encoder.pixel_mean, encoder.pixel_std
+    return scorer
 
 
 def encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -298,7 +326,7 @@ def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
     elif stride != 32:
         raise ModelLoadError(f"invalid custom CLIP config: vision_stride {stride!r} (32, or 16 for a ResNet tower)")
     if spec.weights:
-        load_weights(clip, base_dir / spec.weights)
+        load_weights(clip, base_dir / spec.weights, skip=LOCKED_PREFIX if spec.image_tower else None)
     tokenizer_path = base_dir / spec.tokenizer
     if not tokenizer_path.is_file():
         raise ModelLoadError(f"CLIP tokenizer file missing: {tokenizer_path}")

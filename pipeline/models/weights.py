@@ -26,20 +26,22 @@ def building_for(weights: bool) -> AbstractContextManager:
     return no_init_weights() if weights else nullcontext()
 
 
-def load_weights(module: nn.Module, path: Path, rename: dict[str, str] | None = None) -> None:
-    """Load a safetensors file into `module`, strictly, naming the file and key on any mismatch."""
+def load_weights(module: nn.Module, path: Path, rename: dict[str, str] | None = None, skip: str | None = None) -> None:
+    """Load a safetensors file into `module`, strictly, naming the file and key on any mismatch. `skip`: a
+    prefix of the module's keys the file does not hold (a tower the module borrows from another)."""
     if not path.is_file():
         raise ModelLoadError(f"weights file missing: {path}")
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
-    load_state(module, state, str(path))
+    load_state(module, state, str(path), skip)
 
 
-def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict(strict=True)` with a one-line error listing missing/unexpected/mis-shaped keys."""
-    expected = module.state_dict()
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, skip: str | None = None) -> None:
+    """`load_state_dict(strict=True)` with a one-line error listing missing/unexpected/mis-shaped keys;
+    the keys starting with `skip` are neither expected nor loaded."""
+    expected = {key: value for key, value in module.state_dict().items() if skip is None or not key.startswith(skip)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = [
@@ -56,14 +58,14 @@ def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str) -
         problems.append(f"wrong shapes {_few(wrong_shape)}")
     if problems:
         raise ModelLoadError(f"{source}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=skip is None)  # every other key was checked above
 
 
-def save_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32) -> None:
+def save_weights(module: nn.Module, path: Path, dtype: torch.dtype = torch.float32, skip: str | None = None) -> None:
     """Write `module`'s state dict as safetensors, floating tensors stored as `dtype` (contiguous
-    copies, so shared views are fine)."""
+    copies, so shared views are fine), without the keys starting with `skip`."""
     state = {key: (value.to(dtype) if value.is_floating_point() else value).detach().contiguous().clone()
-             for key, value in module.state_dict().items()}
+             for key, value in module.state_dict().items() if skip is None or not key.startswith(skip)}
     save_file(state, str(path))
 
 
