@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -65,6 +67,66 @@ def tiny_captioner(tokenizer, mapper: str = "mlp", prefix_dim: int = 24, seed: i
     cfg = CaptionerConfig(mapper=mapper, prefix_dim=prefix_dim, prefix_length=4, clip_length=3, num_layers=2,
                           **config)
     return PrefixCaptioner(cfg, lm, tokenizer).eval()
+
+
+MULTILINGUAL_CONTEXT = 32  # the tiny XLM-R tokenizer's length (text_cfg.context_length)
+MULTILINGUAL_PREPROCESS = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear",
+                           "resize_mode": "shortest"}
+
+
+def tiny_xlm_roberta(folder: Path) -> Path:
+    """A tiny XLM-RoBERTa text tower's config.json and tokenizer files, as xlm-roberta-base has them on the hub
+    (no weights: a CLIP checkpoint holds them); its Unigram tokenizer is trained on Turkish, XLM-R's special ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import XLMRobertaConfig, XLMRobertaTokenizer
+
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    unigram.train_from_iterator(TURKISH_SENTENCES, trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>",
+        show_progress=False))
+    vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+    tokenizer = XLMRobertaTokenizer(vocab=vocab, model_max_length=MULTILINGUAL_CONTEXT)
+    # RoBERTa's positions start after the pad id (room for open_clip's default 77 tokens); open_clip masks the
+    # tower's input where it is the pad id
+    XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=77 + 2, type_vocab_size=1,
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=0, eos_token_id=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_multilingual_config(text_tower: str) -> dict:
+    """An open_clip model_cfg shaped as xlm-roberta-base-ViT-B-32's, tiny: a ViT at 48 px and the Hugging Face
+    text tower `text_tower` (a hub name or folder), mean-pooled and projected by an MLP."""
+    return {"embed_dim": 16,
+            "vision_cfg": {"image_size": 48, "patch_size": 16, "width": 32, "layers": 1, "head_width": 16},
+            "text_cfg": {"hf_model_name": text_tower, "hf_tokenizer_name": text_tower, "hf_pooler_type": "mean_pooler",
+                         "hf_proj_type": "mlp", "context_length": MULTILINGUAL_CONTEXT}}
+
+
+def tiny_multilingual_clip(text_tower: str, seed: int = 0) -> torch.nn.Module:
+    """open_clip's CustomTextCLIP of `tiny_multilingual_config`, random weights, MULTILINGUAL_PREPROCESS."""
+    torch.manual_seed(seed)
+    config = tiny_multilingual_config(text_tower)
+    config["text_cfg"]["hf_model_pretrained"] = False  # the tower's config only: no transformers weights
+    clip = open_clip.CustomTextCLIP(**config).eval()
+    open_clip.model.set_model_preprocess_cfg(clip, {**MULTILINGUAL_PREPROCESS, "size": 48})
+    return clip
+
+
+def tiny_multilingual_folder(root: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    """An open_clip folder as a user keeps a multilingual CLIP (root/tiny-scorer: a name that says nothing of its
+    languages): open_clip_config.json naming the text tower ".", open_clip_model.safetensors, and the tower's
+    config.json and tokenizer files beside them. Returns the folder and the model it holds."""
+    from safetensors.torch import save_file
+
+    folder = tiny_xlm_roberta(root / "tiny-scorer")
+    clip = tiny_multilingual_clip(str(folder), seed)
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": tiny_multilingual_config("."), "preprocess_cfg": MULTILINGUAL_PREPROCESS}))
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder, clip
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,9 @@ Layout:
   mapper.safetensors    ClipCap mapper weights
   lm/                   the language model and its tokenizer, Hugging Face `save_pretrained` form
   scorer.*              only when the scorer is not the encoder itself
+  ROLE_open_clip/       in place of ROLE.safetensors (ROLE: encoder, scorer): an open_clip folder, for
+                        local-dir and transformers CLIPs and Hugging Face text towers (with the tower's
+                        config.json and tokenizer files)
 Nothing is unpickled with code execution: weights are safetensors, open_clip `.pt` files load with
 weights_only=True, and TorchScript archives (OpenAI's CLIP files) through an unpickler that only builds tensors.
 """
@@ -34,6 +37,7 @@ from pipeline.models.clip import (
     ClipSpec,
     create_clip,
     lock_image_tower,
+    save_open_clip_folder,
     uses_quick_gelu,
 )
 from pipeline.models.errors import ModelLoadError
@@ -248,15 +252,14 @@ def _clip_spec(entry: Any, role: str) -> ClipSpec:
 
 
 def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: torch.dtype) -> dict[str, Any]:
-    """Custom models, local weight files, local-dir and transformers CLIPs are copied in (weights as
-    safetensors), so the bundle stands alone; open_clip's pretrained tags and hub names stay references."""
+    """Custom models, local weight files, local-dir and transformers CLIPs and every model with a Hugging Face
+    text tower are copied in (weights as safetensors), so the bundle stands alone; open_clip's other pretrained
+    tags and hub names stay references."""
     entry = spec.to_json()
-    if model.open_clip_config is not None:  # local-dir and transformers CLIPs: stored as an open_clip folder
+    if model.open_clip_config is not None:  # stored as an open_clip folder, which holds all the model needs
         folder = path / f"{role}_open_clip"
-        folder.mkdir(exist_ok=True)
-        (folder / "open_clip_config.json").write_text(json.dumps(model.open_clip_config, indent=2))
-        save_weights(model.clip, folder / "open_clip_model.safetensors", dtype)
-        entry["arch"] = f"{LOCAL_DIR}{folder.name}"
+        save_open_clip_folder(model, folder, dtype)
+        entry = {"arch": f"{LOCAL_DIR}{folder.name}"}
     elif spec.arch == CUSTOM or (spec.weights and Path(spec.weights).is_file()):
         save_weights(model.clip, path / f"{role}.safetensors", dtype, skip=LOCKED_PREFIX if spec.image_tower else None)
         entry["weights"] = f"{role}.safetensors"

@@ -18,7 +18,10 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import HFTextEncoder
 from open_clip.modified_resnet import ModifiedResNet
+from open_clip.pretrained import download_pretrained_from_hf
+from open_clip.tokenizer import HFTokenizer
 from open_clip.transformer import QuickGELU, text_global_pool
 from torch import nn
 
@@ -32,12 +35,17 @@ from pipeline.models.weights import (
     load_state,
     load_weights,
     read_torchscript_state,
+    save_weights,
 )
 from pipeline.text import describe_error
 
 CUSTOM = "custom"
 LOCAL_DIR = "local-dir:"
-SCHEMAS = ("hf-hub:", LOCAL_DIR)
+HF_HUB = "hf-hub:"
+SCHEMAS = (HF_HUB, LOCAL_DIR)
+# An open_clip folder's text_cfg names its Hugging Face text tower (hf_model_name, hf_tokenizer_name) with
+# this when the tower's config.json and tokenizer files are the folder's own: such a folder can be moved.
+IN_FOLDER = "."
 # ViT-B/32 on this project's 2-core Zen 4 in bf16: 9 ms per image in passes of 32-64 images, 13-15 ms in
 # passes of 128-256 (README "Benchmarks")
 CPU_CHUNK = 64
@@ -47,9 +55,10 @@ CPU_CHUNK = 64
 class ClipSpec:
     """Where a CLIP model comes from.
 
-    arch: an open_clip model name ('ViT-B-32', 'hf-hub:org/repo', 'local-dir:/path'), 'custom', or a Hugging
-      Face transformers CLIP (hub name 'openai/clip-vit-base-patch32' or a directory with its config.json),
-      converted to open_clip's CLIP on load.
+    arch: an open_clip model name ('ViT-B-32', 'xlm-roberta-base-ViT-B-32', 'hf-hub:org/repo',
+      'local-dir:/path'), 'custom', or a Hugging Face transformers CLIP (hub name 'openai/clip-vit-base-patch32'
+      or a directory with its config.json), converted to open_clip's CLIP on load. A local-dir folder whose
+      text_cfg names its Hugging Face text tower "." holds that tower's config.json and tokenizer itself.
     weights: an open_clip pretrained tag ('openai', 'laion2b_s34b_b79k') or a local file
       (.safetensors / .pt / .bin, relative paths resolve against the bundle directory), including
       OpenAI's original TorchScript files (`clip.load`'s ViT-B-32.pt), which imply QuickGELU.
@@ -96,13 +105,17 @@ class ClipModel(nn.Module):
         self.clip = clip.eval()
         self.tokenizer = tokenizer
         self.image_spec = image_spec
-        # open_clip_config.json content for models a bundle stores as an open_clip folder (local-dir, transformers)
+        # open_clip_config.json content for models a bundle stores as an open_clip folder (local-dir, transformers,
+        # Hugging Face text towers), as open_clip built the model: `save_open_clip_folder` makes it portable
         self.open_clip_config = open_clip_config
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1) * 255, persistent=False)
 
     @property
     def embed_dim(self) -> int:
+        text_tower = getattr(self.clip, "text", None)  # CustomTextCLIP keeps its text tower as one module
+        if text_tower is not None:
+            return int(text_tower.output_dim)
         return int(self.clip.text_projection.shape[-1])
 
     @property
@@ -194,16 +207,23 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     weights = _resolve(spec.weights, base_dir)
     if arch.startswith(LOCAL_DIR) and base_dir is not None and (base_dir / arch.removeprefix(LOCAL_DIR)).is_dir():
         arch = f"{LOCAL_DIR}{base_dir / arch.removeprefix(LOCAL_DIR)}"  # a folder inside the bundle
+    folder = Path(arch.removeprefix(LOCAL_DIR)) if arch.startswith(LOCAL_DIR) else None
     # OpenAI's own files are TorchScript: read safely here (open_clip would refuse or run them), QuickGELU
     openai_archive = weights is not None and Path(weights).is_file() and is_torchscript_archive(weights)
+    what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
+    quick_gelu = bool(spec.quick_gelu) or openai_archive
+    folder_config = None
     try:
+        if folder is not None and (folder / "open_clip_config.json").is_file():  # else open_clip says what is amiss
+            folder_config = json.loads((folder / "open_clip_config.json").read_text())
         with building_for(weights is not None), _quiet_random_init_warning(openai_archive), _no_silent_resizing():
             clip = open_clip.create_model(arch, pretrained=None if openai_archive else weights, weights_only=True,
-                                          force_quick_gelu=bool(spec.quick_gelu) or openai_archive)
+                                          force_quick_gelu=quick_gelu, **_text_tower_in_folder(folder, folder_config))
         tokenizer = open_clip.get_tokenizer(arch)
+        if folder is None and has_hf_text_tower(clip):  # a bundle stores it as a folder: the config it was built from
+            folder_config = {"model_cfg": _model_config(arch, quick_gelu)}
     except (RuntimeError, FileNotFoundError, KeyError, OSError, ValueError, AssertionError,
             pickle.UnpicklingError) as exc:
-        what = f"{spec.arch}:{spec.weights}" if spec.weights else spec.arch
         raise ModelLoadError(f"cannot load CLIP {what!r}: {load_failure(exc)}") from None
     if openai_archive:
         expected = clip.state_dict()  # the archive also holds tensors that are not weights (cached masks)
@@ -213,10 +233,58 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
         raise ModelLoadError(f"CLIP {spec.arch!r}: resize_mode {cfg['resize_mode']!r} is not supported yet")
     size = cfg["size"] if isinstance(cfg["size"], int) else cfg["size"][0]
     image_spec = ImageSpec(size=size, interpolation=cfg.get("interpolation", "bicubic"))
-    folder_config = None
-    if arch.startswith(LOCAL_DIR):
-        folder_config = json.loads((Path(arch.removeprefix(LOCAL_DIR)) / "open_clip_config.json").read_text())
+    if folder is None and folder_config is not None:  # a tag's preprocessing, as open_clip merged it
+        folder_config["preprocess_cfg"] = json.loads(json.dumps(cfg))
     return ClipModel(clip, tokenizer, image_spec, tuple(cfg["mean"]), tuple(cfg["std"]), folder_config)
+
+
+def has_hf_text_tower(clip: nn.Module) -> bool:
+    """open_clip's CustomTextCLIP around a Hugging Face transformers text encoder (xlm-roberta-base-ViT-B-32,
+    nllb-clip-base): its config.json and tokenizer come from the Hugging Face hub, not from open_clip."""
+    return isinstance(getattr(clip, "text", None), HFTextEncoder)
+
+
+def _text_tower_in_folder(folder: Path | None, folder_config: dict[str, Any] | None) -> dict[str, Any]:
+    """create_model keyword arguments that point a text tower named IN_FOLDER at the folder itself: open_clip
+    hands hf_model_name to transformers as it is, which resolves a relative path against the working directory.
+    (Its tokenizer needs nothing: open_clip reads a local-dir folder's tokenizer from the folder, whatever
+    hf_tokenizer_name says.) The folder's files stay as they are."""
+    model_cfg = folder_config.get("model_cfg") if isinstance(folder_config, dict) else None
+    text_cfg = model_cfg.get("text_cfg") if isinstance(model_cfg, dict) else None
+    if folder is None or not isinstance(text_cfg, dict) or text_cfg.get("hf_model_name") != IN_FOLDER:
+        return {}  # a hand-written config open_clip then judges itself
+    # the argument replaces the whole text_cfg, and with it the flag open_clip sets itself where the folder has
+    # CLIP weights (they hold the tower's): without it transformers would look for the tower's own weights
+    return {"text_cfg": text_cfg | {"hf_model_name": str(folder.resolve()), "hf_model_pretrained": False}}
+
+
+def _model_config(arch: str, quick_gelu: bool) -> dict[str, Any]:
+    """The model config open_clip built `arch` from: a built-in name's, or a hub repo's open_clip_config.json
+    (in the hub cache: create_model just read it there)."""
+    if arch.startswith(HF_HUB):
+        file = download_pretrained_from_hf(arch.removeprefix(HF_HUB), filename="open_clip_config.json")
+        config = json.loads(Path(file).read_text())["model_cfg"]
+    else:
+        config = open_clip.get_model_config(arch.replace("/", "-"))  # how create_model looks a name up
+    return config | ({"quick_gelu": True} if quick_gelu else {})
+
+
+def save_open_clip_folder(model: ClipModel, folder: Path, dtype: torch.dtype = torch.float32) -> None:
+    """`model` (one with an `open_clip_config`) as an open_clip folder that `create_clip` loads wherever the folder
+    is moved: open_clip_config.json and open_clip_model.safetensors, and for a Hugging Face text tower that tower's
+    config.json and tokenizer files, named IN_FOLDER. The tower's weights are in the CLIP state dict already."""
+    config = json.loads(json.dumps(model.open_clip_config))
+    text_cfg = config["model_cfg"]["text_cfg"]
+    folder.mkdir(parents=True, exist_ok=True)
+    if has_hf_text_tower(model.clip):
+        model.clip.text.config.save_pretrained(folder)
+        text_cfg.update(hf_model_name=IN_FOLDER, hf_model_pretrained=False)
+    if isinstance(model.tokenizer, HFTokenizer):
+        model.tokenizer.save_pretrained(folder)
+        # open_clip reads a local-dir folder's tokenizer from the folder; its length defaults to 77, not this one's
+        text_cfg.update(hf_tokenizer_name=IN_FOLDER, context_length=model.tokenizer.context_length)
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    save_weights(model.clip, folder / "open_clip_model.safetensors", dtype)
 
 
 def is_transformers_clip(arch: str) -> bool:
