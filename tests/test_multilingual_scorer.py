@@ -34,9 +34,10 @@ from pipeline.config import DecodeSettings
 from pipeline.models.bundle import load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
-from pipeline.models.languages import MULTILINGUAL
+from pipeline.models.languages import MULTILINGUAL, infer
 
 TEXTS = ["Resimde büyük bir kırmızı daire var.", "mavi kare", "İki sarı yıldız ortada görünüyor.", "ılık"]
+OPENAI_ENCODER = {"arch": "ViT-B-32", "weights": "openai"}
 
 
 def _pixels(size: int, count: int = 3, seed: int = 0) -> torch.Tensor:
@@ -119,6 +120,7 @@ def moved_bundle(tokenizer, tmp_path, monkeypatch):
 def test_a_bundle_stores_the_scorer_with_its_text_tower_s_files_and_runs_it_offline(moved_bundle):
     path, manifest, scorer, _ = moved_bundle
     assert manifest["scorer"] == {"arch": "local-dir:scorer_open_clip"}
+    assert manifest["languages"] == {"captions": "tr", "scorer": [MULTILINGUAL]}  # its folder's name says nothing
     stored = path / "scorer_open_clip"
     names = {file.name for file in stored.iterdir()}
     assert {"open_clip_config.json", "open_clip_model.safetensors", "config.json", "tokenizer.json",
@@ -161,6 +163,33 @@ def test_captioning_scores_with_the_multilingual_scorer_at_its_own_input_size(mo
             texts = scorer.encode_texts([text for text, _ in candidates])
             assert [score for _, score in candidates] == pytest.approx((texts @ image_embeddings[i]).tolist(),
                                                                       abs=1e-5)
+
+
+@pytest.mark.parametrize(("hf_config", "reads"), [
+    ({"model_type": "xlm-roberta"}, MULTILINGUAL),
+    ({"model_type": "m2m_100"}, MULTILINGUAL),    # nllb-clip's tower
+    ({"model_type": "bert"}, "en"),
+    (None, "en"),                                 # a tower named "." without its config: no telling
+])
+def test_a_scorer_folder_s_languages_come_from_its_text_tower_s_config(tmp_path, monkeypatch, hf_config, reads):
+    folder = tmp_path / "my-scorer"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_multilingual_config(".")}))
+    if hf_config is not None:
+        (folder / "config.json").write_text(json.dumps(hf_config))
+    for arch in (f"local-dir:{folder}", str(folder)):
+        assert infer({"encoder": OPENAI_ENCODER, "scorer": {"arch": arch}}).scorer == (reads,)
+    monkeypatch.chdir(tmp_path)  # a folder named relative to the working directory, as on a command line
+    assert infer({"encoder": {"arch": "local-dir:my-scorer"}, "scorer": "encoder"}).scorer == (reads,)
+
+
+def test_a_scorer_folder_whose_text_tower_is_a_hub_name_says_its_languages_by_that_name(tmp_path):
+    """A hub snapshot of laion's xlm-roberta CLIP names its tower xlm-roberta-base and has no config.json."""
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    config = {"model_cfg": tiny_multilingual_config("xlm-roberta-base")}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    assert infer({"encoder": OPENAI_ENCODER, "scorer": {"arch": str(folder)}}).scorer == (MULTILINGUAL,)
 
 
 HUB_MODEL = "xlm-roberta-tiny-ViT-T-16"  # a built-in open_clip name, as xlm-roberta-base-ViT-B-32 is

@@ -7,16 +7,21 @@ and filters with it only when told to."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 MULTILINGUAL = "multilingual"
 PROJECT_LANGUAGE = "tr"
-CUSTOM = "custom"  # pipeline.models.clip.CUSTOM, repeated here so that this module imports no torch
-# open_clip names and Hugging Face text towers trained on many languages, Turkish among them
-# (xlm-roberta-*-ViT-*: LAION-5B's multilingual half; nllb-clip-*: NLLB's 200 languages)
-_MULTILINGUAL_TOWERS = re.compile(r"xlm-roberta|nllb|multilingual|\bmt5|labse|m-clip", re.IGNORECASE)
+# pipeline.models.clip.CUSTOM and LOCAL_DIR, repeated here so that this module imports no torch
+CUSTOM = "custom"
+LOCAL_DIR = "local-dir:"
+# open_clip names, Hugging Face text towers and their config.json model_type, trained on many languages,
+# Turkish among them (xlm-roberta-*-ViT-*: LAION-5B's multilingual half; nllb-clip-*: NLLB's 200 languages,
+# an m2m_100 encoder)
+_MULTILINGUAL_TOWERS = re.compile(r"xlm-roberta|nllb|m2m_100|multilingual|\bmt5|labse|m-clip", re.IGNORECASE)
 _CODE = re.compile(r"[a-z]{2,3}")
 
 
@@ -60,8 +65,8 @@ def infer(manifest: dict[str, Any]) -> Languages:
     """The languages of a bundle.json that records none (bundles written before it did), or the scorer
     languages a new bundle records unless its maker declares them. The captioner is taken to write the
     project's language. A custom CLIP was trained by this project on the captions themselves; a
-    multilingual tower says so in its name; every other pretrained CLIP (OpenAI's, LAION-2B's, a
-    transformers CLIP) was trained on English alt text."""
+    multilingual tower says so in its name or, in an open_clip folder, in the folder's files; every other
+    pretrained CLIP (OpenAI's, LAION-2B's, a transformers CLIP) was trained on English alt text."""
     recorded = manifest.get("languages")
     captions = recorded.get("captions", PROJECT_LANGUAGE) if isinstance(recorded, dict) else PROJECT_LANGUAGE
     scorer = manifest.get("encoder") if manifest.get("scorer") == "encoder" else manifest.get("scorer")
@@ -87,10 +92,33 @@ def of_manifest(manifest: dict[str, Any]) -> Languages:
 
 
 def _describe(entry: Any) -> str:
-    """The names in a CLIP spec that may tell its text tower: arch, weights tag, an HF text tower's name."""
+    """The names in a CLIP spec that may tell its text tower: arch, weights tag, an HF text tower's name, and
+    what an open_clip folder's files say of its tower (the folder's own name may say nothing)."""
     if not isinstance(entry, dict):
         return str(entry)
-    config = entry.get("config") or {}
-    text_cfg = config.get("text_cfg") or {} if isinstance(config, dict) else {}
-    return " ".join(str(value) for value in (entry.get("arch"), entry.get("weights"), text_cfg.get("hf_model_name"),
-                                             text_cfg.get("hf_tokenizer_name")) if value)
+    text_cfg = _mapping(_mapping(entry.get("config")).get("text_cfg"))
+    names = [entry.get("arch"), entry.get("weights"), text_cfg.get("hf_model_name"), text_cfg.get("hf_tokenizer_name")]
+    if isinstance(entry.get("arch"), str):
+        names += _folder_text_tower(Path(entry["arch"].removeprefix(LOCAL_DIR)))
+    return " ".join(str(name) for name in names if name)
+
+
+def _folder_text_tower(folder: Path) -> list[Any]:
+    """An open_clip folder's text_cfg hf_model_name and hf_tokenizer_name, and the model_type of the Hugging Face
+    text tower config.json it keeps beside them (a bundle's folders name the tower "."); none where no folder."""
+    text_cfg = _mapping(_mapping(_read_json(folder / "open_clip_config.json").get("model_cfg")).get("text_cfg"))
+    if not text_cfg.get("hf_model_name"):
+        return []
+    return [text_cfg.get("hf_model_name"), text_cfg.get("hf_tokenizer_name"),
+            _read_json(folder / "config.json").get("model_type")]
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        return _mapping(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # no such file, or not JSON
+        return {}
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
