@@ -119,6 +119,9 @@ def run(config: RunConfig) -> dict[str, Any]:
     scorer_images = None if bundle.scorer.shares_image_tower(bundle.encoder) else bundle.scorer.image_spec
     decode_spec = DecodeSpec(encoder=bundle.encoder.image_spec, scorer=scorer_images)
     identity = bundle.identity()
+    if identity["scorer_encodes_images"]:
+        log.info("the scorer is a model of its own: each image is decoded at its %d px too and encoded twice "
+                 "(image_embedding stays the encoder's)", decode_spec.scorer.size)
     del bundle  # the driver only validates the models; actors load their own copies
 
     # the shards the inputs match define the run too: a glob that matches a shard added since a finished

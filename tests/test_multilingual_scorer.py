@@ -6,6 +6,7 @@ the bundle is copied elsewhere and everything it came from is gone."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import socket
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from conftest import (
     MULTILINGUAL_CONTEXT,
     TURKISH_SENTENCES,
+    tar_corpus,
     tiny_captioner,
     tiny_clip,
     tiny_multilingual_clip,
@@ -30,11 +32,12 @@ from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
 from pipeline.captioning import caption_batch
-from pipeline.config import DecodeSettings
+from pipeline.config import DecodeSettings, RunConfig
 from pipeline.models.bundle import load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import MULTILINGUAL, infer
+from pipeline.run import UsageError, run
 
 TEXTS = ["Resimde büyük bir kırmızı daire var.", "mavi kare", "İki sarı yıldız ortada görünüyor.", "ılık"]
 OPENAI_ENCODER = {"arch": "ViT-B-32", "weights": "openai"}
@@ -132,7 +135,7 @@ def test_a_bundle_stores_the_scorer_with_its_text_tower_s_files_and_runs_it_offl
     assert text_cfg["hf_model_pretrained"] is False and text_cfg["context_length"] == MULTILINGUAL_CONTEXT
 
     bundle = load_bundle(path)
-    assert bundle.scorer is not bundle.encoder
+    assert bundle.scorer is not bundle.encoder and bundle.identity()["scorer_encodes_images"] is True
     assert torch.equal(bundle.scorer.tokenizer(TEXTS), scorer.tokenizer(TEXTS))
     pixels = _pixels(48)
     with torch.inference_mode():
@@ -163,6 +166,18 @@ def test_captioning_scores_with_the_multilingual_scorer_at_its_own_input_size(mo
             texts = scorer.encode_texts([text for text, _ in candidates])
             assert [score for _, score in candidates] == pytest.approx((texts @ image_embeddings[i]).tolist(),
                                                                       abs=1e-5)
+
+
+def test_a_run_says_first_that_its_scorer_encodes_each_image_again(moved_bundle, tiny_bundle, tmp_path, caplog):
+    shards = tar_corpus(tmp_path / "in", shards=1, per_shard=1)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("not a run")  # the run stops there, before any model runs
+    for model, says in ((moved_bundle[0], True), (tiny_bundle, False)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pipeline.run"), pytest.raises(UsageError, match="not empty"):
+            run(RunConfig(inputs=(str(shards[0]),), output=str(tmp_path / "out"), model=str(model)))
+        assert ("the scorer is a model of its own: each image is decoded at its 48 px too and encoded twice"
+                in caplog.text) == says
 
 
 @pytest.mark.parametrize(("hf_config", "reads"), [

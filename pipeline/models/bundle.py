@@ -73,7 +73,9 @@ class Bundle:
     def identity(self) -> dict[str, Any]:
         """What run.json and the Parquet metadata record about the models."""
         return {key: self.manifest[key] for key in ("name", "sha256", "encoder", "captioner", "scorer")} | {
-            "languages": self.languages.to_json()}
+            "languages": self.languages.to_json(),
+            # a scorer of its own encodes every image again, from pixels decoded at its own input size
+            "scorer_encodes_images": self.scorer is not self.encoder}
 
 
 def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
