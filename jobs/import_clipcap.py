@@ -31,7 +31,8 @@ from pipeline.models.errors import ModelLoadError
 @click.option("--normalize-prefix", is_flag=True,
               help="The checkpoint was trained with --normalize_prefix; else its mapper gets CLIP's raw features.")
 @click.option("--scorer", default=None,
-              help="open_clip ARCH[:WEIGHTS] that scores captions (e.g. xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k); "
+              help="The CLIP that scores captions: open_clip ARCH[:WEIGHTS] (a multilingual one: "
+                   "xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k), an open_clip folder or a transformers CLIP; "
                    "default: the encoder.")
 @language_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")

@@ -8,7 +8,7 @@ The embedded demo model (reproduces pipeline/assets/demo_bundle, README "The emb
 
 Real models and data:
   python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip ViT-B-32:openai \
-      --lm redrussianarmy/gpt2-turkish-cased --out runs/coco-tr
+      --scorer xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k --lm redrussianarmy/gpt2-turkish-cased --out runs/coco-tr
   python jobs/train_captioner.py --embeddings-from out/filtered --clip bundles/demo --out runs/next
 """
 
@@ -29,7 +29,7 @@ from pipeline.cli import OneLineErrors, language_options
 from pipeline.config import differing_keys
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
-from pipeline.models.clip import SCHEMAS, ClipSpec, create_clip
+from pipeline.models.clip import SCHEMAS, ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.sources import InputError
@@ -67,12 +67,17 @@ def _encoder(config: TrainConfig):
             # a file of that bundle (an imported ClipCap's encoder.safetensors): the new bundle copies it in
             spec = replace(spec, weights=str(Path(config.clip) / spec.weights))
         return bundle.encoder, spec, bundle.manifest["encoder"], bundle.captioner
-    spec = ClipSpec.parse(config.clip)
+    return (*_pretrained_clip("--clip", config.clip, "encoder"), None, None)
+
+
+def _pretrained_clip(option: str, text: str, role: str) -> tuple[ClipModel, ClipSpec]:
+    """An open_clip ARCH[:WEIGHTS], an open_clip folder or a transformers CLIP, and its spec."""
+    spec = ClipSpec.parse(text)
     if spec.weights is None and not spec.arch.startswith(SCHEMAS) and "/" not in spec.arch \
             and not Path(spec.arch).is_dir():
-        raise ModelLoadError(f"--clip {config.clip} names no weights, so the bundle would hold a random encoder; "
+        raise ModelLoadError(f"{option} {text} names no weights, so the bundle would hold a random {role}; "
                              "give ARCH:TAG (e.g. ViT-B-32:openai) or ARCH:FILE")
-    return create_clip(spec), spec, None, None
+    return create_clip(spec), spec
 
 
 def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip, identity: dict | None) -> None:
@@ -105,7 +110,9 @@ def _claim_run_directory(out: Path, config: TrainConfig) -> None:
 
 
 def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
-          scorer_languages: tuple[str, ...] | None = None) -> dict:
+          scorer_languages: tuple[str, ...] | None = None, scorer: str | None = None) -> dict:
+    """Train and write the bundle; `scorer` names the CLIP that scores its captions (default: the encoder),
+    which training does not use: it is only stored in the bundle."""
     started = time.time()
     seed_everything(config.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -113,6 +120,10 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
     work = out / "work"
     if config.lm is None:  # the small GPT-2's positions are known now, before the CLIP stage
         check_caption_room(config.lm_arch.n_positions - config.prefix_length, config.prefix_length)
+    # loaded before any training: a --scorer that does not load stops the run now, not after hours
+    if scorer and config.train_scorer:
+        raise ValueError("give --scorer or --train-scorer, not both: each makes the bundle's scorer")
+    scorer_model, scorer_spec = _pretrained_clip("--scorer", scorer, "scorer") if scorer else (None, None)
     _claim_run_directory(out, config)
     checkpoints = Checkpoints(out / "checkpoints")
     summary: dict = {}
@@ -141,18 +152,17 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
     if examples.embeddings is None:
         examples.embeddings = embed_images(clip, examples.pixels, bf16=config.bf16)
         examples.pixels = None
-    scorer = scorer_spec = None
     if config.train_scorer:
-        scorer, scorer_spec = build_locked_scorer(clip, config.clip_arch, work / "text_tokenizer.json")
-        summary["scorer_losses"] = train_scorer(scorer, examples, config, checkpoints)
-        scorer = scorer.float()
+        scorer_model, scorer_spec = build_locked_scorer(clip, config.clip_arch, work / "text_tokenizer.json")
+        summary["scorer_losses"] = train_scorer(scorer_model, examples, config, checkpoints)
+        scorer_model = scorer_model.float()
     if config.caption_epochs == 0 and bundle_captioner is not None:
         captioner = bundle_captioner  # a new scorer for a bundle's captioner, which stays as it is
     else:
         captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
         summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
-    manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), name=out.name,
-                           scorer=scorer, scorer_spec=scorer_spec,
+    manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), scorer=scorer_model,
+                           scorer_spec=scorer_spec, name=out.name,
                            dtype=torch.float16 if config.save_fp16 else torch.float32,
                            caption_language=caption_language, scorer_languages=scorer_languages)
     summary.update({"examples": len(examples.captions), "bundle": str(out / "bundle"),
@@ -171,6 +181,10 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--embeddings-from", multiple=True, help="This project's output dir(s): stored embeddings + captions.")
 @click.option("--clip", default=None, help="open_clip ARCH[:WEIGHTS], a transformers CLIP (hub name or folder) or a "
               "bundle dir; omitted: train a small CLIP.")
+@click.option("--scorer", default=None,
+              help="The CLIP that scores captions: open_clip ARCH[:WEIGHTS] (a multilingual one: "
+              "xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k), an open_clip folder or a transformers CLIP; "
+              "omitted: the encoder.")
 @click.option("--lm", default=None, help="Hugging Face causal LM name or dir; omitted: a small GPT-2 from config.")
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True)
 @click.option("--freeze-lm", is_flag=True, help="Train the mapper only (ClipCap's transformer-mapper variant).")
@@ -203,8 +217,8 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--seed", type=int, default=0, show_default=True)
 @language_options
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
-def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_length, clip_epochs, caption_epochs,
-         batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
+def main(data, image_root, embeddings_from, clip, scorer, lm, mapper, freeze_lm, prefix_length, clip_epochs,
+         caption_epochs, batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
          first_reference_prob, scorer_training, scorer_epochs, scorer_lr, save_fp16, bf16, seed, caption_language,
          scorer_languages, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -224,7 +238,8 @@ def main(data, image_root, embeddings_from, clip, lm, mapper, freeze_lm, prefix_
             "vision_width": clip_width}
     config = replace(config, clip_arch=replace(config.clip_arch, **{k: v for k, v in arch.items() if v is not None}))
     try:
-        summary = train(config, caption_language[0], scorer_languages)
+        summary = train(config, caption_language=caption_language[0], scorer_languages=scorer_languages,
+                        scorer=scorer)
     except (ModelLoadError, InputError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

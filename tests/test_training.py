@@ -24,6 +24,8 @@ from pipeline.decoding import decode_texts, generate
 from pipeline.demo_world import write_corpus
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import load_bundle
+from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError
 from pipeline.training import (
     CLIPCAP_LR,
@@ -219,12 +221,15 @@ def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     seen = []
-    monkeypatch.setattr(train_captioner, "train", lambda config, *languages: seen.append(config) or {
+    monkeypatch.setattr(train_captioner, "train", lambda config, **options: seen.append((config, options)) or {
         "examples": 1, "train_s": 0.0, "bundle": "b"})
     result = CliRunner().invoke(train_captioner.main, ["--captions", "ann.json", "--captions", "x.tar",
-                                                       "--image-root", "imgs", "--out", str(tmp_path / "run")])
+                                                       "--image-root", "imgs", "--out", str(tmp_path / "run"),
+                                                       "--scorer", "xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k"])
     assert result.exit_code == 0, result.output
-    assert seen[0].data == ("ann.json", "x.tar") and seen[0].image_root == "imgs"
+    config, options = seen[0]
+    assert config.data == ("ann.json", "x.tar") and config.image_root == "imgs"
+    assert options["scorer"] == "xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k"
 
 
 def _silent(*args, **kwargs):
@@ -365,6 +370,29 @@ def test_a_hub_lm_whose_tokenizer_got_a_pad_token_beyond_its_embeddings_trains(t
     summary = train(_config(tmp_path / "run", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
                             lm=str(tmp_path / "lm")))
     assert np.isfinite(summary["caption_losses"]).all()
+
+
+def test_a_scorer_given_to_training_is_the_new_bundle_s_and_a_bad_one_stops_it_first(tiny_bundle, tmp_path):
+    """--scorer (a multilingual open_clip folder here) is stored as the bundle's scorer, the encoder stays the one
+    the captioner trains on; a --scorer that does not load stops the run before it trains."""
+    from conftest import tiny_multilingual_folder
+
+    folder, _ = tiny_multilingual_folder(tmp_path / "models")
+    _write_output(tmp_path / "output", 24)
+    config = _config(tmp_path / "run", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
+                     lm=str(tiny_bundle / "lm"))
+    with pytest.raises(ModelLoadError, match="--scorer xlm-roberta-base-ViT-B-32 names no weights"):
+        train(config, scorer="xlm-roberta-base-ViT-B-32")
+    assert not (tmp_path / "run").exists()
+    summary = train(config, scorer=str(folder))
+    bundle = load_bundle(summary["bundle"])
+    assert bundle.scorer is not bundle.encoder and bundle.manifest["scorer"] == {"arch": "local-dir:scorer_open_clip"}
+    assert bundle.manifest["encoder"] == load_bundle(tiny_bundle).manifest["encoder"]
+    assert summary["languages"] == {"captions": "tr", "scorer": ["multilingual"]}
+    given = create_clip(ClipSpec.parse(str(folder)))
+    pixels = torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8)
+    with torch.inference_mode():
+        assert torch.equal(bundle.scorer.encode_images(pixels), given.encode_images(pixels))
 
 
 def test_training_on_a_bundle_whose_encoder_is_a_named_model_with_stored_weights(tokenizer, tmp_path):
