@@ -75,7 +75,7 @@ class Bundle:
         return {key: self.manifest[key] for key in ("name", "sha256", "encoder", "captioner", "scorer")} | {
             "languages": self.languages.to_json(),
             # a scorer of its own encodes every image again, from pixels decoded at its own input size
-            "scorer_encodes_images": self.scorer is not self.encoder}
+            "scorer_encodes_images": not self.scorer.shares_image_tower(self.encoder)}
 
 
 def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
