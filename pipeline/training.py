@@ -260,29 +260,49 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
     """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
     negative caption per image when the data provides them."""
     model = clip.clip.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.clip_lr, weight_decay=0.1, fused=True)
-    losses = checkpoints.resume("clip", {"clip": model}, optimizer)
+
+    def negatives(index: list[int], texts: list[str], rng: random.Random) -> list[str]:
+        return [rng.choice(examples.negatives[i]) for i in index] if examples.negatives else []
+
+    def images(index: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1).float()
+
+    return _train_contrastive("clip", clip, examples, config, checkpoints, progress, epochs=config.clip_epochs,
+                              lr=config.clip_lr, batch_size=config.clip_batch_size, seed_offset=0,
+                              images=images, negatives=negatives)
+
+
+def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: TrainConfig,
+                       checkpoints: Checkpoints, progress: Callable[..., Any], epochs: int, lr: float,
+                       batch_size: int, seed_offset: int, images: Callable[[torch.Tensor], torch.Tensor],
+                       negatives: Callable[[list[int], list[str], random.Random], list[str]]) -> list[float | None]:
+    """The epochs of a contrastive stage: each image's features (`images`) against one random reference
+    caption, the batch's other captions and the `negatives` drawn for it, at `lr` on a warmup + cosine
+    schedule, checkpointed per epoch under `stage`. Only the parameters that require grad learn."""
+    model = clip.clip
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1,
+                                  fused=True)
+    losses = checkpoints.resume(stage, {stage: model}, optimizer)
     n = len(examples.captions)
-    steps_per_epoch = max(1, n // config.clip_batch_size)
-    total = steps_per_epoch * config.clip_epochs
-    generator = torch.Generator().manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    for epoch in range(len(losses), config.clip_epochs):
-        generator.manual_seed(config.seed * 1000 + epoch)
-        rng.seed(config.seed * 1000 + epoch)
-        bar = progress(list(_batches(n, config.clip_batch_size, generator)), desc=f"clip epoch {epoch + 1}",
-                       leave=False)
+    steps_per_epoch = max(1, n // batch_size)
+    total = steps_per_epoch * epochs
+    generator = torch.Generator()
+    rng = random.Random()
+    for epoch in range(len(losses), epochs):
+        generator.manual_seed(config.seed * 1000 + epoch + seed_offset)
+        rng.seed(config.seed * 1000 + epoch + seed_offset)
+        bar = progress(list(_batches(n, batch_size, generator)), desc=f"{stage} epoch {epoch + 1}", leave=False)
         epoch_losses = []
         for step, index in enumerate(bar):
-            _cosine_lr(optimizer, config.clip_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
-            texts = [rng.choice(examples.captions[i]) for i in index.tolist()]
-            negatives = [rng.choice(examples.negatives[i]) for i in index.tolist()] if examples.negatives else []
+            _cosine_lr(optimizer, lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
+            rows = index.tolist()
+            texts = [rng.choice(examples.captions[i]) for i in rows]
+            hard = negatives(rows, texts, rng)
             with _autocast(config.bf16):
-                image_features = F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1)
+                image_features = images(index)
                 # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
-                all_text = F.normalize(encode_text_trimmed(model, clip.tokenizer(texts + negatives)), dim=-1).float()
-                loss = contrastive_loss(image_features.float(), all_text[: len(texts)],
-                                        all_text[len(texts):] if negatives else None,
+                all_text = F.normalize(encode_text_trimmed(model, clip.tokenizer(texts + hard)), dim=-1).float()
+                loss = contrastive_loss(image_features, all_text[: len(texts)], all_text[len(texts):] if hard else None,
                                         model.logit_scale.exp().clamp(max=100))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -290,8 +310,8 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
             epoch_losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
-        log.info("clip epoch %d/%d loss %.4f", epoch + 1, config.clip_epochs, losses[-1])
-        checkpoints.save("clip", epoch + 1, {"clip": model}, optimizer, losses)
+        log.info("%s epoch %d/%d loss %.4f", stage, epoch + 1, epochs, losses[-1])
+        checkpoints.save(stage, epoch + 1, {stage: model}, optimizer, losses)
     model.eval()
     return losses
 
@@ -330,44 +350,20 @@ def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, che
     """Locked-image tuning: only the text tower (and the temperature) learn, contrasting each image's frozen
     embedding with one of its captions against the batch's other captions and one hard negative per image
     (the data's own, else `word_swap_negative`). Returns the mean loss of every epoch."""
-    model = scorer.clip.train()
-    model.visual.requires_grad_(False)
-    model.visual.eval()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.scorer_lr, weight_decay=0.1, fused=True)
-    losses = checkpoints.resume("scorer", {"scorer": model}, optimizer)
-    n = len(examples.captions)
-    batch_size = min(config.clip_batch_size, n)
-    steps_per_epoch = max(1, n // batch_size)
-    total = steps_per_epoch * config.scorer_epochs
+    scorer.clip.train()
+    scorer.clip.visual.requires_grad_(False)
+    scorer.clip.visual.eval()
     vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions for text in references
                          for word in text.split(" ")} - {""})
-    generator = torch.Generator().manual_seed(config.seed + 2)
-    rng = random.Random(config.seed + 2)
-    for epoch in range(len(losses), config.scorer_epochs):
-        generator.manual_seed(config.seed * 1000 + epoch + 2)
-        rng.seed(config.seed * 1000 + epoch + 2)
-        bar = progress(list(_batches(n, batch_size, generator)), desc=f"scorer epoch {epoch + 1}", leave=False)
-        epoch_losses = []
-        for step, index in enumerate(bar):
-            _cosine_lr(optimizer, config.scorer_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
-            texts = [rng.choice(examples.captions[i]) for i in index.tolist()]
-            negatives = ([rng.choice(examples.negatives[i]) for i in index.tolist()] if examples.negatives
-                         else [word_swap_negative(text, vocabulary, rng) for text in texts])
-            with _autocast(config.bf16):
-                all_text = F.normalize(encode_text_trimmed(model, scorer.tokenizer(texts + negatives)), dim=-1).float()
-                loss = contrastive_loss(examples.embeddings[index], all_text[: len(texts)], all_text[len(texts):],
-                                        model.logit_scale.exp().clamp(max=100))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        losses.append(float(np.mean(epoch_losses)))
-        log.info("scorer epoch %d/%d loss %.4f", epoch + 1, config.scorer_epochs, losses[-1])
-        checkpoints.save("scorer", epoch + 1, {"scorer": model}, optimizer, losses)
-    model.eval()
-    return losses
+
+    def negatives(index: list[int], texts: list[str], rng: random.Random) -> list[str]:
+        if examples.negatives:
+            return [rng.choice(examples.negatives[i]) for i in index]
+        return [word_swap_negative(text, vocabulary, rng) for text in texts]
+
+    return _train_contrastive("scorer", scorer, examples, config, checkpoints, progress, epochs=config.scorer_epochs,
+                              lr=config.scorer_lr, batch_size=min(config.clip_batch_size, len(examples.captions)),
+                              seed_offset=2, images=lambda index: examples.embeddings[index], negatives=negatives)
 
 
 @torch.inference_mode()
