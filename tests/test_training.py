@@ -317,6 +317,26 @@ def test_a_scorer_trained_against_the_frozen_encoder_shares_its_image_tower(tmp_
     assert not np.allclose(texts, differs, atol=1e-3)  # a new text tower, not the encoder's
 
 
+def test_a_scorer_trains_from_an_outputs_stored_embeddings_with_word_swap_negatives(tiny_bundle, tmp_path,
+                                                                                     monkeypatch):
+    """--embeddings-from OUT --train-scorer: no image is read; the output brings no negatives, so each
+    caption's hard negative is a word swap; the bundle keeps --clip's captioner."""
+    import pipeline.training as training
+
+    swapped = []
+    real_swap = training.word_swap_negative
+    monkeypatch.setattr(training, "word_swap_negative",
+                        lambda text, *args: swapped.append(text) or real_swap(text, *args))
+    _write_output(tmp_path / "output" / "filtered", load_bundle(tiny_bundle).encoder.embed_dim)
+    summary = train(_config(tmp_path / "lit", embeddings_from=(str(tmp_path / "output" / "filtered"),),
+                            clip=str(tiny_bundle), train_scorer=True, scorer_epochs=2, caption_epochs=0,
+                            clip_batch_size=8))
+    assert summary["examples"] == 19 and len(summary["scorer_losses"]) == 2 and "caption_losses" not in summary
+    assert len(swapped) == 2 * 2 * 8  # 2 epochs of 2 batches of 8: one swap per caption
+    lit = load_bundle(tmp_path / "lit" / "bundle")
+    assert lit.scorer.shares_image_tower(lit.encoder) and lit.manifest["scorer"]["image_tower"] == "encoder"
+
+
 def test_a_word_swap_negative_changes_one_word_and_keeps_the_punctuation():
     import random
 
