@@ -24,11 +24,10 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.images import ImageError, ImageSpec, decode_image
-from pipeline.sinks import CAPTIONS, RUN_JSON, TMP_PREFIX, OutputDir
+from pipeline.sinks import CAPTIONS, RUN_JSON, TMP_PREFIX, OutputDir, read_part
 from pipeline.sources import FOLDER, InputError, Shard, expand_inputs, read_samples
 from pipeline.text import one_line
 
@@ -41,7 +40,7 @@ SECTIONS = {
     FAILED: ("Failed", "Rows that could not be captioned, with their error."),
 }
 _COLUMNS = ["key", "source", "status", "error", "width", "height", "caption", "clip_score", "candidates", "keep",
-            "original_text", "original_clip_score"]  # the last is absent from outputs written before it existed
+            "original_text", "original_clip_score"]
 
 
 class ReportError(ValueError):
@@ -149,9 +148,7 @@ def _scan_captions(output: OutputDir, samples: int, seed: int) -> tuple[dict[str
     for path in output.parts(CAPTIONS):  # sorted, so the same output draws the same rows
         try:
             with output.fs.open(path, "rb") as handle:
-                part = pq.ParquetFile(handle)
-                present = set(part.schema_arrow.names)
-                table = part.read(columns=[name for name in _COLUMNS if name in present], use_threads=False)
+                table = read_part(handle, _COLUMNS)
         except pa.ArrowException as exc:  # a damaged part: jobs/verify_output.py tells what else is wrong
             raise ReportError(f"{path} is unreadable ({one_line(exc)}); check the output with "
                               "jobs/verify_output.py") from None
@@ -364,7 +361,7 @@ def _card(row: dict[str, Any], thumbnails: _Thumbnails) -> str:
     if not ok:
         text += f'<p class="error">{_esc(row["error"] or row["status"])}</p>'
     if row["original_text"]:
-        score = row.get("original_clip_score")
+        score = row["original_clip_score"]
         scored = f' <span class="score">CLIP {score:.3f}</span>' if score is not None else ""
         text += (f'<p class="original" title="text that came with the sample">{_esc(row["original_text"])}'
                  f'{scored}</p>')

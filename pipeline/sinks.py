@@ -29,7 +29,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.captions import ADDED_COLUMNS
+from schemas.captions import ADDED_COLUMNS, with_added_columns
 
 STAGING = "_staging"
 CAPTIONS = "captions"
@@ -187,12 +187,18 @@ def read_columns(output: OutputDir, folder: str, columns: list[str], paths: list
     tables = []
     for path in output.parts(folder) if paths is None else paths:
         with output.fs.open(path, "rb") as handle:
-            part = pq.ParquetFile(handle)
-            present = [name for name in columns if name in part.schema_arrow.names]
-            # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
-            table = part.read(columns=present, use_threads=False)
-        for name in columns:  # a column added after this part was written (ADDED_COLUMNS) reads as nulls
-            if name not in present and name in ADDED_COLUMNS:
-                table = table.append_column(name, pa.nulls(table.num_rows, ADDED_COLUMNS[name]))
-        tables.append(table.select(columns))
+            tables.append(read_part(handle, columns))
     return pa.concat_tables(tables) if tables else None
+
+
+def read_part(handle: Any, columns: list[str]) -> pa.Table:
+    """Some columns of one Parquet part; a column added after the part was written (ADDED_COLUMNS) reads as
+    nulls, any other missing one is an error, as pyarrow's read_table raises it."""
+    part = pq.ParquetFile(handle)
+    present = part.schema_arrow.names
+    missing = [name for name in columns if name not in present and name not in ADDED_COLUMNS]
+    if missing:
+        raise pa.ArrowInvalid(f"no column {missing[0]!r} in this part (it has {', '.join(present)})")
+    # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
+    return with_added_columns(part.read(columns=[name for name in columns if name in present], use_threads=False),
+                              columns)

@@ -39,12 +39,17 @@ def captions_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.
 ADDED_COLUMNS = {"original_clip_score": pa.float32()}
 
 
+def with_added_columns(table: pa.Table, names: list[str]) -> pa.Table:
+    """`table`'s columns `names`, in that order, those of ADDED_COLUMNS it lacks as nulls."""
+    for name in names:
+        if name not in table.column_names and name in ADDED_COLUMNS:
+            table = table.append_column(name, pa.nulls(table.num_rows, ADDED_COLUMNS[name]))
+    return table.select(names)
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """`table` in `schema`'s column order and types, with the ADDED_COLUMNS it lacks as nulls."""
-    for name, kind in ADDED_COLUMNS.items():
-        if name not in table.column_names and name in schema.names:
-            table = table.append_column(name, pa.nulls(table.num_rows, kind))
-    return table.select(schema.names).cast(schema)
+    return with_added_columns(table, schema.names).cast(schema)
 
 
 def validate_table(table: pa.Table, embedding_dim: int) -> None:
