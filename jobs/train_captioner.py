@@ -120,9 +120,9 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
     work = out / "work"
     if config.lm is None:  # the small GPT-2's positions are known now, before the CLIP stage
         check_caption_room(config.lm_arch.n_positions - config.prefix_length, config.prefix_length)
-    # loaded before any training: a --scorer that does not load stops the run now, not after hours
     if scorer and config.train_scorer:
         raise ValueError("give --scorer or --train-scorer, not both: each makes the bundle's scorer")
+    # loaded before any training: a --scorer that does not load stops the run now, not after hours
     scorer_model, scorer_spec = _pretrained_clip("--scorer", scorer, "scorer") if scorer else (None, None)
     _claim_run_directory(out, config)
     checkpoints = Checkpoints(out / "checkpoints")

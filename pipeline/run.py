@@ -92,8 +92,9 @@ def run(config: RunConfig) -> dict[str, Any]:
     """Run (or resume) a captioning job; returns the run summary that is also written to run.json."""
     started = time.time()
     languages = read_languages(config.model_path)
-    if languages is not None and not languages.scorer_reads_captions:
-        log.warning("%s", languages.warning())
+    foreign_scorer = languages.warning() if languages is not None else None
+    if foreign_scorer:
+        log.warning("%s", foreign_scorer)
         if config.filter.filters and not config.allow_foreign_scorer:
             raise UsageError(f"refusing to filter {languages.captions} captions by the scores of a scorer that reads "
                              f"{', '.join(languages.scorer)}: use a bundle whose scorer reads {languages.captions} "
@@ -191,8 +192,8 @@ def run(config: RunConfig) -> dict[str, Any]:
         },
         "output": config.output,
     }
-    if languages is not None and not languages.scorer_reads_captions:
-        summary["warnings"] = [languages.warning()]
+    if foreign_scorer:
+        summary["warnings"] = [foreign_scorer]
     if webdataset is not None:
         summary["webdataset"] = webdataset
     output.write_json(summary, RUN_JSON)

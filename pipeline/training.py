@@ -261,24 +261,22 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
     negative caption per image when the data provides them."""
     model = clip.clip.train()
 
-    def negatives(index: list[int], texts: list[str], rng: random.Random) -> list[str]:
-        return [rng.choice(examples.negatives[i]) for i in index] if examples.negatives else []
-
     def images(index: torch.Tensor) -> torch.Tensor:
         return F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1).float()
 
     return _train_contrastive("clip", clip, examples, config, checkpoints, progress, epochs=config.clip_epochs,
-                              lr=config.clip_lr, batch_size=config.clip_batch_size, seed_offset=0,
-                              images=images, negatives=negatives)
+                              lr=config.clip_lr, batch_size=config.clip_batch_size, seed_offset=0, images=images)
 
 
 def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: TrainConfig,
                        checkpoints: Checkpoints, progress: Callable[..., Any], epochs: int, lr: float,
                        batch_size: int, seed_offset: int, images: Callable[[torch.Tensor], torch.Tensor],
-                       negatives: Callable[[list[int], list[str], random.Random], list[str]]) -> list[float | None]:
+                       make_negatives: Callable[[list[str], random.Random], list[str]] | None = None,
+                       ) -> list[float | None]:
     """The epochs of a contrastive stage: each image's features (`images`) against one random reference
-    caption, the batch's other captions and the `negatives` drawn for it, at `lr` on a warmup + cosine
-    schedule, checkpointed per epoch under `stage`. Only the parameters that require grad learn."""
+    caption, the batch's other captions and one hard negative per image, the data's own or, for data
+    without, what `make_negatives` makes of the drawn captions (none without it); at `lr` on a warmup +
+    cosine schedule, checkpointed per epoch under `stage`. Only the parameters that require grad learn."""
     model = clip.clip
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1,
                                   fused=True)
@@ -297,7 +295,10 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: 
             _cosine_lr(optimizer, lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
             rows = index.tolist()
             texts = [rng.choice(examples.captions[i]) for i in rows]
-            hard = negatives(rows, texts, rng)
+            if examples.negatives:
+                hard = [rng.choice(examples.negatives[i]) for i in rows]
+            else:
+                hard = make_negatives(texts, rng) if make_negatives else []
             with _autocast(config.bf16):
                 image_features = images(index)
                 # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
@@ -326,6 +327,9 @@ def build_locked_scorer(encoder: ClipModel, arch: ClipArch, text_tokenizer_file:
     return lock_image_tower(create_clip(spec, text_tokenizer_file.parent), encoder), spec
 
 
+_PUNCTUATION = ".,;:!?\"'()"  # stripped from a word's ends before it is swapped
+
+
 def word_swap_negative(text: str, vocabulary: list[str], rng: random.Random) -> str:
     """`text` with one of its words replaced by another word of the captions: a hard negative for data that
     brings none (a colour, shape or count word swapped is a caption that is wrong in one detail)."""
@@ -342,9 +346,6 @@ def word_swap_negative(text: str, vocabulary: list[str], rng: random.Random) -> 
     return " ".join(words)
 
 
-_PUNCTUATION = ".,;:!?\"'()"
-
-
 def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
                  progress: Callable[..., Any] = tqdm) -> list[float | None]:
     """Locked-image tuning: only the text tower (and the temperature) learn, contrasting each image's frozen
@@ -355,15 +356,11 @@ def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, che
     scorer.clip.visual.eval()
     vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions for text in references
                          for word in text.split(" ")} - {""})
-
-    def negatives(index: list[int], texts: list[str], rng: random.Random) -> list[str]:
-        if examples.negatives:
-            return [rng.choice(examples.negatives[i]) for i in index]
-        return [word_swap_negative(text, vocabulary, rng) for text in texts]
-
     return _train_contrastive("scorer", scorer, examples, config, checkpoints, progress, epochs=config.scorer_epochs,
                               lr=config.scorer_lr, batch_size=min(config.clip_batch_size, len(examples.captions)),
-                              seed_offset=2, images=lambda index: examples.embeddings[index], negatives=negatives)
+                              seed_offset=2, images=lambda index: examples.embeddings[index],
+                              make_negatives=lambda texts, rng: [word_swap_negative(text, vocabulary, rng)
+                                                                 for text in texts])
 
 
 @torch.inference_mode()

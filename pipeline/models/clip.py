@@ -156,9 +156,9 @@ class ClipModel(nn.Module):
         return torch.cat([encode(items[start:start + CPU_CHUNK]) for start in range(0, len(items), CPU_CHUNK)])
 
 
+LOCKED_PREFIX = "visual."  # the keys of the image tower a locked-image scorer borrows
 # The vision config a locked-image scorer is built with before it takes its encoder's image tower: the
 # smallest ViT open_clip builds, so that building one never allocates an image tower it throws away.
-LOCKED_PREFIX = "visual."  # the keys of the image tower a locked-image scorer borrows
 LOCKED_VISION_PLACEHOLDER = {"image_size": 32, "patch_size": 32, "width": 64, "layers": 1, "head_width": 64}
 
 

@@ -55,7 +55,6 @@ class Languages:
         return {"captions": self.captions, "scorer": list(self.scorer)} | ({"inferred": True} if self.inferred else {})
 
 
-
 def is_language_code(code: str) -> bool:
     """An ISO 639-1 or 639-3 code in lower case: tr, en, tur."""
     return bool(_CODE.fullmatch(code))
