@@ -10,6 +10,9 @@ Real models and data:
   python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip ViT-B-32:openai \
       --scorer xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k --lm redrussianarmy/gpt2-turkish-cased --out runs/coco-tr
   python jobs/train_captioner.py --embeddings-from out/filtered --clip bundles/demo --out runs/next
+A Turkish scorer for a bundle whose encoder's text tower reads English (locked-image tuning from the Turkish GPT-2):
+  python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip runs/coco-tr/bundle --train-scorer \
+      --scorer-text-tower redrussianarmy/gpt2-turkish-cased --caption-epochs 0 --out runs/coco-tr-lit
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.clip import SCHEMAS, ClipModel, ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
+from pipeline.models.text_tower import read_text_tower_config
 from pipeline.sources import InputError
 from pipeline.text import describe_error
 from pipeline.training import (
@@ -122,6 +126,10 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
         check_caption_room(config.lm_arch.n_positions - config.prefix_length, config.prefix_length)
     if scorer and config.train_scorer:
         raise ValueError("give --scorer or --train-scorer, not both: each makes the bundle's scorer")
+    if config.scorer_text_tower and not config.train_scorer:
+        raise ValueError("--scorer-text-tower is what --train-scorer starts from: give both")
+    if config.scorer_text_tower:
+        read_text_tower_config(config.scorer_text_tower)  # a typo stops the run now, not after the images
     # loaded before any training: a --scorer that does not load stops the run now, not after hours
     scorer_model, scorer_spec = _pretrained_clip("--scorer", scorer, "scorer") if scorer else (None, None)
     _claim_run_directory(out, config)
@@ -144,7 +152,7 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 
     # the small CLIP's text tower and a GPT-2 from scratch share one tokenizer trained on the captions
     tokenizer = None
-    if config.lm is None or not config.clip or config.train_scorer:
+    if config.lm is None or not config.clip or (config.train_scorer and not config.scorer_text_tower):
         tokenizer = train_tokenizer(examples.captions, config.vocab_size, work)
     if not config.clip:
         clip, spec = build_custom_clip(config.clip_arch, work / "text_tokenizer.json")
@@ -153,7 +161,8 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
         examples.embeddings = embed_images(clip, examples.pixels, bf16=config.bf16)
         examples.pixels = None
     if config.train_scorer:
-        scorer_model, scorer_spec = build_locked_scorer(clip, config.clip_arch, work / "text_tokenizer.json")
+        scorer_model, scorer_spec = build_locked_scorer(clip, config.clip_arch, work / "text_tokenizer.json",
+                                                        config.scorer_text_tower)
         summary["scorer_losses"] = train_scorer(scorer_model, examples, config, checkpoints)
         scorer_model = scorer_model.float()
     if config.caption_epochs == 0 and bundle_captioner is not None:
@@ -208,28 +217,33 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
               help="Also train a text tower against the frozen encoder (locked-image tuning) on the captions, as the "
                    "bundle's scorer: a CLIP score that reads their language. With a bundle --clip and "
                    "--caption-epochs 0, the bundle's captioner is kept.")
+@click.option("--scorer-text-tower", default=None,
+              help="The Hugging Face model that text tower starts from (hub name or folder): an encoder (BERT, "
+                   "XLM-R) or a causal LM (redrussianarmy/gpt2-turkish-cased), pooled and projected; omitted: a "
+                   "small transformer from config.")
 @click.option("--scorer-epochs", type=click.IntRange(min=1), default=None, help="Its epochs (default: 10).")
 @click.option("--scorer-lr", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Its peak learning rate (default: 1e-3).")
+              help="Its peak learning rate (default: 1e-3 from config, 1e-4 from --scorer-text-tower).")
 @click.option("--save-fp16", is_flag=True, help="Store the bundle's weights as fp16 (half the size).")
 @click.option("--bf16/--no-bf16", default=None,
               help="bf16 autocast (default: on where the CPU runs bf16 natively, i.e. with AVX-512).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @language_options
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
-def main(data, image_root, embeddings_from, clip, scorer, lm, mapper, freeze_lm, prefix_length, clip_epochs,
-         caption_epochs, batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
-         first_reference_prob, scorer_training, scorer_epochs, scorer_lr, save_fp16, bf16, seed, caption_language,
-         scorer_languages, out) -> None:
+def main(data, image_root, embeddings_from, clip, scorer, lm, mapper, freeze_lm, prefix_length,
+         clip_epochs, caption_epochs, batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
+         first_reference_prob, scorer_training, scorer_text_tower, scorer_epochs, scorer_lr, save_fp16, bf16, seed,
+         caption_language, scorer_languages, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
     if data and embeddings_from:
         raise click.UsageError("give --data or --embeddings-from, not both: one run trains on one kind of input")
     config = TrainConfig(out=out, data=tuple(data), image_root=image_root, embeddings_from=tuple(embeddings_from),
-                         clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm, prefix_length=prefix_length,
-                         limit=limit, seed=seed, first_reference_prob=first_reference_prob, save_fp16=save_fp16,
-                         train_scorer=scorer_training)
+                         clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm,
+                         prefix_length=prefix_length, limit=limit, seed=seed,
+                         first_reference_prob=first_reference_prob, save_fp16=save_fp16,
+                         train_scorer=scorer_training, scorer_text_tower=scorer_text_tower)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
                  "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr, "bf16": bf16,
                  "scorer_epochs": scorer_epochs, "scorer_lr": scorer_lr}

@@ -31,6 +31,7 @@ from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import (
     CUSTOM,
     LOCKED_VISION_PLACEHOLDER,
+    TEXT_TOWER,
     ClipModel,
     ClipSpec,
     create_clip,
@@ -126,8 +127,9 @@ class TrainConfig:
     # Locked-image tuning: a text tower (clip_arch's) trained against the frozen encoder's image embeddings
     # becomes the bundle's scorer, so that its scores read the captions' language
     train_scorer: bool = False
+    scorer_text_tower: str | None = None  # a Hugging Face model the text tower starts from; None: clip_arch's
     scorer_epochs: int = 10
-    scorer_lr: float = 1e-3
+    scorer_lr: float | None = None  # None: 1e-3 from config, 1e-4 from a pretrained --scorer-text-tower
 
     def caption_peak_lr(self) -> float:
         """caption_lr, else by the LM: a from-scratch rate would wreck a pretrained LM's weights in a few steps."""
@@ -135,8 +137,14 @@ class TrainConfig:
             return self.caption_lr
         return 1e-3 if self.lm is None else CLIPCAP_LR
 
+    def scorer_peak_lr(self) -> float:
+        """scorer_lr, else by the text tower: a pretrained one starts from what it knows."""
+        if self.scorer_lr is not None:
+            return self.scorer_lr
+        return 1e-3 if self.scorer_text_tower is None else 1e-4
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"caption_lr": self.caption_peak_lr()}
+        return asdict(self) | {"caption_lr": self.caption_peak_lr(), "scorer_lr": self.scorer_peak_lr()}
 
 
 @dataclass
@@ -317,9 +325,21 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: 
     return losses
 
 
-def build_locked_scorer(encoder: ClipModel, arch: ClipArch, text_tokenizer_file: Path) -> tuple[ClipModel, ClipSpec]:
-    """A new text tower (`arch`'s text transformer over the captions' tokenizer) that scores against
-    `encoder`'s image tower, which it shares and never trains (LiT, Zhai et al. 2022)."""
+def build_locked_scorer(encoder: ClipModel, arch: ClipArch, text_tokenizer_file: Path,
+                        text_tower: str | None = None) -> tuple[ClipModel, ClipSpec]:
+    """A new text tower that scores against `encoder`'s image tower, which it shares and never trains (LiT, Zhai
+    et al. 2022): the Hugging Face model `text_tower` (hub name or folder, an encoder or a causal LM) pooled and
+    projected, else `arch`'s text transformer over the captions' tokenizer."""
+    if text_tower:
+        spec = ClipSpec(arch=CUSTOM, config={"embed_dim": encoder.embed_dim, TEXT_TOWER: {"model": text_tower}},
+                        image_tower="encoder")
+        scorer = create_clip(spec)
+        # what was chosen for this model, so that the bundle reads texts as training did
+        spec.config[TEXT_TOWER] |= {"pooling": scorer.clip.text.pooling,
+                                    "context_length": scorer.tokenizer.context_length}
+        log.info("scorer text tower from %s: %s-pooled, projected to %d", text_tower, scorer.clip.text.pooling,
+                 encoder.embed_dim)
+        return lock_image_tower(scorer, encoder), spec
     tokenizer = ClipTextTokenizer.from_file(text_tokenizer_file, arch.context_length)
     text_cfg = arch.open_clip_config(tokenizer.tokenizer.get_vocab_size(), tokenizer.eos_id)["text_cfg"]
     config = {"embed_dim": encoder.embed_dim, "vision_cfg": dict(LOCKED_VISION_PLACEHOLDER), "text_cfg": text_cfg}
@@ -356,8 +376,9 @@ def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, che
     scorer.clip.visual.eval()
     vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions for text in references
                          for word in text.split(" ")} - {""})
+    batch_size = min(config.clip_batch_size, len(examples.captions))
     return _train_contrastive("scorer", scorer, examples, config, checkpoints, progress, epochs=config.scorer_epochs,
-                              lr=config.scorer_lr, batch_size=min(config.clip_batch_size, len(examples.captions)),
+                              lr=config.scorer_peak_lr(), batch_size=batch_size,
                               seed_offset=2, images=lambda index: examples.embeddings[index],
                               make_negatives=lambda texts, rng: [word_swap_negative(text, vocabulary, rng)
                                                                  for text in texts])

@@ -337,6 +337,47 @@ def test_a_scorer_trains_from_an_outputs_stored_embeddings_with_word_swap_negati
     assert lit.scorer.shares_image_tower(lit.encoder) and lit.manifest["scorer"]["image_tower"] == "encoder"
 
 
+def test_a_scorer_text_tower_starts_from_a_causal_lm_and_its_bundle_stands_alone(tiny_bundle, tmp_path):
+    """--train-scorer --scorer-text-tower LM: the tower is the LM's transformer (weights included), last-token
+    pooled and projected, trained against the frozen encoder; the bundle holds its config and tokenizer, so a
+    copy loads anywhere and scores as the original. A tower that does not load stops the run before it trains."""
+    import shutil
+
+    _write_output(tmp_path / "output", 24)
+    config = _config(tmp_path / "lit", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
+                     train_scorer=True, scorer_text_tower=str(tiny_bundle / "lm"), scorer_epochs=4,
+                     scorer_lr=1e-3, caption_epochs=0, clip_batch_size=8)
+    with pytest.raises(ModelLoadError, match="cannot load text tower"):
+        train(replace(config, out=str(tmp_path / "typo"), scorer_text_tower=str(tmp_path / "no-such-lm")))
+    assert not any((tmp_path / "typo").glob("checkpoints/*"))
+    with pytest.raises(ValueError, match="--scorer-text-tower is what --train-scorer starts from"):
+        train(replace(config, out=str(tmp_path / "alone"), train_scorer=False))
+    summary = train(config)
+    losses = summary["scorer_losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    recorded = json.loads((tmp_path / "lit" / "train_summary.json").read_text())["config"]
+    assert recorded["scorer_text_tower"] == str(tiny_bundle / "lm") and recorded["scorer_lr"] == 1e-3
+    shutil.copytree(tmp_path / "lit" / "bundle", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "lit")
+    lit = load_bundle(tmp_path / "moved")
+    entry = lit.manifest["scorer"]
+    assert entry["image_tower"] == "encoder" and entry["config"]["text_tower"] == {
+        "model": "scorer_text", "pooling": "last", "context_length": 64}  # the tiny GPT-2's 64 positions
+    assert (tmp_path / "moved" / "scorer_text" / "config.json").is_file() and lit.languages.scorer == ("tr",)
+    stored = _safetensors_keys(tmp_path / "moved" / entry["weights"])
+    assert any(key.startswith("text.backbone.") for key in stored) and not any(k.startswith("visual.") for k in stored)
+    assert lit.scorer.shares_image_tower(lit.encoder)
+    start = load_bundle(tiny_bundle).captioner.lm.transformer.wte.weight
+    trained = lit.scorer.clip.text.backbone.wte.weight
+    moved_by = (trained - start).norm() / start.norm()
+    assert 0 < moved_by < 0.5  # trained from the LM's embeddings, not from random ones
+    pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    result = caption_batch(lit, pixels, DecodeSettings(max_new_tokens=5))
+    with torch.inference_mode():
+        texts = lit.scorer.encode_texts(result.captions).numpy()
+    np.testing.assert_allclose(result.clip_scores, (result.image_embeddings * texts).sum(1), atol=1e-5)
+
+
 def test_a_word_swap_negative_changes_one_word_and_keeps_the_punctuation():
     import random
 

@@ -7,6 +7,8 @@ Layout:
   mapper.safetensors    ClipCap mapper weights
   lm/                   the language model and its tokenizer, Hugging Face `save_pretrained` form
   scorer.*              only when the scorer is not the encoder itself
+  scorer_text/          a scorer text tower made from a Hugging Face model: its config.json and tokenizer
+                        (weights in scorer.safetensors, image tower the encoder's)
   ROLE_open_clip/       in place of ROLE.safetensors (ROLE: encoder, scorer): an open_clip folder, for
                         local-dir and transformers CLIPs and Hugging Face text towers (with the tower's
                         config.json and tokenizer files)
@@ -33,6 +35,7 @@ from pipeline.models.clip import (
     CUSTOM,
     LOCAL_DIR,
     LOCKED_PREFIX,
+    TEXT_TOWER,
     ClipModel,
     ClipSpec,
     create_clip,
@@ -43,6 +46,7 @@ from pipeline.models.clip import (
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE, Languages, infer, of_manifest
 from pipeline.models.text_tokenizers import ClipTextTokenizer
+from pipeline.models.text_tower import TextTowerClip, save_text_tower_files
 from pipeline.models.weights import building_for, load_failure, load_weights, save_weights
 from pipeline.text import describe_error
 
@@ -270,6 +274,9 @@ def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: t
     if isinstance(model.tokenizer, ClipTextTokenizer):
         model.tokenizer.tokenizer.save(str(path / f"{role}_tokenizer.json"))
         entry["tokenizer"] = f"{role}_tokenizer.json"
+    if isinstance(model.clip, TextTowerClip):  # its weights are in ROLE.safetensors already
+        save_text_tower_files(model.clip, model.tokenizer, path / f"{role}_text")
+        entry["config"][TEXT_TOWER]["model"] = f"{role}_text"
     return entry
 
 

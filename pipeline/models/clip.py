@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.images import ImageSpec
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, TextTokenizer
+from pipeline.models.text_tower import LAST, MEAN, create_text_tower
 from pipeline.models.weights import (
     building_for,
     is_torchscript_archive,
@@ -40,6 +41,7 @@ from pipeline.models.weights import (
 from pipeline.text import describe_error
 
 CUSTOM = "custom"
+TEXT_TOWER = "text_tower"  # a custom config's entry for a Hugging Face model's text tower (text_tower.py)
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
 SCHEMAS = (HF_HUB, LOCAL_DIR)
@@ -67,6 +69,8 @@ class ClipSpec:
     config: for 'custom', the keyword arguments of `open_clip.CLIP` plus an optional 'preprocess'
       entry (size, mean, std, interpolation).
     tokenizer: for 'custom', a `tokenizers` JSON file.
+      A custom config with a TEXT_TOWER entry is a Hugging Face model's text tower instead (`text_tower.py`),
+      which scores against the encoder's image tower and reads with the model's own tokenizer.
     image_tower: 'encoder' for a scorer whose text tower was trained against the bundle's frozen encoder
       (`lock_image_tower`): its weights hold the text tower only, the image tower is the encoder's.
     """
@@ -379,6 +383,8 @@ def _open_clip_state(hf: dict[str, torch.Tensor], vision_layers: int, text_layer
 
 
 def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
+    if spec.config and TEXT_TOWER in spec.config:
+        return _create_text_tower_scorer(spec, base_dir)
     if not spec.config or not spec.tokenizer:
         raise ModelLoadError("a custom CLIP needs 'config' and 'tokenizer' in its spec")
     config = dict(spec.config)
@@ -406,6 +412,27 @@ def _create_custom(spec: ClipSpec, base_dir: Path) -> ClipModel:
     mean = tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD))
     return ClipModel(clip, tokenizer, image_spec, mean, std)
+
+
+def _create_text_tower_scorer(spec: ClipSpec, base_dir: Path) -> ClipModel:
+    """A Hugging Face model's text tower (`pipeline.models.text_tower`) that scores against the encoder's image
+    tower: config {"embed_dim": D, TEXT_TOWER: {"model": hub name or folder (in the bundle: its config.json and
+    tokenizer), "pooling", "context_length"}}. Without weights, the model's own pretrained ones (training starts
+    there); with them, every weight but the image tower's comes from that file."""
+    tower = spec.config[TEXT_TOWER]
+    if spec.image_tower is None or not isinstance(tower, dict) or not isinstance(tower.get("model"), str) \
+            or tower.get("pooling") not in (None, MEAN, LAST) or not isinstance(tower.get("context_length", 1), int) \
+            or not isinstance(spec.config.get("embed_dim"), int):
+        raise ModelLoadError(f"invalid text tower spec {spec.to_json()}: it needs image_tower, embed_dim and "
+                             f"{TEXT_TOWER}.model, with pooling {MEAN!r} or {LAST!r}")
+    model = base_dir / tower["model"] if (base_dir / tower["model"]).is_dir() else tower["model"]
+    clip, tokenizer = create_text_tower(model, spec.config["embed_dim"], tower.get("pooling"),
+                                        tower.get("context_length"), pretrained=not spec.weights)
+    if spec.weights:
+        load_weights(clip, base_dir / spec.weights, skip=LOCKED_PREFIX)
+    # preprocessing and image tower come with lock_image_tower
+    return ClipModel(clip, tokenizer, ImageSpec(size=LOCKED_VISION_PLACEHOLDER["image_size"]),
+                     open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 
 
 @contextlib.contextmanager
