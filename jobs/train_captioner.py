@@ -28,6 +28,7 @@ import _bootstrap  # noqa: F401
 import click
 import torch
 
+from pipeline.caption_files import is_caption_file
 from pipeline.cli import OneLineErrors, language_options
 from pipeline.config import differing_keys
 from pipeline.images import ImageSpec
@@ -138,7 +139,7 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
     if config.embeddings_from:
         if not config.clip:
             raise click.UsageError("--embeddings-from needs --clip: the encoder that made those embeddings")
-        examples, metadata = load_embedding_examples(list(config.embeddings_from))
+        examples, metadata = load_embedding_examples(list(config.embeddings_from), config.text_column, config.data)
         clip, spec, identity, bundle_captioner = _encoder(config)
         _check_embeddings_encoder(config, examples, metadata, clip, identity)
     elif config.clip:
@@ -187,7 +188,12 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
               "Karpathy split JSON, JSON Lines). Repeatable.")
 @click.option("--image-root", default=None,
               help="Folder of the images a caption file names by relative path (default: the file's folder).")
-@click.option("--embeddings-from", multiple=True, help="This project's output dir(s): stored embeddings + captions.")
+@click.option("--embeddings-from", multiple=True,
+              help="This project's output dir(s): train on its stored image embeddings (no image is read) and their "
+                   "--text-column, or the captions of --data caption files joined by key. Repeatable.")
+@click.option("--text-column", type=click.Choice(["caption", "original_text"]), default="caption", show_default=True,
+              help="The --embeddings-from column to train on: the generated captions, or the text that came with "
+                   "each image.")
 @click.option("--clip", default=None, help="open_clip ARCH[:WEIGHTS], a transformers CLIP (hub name or folder) or a "
               "bundle dir; omitted: train a small CLIP.")
 @click.option("--scorer", default=None,
@@ -230,17 +236,18 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--seed", type=int, default=0, show_default=True)
 @language_options
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
-def main(data, image_root, embeddings_from, clip, scorer, lm, mapper, freeze_lm, prefix_length,
+def main(data, image_root, embeddings_from, text_column, clip, scorer, lm, mapper, freeze_lm, prefix_length,
          clip_epochs, caption_epochs, batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
          first_reference_prob, scorer_training, scorer_text_tower, scorer_epochs, scorer_lr, save_fp16, bf16, seed,
          caption_language, scorer_languages, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
-    if data and embeddings_from:
-        raise click.UsageError("give --data or --embeddings-from, not both: one run trains on one kind of input")
+    if embeddings_from and not all(is_caption_file(spec) for spec in data):
+        raise click.UsageError("with --embeddings-from, --data takes caption files only (their captions are joined to "
+                               "the stored embeddings by key): no image is read")
     config = TrainConfig(out=out, data=tuple(data), image_root=image_root, embeddings_from=tuple(embeddings_from),
-                         clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm,
+                         text_column=text_column, clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm,
                          prefix_length=prefix_length, limit=limit, seed=seed,
                          first_reference_prob=first_reference_prob, save_fp16=save_fp16,
                          train_scorer=scorer_training, scorer_text_tower=scorer_text_tower)

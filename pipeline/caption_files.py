@@ -74,14 +74,14 @@ def read_caption_file(spec: str, image_root: str | None = None,
                       splits: tuple[str, ...] = TRAIN_SPLITS) -> Iterator[dict]:
     """The sample records of the images a caption file names, in its order."""
     root = (image_root or (spec.rsplit("/", 1)[0] if "/" in spec else ".")).rstrip("/")
-    for image, references, negatives in _entries(spec, splits):
+    for image, references, negatives in caption_entries(spec, splits):
         url = image if "://" in image or image.startswith("/") else f"{root}/{image}"
         meta = json.dumps({"captions": references, "negatives": negatives}, ensure_ascii=False)
         yield read_image_file(url, image, spec, meta=meta)
 
 
-def _entries(spec: str, splits: tuple[str, ...]) -> Iterator[tuple[str, list[str], list[str]]]:
-    """(image path as written, references, hard negatives) of every usable entry."""
+def caption_entries(spec: str, splits: tuple[str, ...] = TRAIN_SPLITS) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(image path as the file writes it, references, hard negatives) of every usable entry; no image is read."""
     with fsspec.open(spec, "rb") as handle:
         first = handle.readline()
         head = _json_or_none(first)

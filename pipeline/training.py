@@ -15,12 +15,15 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -101,7 +104,8 @@ class TrainConfig:
     out: str
     data: tuple[str, ...] = ()             # images + captions: WebDataset / Parquet / directories / caption files
     image_root: str | None = None          # relative image paths of caption files; None: each file's folder
-    embeddings_from: tuple[str, ...] = ()  # this project's output: image_embedding + caption columns
+    embeddings_from: tuple[str, ...] = ()  # this project's output: image_embedding + text_column, or + data's captions
+    text_column: str = "caption"           # of embeddings_from: "caption" or "original_text"
     clip: str | None = None                # open_clip ARCH[:WEIGHTS], or a bundle dir's encoder; None: stage 1
     lm: str | None = None                  # Hugging Face LM name or dir; None: GPT-2 from LMArch
     mapper: str = "mlp"
@@ -557,13 +561,21 @@ def _caption_records(specs: list[str], image_root: str | None = None
             log.warning("more unusable samples are skipped without a warning each")
 
 
-def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]:
-    """This project's own output (captions/ or filtered/ parquet): stored image embeddings and their
-    captions, ok rows only. Returns the examples and the output's 'captioner' metadata."""
+def load_embedding_examples(specs: list[str], text_column: str = "caption",
+                            caption_files: tuple[str, ...] = ()) -> tuple[Examples, dict[str, Any]]:
+    """This project's own output (captions/ or filtered/ parquet): the stored image embeddings of its ok rows and
+    their reference captions: each row's `text_column` (`caption`, or the `original_text` that came with the
+    image), or, given `caption_files`, every caption those files hold for the row's image, joined by key (the
+    image path as the file writes it, else its file name, with or without extension), as ClipCap trains from
+    embeddings made once. Returns the examples and the output's 'captioner' metadata."""
     import fsspec
     import pyarrow.parquet as pq
 
-    embeddings, captions, metadata = [], [], {}
+    from pipeline.caption_files import caption_entries, find_caption_files
+
+    references = _references_by_key(caption_entries(file) for file in find_caption_files(list(caption_files)))
+    columns = ["key", "status", "image_embedding"] + ([] if references is not None else [text_column])
+    embeddings, captions, metadata, unmatched = [], [], {}, 0
     for spec in specs:
         fs, path = fsspec.core.url_to_fs(spec)
         files = sorted(fs.glob(f"{path.rstrip('/')}/*.parquet")) if fs.isdir(path) else sorted(fs.glob(path))
@@ -571,12 +583,50 @@ def load_embedding_examples(specs: list[str]) -> tuple[Examples, dict[str, Any]]
             with fs.open(file, "rb") as handle:
                 parquet = pq.ParquetFile(handle)
                 metadata = json.loads((parquet.schema_arrow.metadata or {}).get(b"captioner", b"{}"))
-                table = parquet.read(columns=["status", "caption", "image_embedding"], use_threads=False)
-            ok = [s == "ok" for s in table.column("status").to_pylist()]
-            table = table.filter(ok)
-            captions.extend([c] for c in table.column("caption").to_pylist())
+                if text_column not in parquet.schema_arrow.names and references is None:
+                    raise ValueError(f"{file} has no column {text_column!r}")
+                table = parquet.read(columns=columns, use_threads=False)
+            table = table.filter(pc.equal(table.column("status"), "ok"))
+            if references is None:
+                texts = [[text] if text else [] for text in table.column(text_column).to_pylist()]
+            else:
+                texts = [references.get(key) or references.get(_file_name(key), []) for key in
+                         table.column("key").to_pylist()]
+                unmatched += sum(not found for found in texts)
+            usable = [bool(found) for found in texts]
+            table = table.filter(pa.array(usable))
+            captions.extend(found for found in texts if found)
             flat = table.column("image_embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            embeddings.append(torch.from_numpy(flat.astype(np.float32)).view(table.num_rows, -1))
+            width = table.schema.field("image_embedding").type.list_size
+            embeddings.append(torch.from_numpy(flat.astype(np.float32)).view(table.num_rows, width))
+    if unmatched:
+        log.warning("%d ok rows of %s have no caption in %s (joined by key or file name)", unmatched,
+                    ", ".join(specs), ", ".join(caption_files))
     if not captions:
-        raise ValueError(f"no ok rows with image_embedding + caption in {', '.join(specs)}")
+        where = ", ".join(caption_files) if references is not None else f"their {text_column!r} column"
+        raise ValueError(f"no ok rows of {', '.join(specs)} with an image_embedding and a caption in {where}"
+                         + (" (an --embed-only output has no captions: train on its original_text or on a caption "
+                            "file)" if text_column == "caption" and references is None else ""))
     return Examples(captions=captions, embeddings=F.normalize(torch.cat(embeddings), dim=-1)), metadata
+
+
+def _file_name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+def _references_by_key(files: Iterable[Iterator[tuple[str, list[str], list[str]]]]) -> dict[str, list[str]] | None:
+    """Each image path's captions, over every caption file (None without any), also under the path's file name and
+    under that name without its extension, where no other image has it: an output of an images folder keys them by
+    their path below it, a WebDataset of the images by their stem."""
+    by_path: dict[str, list[str]] = {}
+    read = False
+    for entries in files:
+        read = True
+        for image, captions, _ in entries:
+            by_path.setdefault(image, []).extend(captions)
+    if not read:
+        return None
+    aliases = {image: (_file_name(image), _file_name(image).rsplit(".", 1)[0]) for image in by_path}
+    taken = Counter(alias for names in aliases.values() for alias in set(names))
+    return {alias: by_path[image] for image, names in aliases.items() for alias in names if taken[alias] == 1} \
+        | by_path

@@ -206,7 +206,7 @@ def test_train_cli_usage_is_one_line(tmp_path):
     from click.testing import CliRunner
 
     (tmp_path / "afile").write_text("x")
-    cases = [(["--data", "x.tar", "--embeddings-from", "out", "--out", str(tmp_path / "a")], "not both"),
+    cases = [(["--data", "x.tar", "--embeddings-from", "out", "--out", str(tmp_path / "a")], "caption files only"),
              (["--data", "x.json", "--clip", "RN50", "--out", str(tmp_path / "b")], "names no weights"),
              (["--data", "x.json", "--out", str(tmp_path / "afile")], "cannot write --out"),
              (["--data", "x.json", "--prefix-length", "95", "--out", str(tmp_path / "c")], "too few for a caption")]
@@ -376,6 +376,51 @@ def test_a_scorer_text_tower_starts_from_a_causal_lm_and_its_bundle_stands_alone
     with torch.inference_mode():
         texts = lit.scorer.encode_texts(result.captions).numpy()
     np.testing.assert_allclose(result.clip_scores, (result.image_embeddings * texts).sum(1), atol=1e-5)
+
+
+def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_joined_by_key(tiny_bundle, tmp_path,
+                                                                                            monkeypatch):
+    """ClipCap's recipe: the images are encoded once (a pipeline run), then training reads the stored embeddings
+    with every reference caption a COCO captions file holds for each image, joined by key (the output of an images
+    folder keys a file by its path below the folder, a WebDataset's by its stem; the COCO file names it by file
+    name), or the rows' own
+    original_text. No image is read, rows without a caption are left out with one warning."""
+    import pipeline.training as training
+
+    _write_output(tmp_path / "output", 24)  # keys k0..k19, k19 a decode_error
+    table = pq.read_table(tmp_path / "output" / "part-0.parquet")
+    keys = [f"train2014/k{i}.jpg" if i % 2 else f"k{i}" for i in range(20)]  # a folder's keys, a WebDataset's
+    originals = [f"Alt metin {i}." if i % 3 else None for i in range(20)]
+    table = table.set_column(0, "key", pa.array(keys)).set_column(
+        table.schema.get_field_index("original_text"), "original_text", pa.array(originals, pa.string()))
+    pq.write_table(table, tmp_path / "output" / "part-0.parquet")
+    coco = {"images": [{"id": i, "file_name": f"k{i}.jpg"} for i in range(18)],  # no captions for k18
+            "annotations": [{"image_id": i, "caption": f"Resim {i}, cümle {j}."} for i in range(18) for j in range(5)]}
+    (tmp_path / "captions_train.json").write_text(json.dumps(coco, ensure_ascii=False))
+    seen = []
+    real = training.train_captioner
+    monkeypatch.setattr(training, "train_captioner",
+                        lambda captioner, examples, *args, **kw: seen.append(examples) or real(captioner, examples,
+                                                                                                  *args, **kw))
+    monkeypatch.setattr(sys.modules["train_captioner"], "train_captioner", training.train_captioner)
+    summary = train(_config(tmp_path / "coco", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
+                            data=(str(tmp_path / "captions_train.json"),)))
+    examples = seen[-1]
+    assert summary["examples"] == 18 and len(examples.captions) == 18
+    assert examples.captions[5] == [f"Resim 5, cümle {j}." for j in range(5)]
+    stored = np.asarray(table.column("image_embedding").to_pylist()[5], dtype=np.float32)
+    np.testing.assert_allclose(examples.embeddings[5].numpy(), stored / np.linalg.norm(stored), atol=1e-6)
+
+    summary = train(_config(tmp_path / "alt", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
+                            text_column="original_text"))
+    with_text = [i for i in range(19) if originals[i]]
+    assert summary["examples"] == len(with_text) and seen[-1].captions == [[originals[i]] for i in with_text]
+    # an output written without captions trains on its captions only with a word on what to give instead
+    (tmp_path / "uncaptioned").mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", pa.nulls(20, pa.string())),
+                   tmp_path / "uncaptioned" / "part-0.parquet")
+    with pytest.raises(ValueError, match=r"no ok rows .* caption in their 'caption' column .* original_text"):
+        train(_config(tmp_path / "none", embeddings_from=(str(tmp_path / "uncaptioned"),), clip=str(tiny_bundle)))
 
 
 def test_a_word_swap_negative_changes_one_word_and_keeps_the_punctuation():
