@@ -55,11 +55,14 @@ from pipeline.sources import InputError
 @click.option("--allow-foreign-scorer", is_flag=True,
               help="Let --min-clip-score / --keep-top-fraction filter by a scorer whose text tower was not "
                    "trained on the captions' language (bundle.json 'languages'), which is refused otherwise.")
+@click.option("--embed-only", is_flag=True,
+              help="Write image_embedding (and original_clip_score) for every sample, no caption: the encoder's "
+                   "speed, for training from embeddings or a search index.")
 @click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration "
               "(a finished run whose filter alone changed is re-filtered from its stored scores, no model run).")
 def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, method,
          num_candidates, beam_width, max_new_tokens, temperature, top_p, batch_size, actors, gpus_per_actor,
-         dtype, limit, rows_per_file, write_webdataset, seed, allow_foreign_scorer, overwrite) -> None:
+         dtype, limit, rows_per_file, write_webdataset, seed, allow_foreign_scorer, embed_only, overwrite) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         decode = DecodeSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
@@ -71,7 +74,7 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
                            decode=decode, batch_size=batch_size, actors=ActorRange.parse(actors),
                            gpus_per_actor=gpus_per_actor, dtype=dtype, limit=limit, rows_per_file=rows_per_file,
                            write_webdataset=write_webdataset, overwrite=overwrite,
-                           allow_foreign_scorer=allow_foreign_scorer)
+                           allow_foreign_scorer=allow_foreign_scorer, embed_only=embed_only)
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
     # torch and Ray load only once the usage is known to be sound
@@ -88,7 +91,8 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     counts, timings = summary["counts"], summary["timings"]
     failed = counts["rows"] - counts["by_status"].get("ok", 0)
     rate = timings.get("images_per_s")
-    captioned = (f"captioned {counts['rows']} rows ({failed} failed) in {timings['wall_s']:.1f}s, "
+    captioned = (f"{'embedded' if embed_only else 'captioned'} {counts['rows']} rows ({failed} failed) in "
+                 f"{timings['wall_s']:.1f}s, "
                  f"{rate if rate is not None else 'n/a'} images/s")
     if "refilter_s" in timings:  # the wall time and rate are those of the run that captioned them
         click.echo(f"re-filtered {counts['rows']} rows from their stored scores in {timings['refilter_s']:.1f}s, "

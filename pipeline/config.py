@@ -100,6 +100,7 @@ class RunConfig:
     write_webdataset: bool = False        # also write filtered/ with its images as WebDataset tars
     overwrite: bool = False
     allow_foreign_scorer: bool = False    # filter by a scorer not trained on the captions' language
+    embed_only: bool = False              # image_embedding (+ original_clip_score) only: no caption decoded
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -115,6 +116,9 @@ class RunConfig:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if self.rows_per_file < 1:
             raise ValueError(f"--rows-per-file must be at least 1, got {self.rows_per_file}")
+        if self.embed_only and self.filter.filters:
+            raise ValueError("--embed-only writes no captions, so no clip_score to filter by: drop --min-clip-score "
+                             "and --keep-top-fraction")
 
     @property
     def model_path(self) -> Path:
@@ -126,8 +130,9 @@ class RunConfig:
     def output_defining(self) -> dict[str, Any]:
         """What decides the content of the output. Resuming with a different value is refused;
         batch size, actors, GPUs, file size, the WebDataset copy, --overwrite and --allow-foreign-scorer
-        change speed, layout or permission, not the rows, and decoding settings the method ignores change nothing."""
-        settings = self.to_json() | {"decode": self.decode.output_defining()}
+        change speed, layout or permission, not the rows, and decoding settings the method ignores (all of them,
+        when no caption is decoded) change nothing."""
+        settings = self.to_json() | {"decode": None if self.embed_only else self.decode.output_defining()}
         # the model is defined by its bundle's sha256 (recorded beside), not by the path that named it
         for name in ("output", "model", "batch_size", "actors", "gpus_per_actor", "rows_per_file",
                      "write_webdataset", "overwrite", "allow_foreign_scorer"):

@@ -98,9 +98,10 @@ class CaptionStage:
 
     A batch that fails in the models (including out-of-memory) is split in halves and retried,
     down to single rows; a row that still fails becomes a `model_error` row. Nothing is lost.
+    `settings` None: embeddings only (--embed-only), no caption decoded.
     """
 
-    def __init__(self, bundle: ShippedBundle, settings: DecodeSettings, dtype: str,
+    def __init__(self, bundle: ShippedBundle, settings: DecodeSettings | None, dtype: str,
                  batch_size: int, embedding_dim: int, metadata_json: str, cpu_threads: int | None = None,
                  decode_spec: DecodeSpec | None = None):
         self.device = actor_device(ray.get_gpu_ids(), torch.cuda.is_available())
@@ -144,7 +145,7 @@ class CaptionStage:
         for i, embedding in result.embeddings.items():
             flat[i] = embedding
         embedding_mask = pa.array([i not in result.embeddings for i in range(n)], type=pa.bool_())
-        with_candidates = self.settings.num_candidates > 1
+        with_candidates = self.settings is not None and self.settings.num_candidates > 1
         columns = {
             "key": batch.column("key"),
             "source": batch.column("source"),
@@ -194,8 +195,9 @@ class CaptionStage:
             failure = describe_error(exc)
         else:
             for j, i in enumerate(rows):
-                result.captions[i] = captioned.captions[j]
-                result.scores[i] = float(captioned.clip_scores[j])
+                if captioned.captions[j] is not None:  # else embeddings only
+                    result.captions[i] = captioned.captions[j]
+                    result.scores[i] = float(captioned.clip_scores[j])
                 result.embeddings[i] = captioned.image_embeddings[j]
                 result.candidates[i] = [{"caption": c, "clip_score": s} for c, s in captioned.candidates[j]]
                 if not np.isnan(captioned.original_scores[j]):

@@ -133,7 +133,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     metadata_json = json.dumps({"encoder": identity["encoder"], "captioner": identity["captioner"],
                                 "scorer": identity["scorer"], "languages": identity["languages"],
                                 "model": identity["name"],
-                                "model_sha256": identity["sha256"], "decoding": config.decode.to_json(),
+                                "model_sha256": identity["sha256"],
+                                "decoding": None if config.embed_only else config.decode.to_json(),
                                 "filter": config.filter.to_json(), "version": __version__},
                                ensure_ascii=False)
     previous, refilter = _prepare_output(output, config, defining)
@@ -303,7 +304,7 @@ def _write_part(output: OutputDir, config: RunConfig, cutoff: Cutoff | None, tab
                      table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
     position = table.schema.get_field_index("keep")
     table = table.set_column(position, table.schema.field(position), pa.array(keep))  # the schema's field: not null
-    validate_table(table, embedding_dim)
+    validate_table(table, embedding_dim, captioned=not config.embed_only)
     output.write_parquet(table, CAPTIONS, name)
     kept_rows = table.filter(pc.field("keep"))
     output.write_parquet(kept_rows, FILTERED, name)
@@ -367,7 +368,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         # a Ray this process started is this one machine: its actors read the bundle in place, no copy needed
         fn_constructor_kwargs={"bundle": ShippedBundle.of(config.model_path, bundle_sha256,
                                                           ship=not _ray_started_here()),
-                               "settings": config.decode,
+                               "settings": None if config.embed_only else config.decode,
                                "dtype": config.dtype, "batch_size": config.batch_size, "embedding_dim": embedding_dim,
                                "metadata_json": metadata_json, "cpu_threads": cpu_threads,
                                # a CPU actor already uses its cores: decoding beside it would only make its

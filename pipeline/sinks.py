@@ -122,7 +122,7 @@ class OutputDir:
 def write_webdataset_shard(output: OutputDir, name: str, records: Iterable[dict], rows: dict[str, dict],
                            provenance: dict[str, Any], to_portable: Callable[[bytes], tuple[bytes, str]]) -> dict:
     """Write the kept samples among `records` (one input shard's sample records, in order) as the tar
-    WEBDATASET/`name`: KEY.jpg|png|webp (the input image via `to_portable`), KEY.txt (the caption),
+    WEBDATASET/`name`: KEY.jpg|png|webp (the input image via `to_portable`), KEY.txt (the caption, if any),
     KEY.json (score, provenance). `rows` maps a kept key to its filtered row; only the first record of a
     key is taken (a later one is a renamed duplicate, never kept). Returns the counts written / missing."""
     pending = dict(rows)
@@ -143,8 +143,10 @@ def write_webdataset_shard(output: OutputDir, name: str, records: Iterable[dict]
                 image, extension = to_portable(record["image"])
                 stem = _unique(webdataset_stem(row["key"]), stems)
                 meta = {**{name: row.get(name) for name in WEBDATASET_COLUMNS}, **provenance}
-                for suffix, data in ((extension, image), ("txt", row["caption"].encode("utf-8")),
-                                     ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))):
+                members = [(extension, image), ("json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))]
+                if row["caption"] is not None:  # none in an --embed-only output
+                    members.insert(1, ("txt", row["caption"].encode("utf-8")))
+                for suffix, data in members:
                     info = tarfile.TarInfo(f"{stem}.{suffix}")
                     info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
                     tar.addfile(info, io.BytesIO(data))

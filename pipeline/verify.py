@@ -176,7 +176,7 @@ def _inspect_schema(parts: _Parts, relative: str, table: pa.Table) -> None:
         dim = embedding.list_size
         parts.dims[dim] += 1
         try:
-            validate_table(table, dim)
+            validate_table(table, dim, captioned=_captioned(table))
             expected = captions_schema(dim)
             if not table.schema.remove_metadata().equals(expected):
                 # validate_table compares types and nulls; this adds the declared nullability.
@@ -197,6 +197,15 @@ def _inspect_schema(parts: _Parts, relative: str, table: pa.Table) -> None:
     if missing:
         parts.metadata_errors.append(f"{relative}: 'captioner' metadata lacks {', '.join(missing)}")
     parts.metadata.add(text.decode("utf-8", "replace"))
+
+
+def _captioned(table: pa.Table) -> bool:
+    """False for a part of an --embed-only run: its 'captioner' metadata records no decoding."""
+    try:
+        entry = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+    except ValueError:
+        return True  # reported with the metadata
+    return not (isinstance(entry, dict) and "decoding" in entry and entry["decoding"] is None)
 
 
 def _read_run_json(output: OutputDir) -> tuple[dict[str, Any] | None, str | None]:

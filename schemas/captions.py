@@ -52,8 +52,9 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return with_added_columns(table, schema.names).cast(schema)
 
 
-def validate_table(table: pa.Table, embedding_dim: int) -> None:
-    """Raise SchemaError unless `table` has exactly the output columns, types and null rules."""
+def validate_table(table: pa.Table, embedding_dim: int, captioned: bool = True) -> None:
+    """Raise SchemaError unless `table` has exactly the output columns, types and null rules. `captioned` False:
+    an output of embeddings only (--embed-only), whose ok rows have neither caption nor clip_score."""
     expected = captions_schema(embedding_dim)
     if table.schema.names != expected.names:
         raise SchemaError(f"columns {table.schema.names} differ from {expected.names}")
@@ -64,10 +65,13 @@ def validate_table(table: pa.Table, embedding_dim: int) -> None:
         if field.name in NOT_NULL and column.null_count:
             raise SchemaError(f"column {field.name!r} has {column.null_count} nulls")
     ok = pc.equal(table.column("status"), "ok")
-    for name in ("caption", "clip_score", "image_embedding"):
+    for name in ("caption", "clip_score", "image_embedding") if captioned else ("image_embedding",):
         missing = pc.sum(pc.and_(ok, pc.is_null(table.column(name)))).as_py() or 0
         if missing:
             raise SchemaError(f"{missing} rows with status 'ok' have no {name}")
     failed_with_caption = pc.and_(pc.invert(ok), pc.is_valid(table.column("caption")))
     if pc.sum(failed_with_caption).as_py():
         raise SchemaError("failed rows must have a null caption")
+    if not captioned and (table.column("caption").null_count < table.num_rows
+                          or table.column("clip_score").null_count < table.num_rows):
+        raise SchemaError("an output of embeddings only has no caption and no clip_score")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import tarfile
 
 import fsspec
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from pipeline.config import ActorRange, DecodeSettings, RunConfig
 from pipeline.filtering import FilterSettings
 from pipeline.precision import resolve_dtype
+from pipeline.report import build_report
 from pipeline.run import StagingNotListed, UsageError, run
 from pipeline.sinks import STAGING, STAGING_CONFIG, OutputDir
 from pipeline.verify import verify
@@ -59,6 +61,45 @@ def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
                                    split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert sorted(loaded["key"]) == sorted(filtered.column("key").to_pylist())
     assert len(loaded[0]["image_embedding"]) == 24
+
+
+def test_an_embed_only_run_writes_every_row_with_the_captioning_run_s_embeddings_and_no_caption(
+        ray_local, tiny_bundle, tmp_path):
+    """--embed-only: the same rows, statuses, image_embedding and original_clip_score as a captioning run of the
+    same images (one image forward serves both), caption and clip_score null, every ok row kept; decoding settings
+    do not define it; it verifies, exports to WebDataset without KEY.txt and has a report page."""
+    tar_corpus(tmp_path / "in")
+    write_tar(tmp_path / "in" / "00002.tar", {"bad": {"jpg": b"not an image", "txt": b"bozuk"}})
+    inputs = (str(tmp_path / "in" / "*.tar"),)
+    captioned = run(RunConfig(inputs=inputs, output=str(tmp_path / "captioned"), model=str(tiny_bundle),
+                              decode=DecodeSettings(max_new_tokens=4), batch_size=4))
+    base = {"inputs": inputs, "output": str(tmp_path / "embedded"), "model": str(tiny_bundle), "batch_size": 4,
+            "embed_only": True, "write_webdataset": True}
+    summary = run(RunConfig(**base))
+    assert summary["counts"]["rows"] == captioned["counts"]["rows"] == 11 and summary["counts"]["kept"] == 10
+    embedded = read_parts(tmp_path / "embedded" / "captions").sort_by("key")
+    reference = read_parts(tmp_path / "captioned" / "captions").sort_by("key")
+    validate_table(embedded, 24, captioned=False)
+    for name in ("key", "status", "error", "original_text", "image_embedding"):
+        assert embedded.column(name).to_pylist() == reference.column(name).to_pylist(), name
+    assert embedded.column("original_clip_score").to_pylist() == pytest.approx(
+        reference.column("original_clip_score").to_pylist(), abs=1e-6)
+    assert set(embedded.column("caption").to_pylist()) == {None} == set(embedded.column("clip_score").to_pylist())
+    assert None not in reference.column("caption").to_pylist()[:10]
+    meta = json.loads(pq.read_schema(next((tmp_path / "embedded" / "captions").glob("*.parquet"))).metadata[
+        b"captioner"])
+    assert meta["decoding"] is None
+    assert verify(str(tmp_path / "embedded"), list(inputs)).ok
+    with tarfile.open(next((tmp_path / "embedded" / "filtered_wds").glob("*.tar"))) as tar:
+        names = tar.getnames()
+    assert names and not any(name.endswith(".txt") for name in names)
+    page = build_report(str(tmp_path / "embedded"))  # no score to plot, every image with its original text
+    assert "nothing to plot" in page and page.count('class="card"') == 11  # 10 kept, 1 failed
+    # decoding settings define nothing here: a rerun with others is the same run, complete already
+    assert run(RunConfig(**base, decode=DecodeSettings(method="beam", num_candidates=2)))["counts"] == \
+        summary["counts"]
+    with pytest.raises(ValueError, match="--embed-only writes no captions"):
+        RunConfig(**base, filter=FilterSettings(min_clip_score=0.2))
 
 
 def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local, tiny_bundle, tmp_path, monkeypatch):
