@@ -23,7 +23,9 @@ from pipeline.sources import InputError
 @click.option("--input", "inputs", multiple=True, required=True,
               help="Shard path, glob, brace range or fsspec URL (.tar, .parquet, or a directory). Repeatable.")
 @click.option("--output", required=True, help="Output directory (local path or fsspec URL).")
-@click.option("--model", default="demo", show_default=True, help="'demo' or a model bundle directory.")
+@click.option("--model", default="demo", show_default=True,
+              help="'demo' or a model bundle directory; with --embed-only also a CLIP alone: open_clip ARCH:WEIGHTS "
+                   "(ViT-B-32:openai), an open_clip folder or a transformers CLIP.")
 @click.option("--image-column", default=None, help="Parquet image column (default: jpg, then image).")
 @click.option("--key-column", default="key", show_default=True,
               help="Parquet key column (the default is used where present; a name you give must exist).")

@@ -33,7 +33,7 @@ from pipeline.cli import OneLineErrors, language_options
 from pipeline.config import differing_keys
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
-from pipeline.models.clip import SCHEMAS, ClipModel, ClipSpec, create_clip
+from pipeline.models.clip import ClipSpec, load_pretrained_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.text_tower import read_text_tower_config
@@ -72,17 +72,7 @@ def _encoder(config: TrainConfig):
             # a file of that bundle (an imported ClipCap's encoder.safetensors): the new bundle copies it in
             spec = replace(spec, weights=str(Path(config.clip) / spec.weights))
         return bundle.encoder, spec, bundle.manifest["encoder"], bundle.captioner
-    return (*_pretrained_clip("--clip", config.clip, "encoder"), None, None)
-
-
-def _pretrained_clip(option: str, text: str, role: str) -> tuple[ClipModel, ClipSpec]:
-    """An open_clip ARCH[:WEIGHTS], an open_clip folder or a transformers CLIP, and its spec."""
-    spec = ClipSpec.parse(text)
-    if spec.weights is None and not spec.arch.startswith(SCHEMAS) and "/" not in spec.arch \
-            and not Path(spec.arch).is_dir():
-        raise ModelLoadError(f"{option} {text} names no weights, so the bundle would hold a random {role}; "
-                             "give ARCH:TAG (e.g. ViT-B-32:openai) or ARCH:FILE")
-    return create_clip(spec), spec
+    return (*load_pretrained_clip(config.clip, "--clip", "encoder"), None, None)
 
 
 def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip, identity: dict | None) -> None:
@@ -132,7 +122,7 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
     if config.scorer_text_tower:
         read_text_tower_config(config.scorer_text_tower)  # a typo stops the run now, not after the images
     # loaded before any training: a --scorer that does not load stops the run now, not after hours
-    scorer_model, scorer_spec = _pretrained_clip("--scorer", scorer, "scorer") if scorer else (None, None)
+    scorer_model, scorer_spec = load_pretrained_clip(scorer, "--scorer", "scorer") if scorer else (None, None)
     _claim_run_directory(out, config)
     checkpoints = Checkpoints(out / "checkpoints")
     summary: dict = {}

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import socket
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict
@@ -26,10 +27,10 @@ import pyarrow.parquet as pq
 import ray
 
 from pipeline import __version__
-from pipeline.config import ActorRange, RunConfig, differing_keys
+from pipeline.config import DEMO_MODEL, ActorRange, RunConfig, differing_keys
 from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
 from pipeline.model_stage import CaptionStage, ShippedBundle
-from pipeline.models.bundle import load_bundle, read_languages
+from pipeline.models.bundle import is_bundle, load_bundle, read_languages, save_encoder_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.sinks import (
     CAPTIONS,
@@ -89,10 +90,20 @@ class StagingNotListed(RuntimeError):
 
 
 def run(config: RunConfig) -> dict[str, Any]:
-    """Run (or resume) a captioning job; returns the run summary that is also written to run.json."""
+    """Run (or resume) a captioning job; returns the run summary that is also written to run.json. An --embed-only
+    run's --model may be a CLIP alone (ARCH:WEIGHTS, a folder, a transformers name): its actors get it as an
+    encoder bundle, written for the run beside it."""
+    if config.embed_only and config.model != DEMO_MODEL and not is_bundle(config.model_path):
+        with tempfile.TemporaryDirectory(prefix="encoder-bundle-") as root:
+            save_encoder_bundle(config.model, Path(root) / "bundle")
+            return _run(config, Path(root) / "bundle")
+    return _run(config, config.model_path)
+
+
+def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     started = time.time()
-    languages = read_languages(config.model_path)
-    foreign_scorer = languages.warning() if languages is not None else None
+    languages = read_languages(model_path)
+    foreign_scorer = languages.warning() if languages is not None and not config.embed_only else None
     if foreign_scorer:
         log.warning("%s", foreign_scorer)
         if config.filter.filters and not config.allow_foreign_scorer:
@@ -111,9 +122,12 @@ def run(config: RunConfig) -> dict[str, Any]:
     if is_file:
         raise UsageError(f"--output {config.output} is a file, not a directory")
     shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)
-    bundle = load_bundle(config.model_path)
+    bundle = load_bundle(model_path)
+    if bundle.captioner is None and not config.embed_only:
+        raise UsageError(f"--model {config.model} holds an encoder and no captioner: it can only --embed-only")
     try:
-        bundle.captioner.check_max_new_tokens(config.decode.max_new_tokens)
+        if not config.embed_only:
+            bundle.captioner.check_max_new_tokens(config.decode.max_new_tokens)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     embedding_dim = bundle.encoder.embed_dim
@@ -165,7 +179,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     actors, parts_written = None, set()
     if unfinished and (remaining is None or remaining > 0):
         actors, parts_written = _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim,
-                                                      metadata_json, remaining, identity["sha256"])
+                                                      metadata_json, remaining, model_path, identity["sha256"])
     model_seconds = time.time() - model_started
 
     finalize_started = time.time()
@@ -322,8 +336,8 @@ def _committed_samples(output: OutputDir) -> dict[str, set[int]]:
 
 
 def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, decode_spec: DecodeSpec,
-                          embedding_dim: int, metadata_json: str, remaining: int | None, bundle_sha256: str,
-                          ) -> tuple[ActorRange, set[str]]:
+                          embedding_dim: int, metadata_json: str, remaining: int | None, model_path: Path,
+                          bundle_sha256: str) -> tuple[ActorRange, set[str]]:
     """Caption the unfinished shards into staging/; returns the actor pool it used and the parts written."""
     context = ray.data.DataContext.get_current()
     # Each batch goes to the least busy model actor, not to one beside its block: model time per
@@ -336,7 +350,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
         if not gpus and not _ray_started_here():  # the autoscaler adds GPU nodes only for actors that ask
             log.info("no node up now has a GPU: the model actors caption on CPUs (on an autoscaling GPU cluster, "
                      "give --gpus-per-actor 1 and --actors MIN-MAX)")
-    actors = config.actors or auto_actors(nodes, gpus, actor_memory_estimate(config.model_path))
+    actors = config.actors or auto_actors(nodes, gpus, actor_memory_estimate(model_path))
     # Where the nodes up now hold the pool's minimum, no batch goes out before those actors have loaded
     # their models: otherwise the first actor up takes every batch of a short run and --actors N is not N.
     # A pool that asks for more than there is starts with the actors it gets. Where not one actor fits,
@@ -366,7 +380,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     dataset = dataset.map_batches(
         CaptionStage,
         # a Ray this process started is this one machine: its actors read the bundle in place, no copy needed
-        fn_constructor_kwargs={"bundle": ShippedBundle.of(config.model_path, bundle_sha256,
+        fn_constructor_kwargs={"bundle": ShippedBundle.of(model_path, bundle_sha256,
                                                           ship=not _ray_started_here()),
                                "settings": None if config.embed_only else config.decode,
                                "dtype": config.dtype, "batch_size": config.batch_size, "embedding_dim": embedding_dim,

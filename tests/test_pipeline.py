@@ -102,6 +102,54 @@ def test_an_embed_only_run_writes_every_row_with_the_captioning_run_s_embeddings
         RunConfig(**base, filter=FilterSettings(min_clip_score=0.2))
 
 
+def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_captions(ray_local, tmp_path):
+    """ClipCap's recipe end to end at tiny scale: --embed-only with a pretrained CLIP alone (an open_clip folder,
+    no bundle: the run carries it to its actors as an encoder bundle), training from those stored embeddings and
+    the images' own texts, then a captioning run with the bundle it made. Without --embed-only a CLIP alone is
+    no bundle to caption with."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from conftest import tiny_multilingual_folder
+
+    from pipeline.images import decode_image
+    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.errors import ModelLoadError
+    from pipeline.training import ClipArch, LMArch, TrainConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    from train_captioner import train
+
+    folder, _ = tiny_multilingual_folder(tmp_path / "models")
+    tar_corpus(tmp_path / "in", per_shard=8)
+    base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(tmp_path / "embedded"), "model": str(folder),
+            "embed_only": True, "batch_size": 8}
+    first = run(RunConfig(**base))
+    assert first["counts"]["rows"] == 16 and first["model"]["captioner"] is None
+    assert run(RunConfig(**base)) == first  # the same CLIP is the same run: complete already
+    rows = read_parts(tmp_path / "embedded" / "captions").sort_by("key")
+    clip = create_clip(ClipSpec.parse(str(folder)))
+    image = decode_image(jpeg_bytes(0), clip.image_spec).pixels
+    with torch.inference_mode():
+        expected = clip.encode_images(torch.from_numpy(image[None]))[0].numpy()
+    np.testing.assert_allclose(rows.column("image_embedding").to_pylist()[0], expected, atol=2e-3)  # float16
+    with pytest.raises(ModelLoadError, match="not a model bundle"):
+        run(RunConfig(**{**base, "embed_only": False, "output": str(tmp_path / "captioned")}))
+
+    config = TrainConfig(out=str(tmp_path / "train"), embeddings_from=(str(tmp_path / "embedded" / "captions"),),
+                         text_column="original_text", clip=str(folder), caption_epochs=2, caption_batch_size=8,
+                         vocab_size=300, bf16=False, prefix_length=4, clip_arch=ClipArch(),
+                         lm_arch=LMArch(n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    summary = train(config)
+    assert summary["examples"] == 16
+    captioned = run(RunConfig(inputs=base["inputs"], output=str(tmp_path / "captioned"), model=summary["bundle"],
+                              decode=DecodeSettings(max_new_tokens=4), batch_size=8))
+    table = read_parts(tmp_path / "captioned" / "captions").sort_by("key")
+    assert captioned["counts"]["rows"] == 16 and None not in table.column("caption").to_pylist()
+    assert table.column("image_embedding").to_pylist() == rows.column("image_embedding").to_pylist()
+
+
 def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local, tiny_bundle, tmp_path, monkeypatch):
     """The run waits for the pool's minimum of actors only where the nodes hold them (the two-node
     cluster test covers that side); asking for more than there is must not stall until the timeout."""

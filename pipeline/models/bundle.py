@@ -1,7 +1,8 @@
 """Model bundles: one directory holding encoder + captioner + scorer, described by bundle.json.
 
 Layout:
-  bundle.json           specs, captioner config and a sha256 for every file below
+  bundle.json           specs, captioner config (null in an encoder bundle, which only embeds images) and a
+                        sha256 for every file below
   encoder.safetensors   CLIP weights (omitted when the encoder names an open_clip pretrained tag)
   encoder_tokenizer.json   custom CLIP text tokenizer (custom architectures only)
   mapper.safetensors    ClipCap mapper weights
@@ -39,6 +40,7 @@ from pipeline.models.clip import (
     ClipModel,
     ClipSpec,
     create_clip,
+    load_pretrained_clip,
     lock_image_tower,
     save_open_clip_folder,
     uses_quick_gelu,
@@ -58,15 +60,16 @@ LM_DIR = "lm"
 
 @dataclass
 class Bundle:
-    """The three frozen models of a run. `scorer` may be the very same object as `encoder`."""
+    """The three frozen models of a run. `scorer` may be the very same object as `encoder`; `captioner` is None in
+    an encoder bundle, which embeds images (--embed-only) and captions none."""
 
     encoder: ClipModel
-    captioner: PrefixCaptioner
+    captioner: PrefixCaptioner | None
     scorer: ClipModel
     manifest: dict[str, Any]
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Bundle:
-        for module in {id(m): m for m in (self.encoder, self.captioner, self.scorer)}.values():
+        for module in {id(m): m for m in (self.encoder, self.captioner, self.scorer) if m is not None}.values():
             module.to(device=device, dtype=dtype)
         return self
 
@@ -82,7 +85,7 @@ class Bundle:
             "scorer_encodes_images": not self.scorer.shares_image_tower(self.encoder)}
 
 
-def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
+def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner | None,
                 scorer: ClipModel | None = None, scorer_spec: ClipSpec | None = None,
                 name: str | None = None, dtype: torch.dtype = torch.float32,
                 caption_language: str = PROJECT_LANGUAGE, scorer_languages: tuple[str, ...] | None = None,
@@ -126,21 +129,24 @@ def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, ca
     return load_manifest(path)
 
 
-def _write_bundle(path: Path, name: str, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner,
+def _write_bundle(path: Path, name: str, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner | None,
                   scorer: ClipModel | None, scorer_spec: ClipSpec | None, dtype: torch.dtype,
                   languages: Languages) -> None:
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "name": name,
         "encoder": _save_clip(path, "encoder", encoder, encoder_spec, dtype),
-        "captioner": {**captioner.config.to_json(), "weights": "mapper.safetensors", "language_model": LM_DIR},
+        "captioner": None,
         "languages": languages.to_json(),
     }
-    save_weights(captioner.mapper, path / "mapper.safetensors", dtype)
-    original_dtype = captioner.lm.dtype
-    captioner.lm.to(dtype).save_pretrained(path / LM_DIR)
-    captioner.lm.to(original_dtype)
-    captioner.tokenizer.save_pretrained(path / LM_DIR)
+    if captioner is not None:
+        manifest["captioner"] = {**captioner.config.to_json(), "weights": "mapper.safetensors",
+                                 "language_model": LM_DIR}
+        save_weights(captioner.mapper, path / "mapper.safetensors", dtype)
+        original_dtype = captioner.lm.dtype
+        captioner.lm.to(dtype).save_pretrained(path / LM_DIR)
+        captioner.lm.to(original_dtype)
+        captioner.tokenizer.save_pretrained(path / LM_DIR)
     if scorer is None:
         manifest["scorer"] = SAME_AS_ENCODER
     else:
@@ -203,11 +209,23 @@ def load_bundle(path: str | Path) -> Bundle:
     manifest = load_manifest(path)
     encoder = create_clip(_clip_spec(manifest["encoder"], "encoder"), path)
     scorer = encoder if manifest["scorer"] == SAME_AS_ENCODER else _load_scorer(manifest["scorer"], path, encoder)
-    captioner = _load_captioner(path, manifest["captioner"])
-    if captioner.config.prefix_dim != encoder.embed_dim:
+    captioner = None if manifest["captioner"] is None else _load_captioner(path, manifest["captioner"])
+    if captioner is not None and captioner.config.prefix_dim != encoder.embed_dim:
         raise ModelLoadError(f"{path / BUNDLE_FILE}: captioner prefix_dim {captioner.config.prefix_dim} "
                              f"does not match the encoder's embedding width {encoder.embed_dim}")
     return Bundle(encoder=encoder, captioner=captioner, scorer=scorer, manifest=manifest)
+
+
+def save_encoder_bundle(clip: str, path: str | Path) -> dict[str, Any]:
+    """An encoder bundle (no captioner) of the pretrained CLIP `clip` names (open_clip ARCH:WEIGHTS, an open_clip
+    folder, a transformers CLIP): what an --embed-only run of a CLIP alone carries to its model actors. Returns its
+    manifest; the same CLIP gives the same bundle, so a rerun resumes."""
+    encoder, spec = load_pretrained_clip(clip, "--model", "encoder")
+    return save_bundle(path, encoder, spec, None, name=clip)
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / BUNDLE_FILE).is_file()
 
 
 def load_language_model(name_or_dir: str | Path):

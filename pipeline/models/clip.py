@@ -242,6 +242,17 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
     return ClipModel(clip, tokenizer, image_spec, tuple(cfg["mean"]), tuple(cfg["std"]), folder_config)
 
 
+def load_pretrained_clip(text: str, option: str, role: str) -> tuple[ClipModel, ClipSpec]:
+    """A pretrained CLIP the user names (`option`, for `role`): an open_clip ARCH:WEIGHTS, an open_clip folder or a
+    transformers CLIP, and its spec. An architecture without weights is refused: it would be a random model."""
+    spec = ClipSpec.parse(text)
+    if spec.weights is None and not spec.arch.startswith(SCHEMAS) and "/" not in spec.arch \
+            and not Path(spec.arch).is_dir():
+        raise ModelLoadError(f"{option} {text} names no weights, so it would be a random {role}; "
+                             "give ARCH:TAG (e.g. ViT-B-32:openai) or ARCH:FILE")
+    return create_clip(spec), spec
+
+
 def has_hf_text_tower(clip: nn.Module) -> bool:
     """open_clip's CustomTextCLIP around a Hugging Face transformers text encoder (xlm-roberta-base-ViT-B-32,
     nllb-clip-base): its config.json and tokenizer come from the Hugging Face hub, not from open_clip."""
