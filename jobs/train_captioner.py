@@ -30,7 +30,7 @@ import torch
 
 from pipeline.caption_files import is_caption_file
 from pipeline.cli import OneLineErrors, language_options
-from pipeline.config import differing_keys
+from pipeline.config import DTYPES, differing_keys
 from pipeline.images import ImageSpec
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, load_pretrained_clip
@@ -41,6 +41,7 @@ from pipeline.sources import InputError
 from pipeline.text import describe_error
 from pipeline.training import (
     Checkpoints,
+    Compute,
     TrainConfig,
     build_captioner,
     build_custom_clip,
@@ -111,6 +112,8 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
     started = time.time()
     seed_everything(config.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    compute = Compute.of(config)
+    log.info("training on %s in %s", compute.device, str(compute.dtype).removeprefix("torch."))
     out = Path(config.out)
     work = out / "work"
     if config.lm is None:  # the small GPT-2's positions are known now, before the CLIP stage
@@ -149,19 +152,19 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
         clip, spec = build_custom_clip(config.clip_arch, work / "text_tokenizer.json")
         summary["clip_losses"] = train_clip(clip, examples, config, checkpoints)
     if examples.embeddings is None:
-        examples.embeddings = embed_images(clip, examples.pixels, bf16=config.bf16)
+        examples.embeddings = embed_images(clip, examples.pixels, compute)
         examples.pixels = None
     if config.train_scorer:
         scorer_model, scorer_spec = build_locked_scorer(clip, config.clip_arch, work / "text_tokenizer.json",
                                                         config.scorer_text_tower)
         summary["scorer_losses"] = train_scorer(scorer_model, examples, config, checkpoints)
-        scorer_model = scorer_model.float()
+        scorer_model = scorer_model.cpu().float()
     if config.caption_epochs == 0 and bundle_captioner is not None:
         captioner = bundle_captioner  # a new scorer for a bundle's captioner, which stays as it is
     else:
         captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
         summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
-    manifest = save_bundle(out / "bundle", clip.float(), spec, captioner.float(), scorer=scorer_model,
+    manifest = save_bundle(out / "bundle", clip.cpu().float(), spec, captioner.cpu().float(), scorer=scorer_model,
                            scorer_spec=scorer_spec, name=out.name,
                            dtype=torch.float16 if config.save_fp16 else torch.float32,
                            caption_language=caption_language, scorer_languages=scorer_languages)
@@ -221,15 +224,18 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--scorer-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Its peak learning rate (default: 1e-3 from config, 1e-4 from --scorer-text-tower).")
 @click.option("--save-fp16", is_flag=True, help="Store the bundle's weights as fp16 (half the size).")
-@click.option("--bf16/--no-bf16", default=None,
-              help="bf16 autocast (default: on where the CPU runs bf16 natively, i.e. with AVX-512).")
+@click.option("--device", default="auto", show_default=True,
+              help="auto (the GPU where there is one), cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Autocast type: auto is bf16 on GPUs that have it natively (else fp16, with loss scaling) and on "
+                   "CPUs with AVX-512, fp32 elsewhere.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @language_options
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
 def main(data, image_root, embeddings_from, text_column, clip, scorer, lm, mapper, freeze_lm, prefix_length,
          clip_epochs, caption_epochs, batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
-         first_reference_prob, scorer_training, scorer_text_tower, scorer_epochs, scorer_lr, save_fp16, bf16, seed,
-         caption_language, scorer_languages, out) -> None:
+         first_reference_prob, scorer_training, scorer_text_tower, scorer_epochs, scorer_lr, save_fp16, device,
+         precision, seed, caption_language, scorer_languages, out) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
@@ -238,11 +244,11 @@ def main(data, image_root, embeddings_from, text_column, clip, scorer, lm, mappe
                                "the stored embeddings by key): no image is read")
     config = TrainConfig(out=out, data=tuple(data), image_root=image_root, embeddings_from=tuple(embeddings_from),
                          text_column=text_column, clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm,
-                         prefix_length=prefix_length, limit=limit, seed=seed,
+                         prefix_length=prefix_length, limit=limit, seed=seed, device=device, precision=precision,
                          first_reference_prob=first_reference_prob, save_fp16=save_fp16,
                          train_scorer=scorer_training, scorer_text_tower=scorer_text_tower)
     overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
-                 "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr, "bf16": bf16,
+                 "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr,
                  "scorer_epochs": scorer_epochs, "scorer_lr": scorer_lr}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     arch = {"image_size": clip_image_size, "vision_stride": clip_stride and int(clip_stride),

@@ -44,7 +44,7 @@ from pipeline.models.clip import (
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
-from pipeline.precision import cpu_has_fast_bf16
+from pipeline.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ class TrainConfig:
     caption_lr: float | None = None  # None: 1e-3 for a GPT-2 from scratch, ClipCap's 2e-5 for a pretrained --lm
     seed: int = 0
     limit: int | None = None
-    bf16: bool = field(default_factory=cpu_has_fast_bf16)  # autocast; off where bf16 is not native
+    device: str = "auto"     # auto: the GPU where there is one; cpu; cuda; cuda:N
+    precision: str = "auto"  # autocast dtype (fp32: none): auto is pipeline.precision's choice for the device
     # Stage 2 draws the first reference with this probability (the rest uniformly); None: all uniform.
     # A corpus whose first reference is its most regular form (the demo's canonical caption) then
     # teaches greedy decoding one consistent form.
@@ -195,9 +196,11 @@ class Checkpoints:
         if not found:
             return []
         path = found[-1]
+        # read onto the CPU: a run resumed on another machine may have no GPU, or another one
         for name, module in modules.items():
-            load_state(module, torch.load(path / f"{name}.pt", weights_only=True), str(path / f"{name}.pt"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+            load_state(module, torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu"),
+                       str(path / f"{name}.pt"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
         epochs = int(path.name.rsplit("-", 1)[1])
         history = path / "losses.json"
@@ -230,14 +233,55 @@ def _length_grouped_batches(lengths: list[int], batch_size: int, generator: torc
     return [grouped[i] for i in torch.randperm(len(grouped), generator=generator).tolist()]
 
 
-@contextlib.contextmanager
-def _autocast(enabled: bool) -> Iterator[None]:
-    """bf16 autocast; attention then takes SDPA's math kernel, because the CPU flash-attention
-    kernel's bf16 backward ran 7x slower than its fp32 one (82 ms against 11 ms a call on an AMX
-    Xeon), which cost the CLIP step 40% of its time."""
-    with (torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled),
-          sdpa_kernel([SDPBackend.MATH]) if enabled else contextlib.nullcontext()):
-        yield
+@dataclass(frozen=True)
+class Compute:
+    """Where training computes and in which float type: `dtype` is the autocast type (float32: no autocast);
+    fp16 scales the loss so that small gradients do not underflow."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> Compute:
+        """ValueError (one line) for a device this machine does not have."""
+        name = config.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {config.device!r}: expected auto, cpu, cuda or cuda:N") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"--device {config.device!r}: expected auto, cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {config.device}: PyTorch sees no CUDA device (torch {torch.__version__}, "
+                             f"built for CUDA {torch.version.cuda or 'none'})")
+        return cls(device, resolve_dtype(config.precision, device))
+
+    @contextlib.contextmanager
+    def autocast(self) -> Iterator[None]:
+        """Autocast in `dtype`. On a CPU, attention then takes SDPA's math kernel: the CPU flash-attention
+        kernel's bf16 backward ran 7x slower than its fp32 one (82 ms against 11 ms a call on an AMX Xeon),
+        which cost the CLIP step 40% of its time."""
+        enabled = self.dtype != torch.float32
+        with (torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled),
+              sdpa_kernel([SDPBackend.MATH]) if enabled and self.device.type == "cpu" else contextlib.nullcontext()):
+            yield
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          clip_norm_of: list[torch.nn.Parameter] | None = None) -> None:
+    """Backward and optimizer step through the grad scaler, the gradients clipped to norm 1 where asked."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_norm_of is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(clip_norm_of, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, steps_per_epoch: int) -> None:
@@ -261,7 +305,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     """CLIP's symmetric InfoNCE; hard negative captions, when given, join the texts each image is
     contrasted with (as in NegCLIP), which teaches the embedding the details a swap changes."""
     texts = text_features if negative_features is None else torch.cat((text_features, negative_features))
-    labels = torch.arange(len(image_features))
+    labels = torch.arange(len(image_features), device=image_features.device)
     image_to_text = F.cross_entropy(logit_scale * image_features @ texts.T, labels)
     text_to_image = F.cross_entropy(logit_scale * text_features @ image_features.T, labels)
     return (image_to_text + text_to_image) / 2
@@ -271,7 +315,7 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
                progress: Callable[..., Any] = tqdm) -> list[float | None]:
     """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
     negative caption per image when the data provides them."""
-    model = clip.clip.train()
+    model = clip.clip.train().to(Compute.of(config).device)
 
     def images(index: torch.Tensor) -> torch.Tensor:
         return F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1).float()
@@ -290,8 +334,11 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: 
     without, what `make_negatives` makes of the drawn captions (none without it); at `lr` on a warmup +
     cosine schedule, checkpointed per epoch under `stage`. Only the parameters that require grad learn."""
     model = clip.clip
+    compute = Compute.of(config)
+    model.to(compute.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1,
                                   fused=True)
+    scaler = compute.scaler()
     losses = checkpoints.resume(stage, {stage: model}, optimizer)
     n = len(examples.captions)
     steps_per_epoch = max(1, n // batch_size)
@@ -311,15 +358,14 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: 
                 hard = [rng.choice(examples.negatives[i]) for i in rows]
             else:
                 hard = make_negatives(texts, rng) if make_negatives else []
-            with _autocast(config.bf16):
+            with compute.autocast():
                 image_features = images(index)
                 # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
-                all_text = F.normalize(encode_text_trimmed(model, clip.tokenizer(texts + hard)), dim=-1).float()
+                tokens = clip.tokenizer(texts + hard).to(compute.device, non_blocking=True)
+                all_text = F.normalize(encode_text_trimmed(model, tokens), dim=-1).float()
                 loss = contrastive_loss(image_features, all_text[: len(texts)], all_text[len(texts):] if hard else None,
                                         model.logit_scale.exp().clamp(max=100))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _step(loss, optimizer, scaler)
             epoch_losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
@@ -381,19 +427,22 @@ def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, che
     vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions for text in references
                          for word in text.split(" ")} - {""})
     batch_size = min(config.clip_batch_size, len(examples.captions))
+    device = Compute.of(config).device
     return _train_contrastive("scorer", scorer, examples, config, checkpoints, progress, epochs=config.scorer_epochs,
                               lr=config.scorer_peak_lr(), batch_size=batch_size,
-                              seed_offset=2, images=lambda index: examples.embeddings[index],
+                              seed_offset=2, images=lambda index: examples.embeddings[index].to(device),
                               make_negatives=lambda texts, rng: [word_swap_negative(text, vocabulary, rng)
                                                                  for text in texts])
 
 
 @torch.inference_mode()
-def embed_images(clip: ClipModel, pixels: torch.Tensor, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
+def embed_images(clip: ClipModel, pixels: torch.Tensor, compute: Compute, batch_size: int = 256) -> torch.Tensor:
+    """L2-normalized float32 embeddings of uint8 images, on the CPU, computed on `compute`'s device."""
+    clip.to(compute.device)
     out = []
     for start in range(0, len(pixels), batch_size):
-        with _autocast(bf16):
-            out.append(clip.encode_images(pixels[start:start + batch_size]).float())
+        with compute.autocast():
+            out.append(clip.encode_images(pixels[start:start + batch_size]).float().cpu())
     return torch.cat(out)
 
 
@@ -453,9 +502,12 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     Returns the mean loss of every epoch, those of a resumed checkpoint included."""
     if config.freeze_lm:
         captioner.lm.requires_grad_(False)
+    compute = Compute.of(config)
+    captioner.to(compute.device)
     trainable = [p for p in captioner.parameters() if p.requires_grad]
     peak_lr = config.caption_peak_lr()
     optimizer = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.01, fused=True)
+    scaler = compute.scaler()
     modules = {"mapper": captioner.mapper} if config.freeze_lm else {"mapper": captioner.mapper, "lm": captioner.lm}
     losses = checkpoints.resume("captioner", modules, optimizer)
     n = len(examples.captions)
@@ -477,13 +529,12 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         epoch_losses = []
         for step, index in enumerate(bar):
             _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
-            tokens, mask = _pad(captioner.tokenizer, [ids[i] for i in index.tolist()])
-            with _autocast(config.bf16):
-                loss = captioner.caption_loss(examples.embeddings[index], tokens, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
+            tokens, mask = (t.to(compute.device, non_blocking=True)
+                            for t in _pad(captioner.tokenizer, [ids[i] for i in index.tolist()]))
+            with compute.autocast():
+                loss = captioner.caption_loss(examples.embeddings[index].to(compute.device, non_blocking=True),
+                                              tokens, mask)
+            _step(loss, optimizer, scaler, clip_norm_of=trainable)
             epoch_losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))

@@ -139,7 +139,7 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
 
     config = TrainConfig(out=str(tmp_path / "train"), embeddings_from=(str(tmp_path / "embedded" / "captions"),),
                          text_column="original_text", clip=str(folder), caption_epochs=2, caption_batch_size=8,
-                         vocab_size=300, bf16=False, prefix_length=4, clip_arch=ClipArch(),
+                         vocab_size=300, precision="fp32", prefix_length=4, clip_arch=ClipArch(),
                          lm_arch=LMArch(n_embd=32, n_layer=1, n_head=2, n_positions=64))
     summary = train(config)
     assert summary["examples"] == 16

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline import precision
-from pipeline.training import TrainConfig
+from pipeline.training import Compute, TrainConfig
 
 
 @pytest.mark.parametrize(("capability", "expected"), [
@@ -11,8 +11,8 @@ def test_auto_takes_bf16_only_where_the_cpu_runs_it_natively(monkeypatch, capabi
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert precision.resolve_dtype("auto", torch.device("cpu")) == expected
     # training's autocast default follows the same rule; an explicit choice is kept
-    assert TrainConfig(out="x").bf16 is (expected == torch.bfloat16)
-    assert TrainConfig(out="x", bf16=True).bf16 is True
+    assert Compute.of(TrainConfig(out="x", device="cpu")).dtype == expected
+    assert Compute.of(TrainConfig(out="x", device="cpu", precision="bf16")).dtype == torch.bfloat16
 
 
 def test_explicit_dtypes_are_kept_on_any_device(monkeypatch):
@@ -28,3 +28,16 @@ def test_auto_on_gpu_is_half_precision_with_tensor_cores(monkeypatch, native_bf1
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native_bf16 or including_emulation)
     assert precision.resolve_dtype("auto", torch.device("cuda")) == expected
+
+
+def test_training_takes_the_gpu_only_where_there_is_one_and_names_a_device_it_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Compute.of(TrainConfig(out="x")).device == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda: PyTorch sees no CUDA device"):
+        Compute.of(TrainConfig(out="x", device="cuda"))
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        Compute.of(TrainConfig(out="x", device="gpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    compute = Compute.of(TrainConfig(out="x"))  # a T4 or V100: fp16, with loss scaling
+    assert compute.device == torch.device("cuda") and compute.dtype == torch.float16

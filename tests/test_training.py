@@ -31,9 +31,9 @@ from pipeline.training import (
     CLIPCAP_LR,
     MAX_LISTED_SKIPS,
     ClipArch,
+    Compute,
     LMArch,
     TrainConfig,
-    _autocast,
     _batches,
     _cosine_lr,
     _length_grouped_batches,
@@ -50,7 +50,7 @@ from train_captioner import train
 def _config(out: Path, **overrides) -> TrainConfig:
     base = TrainConfig(
         out=str(out), clip_epochs=1, caption_epochs=1, clip_batch_size=16, caption_batch_size=16, vocab_size=300,
-        bf16=False, prefix_length=4,
+        precision="fp32", prefix_length=4,
         clip_arch=ClipArch(image_size=32, embed_dim=32, vision_layers=(1, 1, 1, 1), vision_width=16, text_width=32,
                            text_layers=1, text_heads=2, context_length=48),
         lm_arch=LMArch(n_embd=32, n_layer=1, n_head=2, n_positions=64))
@@ -106,7 +106,7 @@ def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it
     """The CPU flash-attention kernel's bf16 backward is 7x slower than fp32 (README); bf16 training
     must take the math kernel, and leave the process's attention settings as they were."""
     assert torch.backends.cuda.flash_sdp_enabled()
-    with _autocast(True):
+    with Compute(torch.device("cpu"), torch.bfloat16).autocast():
         assert torch.is_autocast_enabled("cpu") and not torch.backends.cuda.flash_sdp_enabled()
         query = torch.randn(2, 2, 5, 8, requires_grad=True)
         out = torch.nn.functional.scaled_dot_product_attention(query, query, query, is_causal=True)
@@ -114,7 +114,7 @@ def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it
     out.float().sum().backward()
     assert torch.isfinite(query.grad).all()
     assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
-    with _autocast(False):
+    with Compute(torch.device("cpu"), torch.float32).autocast():
         assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
 
 
@@ -421,6 +421,22 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
                    tmp_path / "uncaptioned" / "part-0.parquet")
     with pytest.raises(ValueError, match=r"no ok rows .* caption in their 'caption' column .* original_text"):
         train(_config(tmp_path / "none", embeddings_from=(str(tmp_path / "uncaptioned"),), clip=str(tiny_bundle)))
+
+
+def test_fp16_training_scales_its_loss_and_trains(tiny_bundle, tmp_path, monkeypatch):
+    """--precision fp16 (a GPU without native bf16): the loss goes through a grad scaler, which unscales before the
+    captioner's gradient clipping; both a captioner and a scorer still train to finite, falling losses."""
+    scaled = []
+    real_scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: scaled.append(self.is_enabled())
+                        or real_scale(self, loss))
+    _write_output(tmp_path / "output", 24)
+    summary = train(_config(tmp_path / "fp16", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
+                            precision="fp16", caption_epochs=3, train_scorer=True, scorer_epochs=3, clip_batch_size=8,
+                            caption_batch_size=8))
+    assert scaled and all(scaled)
+    for losses in (summary["caption_losses"], summary["scorer_losses"]):
+        assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
 def test_a_word_swap_negative_changes_one_word_and_keeps_the_punctuation():
