@@ -200,6 +200,10 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--clip-epochs", type=click.IntRange(min=0), default=None)
 @click.option("--caption-epochs", type=click.IntRange(min=0), default=None)
 @click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--micro-batch-size", type=click.IntRange(min=1), default=None,
+              help="Gradient accumulation: compute each captioner batch in pieces of this many (the same update in "
+                   "less memory). The contrastive stages take each batch whole: its other captions are the "
+                   "negatives.")
 @click.option("--clip-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stage 1's peak learning rate (default: 2e-3).")
 @click.option("--caption-lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -232,27 +236,26 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--seed", type=int, default=0, show_default=True)
 @language_options
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
-def main(data, image_root, embeddings_from, text_column, clip, scorer, lm, mapper, freeze_lm, prefix_length,
-         clip_epochs, caption_epochs, batch_size, clip_lr, caption_lr, clip_image_size, clip_stride, clip_width, limit,
-         first_reference_prob, scorer_training, scorer_text_tower, scorer_epochs, scorer_lr, save_fp16, device,
-         precision, seed, caption_language, scorer_languages, out) -> None:
+def main(**options) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    data, embeddings_from = options.pop("data"), options.pop("embeddings_from")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
     if embeddings_from and not all(is_caption_file(spec) for spec in data):
         raise click.UsageError("with --embeddings-from, --data takes caption files only (their captions are joined to "
                                "the stored embeddings by key): no image is read")
-    config = TrainConfig(out=out, data=tuple(data), image_root=image_root, embeddings_from=tuple(embeddings_from),
-                         text_column=text_column, clip=clip, lm=lm, mapper=mapper, freeze_lm=freeze_lm,
-                         prefix_length=prefix_length, limit=limit, seed=seed, device=device, precision=precision,
-                         first_reference_prob=first_reference_prob, save_fp16=save_fp16,
-                         train_scorer=scorer_training, scorer_text_tower=scorer_text_tower)
-    overrides = {"clip_epochs": clip_epochs, "caption_epochs": caption_epochs, "clip_batch_size": batch_size,
-                 "caption_batch_size": batch_size, "clip_lr": clip_lr, "caption_lr": caption_lr,
-                 "scorer_epochs": scorer_epochs, "scorer_lr": scorer_lr}
-    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    arch = {"image_size": clip_image_size, "vision_stride": clip_stride and int(clip_stride),
-            "vision_width": clip_width}
+    caption_language, scorer_languages, scorer = (options.pop(name) for name in
+                                                  ("caption_language", "scorer_languages", "scorer"))
+    batch_size = options.pop("batch_size")
+    # options named after TrainConfig's fields, and those that set one of another name (given: not None)
+    renamed = {"scorer_training": "train_scorer", "micro_batch_size": "caption_micro_batch_size"}
+    stride = options.pop("clip_stride")
+    arch = {"image_size": options.pop("clip_image_size"), "vision_width": options.pop("clip_width"),
+            "vision_stride": stride and int(stride)}
+    settings = {renamed.get(name, name): value for name, value in options.items() if value is not None} | {
+        "clip_batch_size": batch_size, "caption_batch_size": batch_size}
+    config = TrainConfig(data=tuple(data), embeddings_from=tuple(embeddings_from),
+                         **{name: value for name, value in settings.items() if value is not None})
     config = replace(config, clip_arch=replace(config.clip_arch, **{k: v for k, v in arch.items() if v is not None}))
     try:
         summary = train(config, caption_language=caption_language[0], scorer_languages=scorer_languages,
@@ -261,7 +264,7 @@ def main(data, image_root, embeddings_from, text_column, clip, scorer, lm, mappe
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # --out a file, or not writable
-        click.echo(f"error: cannot write --out {out}: {describe_error(exc)}", err=True)
+        click.echo(f"error: cannot write --out {config.out}: {describe_error(exc)}", err=True)
         sys.exit(2)
     click.echo(f"trained on {summary['examples']} examples in {summary['train_s']}s -> {summary['bundle']}")
 

@@ -118,6 +118,7 @@ class TrainConfig:
     caption_epochs: int = 20
     clip_batch_size: int = 128
     caption_batch_size: int = 128
+    caption_micro_batch_size: int | None = None  # gradient accumulation: a caption batch in pieces of this many
     clip_lr: float = 2e-3
     caption_lr: float | None = None  # None: 1e-3 for a GPT-2 from scratch, ClipCap's 2e-5 for a pretrained --lm
     seed: int = 0
@@ -272,16 +273,21 @@ class Compute:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
 
-def _step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-          clip_norm_of: list[torch.nn.Parameter] | None = None) -> None:
-    """Backward and optimizer step through the grad scaler, the gradients clipped to norm 1 where asked."""
+def _step(losses: Iterator[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+          clip_norm_of: list[torch.nn.Parameter] | None = None) -> float:
+    """One update: the gradients of every loss `losses` yields (one batch's, or its micro-batches' parts of it,
+    each freed after its backward), through the grad scaler, clipped to norm 1 where asked. Returns their sum."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    total = 0.0
+    for loss in losses:
+        scaler.scale(loss).backward()
+        total += loss.item()
     if clip_norm_of is not None:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(clip_norm_of, 1.0)
     scaler.step(optimizer)
     scaler.update()
+    return total
 
 
 def _cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int, steps_per_epoch: int) -> None:
@@ -363,11 +369,12 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: 
                 # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
                 tokens = clip.tokenizer(texts + hard).to(compute.device, non_blocking=True)
                 all_text = F.normalize(encode_text_trimmed(model, tokens), dim=-1).float()
-                loss = contrastive_loss(image_features, all_text[: len(texts)], all_text[len(texts):] if hard else None,
-                                        model.logit_scale.exp().clamp(max=100))
-            _step(loss, optimizer, scaler)
-            epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                batch_loss = contrastive_loss(image_features, all_text[: len(texts)],
+                                              all_text[len(texts):] if hard else None,
+                                              model.logit_scale.exp().clamp(max=100))
+            loss = _step([batch_loss], optimizer, scaler)  # in-batch negatives: the whole batch in one piece
+            epoch_losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
         log.info("%s epoch %d/%d loss %.4f", stage, epoch + 1, epochs, losses[-1])
         checkpoints.save(stage, epoch + 1, {stage: model}, optimizer, losses)
@@ -515,6 +522,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     total = steps_per_epoch * config.caption_epochs
     room = captioner.max_caption_tokens()
     max_tokens = 64 if room is None else room
+    micro = config.caption_micro_batch_size or config.caption_batch_size
     generator = torch.Generator().manual_seed(config.seed + 1)
     rng = random.Random(config.seed + 1)
     for epoch in range(len(losses), config.caption_epochs):
@@ -529,19 +537,29 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         epoch_losses = []
         for step, index in enumerate(bar):
             _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
-            tokens, mask = (t.to(compute.device, non_blocking=True)
-                            for t in _pad(captioner.tokenizer, [ids[i] for i in index.tolist()]))
-            with compute.autocast():
-                loss = captioner.caption_loss(examples.embeddings[index].to(compute.device, non_blocking=True),
-                                              tokens, mask)
-            _step(loss, optimizer, scaler, clip_norm_of=trainable)
-            epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            parts = _caption_loss_parts(captioner, examples.embeddings, ids, index.tolist(), micro, compute)
+            loss = _step(parts, optimizer, scaler, clip_norm_of=trainable)
+            epoch_losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         losses.append(float(np.mean(epoch_losses)))
         log.info("caption epoch %d/%d loss %.4f", epoch + 1, config.caption_epochs, losses[-1])
         checkpoints.save("captioner", epoch + 1, modules, optimizer, losses)
     captioner.eval()
     return losses
+
+
+def _caption_loss_parts(captioner: PrefixCaptioner, embeddings: torch.Tensor, ids: list[list[int]], rows: list[int],
+                        micro: int, compute: Compute) -> Iterator[torch.Tensor]:
+    """The mean token loss of the batch `rows` in micro-batches of `micro` rows, each weighted by its share of the
+    batch's tokens: their gradients add up to the whole batch's (gradient accumulation)."""
+    total_tokens = sum(len(ids[i]) for i in rows)
+    for start in range(0, len(rows), micro):
+        part = rows[start:start + micro]
+        padded = _pad(captioner.tokenizer, [ids[i] for i in part])
+        tokens, mask = (t.to(compute.device, non_blocking=True) for t in padded)
+        with compute.autocast():
+            loss = captioner.caption_loss(embeddings[part].to(compute.device, non_blocking=True), tokens, mask)
+        yield loss * (int(mask.sum()) / total_tokens)
 
 
 def _pick_reference(references: list[str], first_prob: float | None, rng: random.Random) -> str:

@@ -35,8 +35,10 @@ from pipeline.training import (
     LMArch,
     TrainConfig,
     _batches,
+    _caption_loss_parts,
     _cosine_lr,
     _length_grouped_batches,
+    _token_ids,
     contrastive_loss,
     load_examples,
     word_swap_negative,
@@ -230,6 +232,18 @@ def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
     config, options = seen[0]
     assert config.data == ("ann.json", "x.tar") and config.image_root == "imgs"
     assert options["scorer"] == "xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k"
+    # every option reaches the field it sets; the others keep their defaults
+    result = CliRunner().invoke(train_captioner.main, [
+        "--embeddings-from", "out", "--text-column", "original_text", "--clip", "bundle", "--batch-size", "8",
+        "--micro-batch-size", "4", "--clip-stride", "16", "--clip-image-size", "48", "--train-scorer",
+        "--scorer-text-tower", "tower", "--device", "cpu", "--precision", "fp16", "--seed", "3", "--out", "o"])
+    assert result.exit_code == 0, result.output
+    config = seen[1][0]
+    assert replace(config, clip_arch=ClipArch()) == TrainConfig(
+        out="o", embeddings_from=("out",), text_column="original_text", clip="bundle", clip_batch_size=8,
+        caption_batch_size=8, caption_micro_batch_size=4, train_scorer=True, scorer_text_tower="tower",
+        device="cpu", precision="fp16", seed=3)
+    assert config.clip_arch == ClipArch(image_size=48, vision_stride=16)
 
 
 def _silent(*args, **kwargs):
@@ -421,6 +435,32 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
                    tmp_path / "uncaptioned" / "part-0.parquet")
     with pytest.raises(ValueError, match=r"no ok rows .* caption in their 'caption' column .* original_text"):
         train(_config(tmp_path / "none", embeddings_from=(str(tmp_path / "uncaptioned"),), clip=str(tiny_bundle)))
+
+
+def test_micro_batches_give_the_whole_batch_s_loss_and_gradients(tokenizer):
+    """--micro-batch-size: a caption batch computed in pieces, each weighted by its share of the batch's tokens,
+    gives the loss and gradients of the whole batch (captions of different lengths: a plain mean of the pieces'
+    losses would not)."""
+    captioner = tiny_captioner(tokenizer)
+    texts = ["Kare.", "Solda küçük mavi bir kare var.", "Daire.", "İki sarı yıldız ortada görünüyor, sağda bir kalp.",
+             "Mor altıgen.", "Resimde büyük bir kırmızı daire var.", "Üçgen."]
+    ids = _token_ids(tokenizer, texts, 30)
+    embeddings = torch.nn.functional.normalize(torch.randn(len(texts), 24), dim=-1)
+    compute = Compute(torch.device("cpu"), torch.float32)
+    rows = [6, 1, 3, 0, 5, 2, 4]
+    gradients = []
+    for micro in (len(rows), 3):
+        captioner.zero_grad()
+        loss = 0.0
+        for part in _caption_loss_parts(captioner, embeddings, ids, rows, micro, compute):
+            part.backward()
+            loss += part.item()
+        gradients.append((loss, {name: parameter.grad.clone() for name, parameter in captioner.named_parameters()
+                                 if parameter.grad is not None}))
+    (whole, whole_grads), (pieces, piece_grads) = gradients
+    assert pieces == pytest.approx(whole, rel=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(piece_grads[name], grad, atol=1e-6, rtol=1e-5)
 
 
 def test_fp16_training_scales_its_loss_and_trains(tiny_bundle, tmp_path, monkeypatch):
