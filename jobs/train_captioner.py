@@ -137,7 +137,9 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
         _check_embeddings_encoder(config, examples, metadata, clip, identity)
     elif config.clip:
         clip, spec, _, bundle_captioner = _encoder(config)
-        examples = load_examples(list(config.data), clip.image_spec, config.limit, image_root=config.image_root)
+        # a pretrained encoder stays frozen: each image is encoded as it is read, and only its embedding kept
+        examples = load_examples(list(config.data), clip.image_spec, config.limit, image_root=config.image_root,
+                                 encode=lambda pixels: embed_images(clip, pixels, compute))
     else:
         bundle_captioner = None
         image_spec = ImageSpec(size=config.clip_arch.image_size)

@@ -582,14 +582,17 @@ def write_summary(path: Path, config: TrainConfig, summary: dict[str, Any]) -> N
 
 
 def load_examples(specs: list[str], image_spec, limit: int | None = None,
-                  progress: Callable[..., Any] = tqdm, image_root: str | None = None) -> Examples:
+                  progress: Callable[..., Any] = tqdm, image_root: str | None = None,
+                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None, encode_batch: int = 256) -> Examples:
     """Images + reference captions from WebDataset / Parquet / folders (KEY.json 'captions' list, else
     KEY.txt or a caption column) or caption files (`pipeline.caption_files`: COCO, Karpathy, JSON Lines),
-    whose relative image paths are taken from `image_root`, else from the caption file's folder."""
+    whose relative image paths are taken from `image_root`, else from the caption file's folder.
+    `encode` (uint8 images -> embeddings, a frozen encoder): images are encoded `encode_batch` at a time as they
+    are read and only their embeddings kept, so memory grows by an embedding per image, not by its pixels."""
     from pipeline.images import ImageError, decode_image
 
-    pixels, captions, negatives = [], [], []
-    bar = progress(desc="loading images", unit="img")
+    pixels, embeddings, captions, negatives = [], [], [], []
+    bar = progress(desc="loading images" if encode is None else "encoding images", unit="img")
     for image_bytes, references, hard_negatives in _caption_records(specs, image_root):
         if limit is not None and len(captions) >= limit:
             break
@@ -600,12 +603,19 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
             continue
         captions.append(references)
         negatives.append(hard_negatives)
+        if encode is not None and len(pixels) == encode_batch:
+            embeddings.append(encode(torch.stack(pixels)))
+            pixels = []
         bar.update()
     bar.close()
     if not captions:
         raise ValueError(f"no usable image + caption pairs in {', '.join(specs)}")
-    return Examples(captions=captions, pixels=torch.stack(pixels),
-                    negatives=negatives if all(negatives) else None)
+    examples = Examples(captions=captions, negatives=negatives if all(negatives) else None)
+    if encode is None:
+        examples.pixels = torch.stack(pixels)
+    else:
+        examples.embeddings = torch.cat(embeddings + ([encode(torch.stack(pixels))] if pixels else []))
+    return examples
 
 
 def _caption_records(specs: list[str], image_root: str | None = None

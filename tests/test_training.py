@@ -159,6 +159,29 @@ def test_a_caption_file_saved_by_windows_tools_keeps_its_turkish_letters(tmp_pat
     assert examples.captions == [["Işık ağacın üstünde"], ["şişe ve çiçek"]]
 
 
+def test_a_frozen_encoder_encodes_images_as_they_are_read_and_keeps_no_pixels(tmp_path):
+    """With `encode`, at most `encode_batch` decoded images are held at once: the examples keep each image's
+    embedding, the same as encoding all the pixels afterwards, and no pixels."""
+    lines = []
+    for i in range(7):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+        lines.append(json.dumps({"image": f"{i}.jpg", "caption": f"resim {i}"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n{broken\n")
+    projection = torch.randn(16 * 16 * 3, 8)
+    batches = []
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        batches.append(len(pixels))
+        return pixels.reshape(len(pixels), -1).float() @ projection
+
+    files = [str(tmp_path / "captions.jsonl")]
+    streamed = load_examples(files, ImageSpec(size=16), progress=_silent, encode=encode, encode_batch=3)
+    whole = load_examples(files, ImageSpec(size=16), progress=_silent)
+    assert batches == [3, 3, 1] and streamed.pixels is None and whole.embeddings is None
+    assert streamed.captions == whole.captions == [[f"resim {i}"] for i in range(7)]
+    torch.testing.assert_close(streamed.embeddings, whole.pixels.reshape(7, -1).float() @ projection)
+
+
 def test_coco_and_karpathy_caption_files_pair_each_image_with_all_its_captions(tmp_path, caplog):
     """Turkish MS COCO comes as COCO's captions JSON (captions are annotations pointing at an image id, the
     images in a folder beside annotations/) or as Karpathy's split file (sentences inside each image, whose
