@@ -51,10 +51,11 @@ class ShippedBundle:
         # (~2.5 s and 590 MB for ViT-B/32 + GPT-2 small)
         return cls(str(path.resolve()), sha256, ray.put(bundle_files(path)) if ship else None)
 
-    def load(self) -> Bundle:
+    def load(self, captioner: bool = True) -> Bundle:
+        """The bundle's models (without its captioner where `captioner` is False)."""
         # reading the copy meant a copy in memory and one on disk in every actor (~1 s of its start here)
         try:
-            bundle = load_bundle(self.path)  # checks every file against its bundle.json, once
+            bundle = load_bundle(self.path, captioner)  # checks every file against its bundle.json, once
             found = bundle.identity()["sha256"]
             if found == self.sha256:
                 return bundle
@@ -63,10 +64,11 @@ class ShippedBundle:
             problem = str(exc)  # not on this node, or its files changed
         if self.files is None:
             raise ModelLoadError(f"the model bundle {self.path} changed since this run validated it: {problem}")
-        return load_shipped_bundle(ray.get(self.files))  # not on this node, or another bundle there now
+        # not on this node, or another bundle there now
+        return load_shipped_bundle(ray.get(self.files), captioner)
 
 
-def load_shipped_bundle(files: dict[str, bytes]) -> Bundle:
+def load_shipped_bundle(files: dict[str, bytes], captioner: bool = True) -> Bundle:
     """Load a bundle shipped through the object store. Its files go to a temporary directory that is
     removed once loaded: every actor start wrote one (~590 MB for ViT-B/32 + GPT-2), and restarts filled /tmp."""
     with tempfile.TemporaryDirectory(prefix="bundle-") as root:
@@ -74,7 +76,7 @@ def load_shipped_bundle(files: dict[str, bytes]) -> Bundle:
             target = Path(root) / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        return load_bundle(root)
+        return load_bundle(root, captioner)
 
 
 def actor_device(gpu_ids: Sequence[Any], cuda_available: bool) -> torch.device:
@@ -114,7 +116,8 @@ class CaptionStage:
         if cpu_threads:
             torch.set_num_threads(1)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.bundle: Bundle = bundle.load().to(self.device, self.dtype)
+        # an embed-only run decodes no caption: its actors hold no language model
+        self.bundle: Bundle = bundle.load(captioner=settings is not None).to(self.device, self.dtype)
         self.settings = settings
         self.batch_size = batch_size
         self.schema = staging_schema(embedding_dim, metadata_json)

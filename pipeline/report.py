@@ -290,7 +290,8 @@ def _stats(summary: dict[str, Any]) -> str:
     attempt = " (last attempt)" if resumed else ""
     items = [
         ("Rows", _number(rows), f"{_number(resumed)} resumed"),
-        ("Captioned", _number(ok), f"{_number(rows - ok)} failed"),
+        ("Embedded" if (summary.get("config") or {}).get("embed_only") else "Captioned", _number(ok),
+         f"{_number(rows - ok)} failed"),
         ("Kept", _number(kept), share),
         ("Images / s", _number(timings.get("images_per_s"), 2), f"model stage{attempt}"),
         (f"Wall time{attempt}", f"{_number(wall, 1)} s" if wall is not None else "–",

@@ -122,7 +122,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     if is_file:
         raise UsageError(f"--output {config.output} is a file, not a directory")
     shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)
-    bundle = load_bundle(model_path)
+    bundle = load_bundle(model_path, captioner=not config.embed_only)
     if bundle.captioner is None and not config.embed_only:
         raise UsageError(f"--model {config.model} holds an encoder and no captioner: it can only --embed-only")
     try:

@@ -46,6 +46,14 @@ def test_round_trip_reproduces_every_model(bundle_dir, monkeypatch):
     identity = bundle.identity()
     assert identity["name"] == "tiny" and len(identity["sha256"]) == 64
     assert identity["captioner"]["mapper"] == "transformer"
+    # what an embed-only run's actors load: the same bundle, no language model
+    import pipeline.models.bundle as bundles
+
+    monkeypatch.setattr(bundles, "load_language_model", lambda *args: pytest.fail("the LM was loaded"))
+    without = load_bundle(path, captioner=False)
+    assert without.captioner is None and without.identity() == identity
+    with torch.inference_mode():
+        assert torch.equal(without.encoder.encode_images(pixels), clip.encode_images(pixels))
 
 
 def test_loading_draws_no_random_weights_that_the_files_then_replace(bundle_dir, tokenizer, tmp_path, monkeypatch):

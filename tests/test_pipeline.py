@@ -95,6 +95,7 @@ def test_an_embed_only_run_writes_every_row_with_the_captioning_run_s_embeddings
     assert names and not any(name.endswith(".txt") for name in names)
     page = build_report(str(tmp_path / "embedded"))  # no score to plot, every image with its original text
     assert "nothing to plot" in page and page.count('class="card"') == 11  # 10 kept, 1 failed
+    assert ">Embedded<" in page and ">Captioned<" not in page
     # decoding settings define nothing here: a rerun with others is the same run, complete already
     assert run(RunConfig(**base, decode=DecodeSettings(method="beam", num_candidates=2)))["counts"] == \
         summary["counts"]

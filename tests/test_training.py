@@ -259,14 +259,19 @@ def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
     result = CliRunner().invoke(train_captioner.main, [
         "--embeddings-from", "out", "--text-column", "original_text", "--clip", "bundle", "--batch-size", "8",
         "--micro-batch-size", "4", "--clip-stride", "16", "--clip-image-size", "48", "--train-scorer",
-        "--scorer-text-tower", "tower", "--device", "cpu", "--precision", "fp16", "--seed", "3", "--out", "o"])
+        "--scorer-text-tower", "tower", "--device", "cpu", "--precision", "fp16", "--seed", "3", "--lm-width",
+        "768", "--lm-layers", "12", "--lm-heads", "12", "--vocab-size", "8000", "--out", "o"])
     assert result.exit_code == 0, result.output
     config = seen[1][0]
-    assert replace(config, clip_arch=ClipArch()) == TrainConfig(
+    assert replace(config, clip_arch=ClipArch(), lm_arch=LMArch()) == TrainConfig(
         out="o", embeddings_from=("out",), text_column="original_text", clip="bundle", clip_batch_size=8,
         caption_batch_size=8, caption_micro_batch_size=4, train_scorer=True, scorer_text_tower="tower",
-        device="cpu", precision="fp16", seed=3)
+        device="cpu", precision="fp16", seed=3, vocab_size=8000)
     assert config.clip_arch == ClipArch(image_size=48, vision_stride=16)
+    assert config.lm_arch == LMArch(n_embd=768, n_layer=12, n_head=12)
+    result = CliRunner().invoke(train_captioner.main, ["--data", "x.tar", "--lm", "gpt2", "--lm-layers", "2",
+                                                       "--out", "o"])
+    assert result.exit_code == 2 and "not with --lm" in result.output
 
 
 def _silent(*args, **kwargs):

@@ -203,13 +203,15 @@ def read_languages(path: str | Path) -> Languages | None:
     return of_manifest(manifest) if isinstance(manifest, dict) else None
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load all three models from a bundle directory, on CPU in float32, in eval mode."""
+def load_bundle(path: str | Path, captioner: bool = True) -> Bundle:
+    """Load all three models from a bundle directory, on CPU in float32, in eval mode; `captioner` False leaves the
+    captioner out (an embed-only run needs none: no language model in memory)."""
     path = Path(path)
     manifest = load_manifest(path)
     encoder = create_clip(_clip_spec(manifest["encoder"], "encoder"), path)
     scorer = encoder if manifest["scorer"] == SAME_AS_ENCODER else _load_scorer(manifest["scorer"], path, encoder)
-    captioner = None if manifest["captioner"] is None else _load_captioner(path, manifest["captioner"])
+    entry = manifest["captioner"] if captioner else None
+    captioner = None if entry is None else _load_captioner(path, entry)
     if captioner is not None and captioner.config.prefix_dim != encoder.embed_dim:
         raise ModelLoadError(f"{path / BUNDLE_FILE}: captioner prefix_dim {captioner.config.prefix_dim} "
                              f"does not match the encoder's embedding width {encoder.embed_dim}")
