@@ -195,7 +195,16 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
               help="The CLIP that scores captions: open_clip ARCH[:WEIGHTS] (a multilingual one: "
               "xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k), an open_clip folder or a transformers CLIP; "
               "omitted: the encoder.")
-@click.option("--lm", default=None, help="Hugging Face causal LM name or dir; omitted: a small GPT-2 from config.")
+@click.option("--lm", default=None, help="Hugging Face causal LM name or dir; omitted: a GPT-2 from config, with a "
+              "BPE tokenizer trained on the captions.")
+@click.option("--lm-width", type=click.IntRange(min=8), default=None,
+              help="That GPT-2's width (default: 192; GPT-2 small: 768).")
+@click.option("--lm-layers", type=click.IntRange(min=1), default=None, help="Its layers (default: 3; GPT-2 small: 12).")
+@click.option("--lm-heads", type=click.IntRange(min=1), default=None, help="Its heads (default: 4; GPT-2 small: 12).")
+@click.option("--lm-positions", type=click.IntRange(min=16), default=None,
+              help="Its positions, the prefix's included (default: 96).")
+@click.option("--vocab-size", type=click.IntRange(min=300), default=None,
+              help="Its tokenizer's vocabulary, trained on the captions (default: 1024; GPT-2: 50257).")
 @click.option("--mapper", type=click.Choice(["mlp", "transformer"]), default="mlp", show_default=True)
 @click.option("--freeze-lm", is_flag=True, help="Train the mapper only (ClipCap's transformer-mapper variant).")
 @click.option("--prefix-length", type=click.IntRange(min=1), default=10, show_default=True)
@@ -251,6 +260,11 @@ def main(**options) -> None:
     batch_size = options.pop("batch_size")
     # options named after TrainConfig's fields, and those that set one of another name (given: not None)
     renamed = {"scorer_training": "train_scorer", "micro_batch_size": "caption_micro_batch_size"}
+    lm_arch = {name: options.pop(f"lm_{option}") for name, option in
+               (("n_embd", "width"), ("n_layer", "layers"), ("n_head", "heads"), ("n_positions", "positions"))}
+    if options["lm"] and any(value is not None for value in lm_arch.values()):
+        raise click.UsageError("--lm-width/--lm-layers/--lm-heads/--lm-positions size a GPT-2 built from config: "
+                               "not with --lm, whose model has its own size")
     stride = options.pop("clip_stride")
     arch = {"image_size": options.pop("clip_image_size"), "vision_width": options.pop("clip_width"),
             "vision_stride": stride and int(stride)}
@@ -258,7 +272,8 @@ def main(**options) -> None:
         "clip_batch_size": batch_size, "caption_batch_size": batch_size}
     config = TrainConfig(data=tuple(data), embeddings_from=tuple(embeddings_from),
                          **{name: value for name, value in settings.items() if value is not None})
-    config = replace(config, clip_arch=replace(config.clip_arch, **{k: v for k, v in arch.items() if v is not None}))
+    config = replace(config, clip_arch=replace(config.clip_arch, **{k: v for k, v in arch.items() if v is not None}),
+                     lm_arch=replace(config.lm_arch, **{k: v for k, v in lm_arch.items() if v is not None}))
     try:
         summary = train(config, caption_language=caption_language[0], scorer_languages=scorer_languages,
                         scorer=scorer)
