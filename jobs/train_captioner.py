@@ -10,6 +10,10 @@ Real models and data:
   python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip ViT-B-32:openai \
       --scorer xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k --lm redrussianarmy/gpt2-turkish-cased --out runs/coco-tr
   python jobs/train_captioner.py --embeddings-from out/filtered --clip bundles/demo --out runs/next
+ClipCap's recipe, the images encoded once (caption_shards.py --model ViT-B-32:openai --embed-only ... --output
+out/coco-emb), then every COCO reference joined to the stored embeddings by key:
+  python jobs/train_captioner.py --embeddings-from out/coco-emb/captions --clip ViT-B-32:openai \
+      --captions coco/annotations/captions_train2014_tr.json --lm redrussianarmy/gpt2-turkish-cased --out runs/coco-tr
 A Turkish scorer for a bundle whose encoder's text tower reads English (locked-image tuning from the Turkish GPT-2):
   python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip runs/coco-tr/bundle --train-scorer \
       --scorer-text-tower redrussianarmy/gpt2-turkish-cased --caption-epochs 0 --out runs/coco-tr-lit
