@@ -272,7 +272,7 @@ def main(**options) -> None:
     stride = options.pop("clip_stride")
     arch = {"image_size": options.pop("clip_image_size"), "vision_width": options.pop("clip_width"),
             "vision_stride": stride and int(stride)}
-    settings = {renamed.get(name, name): value for name, value in options.items() if value is not None} | {
+    settings = {renamed.get(name, name): value for name, value in options.items()} | {
         "clip_batch_size": batch_size, "caption_batch_size": batch_size}
     config = TrainConfig(data=tuple(data), embeddings_from=tuple(embeddings_from),
                          **{name: value for name, value in settings.items() if value is not None})

@@ -273,7 +273,7 @@ class Compute:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
 
-def _step(losses: Iterator[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def _step(losses: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
           clip_norm_of: list[torch.nn.Parameter] | None = None) -> float:
     """One update: the gradients of every loss `losses` yields (one batch's, or its micro-batches' parts of it,
     each freed after its backward), through the grad scaler, clipped to norm 1 where asked. Returns their sum."""
@@ -321,7 +321,7 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
                progress: Callable[..., Any] = tqdm) -> list[float | None]:
     """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
     negative caption per image when the data provides them."""
-    model = clip.clip.train().to(Compute.of(config).device)
+    model = clip.clip.train()
 
     def images(index: torch.Tensor) -> torch.Tensor:
         return F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1).float()
@@ -650,9 +650,9 @@ def load_embedding_examples(specs: list[str], text_column: str = "caption",
     import fsspec
     import pyarrow.parquet as pq
 
-    from pipeline.caption_files import caption_entries, find_caption_files
+    from pipeline.caption_files import find_caption_files
 
-    references = _references_by_key(caption_entries(file) for file in find_caption_files(list(caption_files)))
+    references = _references_by_key(find_caption_files(list(caption_files))) if caption_files else None
     columns = ["key", "status", "image_embedding"] + ([] if references is not None else [text_column])
     embeddings, captions, metadata, unmatched = [], [], {}, 0
     for spec in specs:
@@ -693,18 +693,16 @@ def _file_name(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
-def _references_by_key(files: Iterable[Iterator[tuple[str, list[str], list[str]]]]) -> dict[str, list[str]] | None:
-    """Each image path's captions, over every caption file (None without any), also under the path's file name and
-    under that name without its extension, where no other image has it: an output of an images folder keys them by
-    their path below it, a WebDataset of the images by their stem."""
+def _references_by_key(caption_files: list[str]) -> dict[str, list[str]]:
+    """Each image path's captions, over every caption file, also under the path's file name and under that name
+    without its extension, where no other image has it: an output of an images folder keys them by their path
+    below it, a WebDataset of the images by their stem."""
+    from pipeline.caption_files import caption_entries
+
     by_path: dict[str, list[str]] = {}
-    read = False
-    for entries in files:
-        read = True
-        for image, captions, _ in entries:
+    for file in caption_files:
+        for image, captions, _ in caption_entries(file):
             by_path.setdefault(image, []).extend(captions)
-    if not read:
-        return None
     aliases = {image: (_file_name(image), _file_name(image).rsplit(".", 1)[0]) for image in by_path}
     taken = Counter(alias for names in aliases.values() for alias in set(names))
     return {alias: by_path[image] for image, names in aliases.items() for alias in names if taken[alias] == 1} \
