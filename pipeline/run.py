@@ -186,7 +186,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     counts = _finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json, parts_written)
     export_started = time.time()
     webdataset = _export_webdataset(output, config, shards, provenance) if config.write_webdataset else None
-    counts["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)  # should not grow with the corpus (issue 9)
+    counts["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)  # should not grow with the corpus
     summary = {
         "config": config.to_json(),
         "output_defining": defining,

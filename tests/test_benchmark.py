@@ -61,7 +61,7 @@ def test_flop_counts_include_the_fused_attention_of_the_vision_tower(tiny_bundle
 
 
 def test_gpu_sampler_reads_nvidia_smi_and_names_the_bottleneck(tmp_path):
-    """The GPU figures of issue 7 come from nvidia-smi's loop: here a stand-in prints what it prints
+    """The benchmark's GPU figures come from nvidia-smi's loop: here a stand-in prints what it prints
     (one line per GPU and sample, "[N/A]" where a value is missing) and waits to be stopped."""
     fake = tmp_path / "nvidia-smi"
     fake.write_text("#!/bin/sh\necho \"$@\" > \"$0.args\"\n"
