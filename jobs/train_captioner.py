@@ -21,164 +21,22 @@ A Turkish scorer for a bundle whose encoder's text tower reads English (locked-i
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import _bootstrap  # noqa: F401
 import click
-import torch
 
 from pipeline.caption_files import is_caption_file
 from pipeline.cli import OneLineErrors, language_options
-from pipeline.config import DTYPES, differing_keys
-from pipeline.images import ImageSpec
-from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
-from pipeline.models.clip import ClipSpec, load_pretrained_clip
+from pipeline.config import DTYPES
 from pipeline.models.errors import ModelLoadError
-from pipeline.models.languages import PROJECT_LANGUAGE
-from pipeline.models.text_tower import read_text_tower_config
+from pipeline.run import UsageError
 from pipeline.sources import InputError
 from pipeline.text import describe_error
-from pipeline.training import (
-    Checkpoints,
-    Compute,
-    TrainConfig,
-    build_captioner,
-    build_custom_clip,
-    build_locked_scorer,
-    check_caption_room,
-    embed_images,
-    load_embedding_examples,
-    load_examples,
-    seed_everything,
-    train_captioner,
-    train_clip,
-    train_scorer,
-    train_tokenizer,
-    write_summary,
-)
-
-log = logging.getLogger("train_captioner")
-RESUMABLE_SETTINGS = ("out", "clip_epochs", "caption_epochs", "scorer_epochs")  # more epochs resume a run
-
-
-def _encoder(config: TrainConfig):
-    """A pretrained encoder: a bundle directory's encoder, an open_clip ARCH[:WEIGHTS], or a transformers CLIP.
-    Returns the model, its spec and, from a bundle, the bundle.json entry that identifies it and the bundle's
-    captioner (else None twice)."""
-    if config.clip and (Path(config.clip) / BUNDLE_FILE).is_file():
-        bundle = load_bundle(config.clip)
-        spec = ClipSpec(**{k: v for k, v in bundle.manifest["encoder"].items() if k in ClipSpec.__dataclass_fields__})
-        if spec.weights and (Path(config.clip) / spec.weights).is_file():
-            # a file of that bundle (an imported ClipCap's encoder.safetensors): the new bundle copies it in
-            spec = replace(spec, weights=str(Path(config.clip) / spec.weights))
-        return bundle.encoder, spec, bundle.manifest["encoder"], bundle.captioner
-    return (*load_pretrained_clip(config.clip, "--clip", "encoder"), None, None)
-
-
-def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip, identity: dict | None) -> None:
-    """The stored embeddings must come from the encoder the new bundle ships, or its captions are noise.
-    `identity`: the encoder's bundle.json entry, where --clip is a bundle."""
-    width = examples.embeddings.shape[1]
-    if width != clip.embed_dim:
-        raise ValueError(f"--embeddings-from holds {width}-d embeddings, but --clip {config.clip} makes "
-                         f"{clip.embed_dim}-d ones: give the encoder that made them")
-    made_by = metadata.get("encoder")
-    if made_by and identity is not None and identity != made_by:
-        raise ValueError(f"--embeddings-from was made by the encoder of model {metadata.get('model')!r}, "
-                         f"not by the one of --clip {config.clip}: give the bundle that made them")
-
-
-def _claim_run_directory(out: Path, config: TrainConfig) -> None:
-    """A rerun resumes from the checkpoints only under the same settings (more epochs excepted): the
-    checkpoints of other data or models would be resumed silently, against a tokenizer trained anew. A run
-    that stopped before its first checkpoint (a typo in --data) binds nothing."""
-    settings = json.loads(json.dumps({k: v for k, v in config.to_json().items() if k not in RESUMABLE_SETTINGS}))
-    recorded_file = out / "work" / "settings.json"
-    if recorded_file.is_file():
-        recorded = json.loads(recorded_file.read_text(encoding="utf-8"))
-        changed = differing_keys(settings, recorded)
-        if changed and any((out / "checkpoints").glob("*")):  # a run that saved nothing binds nothing
-            raise ValueError(f"{out} holds a training run with other settings ({', '.join(changed)}); "
-                             "use another --out (only more epochs resume a run)")
-    recorded_file.parent.mkdir(parents=True, exist_ok=True)
-    recorded_file.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
-
-
-def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
-          scorer_languages: tuple[str, ...] | None = None, scorer: str | None = None) -> dict:
-    """Train and write the bundle; `scorer` names the CLIP that scores its captions (default: the encoder),
-    which training does not use: it is only stored in the bundle."""
-    started = time.time()
-    seed_everything(config.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    compute = Compute.of(config)
-    log.info("training on %s in %s", compute.device, str(compute.dtype).removeprefix("torch."))
-    out = Path(config.out)
-    work = out / "work"
-    if config.lm is None:  # the small GPT-2's positions are known now, before the CLIP stage
-        check_caption_room(config.lm_arch.n_positions - config.prefix_length, config.prefix_length)
-    if scorer and config.train_scorer:
-        raise ValueError("give --scorer or --train-scorer, not both: each makes the bundle's scorer")
-    if config.scorer_text_tower and not config.train_scorer:
-        raise ValueError("--scorer-text-tower is what --train-scorer starts from: give both")
-    if config.scorer_text_tower:
-        read_text_tower_config(config.scorer_text_tower)  # a typo stops the run now, not after the images
-    # loaded before any training: a --scorer that does not load stops the run now, not after hours
-    scorer_model, scorer_spec = load_pretrained_clip(scorer, "--scorer", "scorer") if scorer else (None, None)
-    _claim_run_directory(out, config)
-    checkpoints = Checkpoints(out / "checkpoints")
-    summary: dict = {}
-    if config.embeddings_from:
-        if not config.clip:
-            raise click.UsageError("--embeddings-from needs --clip: the encoder that made those embeddings")
-        examples, metadata = load_embedding_examples(list(config.embeddings_from), config.text_column, config.data)
-        clip, spec, identity, bundle_captioner = _encoder(config)
-        _check_embeddings_encoder(config, examples, metadata, clip, identity)
-    elif config.clip:
-        clip, spec, _, bundle_captioner = _encoder(config)
-        # a pretrained encoder stays frozen: each image is encoded as it is read, and only its embedding kept
-        examples = load_examples(list(config.data), clip.image_spec, config.limit, image_root=config.image_root,
-                                 encode=lambda pixels: embed_images(clip, pixels, compute))
-    else:
-        bundle_captioner = None
-        image_spec = ImageSpec(size=config.clip_arch.image_size)
-        examples = load_examples(list(config.data), image_spec, config.limit, image_root=config.image_root)
-    log.info("%d training examples", len(examples.captions))
-
-    # the small CLIP's text tower and a GPT-2 from scratch share one tokenizer trained on the captions
-    tokenizer = None
-    if config.lm is None or not config.clip or (config.train_scorer and not config.scorer_text_tower):
-        tokenizer = train_tokenizer(examples.captions, config.vocab_size, work)
-    if not config.clip:
-        clip, spec = build_custom_clip(config.clip_arch, work / "text_tokenizer.json")
-        summary["clip_losses"] = train_clip(clip, examples, config, checkpoints)
-    if examples.embeddings is None:
-        examples.embeddings = embed_images(clip, examples.pixels, compute)
-        examples.pixels = None
-    if config.train_scorer:
-        scorer_model, scorer_spec = build_locked_scorer(clip, config.clip_arch, work / "text_tokenizer.json",
-                                                        config.scorer_text_tower)
-        summary["scorer_losses"] = train_scorer(scorer_model, examples, config, checkpoints)
-        scorer_model = scorer_model.cpu().float()
-    if config.caption_epochs == 0 and bundle_captioner is not None:
-        captioner = bundle_captioner  # a new scorer for a bundle's captioner, which stays as it is
-    else:
-        captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
-        summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints)
-    manifest = save_bundle(out / "bundle", clip.cpu().float(), spec, captioner.cpu().float(), scorer=scorer_model,
-                           scorer_spec=scorer_spec, name=out.name,
-                           dtype=torch.float16 if config.save_fp16 else torch.float32,
-                           caption_language=caption_language, scorer_languages=scorer_languages)
-    summary.update({"examples": len(examples.captions), "bundle": str(out / "bundle"),
-                    "languages": manifest["languages"],
-                    "bundle_sha256": manifest["sha256"], "train_s": round(time.time() - started, 1)})
-    write_summary(out / "train_summary.json", config, summary)
-    return summary
+from pipeline.trainer import Scaling, TrainingFailed, train
+from pipeline.training import TrainConfig
 
 
 @click.command(cls=OneLineErrors)
@@ -248,6 +106,12 @@ def train(config: TrainConfig, caption_language: str = PROJECT_LANGUAGE,
 @click.option("--precision", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Autocast type: auto is bf16 on GPUs that have it natively (else fp16, with loss scaling) and on "
                    "CPUs with AVX-512, fp32 elsewhere.")
+@click.option("--num-workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ray Train workers (DDP): each computes its share of every batch.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs of each worker (default: 1 where the Ray cluster has GPUs and --device allows, else 0).")
+@click.option("--max-failures", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Restarts of the workers from the last checkpoint (a lost worker or node) before the run fails.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @language_options
 @click.option("--out", required=True, help="Run directory: checkpoints/, bundle/, train_summary.json.")
@@ -262,6 +126,11 @@ def main(**options) -> None:
     caption_language, scorer_languages, scorer = (options.pop(name) for name in
                                                   ("caption_language", "scorer_languages", "scorer"))
     batch_size = options.pop("batch_size")
+    num_workers, gpus_per_worker, max_failures = (options.pop(name) for name in
+                                                  ("num_workers", "gpus_per_worker", "max_failures"))
+    if batch_size is not None and batch_size % num_workers:
+        raise click.UsageError(f"--batch-size {batch_size} does not split among {num_workers} workers: give a "
+                               "multiple of --num-workers")
     # options named after TrainConfig's fields, and those that set one of another name (given: not None)
     renamed = {"scorer_training": "train_scorer", "micro_batch_size": "caption_micro_batch_size"}
     lm_arch = {name: options.pop(f"lm_{option}") for name, option in
@@ -280,8 +149,8 @@ def main(**options) -> None:
                      lm_arch=replace(config.lm_arch, **{k: v for k, v in lm_arch.items() if v is not None}))
     try:
         summary = train(config, caption_language=caption_language[0], scorer_languages=scorer_languages,
-                        scorer=scorer)
-    except (ModelLoadError, InputError, ValueError) as exc:
+                        scorer=scorer, scaling=Scaling(num_workers, gpus_per_worker, max_failures=max_failures))
+    except (ModelLoadError, InputError, UsageError, ValueError, TrainingFailed) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except OSError as exc:  # --out a file, or not writable

@@ -159,7 +159,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     if previous is not None:
         log.info("output is complete already: %s", output.url)
         if config.write_webdataset and "webdataset" not in previous:  # asked for after the run
-            _init_ray()
+            init_ray()
             previous["webdataset"] = _export_webdataset(output, config, shards, provenance)
             previous["config"]["write_webdataset"] = True
             output.write_json(previous, RUN_JSON)
@@ -172,7 +172,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
         log.info("resuming: %d of %d shards are staged completely and are not read again", len(finished),
                  len(shards))
 
-    _init_ray()
+    init_ray()
     model_started = time.time()
     remaining = None if config.limit is None else config.limit - already
     unfinished = [shard for shard in shards if shard.url not in finished]
@@ -302,7 +302,7 @@ def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], def
     summary["counts"] |= {"kept": kept, "top_fraction_cutoff_score": cutoff.score if cutoff else None}
     summary["timings"]["refilter_s"] = round(time.time() - started, 3)
     if config.write_webdataset:
-        _init_ray()
+        init_ray()
         summary["webdataset"] = _export_webdataset(output, config, shards, provenance)
     output.write_json(summary, RUN_JSON)
     output.remove(REFILTER)
@@ -598,7 +598,8 @@ def _mark_duplicates(table: pa.Table, renamed: dict[tuple[str, int], tuple[str, 
     return table
 
 
-def _init_ray() -> None:
+def init_ray() -> None:
+    """Ray for a job: the cluster RAY_ADDRESS names (`ray job submit` sets it), else a local one started here."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
@@ -630,4 +631,4 @@ def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-__all__ = ["UsageError", "run"]
+__all__ = ["UsageError", "init_ray", "run"]

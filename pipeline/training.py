@@ -14,7 +14,6 @@ import logging
 import math
 import random
 import shutil
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -42,8 +41,9 @@ from pipeline.models.clip import (
     lock_image_tower,
 )
 from pipeline.models.errors import ModelLoadError
-from pipeline.models.text_tokenizers import ClipTextTokenizer, train_bpe_tokenizer
+from pipeline.models.text_tokenizers import ClipTextTokenizer, load_bpe_tokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
+from pipeline.parallel import ONE_PROCESS, Parallel
 from pipeline.precision import resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
 
 
 def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
-               progress: Callable[..., Any] = tqdm) -> list[float | None]:
+               progress: Callable[..., Any] = tqdm, parallel: Parallel = ONE_PROCESS) -> list[float | None]:
     """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
     negative caption per image when the data provides them."""
     model = clip.clip.train()
@@ -326,27 +326,50 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
     def images(index: torch.Tensor) -> torch.Tensor:
         return F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1).float()
 
-    return _train_contrastive("clip", clip, examples, config, checkpoints, progress, epochs=config.clip_epochs,
-                              lr=config.clip_lr, batch_size=config.clip_batch_size, seed_offset=0, images=images)
+    return _train_contrastive("clip", clip, examples, config, checkpoints, progress, parallel,
+                              epochs=config.clip_epochs, lr=config.clip_lr, batch_size=config.clip_batch_size,
+                              seed_offset=0, images=images)
+
+
+class _ContrastiveFeatures(torch.nn.Module):
+    """A batch's image features (`images` of its rows), text features and logit scale: the forward DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module, images: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.images = images
+
+    def forward(self, index: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
+        return (self.images(index), F.normalize(encode_text_trimmed(self.model, tokens), dim=-1).float(),
+                self.model.logit_scale.exp().clamp(max=100))
 
 
 def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: TrainConfig,
-                       checkpoints: Checkpoints, progress: Callable[..., Any], epochs: int, lr: float,
-                       batch_size: int, seed_offset: int, images: Callable[[torch.Tensor], torch.Tensor],
+                       checkpoints: Checkpoints, progress: Callable[..., Any], parallel: Parallel, epochs: int,
+                       lr: float, batch_size: int, seed_offset: int, images: Callable[[torch.Tensor], torch.Tensor],
                        make_negatives: Callable[[list[str], random.Random], list[str]] | None = None,
                        ) -> list[float | None]:
     """The epochs of a contrastive stage: each image's features (`images`) against one random reference
     caption, the batch's other captions and one hard negative per image, the data's own or, for data
     without, what `make_negatives` makes of the drawn captions (none without it); at `lr` on a warmup +
-    cosine schedule, checkpointed per epoch under `stage`. Only the parameters that require grad learn."""
+    cosine schedule, checkpointed per epoch under `stage`. Only the parameters that require grad learn.
+    Across processes, each computes its share of a batch's rows and the loss takes every share's features."""
     model = clip.clip
     compute = Compute.of(config)
     model.to(compute.device)
+    if parallel.world_size > 1 and compute.device.type == "cuda":
+        # a ResNet tower's batch statistics over the global batch, as one process has them (not on CPUs:
+        # SyncBatchNorm runs on GPUs only, so CPU processes normalise over their share)
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # a pretrained text tower may hold parameters its pooling never uses (a BERT pooler)
+    features = parallel.wrap(_ContrastiveFeatures(model, images), find_unused_parameters=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.1,
                                   fused=True)
     scaler = compute.scaler()
     losses = checkpoints.resume(stage, {stage: model}, optimizer)
     n = len(examples.captions)
+    batch_size = parallel.usable_batch(min(batch_size, n))
     steps_per_epoch = max(1, n // batch_size)
     total = steps_per_epoch * epochs
     generator = torch.Generator()
@@ -364,19 +387,21 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: 
                 hard = [rng.choice(examples.negatives[i]) for i in rows]
             else:
                 hard = make_negatives(texts, rng) if make_negatives else []
+            mine = parallel.share(list(range(len(rows))))
+            local_texts = [texts[i] for i in mine] + ([hard[i] for i in mine] if hard else [])
             with compute.autocast():
-                image_features = images(index)
-                # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
-                tokens = clip.tokenizer(texts + hard).to(compute.device, non_blocking=True)
-                all_text = F.normalize(encode_text_trimmed(model, tokens), dim=-1).float()
-                batch_loss = contrastive_loss(image_features, all_text[: len(texts)],
-                                              all_text[len(texts):] if hard else None,
-                                              model.logit_scale.exp().clamp(max=100))
+                tokens = clip.tokenizer(local_texts).to(compute.device, non_blocking=True)
+                image_features, text_features, logit_scale = features(index[mine], tokens)
+                batch_loss = contrastive_loss(parallel.gather(image_features),
+                                              parallel.gather(text_features[:len(mine)]),
+                                              parallel.gather(text_features[len(mine):]) if hard else None,
+                                              logit_scale)
             loss = _step([batch_loss], optimizer, scaler)  # in-batch negatives: the whole batch in one piece
             epoch_losses.append(loss)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        losses.append(float(np.mean(epoch_losses)))
-        log.info("%s epoch %d/%d loss %.4f", stage, epoch + 1, epochs, losses[-1])
+        losses.append(parallel.mean(float(np.mean(epoch_losses))))
+        if parallel.is_main:
+            log.info("%s epoch %d/%d loss %.4f", stage, epoch + 1, epochs, losses[-1])
         checkpoints.save(stage, epoch + 1, {stage: model}, optimizer, losses)
     model.eval()
     return losses
@@ -424,7 +449,7 @@ def word_swap_negative(text: str, vocabulary: list[str], rng: random.Random) -> 
 
 
 def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
-                 progress: Callable[..., Any] = tqdm) -> list[float | None]:
+                 progress: Callable[..., Any] = tqdm, parallel: Parallel = ONE_PROCESS) -> list[float | None]:
     """Locked-image tuning: only the text tower (and the temperature) learn, contrasting each image's frozen
     embedding with one of its captions against the batch's other captions and one hard negative per image
     (the data's own, else `word_swap_negative`). Returns the mean loss of every epoch."""
@@ -433,10 +458,10 @@ def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, che
     scorer.clip.visual.eval()
     vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions for text in references
                          for word in text.split(" ")} - {""})
-    batch_size = min(config.clip_batch_size, len(examples.captions))
     device = Compute.of(config).device
-    return _train_contrastive("scorer", scorer, examples, config, checkpoints, progress, epochs=config.scorer_epochs,
-                              lr=config.scorer_peak_lr(), batch_size=batch_size,
+    return _train_contrastive("scorer", scorer, examples, config, checkpoints, progress, parallel,
+                              epochs=config.scorer_epochs, lr=config.scorer_peak_lr(),
+                              batch_size=config.clip_batch_size,
                               seed_offset=2, images=lambda index: examples.embeddings[index].to(device),
                               make_negatives=lambda texts, rng: [word_swap_negative(text, vocabulary, rng)
                                                                  for text in texts])
@@ -490,12 +515,12 @@ def _token_ids(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     return [[*ids[: max_tokens - 1], tokenizer.eos_token_id] for ids in encoded]
 
 
-def _pad(tokenizer, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(pad_id: int, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids; the mask marks the tokens the loss is taken on."""
     width = max(len(x) for x in ids)
     # padding is masked out of attention and loss, so any id does; eos is one the LM has, while a pad token
     # added to a hub tokenizer (without resizing the LM's embeddings) lies beyond them
-    tokens = torch.full((len(ids), width), tokenizer.eos_token_id, dtype=torch.long)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for row, x in enumerate(ids):
         tokens[row, : len(x)] = torch.tensor(x)
@@ -503,8 +528,19 @@ def _pad(tokenizer, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens, mask
 
 
+class CaptionLoss(torch.nn.Module):
+    """The captioner's mean loss on a batch's caption tokens: the forward DDP wraps."""
+
+    def __init__(self, captioner: PrefixCaptioner):
+        super().__init__()
+        self.captioner = captioner
+
+    def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.captioner.caption_loss(embeddings, tokens, mask)
+
+
 def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
-                    progress: Callable[..., Any] = tqdm) -> list[float | None]:
+                    progress: Callable[..., Any] = tqdm, parallel: Parallel = ONE_PROCESS) -> list[float | None]:
     """Stage 2: next-token loss on caption tokens, the CLIP embedding (frozen) as the only input.
     Returns the mean loss of every epoch, those of a resumed checkpoint included."""
     if config.freeze_lm:
@@ -517,8 +553,10 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     scaler = compute.scaler()
     modules = {"mapper": captioner.mapper} if config.freeze_lm else {"mapper": captioner.mapper, "lm": captioner.lm}
     losses = checkpoints.resume("captioner", modules, optimizer)
+    loss_of = parallel.wrap(CaptionLoss(captioner))
     n = len(examples.captions)
-    steps_per_epoch = max(1, n // config.caption_batch_size)
+    batch_size = parallel.usable_batch(min(config.caption_batch_size, n))
+    steps_per_epoch = max(1, n // batch_size)
     total = steps_per_epoch * config.caption_epochs
     room = captioner.max_caption_tokens()
     max_tokens = 64 if room is None else room
@@ -532,34 +570,40 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
         rng.seed(config.seed * 1000 + epoch + 1)
         texts = [_pick_reference(references, config.first_reference_prob, rng) for references in examples.captions]
         ids = _token_ids(captioner.tokenizer, texts, max_tokens)
-        batches = _length_grouped_batches([len(x) for x in ids], config.caption_batch_size, generator)
+        batches = _length_grouped_batches([len(x) for x in ids], batch_size, generator)
         bar = progress(batches, desc=f"caption epoch {epoch + 1}", leave=False)
         epoch_losses = []
         for step, index in enumerate(bar):
             _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
-            parts = _caption_loss_parts(captioner, examples.embeddings, ids, index.tolist(), micro, compute)
+            parts = _caption_loss_parts(loss_of, captioner.tokenizer.eos_token_id, examples.embeddings, ids,
+                                        index.tolist(), micro, compute, parallel)
             loss = _step(parts, optimizer, scaler, clip_norm_of=trainable)
             epoch_losses.append(loss)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        losses.append(float(np.mean(epoch_losses)))
-        log.info("caption epoch %d/%d loss %.4f", epoch + 1, config.caption_epochs, losses[-1])
+        losses.append(parallel.mean(float(np.mean(epoch_losses))))
+        if parallel.is_main:
+            log.info("caption epoch %d/%d loss %.4f", epoch + 1, config.caption_epochs, losses[-1])
         checkpoints.save("captioner", epoch + 1, modules, optimizer, losses)
     captioner.eval()
     return losses
 
 
-def _caption_loss_parts(captioner: PrefixCaptioner, embeddings: torch.Tensor, ids: list[list[int]], rows: list[int],
-                        micro: int, compute: Compute) -> Iterator[torch.Tensor]:
-    """The mean token loss of the batch `rows` in micro-batches of `micro` rows, each weighted by its share of the
-    batch's tokens: their gradients add up to the whole batch's (gradient accumulation)."""
+def _caption_loss_parts(loss_of: torch.nn.Module, pad_id: int, embeddings: torch.Tensor, ids: list[list[int]],
+                        rows: list[int], micro: int, compute: Compute, parallel: Parallel = ONE_PROCESS
+                        ) -> Iterator[torch.Tensor]:
+    """The mean token loss of the batch `rows` (`loss_of`: a CaptionLoss, maybe in DDP) in micro-batches of `micro`
+    rows, each weighted by its share of the batch's tokens: their gradients add up to the whole batch's (gradient
+    accumulation). Across processes, this process's share of the rows, weighted by the number of processes too,
+    as DDP averages their gradients; only the last micro-batch's backward synchronises them."""
     total_tokens = sum(len(ids[i]) for i in rows)
-    for start in range(0, len(rows), micro):
-        part = rows[start:start + micro]
-        padded = _pad(captioner.tokenizer, [ids[i] for i in part])
-        tokens, mask = (t.to(compute.device, non_blocking=True) for t in padded)
-        with compute.autocast():
-            loss = captioner.caption_loss(embeddings[part].to(compute.device, non_blocking=True), tokens, mask)
-        yield loss * (int(mask.sum()) / total_tokens)
+    mine = parallel.share(rows)
+    for start in range(0, len(mine), micro):
+        part = mine[start:start + micro]
+        tokens, mask = (t.to(compute.device, non_blocking=True) for t in _pad(pad_id, [ids[i] for i in part]))
+        last = start + micro >= len(mine)
+        with (contextlib.nullcontext() if last or parallel.world_size == 1 else loss_of.no_sync()), compute.autocast():
+            loss = loss_of(embeddings[part].to(compute.device, non_blocking=True), tokens, mask)
+        yield loss * (int(mask.sum()) * parallel.world_size / total_tokens)
 
 
 def _pick_reference(references: list[str], first_prob: float | None, rng: random.Random) -> str:
@@ -568,17 +612,15 @@ def _pick_reference(references: list[str], first_prob: float | None, rng: random
     return rng.choice(references if first_prob is None else references[1:])
 
 
-def train_tokenizer(captions: list[list[str]], vocab_size: int, out_dir: Path):
-    """The LM tokenizer, also used by the custom CLIP text tower (saved as a tokenizers JSON)."""
-    tokenizer = train_bpe_tokenizer((c for refs in captions for c in refs), vocab_size=vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.backend_tokenizer.save(str(out_dir / "text_tokenizer.json"))
-    return tokenizer
-
-
-def write_summary(path: Path, config: TrainConfig, summary: dict[str, Any]) -> None:
-    path.write_text(json.dumps({"config": config.to_json(), **summary, "finished": time.time()}, indent=2,
-                               ensure_ascii=False))
+def shared_tokenizer(captions: list[list[str]], vocab_size: int, file: Path, parallel: Parallel = ONE_PROCESS):
+    """The LM tokenizer, also used by the custom CLIP text tower: `file` (a tokenizers JSON) where a run being
+    resumed saved it, else trained on the captions by the main process and given to every other."""
+    if parallel.is_main and not file.is_file():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        train_bpe_tokenizer((c for refs in captions for c in refs), vocab_size=vocab_size).backend_tokenizer.save(
+            str(file))
+    parallel.share_file(file)
+    return load_bpe_tokenizer(file)
 
 
 def load_examples(specs: list[str], image_spec, limit: int | None = None,

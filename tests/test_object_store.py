@@ -71,3 +71,34 @@ def test_s3_shards_to_an_s3_output_every_row_once_resumable_and_refiltered(s3_en
                                filter=FilterSettings(keep_top_fraction=0.5), overwrite=True))
     assert refiltered["counts"]["kept"] == 4 and refiltered["webdataset"]["samples"] == 4
     assert verify(config.output, list(inputs)).ok
+
+
+def test_training_on_ray_train_reads_embeddings_from_s3_and_checkpoints_and_writes_its_bundle_there(
+        s3_env, tiny_bundle, tmp_path):
+    """--embeddings-from and --out as s3:// URLs: Ray Train keeps its checkpoints in the bucket, the bundle and
+    train_summary.json land beside them, and a rerun with more epochs resumes from the bucket's checkpoint."""
+    from dataclasses import replace
+
+    from test_ray_training import _config, _write_output
+
+    from pipeline.models.bundle import load_bundle
+    from pipeline.trainer import Scaling, train
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(BUCKET, exist_ok=True)
+    _write_output(tmp_path / "output", 64, 24)
+    fs.put(str(tmp_path / "output" / "part-0.parquet"), f"{BUCKET}/emb/part-0.parquet")
+    config = replace(_config(tmp_path, tmp_path, tiny_bundle, train_scorer=False), out=f"s3://{BUCKET}/train",
+                     embeddings_from=(f"s3://{BUCKET}/emb",))
+    scaling = Scaling(num_workers=1, cpus_per_worker=1, max_failures=0)
+    summary = train(config, scaling=scaling)
+    assert summary["examples"] == 64 and len(summary["caption_losses"]) == 2
+    listed = {path.split("/", 2)[2] for path in fs.find(f"{BUCKET}/train")}
+    assert {"train_summary.json", "bundle/bundle.json", "checkpoints/captioner-0002/captioner-0002/mapper.pt",
+            "checkpoints/captioner-0002/text_tokenizer.json"} <= listed
+    fs.get(f"{BUCKET}/train/bundle/", str(tmp_path / "bundle"), recursive=True)
+    bundle = load_bundle(tmp_path / "bundle")
+    assert bundle.captioner is not None and bundle.manifest["sha256"] == summary["bundle_sha256"]
+
+    resumed = train(replace(config, caption_epochs=3), scaling=scaling)
+    assert resumed["caption_losses"][:2] == summary["caption_losses"] and len(resumed["caption_losses"]) == 3

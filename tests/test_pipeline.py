@@ -120,7 +120,7 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
     from pipeline.training import ClipArch, LMArch, TrainConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    from train_captioner import train
+    from pipeline.trainer import train
 
     folder, _ = tiny_multilingual_folder(tmp_path / "models")
     tar_corpus(tmp_path / "in", per_shard=8)
@@ -454,7 +454,7 @@ def test_a_ray_address_nothing_listens_on_is_one_usage_line(monkeypatch):
     import socket
 
     import pipeline.run as run_module
-    from pipeline.run import _init_ray
+    from pipeline.run import init_ray
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
@@ -464,10 +464,10 @@ def test_a_ray_address_nothing_listens_on_is_one_usage_line(monkeypatch):
         for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
             monkeypatch.setenv("RAY_ADDRESS", address)
             with pytest.raises(UsageError, match=rf"^RAY_ADDRESS={re.escape(address)}: no Ray cluster answers there"):
-                _init_ray()
+                init_ray()
         listening.listen()
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
         called = []
         monkeypatch.setattr(run_module.ray, "init", lambda **kwargs: called.append(kwargs))
-        _init_ray()
+        init_ray()
         assert called[0]["address"] == f"127.0.0.1:{port}"

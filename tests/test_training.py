@@ -27,9 +27,11 @@ from pipeline.models.bundle import load_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.sources import InputError
+from pipeline.trainer import train
 from pipeline.training import (
     CLIPCAP_LR,
     MAX_LISTED_SKIPS,
+    CaptionLoss,
     ClipArch,
     Compute,
     LMArch,
@@ -46,7 +48,6 @@ from pipeline.training import (
 from schemas.captions import captions_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-from train_captioner import train
 
 
 def _config(out: Path, **overrides) -> TrainConfig:
@@ -444,7 +445,7 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
     monkeypatch.setattr(training, "train_captioner",
                         lambda captioner, examples, *args, **kw: seen.append(examples) or real(captioner, examples,
                                                                                                   *args, **kw))
-    monkeypatch.setattr(sys.modules["train_captioner"], "train_captioner", training.train_captioner)
+    monkeypatch.setattr(sys.modules["pipeline.trainer"], "train_captioner", training.train_captioner)
     summary = train(_config(tmp_path / "coco", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
                             data=(str(tmp_path / "captions_train.json"),)))
     examples = seen[-1]
@@ -480,7 +481,8 @@ def test_micro_batches_give_the_whole_batch_s_loss_and_gradients(tokenizer):
     for micro in (len(rows), 3):
         captioner.zero_grad()
         loss = 0.0
-        for part in _caption_loss_parts(captioner, embeddings, ids, rows, micro, compute):
+        for part in _caption_loss_parts(CaptionLoss(captioner), captioner.tokenizer.eos_token_id, embeddings, ids, rows,
+                                        micro, compute):
             part.backward()
             loss += part.item()
         gradients.append((loss, {name: parameter.grad.clone() for name, parameter in captioner.named_parameters()

@@ -245,12 +245,18 @@ def create_clip(spec: ClipSpec, base_dir: Path | None = None) -> ClipModel:
 def load_pretrained_clip(text: str, option: str, role: str) -> tuple[ClipModel, ClipSpec]:
     """A pretrained CLIP the user names (`option`, for `role`): an open_clip ARCH:WEIGHTS, an open_clip folder or a
     transformers CLIP, and its spec. An architecture without weights is refused: it would be a random model."""
+    spec = pretrained_clip_spec(text, option, role)
+    return create_clip(spec), spec
+
+
+def pretrained_clip_spec(text: str, option: str, role: str) -> ClipSpec:
+    """The spec of `load_pretrained_clip`, checked without loading anything."""
     spec = ClipSpec.parse(text)
     if spec.weights is None and not spec.arch.startswith(SCHEMAS) and "/" not in spec.arch \
             and not Path(spec.arch).is_dir():
         raise ModelLoadError(f"{option} {text} names no weights, so it would be a random {role}; "
                              "give ARCH:TAG (e.g. ViT-B-32:openai) or ARCH:FILE")
-    return create_clip(spec), spec
+    return spec
 
 
 def has_hf_text_tower(clip: nn.Module) -> bool:

@@ -25,9 +25,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> PreTrai
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN
-    )
+    return _wrapped(tokenizer)
+
+
+def load_bpe_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A tokenizer of `train_bpe_tokenizer` saved as a tokenizers JSON file."""
+    return _wrapped(Tokenizer.from_file(str(path)))
+
+
+def _wrapped(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
+                                   bos_token=EOS_TOKEN)
 
 
 class ClipTextTokenizer:
