@@ -68,6 +68,14 @@ class Parallel:
         dist.all_reduce(total)
         return total.item() / self.world_size
 
+    def gather_objects(self, value: object) -> list:
+        """Every process's `value` (picklable), in rank order."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def share_file(self, path: Path) -> None:
         """The main process's file `path` written with the same bytes by every other process."""
         if self.world_size == 1:

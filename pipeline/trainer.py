@@ -31,6 +31,7 @@ from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.text_tower import read_text_tower_config
 from pipeline.parallel import Parallel
 from pipeline.sources import InputError
+from pipeline.stages import peak_rss_mb
 from pipeline.training import (
     Checkpoints,
     Compute,
@@ -185,11 +186,12 @@ def _fit(config: TrainConfig, options: _RunOptions, checkpoints: Checkpoints, wo
         clip, spec, _, bundle_captioner = _encoder(config)
         # a pretrained encoder stays frozen: each image is encoded as it is read, and only its embedding kept
         examples = load_examples(list(config.data), clip.image_spec, config.limit, progress, config.image_root,
-                                 encode=lambda pixels: embed_images(clip, pixels, compute))
+                                 encode=lambda pixels: embed_images(clip, pixels, compute), parallel=parallel)
     else:
         bundle_captioner = None
         image_spec = ImageSpec(size=config.clip_arch.image_size)
-        examples = load_examples(list(config.data), image_spec, config.limit, progress, config.image_root)
+        examples = load_examples(list(config.data), image_spec, config.limit, progress, config.image_root,
+                                 parallel=parallel)
     if parallel.is_main:
         log.info("%d training examples", len(examples.captions))
 
@@ -216,11 +218,13 @@ def _fit(config: TrainConfig, options: _RunOptions, checkpoints: Checkpoints, wo
         captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
         summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints, progress, parallel)
     summary["examples"] = len(examples.captions)
+    summary["resumed_from"] = checkpoints.resumed_from
     if parallel.is_main:
         if options.scorer:
             scorer_model, scorer_spec = load_pretrained_clip(options.scorer, "--scorer", "scorer")
         summary |= _write_bundle(config, options, work, clip, spec, captioner, scorer_model, scorer_spec)
         summary["train_s"] = round(time.time() - started, 1)
+        summary["peak_rss_mb"] = round(peak_rss_mb())  # of this process: where the run is on Ray, its main worker
         _write_summary(config, summary)
     return summary
 
@@ -289,6 +293,7 @@ class RayTrainCheckpoints(Checkpoints):
         if latest is not None:
             with latest.as_directory() as folder:
                 shutil.copytree(folder, root, dirs_exist_ok=True)
+            self.resumed_from = Path(latest.path).name
             log.info("resuming from checkpoint %s", latest.path)
 
     def save(self, stage: str, epoch: int, modules: dict[str, torch.nn.Module],

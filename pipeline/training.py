@@ -169,6 +169,7 @@ class Checkpoints:
 
     def __init__(self, root: Path):
         self.root = root
+        self.resumed_from: str | None = None  # the checkpoint this run's latest start resumed from
         root.mkdir(parents=True, exist_ok=True)
 
     def save(self, stage: str, epoch: int, modules: dict[str, torch.nn.Module],
@@ -197,6 +198,7 @@ class Checkpoints:
         if not found:
             return []
         path = found[-1]
+        self.resumed_from = path.name
         # read onto the CPU: a run resumed on another machine may have no GPU, or another one
         for name, module in modules.items():
             load_state(module, torch.load(path / f"{name}.pt", weights_only=True, map_location="cpu"),
@@ -625,24 +627,31 @@ def shared_tokenizer(captions: list[list[str]], vocab_size: int, file: Path, par
 
 def load_examples(specs: list[str], image_spec, limit: int | None = None,
                   progress: Callable[..., Any] = tqdm, image_root: str | None = None,
-                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None, encode_batch: int = 256) -> Examples:
+                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None, encode_batch: int = 256,
+                  parallel: Parallel = ONE_PROCESS) -> Examples:
     """Images + reference captions from WebDataset / Parquet / folders (KEY.json 'captions' list, else
     KEY.txt or a caption column) or caption files (`pipeline.caption_files`: COCO, Karpathy, JSON Lines),
-    whose relative image paths are taken from `image_root`, else from the caption file's folder.
+    whose relative image paths are taken from `image_root`, else from the caption file's folder; the first
+    `limit` captioned samples (an image among them that does not decode is left out).
     `encode` (uint8 images -> embeddings, a frozen encoder): images are encoded `encode_batch` at a time as they
-    are read and only their embeddings kept, so memory grows by an embedding per image, not by its pixels."""
+    are read and only their embeddings kept, so memory grows by an embedding per image, not by its pixels.
+    Across processes, each decodes (and encodes) every `world_size`-th image only; their shares are then
+    gathered, in the data's order, into the same examples on every process."""
     from pipeline.images import ImageError, decode_image
 
-    pixels, embeddings, captions, negatives = [], [], [], []
+    positions, pixels, embeddings, captions, negatives = [], [], [], [], []
     bar = progress(desc="loading images" if encode is None else "encoding images", unit="img")
-    for image_bytes, references, hard_negatives in _caption_records(specs, image_root):
-        if limit is not None and len(captions) >= limit:
+    for position, (image_bytes, references, hard_negatives) in enumerate(_caption_records(specs, image_root)):
+        if limit is not None and position >= limit:
             break
+        if position % parallel.world_size != parallel.rank:
+            continue
         try:
             pixels.append(torch.from_numpy(decode_image(image_bytes, image_spec).pixels))
         except ImageError as exc:
             log.warning("skipping an image: %s", exc)
             continue
+        positions.append(position)
         captions.append(references)
         negatives.append(hard_negatives)
         if encode is not None and len(pixels) == encode_batch:
@@ -650,14 +659,33 @@ def load_examples(specs: list[str], image_spec, limit: int | None = None,
             pixels = []
         bar.update()
     bar.close()
+    if encode is None:
+        images = torch.stack(pixels) if pixels else None
+    else:
+        images = torch.cat(embeddings + ([encode(torch.stack(pixels))] if pixels else [])) if positions else None
+    if parallel.world_size > 1:
+        positions, captions, negatives, images = _merge_shares(parallel.gather_objects(
+            (positions, captions, negatives, images)))
     if not captions:
         raise ValueError(f"no usable image + caption pairs in {', '.join(specs)}")
     examples = Examples(captions=captions, negatives=negatives if all(negatives) else None)
     if encode is None:
-        examples.pixels = torch.stack(pixels)
+        examples.pixels = images
     else:
-        examples.embeddings = torch.cat(embeddings + ([encode(torch.stack(pixels))] if pixels else []))
+        examples.embeddings = images
     return examples
+
+
+def _merge_shares(shares: list[tuple[list[int], list, list, torch.Tensor | None]]
+                  ) -> tuple[list[int], list, list, torch.Tensor | None]:
+    """The processes' shares of `load_examples` as one, in the order of their positions in the data."""
+    positions = [position for share in shares for position in share[0]]
+    order = sorted(range(len(positions)), key=positions.__getitem__)
+    captions = [caption for share in shares for caption in share[1]]
+    negatives = [negative for share in shares for negative in share[2]]
+    tensors = [share[3] for share in shares if share[3] is not None]
+    images = torch.cat(tensors)[torch.tensor(order, dtype=torch.long)] if tensors else None
+    return ([positions[i] for i in order], [captions[i] for i in order], [negatives[i] for i in order], images)
 
 
 def _caption_records(specs: list[str], image_root: str | None = None

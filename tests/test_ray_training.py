@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import jpeg_bytes, write_tar
 
 from pipeline.models.bundle import load_bundle
 from pipeline.trainer import Scaling, train
@@ -54,14 +55,24 @@ def _config(out: Path, output: Path, bundle: Path, **overrides) -> TrainConfig:
     return replace(base, **overrides)
 
 
+def _write_images(path: Path, samples: int, broken: int) -> None:
+    """A WebDataset shard of `samples` captioned JPEGs, the one at `broken` not an image."""
+    rng = random.Random(1)
+    write_tar(path, {f"k{i:04d}": {"jpg": b"not a jpeg" if i == broken else jpeg_bytes(i),
+                                   "txt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).encode()}
+                     for i in range(samples)})
+
+
 def test_two_workers_train_to_the_loss_of_one_with_the_same_global_batch(tiny_bundle, tmp_path, ray_local):
-    """DDP over gloo: each of 2 workers computes half of every batch of 16 (the captioner's half in micro-batches
-    of 3), the contrastive scorer gathers both halves' features, and every epoch's loss is the one 1 worker
-    computes on whole batches, within 1e-4 relative (float sums in another order)."""
-    _write_output(tmp_path / "output", 96, 24)
+    """DDP over gloo, from images and a frozen encoder: each of 2 workers decodes and encodes every other image
+    (the broken one left out by both), then computes half of every batch of 16 (the captioner's half in
+    micro-batches of 3), and the contrastive scorer gathers both halves' features: every epoch's loss is the one
+    1 worker computes on whole batches, within 1e-4 relative (float sums in another order)."""
+    _write_images(tmp_path / "images" / "00000.tar", 97, broken=5)
     runs = {}
     for workers, micro in ((1, None), (2, 3)):
-        config = _config(tmp_path / f"w{workers}", tmp_path / "output", tiny_bundle, caption_micro_batch_size=micro)
+        config = _config(tmp_path / f"w{workers}", tmp_path, tiny_bundle, embeddings_from=(),
+                         data=(str(tmp_path / "images" / "00000.tar"),), caption_micro_batch_size=micro)
         runs[workers] = train(config, scaling=Scaling(num_workers=workers, cpus_per_worker=1, max_failures=0))
     one, two = runs[1], runs[2]
     assert one["examples"] == two["examples"] == 96
@@ -76,24 +87,32 @@ def test_two_workers_train_to_the_loss_of_one_with_the_same_global_batch(tiny_bu
         "scorer-0002", "captioner-0002", "text_tokenizer.json"}
 
 
-def _train_workers() -> list[int]:
-    """Process ids of Ray Train's workers on this machine."""
-    found = []
+def _train_workers(ancestor: int) -> list[int]:
+    """Process ids of the Ray Train workers that `ancestor` started (through its local Ray)."""
+    parents, titles = {}, {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"RayTrainWorker" in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                titles[int(entry.name)] = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
                 continue
-    return found
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == ancestor:
+                return True
+        return False
+
+    return [pid for pid, title in titles.items() if title.startswith(b"ray::RayTrainWorker") and descends(pid)]
 
 
 def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_and_the_bundle_is_complete(tiny_bundle,
                                                                                                 tmp_path):
-    """`train_captioner.py --num-workers 2`: once the first caption epoch is checkpointed, one worker is killed;
-    Ray Train restarts the workers, which resume from that checkpoint, and the run ends with every epoch's loss
-    and a bundle that loads. A rerun with more epochs resumes from the last checkpoint."""
+    """`train_captioner.py --num-workers 2`: once Ray Train has registered the first caption epoch's checkpoint,
+    one worker is killed; Ray Train restarts the workers, which resume from a checkpoint, and the run ends with
+    every epoch's loss and a bundle that loads. A rerun with more epochs resumes from the last checkpoint."""
     _write_output(tmp_path / "output", 3000, 24)
     out = tmp_path / "run"
     args = [sys.executable, str(ROOT / "jobs" / "train_captioner.py"), "--embeddings-from", str(tmp_path / "output"),
@@ -104,18 +123,20 @@ def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_and_the_bund
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
         deadline = time.time() + 240
-        while not (out / "checkpoints" / "captioner-0001").is_dir() and process.poll() is None:
+        snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train registered
+        while not (snapshot.is_file() and "captioner-0001" in snapshot.read_text()) and process.poll() is None:
             assert time.time() < deadline, "no checkpoint in time"
             time.sleep(0.2)
-        victims = _train_workers()
+        victims = _train_workers(process.pid)
         assert process.poll() is None and len(victims) == 2
         os.kill(victims[-1], signal.SIGKILL)
         output, _ = process.communicate(timeout=300)
     finally:
         process.kill()
     assert process.returncode == 0, output[-3000:]
-    assert "resuming from checkpoint" in output and "captioner-0001" in output
     summary = json.loads((out / "train_summary.json").read_text())
+    # the restarted workers resumed from a checkpoint
+    assert (summary["resumed_from"] or "").startswith("captioner-000"), (victims, output[-1500:])
     assert len(summary["caption_losses"]) == 4 and all(loss is not None for loss in summary["caption_losses"])
     bundle = load_bundle(out / "bundle")
     assert bundle.captioner is not None and bundle.manifest["sha256"] == summary["bundle_sha256"]
@@ -123,6 +144,6 @@ def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_and_the_bund
     more = subprocess.run([*args[:args.index("--caption-epochs") + 1], "5", *args[args.index("--caption-epochs") + 2:]],
                           capture_output=True, text=True, env=env, timeout=300)
     assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
-    assert "resuming from checkpoint" in more.stdout + more.stderr and "captioner-0004" in more.stdout + more.stderr
     resumed = json.loads((out / "train_summary.json").read_text())
+    assert resumed["resumed_from"] == "captioner-0004"
     assert resumed["caption_losses"][:4] == summary["caption_losses"] and len(resumed["caption_losses"]) == 5
