@@ -1,4 +1,6 @@
-"""Train a captioner and write a model bundle.
+"""Train a captioner and write a model bundle, on Ray Train (pipeline/trainer.py): `--num-workers N` DDP workers,
+checkpoints under --out/checkpoints that a restarted worker group or a rerun resumes from. Runs as plain `python`
+(a local Ray starts) or with `ray job submit` on a cluster (--out then on storage every node reaches).
 
 The embedded demo model (reproduces pipeline/assets/demo_bundle, README "The embedded demo model"):
   python jobs/make_demo_corpus.py --out data/demo --seed 0 --train 80000 --val 1000 --test 2000
