@@ -85,18 +85,19 @@ def test_training_on_ray_train_reads_embeddings_from_s3_and_checkpoints_and_writ
     from pipeline.trainer import Scaling, train
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
-    fs.mkdir(BUCKET, exist_ok=True)
+    bucket = "training-test"  # its own: s3fs's mkdir of an existing bucket raises, exist_ok or not
+    fs.mkdir(bucket)
     _write_output(tmp_path / "output", 64, 24)
-    fs.put(str(tmp_path / "output" / "part-0.parquet"), f"{BUCKET}/emb/part-0.parquet")
-    config = replace(_config(tmp_path, tmp_path, tiny_bundle, train_scorer=False), out=f"s3://{BUCKET}/train",
-                     embeddings_from=(f"s3://{BUCKET}/emb",))
+    fs.put(str(tmp_path / "output" / "part-0.parquet"), f"{bucket}/emb/part-0.parquet")
+    config = replace(_config(tmp_path, tmp_path, tiny_bundle, train_scorer=False), out=f"s3://{bucket}/train",
+                     embeddings_from=(f"s3://{bucket}/emb",))
     scaling = Scaling(num_workers=1, cpus_per_worker=1, max_failures=0)
     summary = train(config, scaling=scaling)
     assert summary["examples"] == 64 and len(summary["caption_losses"]) == 2
-    listed = {path.split("/", 2)[2] for path in fs.find(f"{BUCKET}/train")}
+    listed = {path.split("/", 2)[2] for path in fs.find(f"{bucket}/train")}
     assert {"train_summary.json", "bundle/bundle.json", "checkpoints/captioner-0002/captioner-0002/mapper.pt",
             "checkpoints/captioner-0002/text_tokenizer.json"} <= listed
-    fs.get(f"{BUCKET}/train/bundle/", str(tmp_path / "bundle"), recursive=True)
+    fs.get(f"{bucket}/train/bundle/", str(tmp_path / "bundle"), recursive=True)
     bundle = load_bundle(tmp_path / "bundle")
     assert bundle.captioner is not None and bundle.manifest["sha256"] == summary["bundle_sha256"]
 
