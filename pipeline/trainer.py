@@ -309,8 +309,9 @@ class RayTrainCheckpoints(Checkpoints):
                          checkpoint_dir_name=f"{stage}-{epoch:04d}")
 
 
-def _ray_worker(settings: dict[str, Any]) -> None:
-    """One Ray Train worker: its device and threads, then the run, checkpointed through Ray Train."""
+def _ray_worker(settings: dict[str, Any]) -> str | None:
+    """One Ray Train worker: its device and threads, then the run, checkpointed through Ray Train. Returns the
+    message of an error of the data or of a model it names (the main worker's is the run's result), else None."""
     import ray.train.torch
 
     scaling: Scaling = settings["scaling"]
@@ -327,7 +328,8 @@ def _ray_worker(settings: dict[str, Any]) -> None:
         except USER_ERRORS as exc:
             # the data or a model it names: the same on every worker and in every retry, so the run ends here
             # with the message, where a raised error would be retried (`max_failures`) and end in a traceback
-            ray.train.report({"error": f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)})
+            return f"{type(exc).__name__}: {exc}" if isinstance(exc, OSError) else str(exc)
+    return None
 
 
 def _fit_on_ray(config: TrainConfig, options: _RunOptions, scaling: Scaling, out_fs: fsspec.AbstractFileSystem,
@@ -357,8 +359,8 @@ def _fit_on_ray(config: TrainConfig, options: _RunOptions, scaling: Scaling, out
         result = trainer.fit()
     except Exception as exc:
         raise TrainingFailed(_root_cause(exc)) from exc
-    if "error" in (result.metrics or {}):
-        raise TrainingFailed(result.metrics["error"])
+    if result.return_value:
+        raise TrainingFailed(result.return_value)
 
 
 USER_ERRORS = (ModelLoadError, InputError, ValueError, FileNotFoundError)

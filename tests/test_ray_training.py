@@ -20,7 +20,7 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 
 from pipeline.models.bundle import load_bundle
-from pipeline.trainer import Scaling, train
+from pipeline.trainer import Scaling, TrainingFailed, train
 from pipeline.training import ClipArch, LMArch, TrainConfig
 from schemas.captions import captions_schema
 
@@ -85,6 +85,16 @@ def test_two_workers_train_to_the_loss_of_one_with_the_same_global_batch(tiny_bu
     assert kept == ["captioner-0001", "captioner-0002"]
     assert {path.name for path in (tmp_path / "w2" / "checkpoints" / "captioner-0002").iterdir()} >= {
         "scorer-0002", "captioner-0002", "text_tokenizer.json"}
+
+
+def test_an_error_of_the_data_ends_the_run_with_its_message_not_retries(tiny_bundle, tmp_path, ray_local):
+    """Output rows without captions: every worker finds none to train on, and the run ends with that message
+    (once, not after `max_failures` restarts) and writes no bundle."""
+    _write_output(tmp_path / "output", 32, 24)
+    config = _config(tmp_path / "run", tmp_path / "output", tiny_bundle, text_column="original_text")
+    with pytest.raises(TrainingFailed, match=r"^no ok rows of .* 'original_text' column"):
+        train(config, scaling=Scaling(num_workers=2, cpus_per_worker=1, max_failures=3))
+    assert not (tmp_path / "run" / "bundle").exists()
 
 
 def _train_workers(ancestor: int) -> list[int]:
