@@ -31,7 +31,6 @@ from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.text_tower import read_text_tower_config
 from pipeline.parallel import Parallel
 from pipeline.sources import InputError
-from pipeline.stages import peak_rss_mb
 from pipeline.training import (
     Checkpoints,
     Compute,
@@ -224,6 +223,8 @@ def _fit(config: TrainConfig, options: _RunOptions, checkpoints: Checkpoints, wo
             scorer_model, scorer_spec = load_pretrained_clip(options.scorer, "--scorer", "scorer")
         summary |= _write_bundle(config, options, work, clip, spec, captioner, scorer_model, scorer_spec)
         summary["train_s"] = round(time.time() - started, 1)
+        from pipeline.stages import peak_rss_mb  # here: the module imports Ray Data, which a run in-process skips
+
         summary["peak_rss_mb"] = round(peak_rss_mb())  # of this process: where the run is on Ray, its main worker
         _write_summary(config, summary)
     return summary
