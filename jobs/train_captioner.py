@@ -89,6 +89,10 @@ from pipeline.training import TrainConfig
               help="Its ResNet tower's stride; 16 drops the stem's average pool (48 px in: a 3x3 last grid).")
 @click.option("--clip-width", type=click.IntRange(min=8), default=None, help="Its ResNet tower's width (default: 32).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N captioned samples.")
+@click.option("--shuffle-buffer-mb", type=click.IntRange(min=1), default=None,
+              help="The examples are read once into a store on local disk (under --out, or the worker's temporary "
+                   "folder) and each epoch streams them through a shuffle buffer of this size: memory does not grow "
+                   "with the data (default: 256).")
 @click.option("--first-reference-prob", type=click.FloatRange(0, 1), default=None,
               help="Stage 2 trains on each image's first reference with this probability (default: uniform).")
 @click.option("--train-scorer", "scorer_training", is_flag=True,

@@ -40,18 +40,18 @@ from pipeline.training import (
     build_locked_scorer,
     check_caption_room,
     embed_images,
-    load_embedding_examples,
-    load_examples,
     seed_everything,
     shared_tokenizer,
     train_captioner,
     train_clip,
     train_scorer,
 )
+from pipeline.training_examples import ExampleStore, write_embedding_examples, write_examples
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_SETTINGS = ("out", "clip_epochs", "caption_epochs", "scorer_epochs")  # more epochs resume a run
+# more epochs resume a run, and so does a smaller shuffle buffer
+RESUMABLE_SETTINGS = ("out", "clip_epochs", "caption_epochs", "scorer_epochs", "shuffle_buffer_mb")
 CHECKPOINTS = "checkpoints"  # below --out: Ray Train's run folder, or the in-process run's checkpoints
 TOKENIZER_FILE = "text_tokenizer.json"  # in the checkpoints: a resumed run reads texts as it did
 
@@ -177,34 +177,38 @@ def _fit(config: TrainConfig, options: _RunOptions, checkpoints: Checkpoints, wo
              f", worker {parallel.rank + 1} of {parallel.world_size}" if parallel.world_size > 1 else "")
     summary: dict = {}
     progress = tqdm if parallel.is_main else functools.partial(tqdm, disable=True)  # one bar for the run
+    # the examples are read once into a store on local disk, which every epoch streams
     if config.embeddings_from:
-        examples, metadata = load_embedding_examples(list(config.embeddings_from), config.text_column, config.data)
+        examples, metadata = write_embedding_examples(list(config.embeddings_from), work / "examples",
+                                                      config.text_column, config.data)
         clip, spec, identity, bundle_captioner = _encoder(config)
         _check_embeddings_encoder(config, examples, metadata, clip, identity)
     elif config.clip:
         clip, spec, _, bundle_captioner = _encoder(config)
         # a pretrained encoder stays frozen: each image is encoded as it is read, and only its embedding kept
-        examples = load_examples(list(config.data), clip.image_spec, config.limit, progress, config.image_root,
-                                 encode=lambda pixels: embed_images(clip, pixels, compute), parallel=parallel)
+        examples = write_examples(list(config.data), clip.image_spec, work / "examples", config.limit, progress,
+                                  config.image_root, encode=lambda pixels: embed_images(clip, pixels, compute),
+                                  parallel=parallel)
     else:
         bundle_captioner = None
         image_spec = ImageSpec(size=config.clip_arch.image_size)
-        examples = load_examples(list(config.data), image_spec, config.limit, progress, config.image_root,
-                                 parallel=parallel)
+        examples = write_examples(list(config.data), image_spec, work / "examples", config.limit, progress,
+                                  config.image_root, parallel=parallel)
     if parallel.is_main:
-        log.info("%d training examples", len(examples.captions))
+        log.info("%d training examples", examples.count)
 
     # the small CLIP's text tower and a GPT-2 from scratch share one tokenizer trained on the captions
     tokenizer_file = checkpoints.root / TOKENIZER_FILE
     tokenizer = None
     if config.lm is None or not config.clip or (config.train_scorer and not config.scorer_text_tower):
-        tokenizer = shared_tokenizer(examples.captions, config.vocab_size, tokenizer_file, parallel)
+        tokenizer = shared_tokenizer(examples.captions(), config.vocab_size, tokenizer_file, parallel)
     if not config.clip:
         clip, spec = build_custom_clip(config.clip_arch, tokenizer_file)
         summary["clip_losses"] = train_clip(clip, examples, config, checkpoints, progress, parallel)
-    if examples.embeddings is None:
-        examples.embeddings = embed_images(clip, examples.pixels, compute)
-        examples.pixels = None
+        pixels = examples
+        examples = pixels.map(lambda values: embed_images(clip, torch.from_numpy(values), compute).numpy(),
+                              work / "embeddings")
+        shutil.rmtree(pixels.folder)
     scorer_model, scorer_spec = None, None
     if config.train_scorer:
         scorer_model, scorer_spec = build_locked_scorer(clip, config.clip_arch, tokenizer_file,
@@ -216,8 +220,9 @@ def _fit(config: TrainConfig, options: _RunOptions, checkpoints: Checkpoints, wo
     else:
         captioner = build_captioner(config, clip.embed_dim, None if config.lm else tokenizer)
         summary["caption_losses"] = train_captioner(captioner, examples, config, checkpoints, progress, parallel)
-    summary["examples"] = len(examples.captions)
+    summary["examples"] = examples.count
     summary["resumed_from"] = checkpoints.resumed_from
+    shutil.rmtree(examples.folder)
     if parallel.is_main:
         if options.scorer:
             scorer_model, scorer_spec = load_pretrained_clip(options.scorer, "--scorer", "scorer")
@@ -267,10 +272,11 @@ def _encoder(config: TrainConfig):
     return (*load_pretrained_clip(config.clip, "--clip", "encoder"), None, None)
 
 
-def _check_embeddings_encoder(config: TrainConfig, examples, metadata: dict, clip, identity: dict | None) -> None:
+def _check_embeddings_encoder(config: TrainConfig, examples: ExampleStore, metadata: dict, clip,
+                              identity: dict | None) -> None:
     """The stored embeddings must come from the encoder the new bundle ships, or its captions are noise.
     `identity`: the encoder's bundle.json entry, where --clip is a bundle."""
-    width = examples.embeddings.shape[1]
+    width = examples.shape[0]
     if width != clip.embed_dim:
         raise ValueError(f"--embeddings-from holds {width}-d embeddings, but --clip {config.clip} makes "
                          f"{clip.embed_dim}-d ones: give the encoder that made them")

@@ -14,15 +14,12 @@ import logging
 import math
 import random
 import shutil
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -45,10 +42,11 @@ from pipeline.models.text_tokenizers import ClipTextTokenizer, load_bpe_tokenize
 from pipeline.models.weights import load_state
 from pipeline.parallel import ONE_PROCESS, Parallel
 from pipeline.precision import resolve_dtype
+from pipeline.training_examples import ExampleStore
 
 log = logging.getLogger(__name__)
 
-MAX_LISTED_SKIPS = 20
+LENGTH_GROUP = 50  # caption batches sorted by length together
 MIN_CAPTION_TOKENS = 8  # positions after the prefix that a caption needs at the least (its eos included)
 
 
@@ -129,6 +127,7 @@ class TrainConfig:
     # A corpus whose first reference is its most regular form (the demo's canonical caption) then
     # teaches greedy decoding one consistent form.
     first_reference_prob: float | None = None
+    shuffle_buffer_mb: int = 256  # the examples each epoch is shuffled among (pipeline.training_examples)
     save_fp16: bool = False  # store the bundle's weights as fp16 (half the size; loaded as fp32)
     # Locked-image tuning: a text tower (clip_arch's) trained against the frozen encoder's image embeddings
     # becomes the bundle's scorer, so that its scores read the captions' language
@@ -151,16 +150,6 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"caption_lr": self.caption_peak_lr(), "scorer_lr": self.scorer_peak_lr()}
-
-
-@dataclass
-class Examples:
-    """Training examples: uint8 images (or precomputed embeddings) and their reference captions."""
-
-    captions: list[list[str]]
-    pixels: torch.Tensor | None = None       # (N, S, S, 3) uint8
-    embeddings: torch.Tensor | None = None   # (N, D) float32, L2-normalized
-    negatives: list[list[str]] | None = None  # hard negative captions per image, when the data has them
 
 
 class Checkpoints:
@@ -216,24 +205,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    order = torch.randperm(n, generator=generator)
-    for start in range(0, n - batch_size + 1 if n >= batch_size else n, batch_size):
-        yield order[start:start + batch_size]
-
-
-def _length_grouped_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
-                            group: int = 50) -> list[torch.Tensor]:
-    """Random batches of similar lengths, as transformers' LengthGroupedSampler: shuffle, sort each run of
-    `group` batches by length, cut it into batches, shuffle the batches. Padding to each batch's longest
-    caption then costs little (the demo's captions run 7-25 tokens: a third of a random batch was padding)."""
-    batches = list(_batches(len(lengths), batch_size, generator))
-    grouped = []
-    for start in range(0, len(batches), group):
-        members = torch.cat(batches[start:start + group])
-        members = members[torch.tensor([lengths[i] for i in members.tolist()]).argsort(stable=True)]
-        grouped.extend(members.split(batch_size))
-    return [grouped[i] for i in torch.randperm(len(grouped), generator=generator).tolist()]
+def _length_grouped(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """Batches of similar lengths out of a random group of examples (a multiple of `batch_size` of them, a shorter
+    last group losing its rest), in a random order, as transformers' LengthGroupedSampler: padding to each
+    batch's longest caption then costs little (the demo's captions run 7-25 tokens: a third of a random batch
+    was padding)."""
+    order = torch.tensor(lengths).argsort(stable=True)
+    batches = [order[start:start + batch_size].tolist()
+               for start in range(0, len(lengths) - len(lengths) % batch_size, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 @dataclass(frozen=True)
@@ -319,14 +299,14 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return (image_to_text + text_to_image) / 2
 
 
-def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
+def train_clip(clip: ClipModel, examples: ExampleStore, config: TrainConfig, checkpoints: Checkpoints,
                progress: Callable[..., Any] = tqdm, parallel: Parallel = ONE_PROCESS) -> list[float | None]:
     """Stage 1: contrastive training over (image, one random reference caption) pairs, plus one hard
-    negative caption per image when the data provides them."""
+    negative caption per image when the data provides them. `examples`: a store of pixels."""
     model = clip.clip.train()
 
-    def images(index: torch.Tensor) -> torch.Tensor:
-        return F.normalize(model.encode_image(clip.normalize_pixels(examples.pixels[index])), dim=-1).float()
+    def images(pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(model.encode_image(clip.normalize_pixels(pixels)), dim=-1).float()
 
     return _train_contrastive("clip", clip, examples, config, checkpoints, progress, parallel,
                               epochs=config.clip_epochs, lr=config.clip_lr, batch_size=config.clip_batch_size,
@@ -334,20 +314,21 @@ def train_clip(clip: ClipModel, examples: Examples, config: TrainConfig, checkpo
 
 
 class _ContrastiveFeatures(torch.nn.Module):
-    """A batch's image features (`images` of its rows), text features and logit scale: the forward DDP wraps."""
+    """A batch's image features (`images` of its examples' values), text features and logit scale: the forward
+    DDP wraps."""
 
     def __init__(self, model: torch.nn.Module, images: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
         self.model = model
         self.images = images
 
-    def forward(self, index: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, values: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # cut to the batch's longest caption (on the demo corpus 25 of 32 positions, 2.5% of a step)
-        return (self.images(index), F.normalize(encode_text_trimmed(self.model, tokens), dim=-1).float(),
+        return (self.images(values), F.normalize(encode_text_trimmed(self.model, tokens), dim=-1).float(),
                 self.model.logit_scale.exp().clamp(max=100))
 
 
-def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: TrainConfig,
+def _train_contrastive(stage: str, clip: ClipModel, examples: ExampleStore, config: TrainConfig,
                        checkpoints: Checkpoints, progress: Callable[..., Any], parallel: Parallel, epochs: int,
                        lr: float, batch_size: int, seed_offset: int, images: Callable[[torch.Tensor], torch.Tensor],
                        make_negatives: Callable[[list[str], random.Random], list[str]] | None = None,
@@ -370,30 +351,28 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: Examples, config: 
                                   fused=True)
     scaler = compute.scaler()
     losses = checkpoints.resume(stage, {stage: model}, optimizer)
-    n = len(examples.captions)
-    batch_size = parallel.usable_batch(min(batch_size, n))
-    steps_per_epoch = max(1, n // batch_size)
+    batch_size = parallel.usable_batch(min(batch_size, examples.count))
+    steps_per_epoch = max(1, examples.count // batch_size)
     total = steps_per_epoch * epochs
-    generator = torch.Generator()
     rng = random.Random()
     for epoch in range(len(losses), epochs):
-        generator.manual_seed(config.seed * 1000 + epoch + seed_offset)
-        rng.seed(config.seed * 1000 + epoch + seed_offset)
-        bar = progress(list(_batches(n, batch_size, generator)), desc=f"{stage} epoch {epoch + 1}", leave=False)
+        seed = config.seed * 1000 + epoch + seed_offset
+        rng.seed(seed)
+        batches = examples.batches(batch_size, seed, config.shuffle_buffer_mb << 20)
+        bar = progress(batches, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}", leave=False)
         epoch_losses = []
-        for step, index in enumerate(bar):
+        for step, batch in enumerate(bar):
             _cosine_lr(optimizer, lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
-            rows = index.tolist()
-            texts = [rng.choice(examples.captions[i]) for i in rows]
-            if examples.negatives:
-                hard = [rng.choice(examples.negatives[i]) for i in rows]
+            texts = [rng.choice(references) for references in batch.references]
+            if examples.has_negatives:
+                hard = [rng.choice(negatives) for negatives in batch.negatives]
             else:
                 hard = make_negatives(texts, rng) if make_negatives else []
-            mine = parallel.share(list(range(len(rows))))
+            mine = parallel.share(list(range(len(batch))))
             local_texts = [texts[i] for i in mine] + ([hard[i] for i in mine] if hard else [])
             with compute.autocast():
                 tokens = clip.tokenizer(local_texts).to(compute.device, non_blocking=True)
-                image_features, text_features, logit_scale = features(index[mine], tokens)
+                image_features, text_features, logit_scale = features(torch.from_numpy(batch.values[mine]), tokens)
                 batch_loss = contrastive_loss(parallel.gather(image_features),
                                               parallel.gather(text_features[:len(mine)]),
                                               parallel.gather(text_features[len(mine):]) if hard else None,
@@ -450,21 +429,22 @@ def word_swap_negative(text: str, vocabulary: list[str], rng: random.Random) -> 
     return " ".join(words)
 
 
-def train_scorer(scorer: ClipModel, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
+def train_scorer(scorer: ClipModel, examples: ExampleStore, config: TrainConfig, checkpoints: Checkpoints,
                  progress: Callable[..., Any] = tqdm, parallel: Parallel = ONE_PROCESS) -> list[float | None]:
     """Locked-image tuning: only the text tower (and the temperature) learn, contrasting each image's frozen
     embedding with one of its captions against the batch's other captions and one hard negative per image
-    (the data's own, else `word_swap_negative`). Returns the mean loss of every epoch."""
+    (the data's own, else `word_swap_negative`). `examples`: a store of embeddings. Returns the mean loss of every
+    epoch."""
     scorer.clip.train()
     scorer.clip.visual.requires_grad_(False)
     scorer.clip.visual.eval()
-    vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions for text in references
+    vocabulary = sorted({word.strip(_PUNCTUATION) for references in examples.captions() for text in references
                          for word in text.split(" ")} - {""})
     device = Compute.of(config).device
     return _train_contrastive("scorer", scorer, examples, config, checkpoints, progress, parallel,
                               epochs=config.scorer_epochs, lr=config.scorer_peak_lr(),
                               batch_size=config.clip_batch_size,
-                              seed_offset=2, images=lambda index: examples.embeddings[index].to(device),
+                              seed_offset=2, images=lambda embeddings: embeddings.to(device),
                               make_negatives=lambda texts, rng: [word_swap_negative(text, vocabulary, rng)
                                                                  for text in texts])
 
@@ -541,7 +521,7 @@ class CaptionLoss(torch.nn.Module):
         return self.captioner.caption_loss(embeddings, tokens, mask)
 
 
-def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: TrainConfig, checkpoints: Checkpoints,
+def train_captioner(captioner: PrefixCaptioner, examples: ExampleStore, config: TrainConfig, checkpoints: Checkpoints,
                     progress: Callable[..., Any] = tqdm, parallel: Parallel = ONE_PROCESS) -> list[float | None]:
     """Stage 2: next-token loss on caption tokens, the CLIP embedding (frozen) as the only input.
     Returns the mean loss of every epoch, those of a resumed checkpoint included."""
@@ -556,32 +536,35 @@ def train_captioner(captioner: PrefixCaptioner, examples: Examples, config: Trai
     modules = {"mapper": captioner.mapper} if config.freeze_lm else {"mapper": captioner.mapper, "lm": captioner.lm}
     losses = checkpoints.resume("captioner", modules, optimizer)
     loss_of = parallel.wrap(CaptionLoss(captioner))
-    n = len(examples.captions)
-    batch_size = parallel.usable_batch(min(config.caption_batch_size, n))
-    steps_per_epoch = max(1, n // batch_size)
+    batch_size = parallel.usable_batch(min(config.caption_batch_size, examples.count))
+    steps_per_epoch = max(1, examples.count // batch_size)
     total = steps_per_epoch * config.caption_epochs
     room = captioner.max_caption_tokens()
     max_tokens = 64 if room is None else room
     micro = config.caption_micro_batch_size or config.caption_batch_size
-    generator = torch.Generator().manual_seed(config.seed + 1)
-    rng = random.Random(config.seed + 1)
+    generator = torch.Generator()
+    rng = random.Random()
     for epoch in range(len(losses), config.caption_epochs):
         captioner.mapper.train()
         captioner.lm.train(not config.freeze_lm)
-        generator.manual_seed(config.seed * 1000 + epoch + 1)
-        rng.seed(config.seed * 1000 + epoch + 1)
-        texts = [_pick_reference(references, config.first_reference_prob, rng) for references in examples.captions]
-        ids = _token_ids(captioner.tokenizer, texts, max_tokens)
-        batches = _length_grouped_batches([len(x) for x in ids], batch_size, generator)
-        bar = progress(batches, desc=f"caption epoch {epoch + 1}", leave=False)
+        seed = config.seed * 1000 + epoch + 1
+        generator.manual_seed(seed)
+        rng.seed(seed)
+        bar = progress(total=steps_per_epoch, desc=f"caption epoch {epoch + 1}", leave=False)
         epoch_losses = []
-        for step, index in enumerate(bar):
-            _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + step, total, steps_per_epoch)
-            parts = _caption_loss_parts(loss_of, captioner.tokenizer.eos_token_id, examples.embeddings, ids,
-                                        index.tolist(), micro, compute, parallel)
-            loss = _step(parts, optimizer, scaler, clip_norm_of=trainable)
-            epoch_losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        for group in examples.batches(batch_size * LENGTH_GROUP, seed, config.shuffle_buffer_mb << 20, keep_last=True):
+            texts = [_pick_reference(references, config.first_reference_prob, rng) for references in group.references]
+            ids = _token_ids(captioner.tokenizer, texts, max_tokens)
+            embeddings = torch.from_numpy(group.values)
+            for rows in _length_grouped([len(x) for x in ids], batch_size, generator):
+                _cosine_lr(optimizer, peak_lr, epoch * steps_per_epoch + len(epoch_losses), total, steps_per_epoch)
+                parts = _caption_loss_parts(loss_of, captioner.tokenizer.eos_token_id, embeddings, ids, rows, micro,
+                                            compute, parallel)
+                loss = _step(parts, optimizer, scaler, clip_norm_of=trainable)
+                epoch_losses.append(loss)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.close()
         losses.append(parallel.mean(float(np.mean(epoch_losses))))
         if parallel.is_main:
             log.info("caption epoch %d/%d loss %.4f", epoch + 1, config.caption_epochs, losses[-1])
@@ -614,7 +597,7 @@ def _pick_reference(references: list[str], first_prob: float | None, rng: random
     return rng.choice(references if first_prob is None else references[1:])
 
 
-def shared_tokenizer(captions: list[list[str]], vocab_size: int, file: Path, parallel: Parallel = ONE_PROCESS):
+def shared_tokenizer(captions: Iterable[list[str]], vocab_size: int, file: Path, parallel: Parallel = ONE_PROCESS):
     """The LM tokenizer, also used by the custom CLIP text tower: `file` (a tokenizers JSON) where a run being
     resumed saved it, else trained on the captions by the main process and given to every other."""
     if parallel.is_main and not file.is_file():
@@ -623,157 +606,3 @@ def shared_tokenizer(captions: list[list[str]], vocab_size: int, file: Path, par
             str(file))
     parallel.share_file(file)
     return load_bpe_tokenizer(file)
-
-
-def load_examples(specs: list[str], image_spec, limit: int | None = None,
-                  progress: Callable[..., Any] = tqdm, image_root: str | None = None,
-                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None, encode_batch: int = 256,
-                  parallel: Parallel = ONE_PROCESS) -> Examples:
-    """Images + reference captions from WebDataset / Parquet / folders (KEY.json 'captions' list, else
-    KEY.txt or a caption column) or caption files (`pipeline.caption_files`: COCO, Karpathy, JSON Lines),
-    whose relative image paths are taken from `image_root`, else from the caption file's folder; the first
-    `limit` captioned samples (an image among them that does not decode is left out).
-    `encode` (uint8 images -> embeddings, a frozen encoder): images are encoded `encode_batch` at a time as they
-    are read and only their embeddings kept, so memory grows by an embedding per image, not by its pixels.
-    Across processes, each decodes (and encodes) every `world_size`-th image only; their shares are then
-    gathered, in the data's order, into the same examples on every process."""
-    from pipeline.images import ImageError, decode_image
-
-    positions, pixels, embeddings, captions, negatives = [], [], [], [], []
-    bar = progress(desc="loading images" if encode is None else "encoding images", unit="img")
-    for position, (image_bytes, references, hard_negatives) in enumerate(_caption_records(specs, image_root)):
-        if limit is not None and position >= limit:
-            break
-        if position % parallel.world_size != parallel.rank:
-            continue
-        try:
-            pixels.append(torch.from_numpy(decode_image(image_bytes, image_spec).pixels))
-        except ImageError as exc:
-            log.warning("skipping an image: %s", exc)
-            continue
-        positions.append(position)
-        captions.append(references)
-        negatives.append(hard_negatives)
-        if encode is not None and len(pixels) == encode_batch:
-            embeddings.append(encode(torch.stack(pixels)))
-            pixels = []
-        bar.update()
-    bar.close()
-    if encode is None:
-        images = torch.stack(pixels) if pixels else None
-    else:
-        images = torch.cat(embeddings + ([encode(torch.stack(pixels))] if pixels else [])) if positions else None
-    if parallel.world_size > 1:
-        positions, captions, negatives, images = _merge_shares(parallel.gather_objects(
-            (positions, captions, negatives, images)))
-    if not captions:
-        raise ValueError(f"no usable image + caption pairs in {', '.join(specs)}")
-    examples = Examples(captions=captions, negatives=negatives if all(negatives) else None)
-    if encode is None:
-        examples.pixels = images
-    else:
-        examples.embeddings = images
-    return examples
-
-
-def _merge_shares(shares: list[tuple[list[int], list, list, torch.Tensor | None]]
-                  ) -> tuple[list[int], list, list, torch.Tensor | None]:
-    """The processes' shares of `load_examples` as one, in the order of their positions in the data."""
-    positions = [position for share in shares for position in share[0]]
-    order = sorted(range(len(positions)), key=positions.__getitem__)
-    captions = [caption for share in shares for caption in share[1]]
-    negatives = [negative for share in shares for negative in share[2]]
-    tensors = [share[3] for share in shares if share[3] is not None]
-    images = torch.cat(tensors)[torch.tensor(order, dtype=torch.long)] if tensors else None
-    return ([positions[i] for i in order], [captions[i] for i in order], [negatives[i] for i in order], images)
-
-
-def _caption_records(specs: list[str], image_root: str | None = None
-                     ) -> Iterator[tuple[bytes, list[str], list[str]]]:
-    """(image bytes, reference captions, hard negative captions) from every kind of input."""
-    from pipeline.caption_files import expand_labelled_inputs, read_labelled_inputs
-    from pipeline.sources import record_metadata, reference_captions, text_list
-
-    caption_files, shards = expand_labelled_inputs(specs)
-    unusable = 0
-    for record in read_labelled_inputs(caption_files, shards, image_root):
-        meta = record_metadata(record)
-        references = reference_captions(record, meta) if record["status"] == "ok" and record["image"] else []
-        if references:
-            yield record["image"], references, text_list(meta.get("negatives"))
-            continue
-        unusable += 1
-        if unusable <= MAX_LISTED_SKIPS:  # a LAION Parquet may hold thousands of failed downloads
-            reason = f"{record['status']}: {record['error']}" if record["status"] != "ok" else "no caption"
-            log.warning("skipping %s of %s: %s", record["key"], record["source"], reason)
-        elif unusable == MAX_LISTED_SKIPS + 1:
-            log.warning("more unusable samples are skipped without a warning each")
-
-
-def load_embedding_examples(specs: list[str], text_column: str = "caption",
-                            caption_files: tuple[str, ...] = ()) -> tuple[Examples, dict[str, Any]]:
-    """This project's own output (captions/ or filtered/ parquet): the stored image embeddings of its ok rows and
-    their reference captions: each row's `text_column` (`caption`, or the `original_text` that came with the
-    image), or, given `caption_files`, every caption those files hold for the row's image, joined by key (the
-    image path as the file writes it, else its file name, with or without extension), as ClipCap trains from
-    embeddings made once. Returns the examples and the output's 'captioner' metadata."""
-    import fsspec
-    import pyarrow.parquet as pq
-
-    from pipeline.caption_files import find_caption_files
-
-    references = _references_by_key(find_caption_files(list(caption_files))) if caption_files else None
-    columns = ["key", "status", "image_embedding"] + ([] if references is not None else [text_column])
-    embeddings, captions, metadata, unmatched = [], [], {}, 0
-    for spec in specs:
-        fs, path = fsspec.core.url_to_fs(spec)
-        files = sorted(fs.glob(f"{path.rstrip('/')}/*.parquet")) if fs.isdir(path) else sorted(fs.glob(path))
-        for file in files:
-            with fs.open(file, "rb") as handle:
-                parquet = pq.ParquetFile(handle)
-                metadata = json.loads((parquet.schema_arrow.metadata or {}).get(b"captioner", b"{}"))
-                if text_column not in parquet.schema_arrow.names and references is None:
-                    raise ValueError(f"{file} has no column {text_column!r}")
-                table = parquet.read(columns=columns, use_threads=False)
-            table = table.filter(pc.equal(table.column("status"), "ok"))
-            if references is None:
-                texts = [[text] if text else [] for text in table.column(text_column).to_pylist()]
-            else:
-                texts = [references.get(key) or references.get(_file_name(key), []) for key in
-                         table.column("key").to_pylist()]
-                unmatched += sum(not found for found in texts)
-            usable = [bool(found) for found in texts]
-            table = table.filter(pa.array(usable))
-            captions.extend(found for found in texts if found)
-            flat = table.column("image_embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            width = table.schema.field("image_embedding").type.list_size
-            embeddings.append(torch.from_numpy(flat.astype(np.float32)).view(table.num_rows, width))
-    if unmatched:
-        log.warning("%d ok rows of %s have no caption in %s (joined by key or file name)", unmatched,
-                    ", ".join(specs), ", ".join(caption_files))
-    if not captions:
-        where = ", ".join(caption_files) if references is not None else f"their {text_column!r} column"
-        raise ValueError(f"no ok rows of {', '.join(specs)} with an image_embedding and a caption in {where}"
-                         + (" (an --embed-only output has no captions: train on its original_text or on a caption "
-                            "file)" if text_column == "caption" and references is None else ""))
-    return Examples(captions=captions, embeddings=F.normalize(torch.cat(embeddings), dim=-1)), metadata
-
-
-def _file_name(key: str) -> str:
-    return key.rsplit("/", 1)[-1]
-
-
-def _references_by_key(caption_files: list[str]) -> dict[str, list[str]]:
-    """Each image path's captions, over every caption file, also under the path's file name and under that name
-    without its extension, where no other image has it: an output of an images folder keys them by their path
-    below it, a WebDataset of the images by their stem."""
-    from pipeline.caption_files import caption_entries
-
-    by_path: dict[str, list[str]] = {}
-    for file in caption_files:
-        for image, captions, _ in caption_entries(file):
-            by_path.setdefault(image, []).extend(captions)
-    aliases = {image: (_file_name(image), _file_name(image).rsplit(".", 1)[0]) for image in by_path}
-    taken = Counter(alias for names in aliases.values() for alias in set(names))
-    return {alias: by_path[image] for image, names in aliases.items() for alias in names if taken[alias] == 1} \
-        | by_path

@@ -30,21 +30,19 @@ from pipeline.sources import InputError
 from pipeline.trainer import train
 from pipeline.training import (
     CLIPCAP_LR,
-    MAX_LISTED_SKIPS,
     CaptionLoss,
     ClipArch,
     Compute,
     LMArch,
     TrainConfig,
-    _batches,
     _caption_loss_parts,
     _cosine_lr,
-    _length_grouped_batches,
+    _length_grouped,
     _token_ids,
     contrastive_loss,
-    load_examples,
     word_swap_negative,
 )
+from pipeline.training_examples import MAX_LISTED_SKIPS, Block, ExampleStore, write_examples
 from schemas.captions import captions_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -88,21 +86,20 @@ def test_learning_rate_warms_up_to_the_peak_and_decays_to_near_zero_however_shor
 
 
 def test_caption_batches_group_similar_lengths_and_still_cover_every_example_once_in_random_order():
-    lengths = np.random.default_rng(0).integers(5, 26, size=1000).tolist()
-    batches = _length_grouped_batches(lengths, 16, torch.Generator().manual_seed(1), group=10)
-    members = torch.cat(batches).tolist()
+    lengths = np.random.default_rng(0).integers(5, 26, size=165).tolist()
+    batches = _length_grouped(lengths, 16, torch.Generator().manual_seed(1))
+    members = [i for batch in batches for i in batch]
     assert all(len(batch) == 16 for batch in batches)
-    assert len(members) == len(set(members)) == 1000 // 16 * 16
+    assert len(members) == len(set(members)) == 165 // 16 * 16
 
-    def padding(batches: list[torch.Tensor]) -> int:
-        return sum(max(lengths[i] for i in batch.tolist()) * len(batch) - sum(lengths[i] for i in batch.tolist())
-                   for batch in batches)
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in batch) * len(batch) - sum(lengths[i] for i in batch) for batch in batches)
 
-    assert padding(batches) * 4 < padding(list(_batches(1000, 16, torch.Generator().manual_seed(1))))
-    longest = [max(lengths[i] for i in batch.tolist()) for batch in batches]
+    in_order = [list(range(start, start + 16)) for start in range(0, 160, 16)]
+    assert padding(batches) * 4 < padding(in_order)
+    longest = [max(lengths[i] for i in batch) for batch in batches]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
-    again = _length_grouped_batches(lengths, 16, torch.Generator().manual_seed(1), group=10)
-    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
+    assert batches == _length_grouped(lengths, 16, torch.Generator().manual_seed(1))
 
 
 def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it():
@@ -134,11 +131,12 @@ def test_jsonl_captions_skip_bad_lines_and_keep_only_text_references(tmp_path, c
     (tmp_path / "captions.jsonl").write_text("\n".join(
         line if isinstance(line, str) else json.dumps(line) for line in lines))
     with caplog.at_level(logging.WARNING):
-        examples = load_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), progress=_silent)
+        examples = _read(write_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), tmp_path / "store",
+                                 progress=_silent))
     # JSON's lone surrogate ("\\ud800"), which the tokenizer cannot encode, is replaced
-    assert examples.captions == [["bir kedi", "bir \ufffd kedi"], ["iki köpek"]]
-    assert examples.pixels.shape == (2, 16, 16, 3)
-    assert examples.negatives is None  # not every example has one
+    assert examples.references == [["bir kedi", "bir \ufffd kedi"], ["iki köpek"]]
+    assert examples.values.shape == (2, 16, 16, 3) and examples.values.dtype == np.uint8
+    assert not ExampleStore(tmp_path / "store").has_negatives  # not every example has one
     messages = [r.getMessage() for r in caplog.records]
     skipped = sorted(int(m.split(" line ")[1].split(":")[0]) for m in messages if " line " in m)
     assert skipped == [2, 3, 5, 7, 8]
@@ -156,8 +154,9 @@ def test_a_caption_file_saved_by_windows_tools_keeps_its_turkish_letters(tmp_pat
     lines = [{"image": "a.jpg", "caption": "Işık ağacın üstünde"}, {"image": "b.jpg", "caption": "şişe ve çiçek"}]
     (tmp_path / "captions.jsonl").write_bytes("\n".join(json.dumps(line, ensure_ascii=False) for line in lines)
                                               .encode(encoding))
-    examples = load_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), progress=_silent)
-    assert examples.captions == [["Işık ağacın üstünde"], ["şişe ve çiçek"]]
+    examples = _read(write_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), tmp_path / "store",
+                                 progress=_silent))
+    assert examples.references == [["Işık ağacın üstünde"], ["şişe ve çiçek"]]
 
 
 def test_a_frozen_encoder_encodes_images_as_they_are_read_and_keeps_no_pixels(tmp_path):
@@ -176,11 +175,13 @@ def test_a_frozen_encoder_encodes_images_as_they_are_read_and_keeps_no_pixels(tm
         return pixels.reshape(len(pixels), -1).float() @ projection
 
     files = [str(tmp_path / "captions.jsonl")]
-    streamed = load_examples(files, ImageSpec(size=16), progress=_silent, encode=encode, encode_batch=3)
-    whole = load_examples(files, ImageSpec(size=16), progress=_silent)
-    assert batches == [3, 3, 1] and streamed.pixels is None and whole.embeddings is None
-    assert streamed.captions == whole.captions == [[f"resim {i}"] for i in range(7)]
-    torch.testing.assert_close(streamed.embeddings, whole.pixels.reshape(7, -1).float() @ projection)
+    streamed = _read(write_examples(files, ImageSpec(size=16), tmp_path / "embeddings", progress=_silent,
+                                    encode=encode, encode_batch=3))
+    whole = _read(write_examples(files, ImageSpec(size=16), tmp_path / "pixels", progress=_silent))
+    assert batches == [3, 3, 1] and streamed.values.dtype == np.float32 and whole.values.dtype == np.uint8
+    assert streamed.references == whole.references == [[f"resim {i}"] for i in range(7)]
+    torch.testing.assert_close(torch.from_numpy(streamed.values),
+                               torch.from_numpy(whole.values).reshape(7, -1).float() @ projection)
 
 
 def test_coco_and_karpathy_caption_files_pair_each_image_with_all_its_captions(tmp_path, caplog):
@@ -205,15 +206,16 @@ def test_coco_and_karpathy_caption_files_pair_each_image_with_all_its_captions(t
     (tmp_path / "train2014" / "array.json").write_text(json.dumps([{"image": "b.jpg", "caption": "dizi"}]))
 
     with caplog.at_level(logging.INFO):
-        coco_examples = load_examples([str(tmp_path / "annotations" / "captions_tr.json")], ImageSpec(size=16),
-                                      progress=_silent, image_root=str(tmp_path / "train2014"))
+        coco_examples = _read(write_examples([str(tmp_path / "annotations" / "captions_tr.json")],
+                                             ImageSpec(size=16), tmp_path / "coco", progress=_silent,
+                                             image_root=str(tmp_path / "train2014")))
         files = [str(tmp_path / "dataset_coco_tr.json"), str(tmp_path / "train2014" / "array.json")]
-        karpathy_examples = load_examples(files, ImageSpec(size=16), progress=_silent)
+        karpathy_examples = _read(write_examples(files, ImageSpec(size=16), tmp_path / "karpathy", progress=_silent))
     # image 12 has no caption of its own, 11's file is missing: both skipped with a warning
-    assert coco_examples.captions == [["bir köpek"], ["iki kedi", "kediler"]]
-    assert coco_examples.pixels.shape == (2, 16, 16, 3)
+    assert coco_examples.references == [["bir köpek"], ["iki kedi", "kediler"]]
+    assert coco_examples.values.shape == (2, 16, 16, 3)
     assert any("yok.jpg" in r.getMessage() for r in caplog.records)
-    assert karpathy_examples.captions == [["bir köpek"], ["bir kuş"], ["dizi"]]
+    assert karpathy_examples.references == [["bir köpek"], ["bir kuş"], ["dizi"]]
     assert any("reading its train/restval split(s), 2 of 3 images" in r.getMessage() for r in caplog.records)
 
 
@@ -222,8 +224,9 @@ def test_unusable_samples_are_warned_about_a_bounded_number_of_times(tmp_path, c
     lines = [{"image": f"gone{i}.jpg", "caption": "yok"} for i in range(50)] + [{"image": "a.jpg", "caption": "var"}]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     with caplog.at_level(logging.WARNING):
-        examples = load_examples([str(tmp_path / "c.jsonl")], ImageSpec(size=16), progress=_silent)
-    assert examples.captions == [["var"]]
+        examples = _read(write_examples([str(tmp_path / "c.jsonl")], ImageSpec(size=16), tmp_path / "store",
+                                        progress=_silent))
+    assert examples.references == [["var"]]
     assert len(caplog.records) == MAX_LISTED_SKIPS + 1 and "gone0.jpg" in caplog.records[0].getMessage()
 
 
@@ -277,6 +280,10 @@ def test_train_cli_takes_captions_and_image_root(tmp_path, monkeypatch):
 
 def _silent(*args, **kwargs):
     return tqdm(*args, disable=True, **kwargs)
+
+
+def _read(store: ExampleStore) -> Block:
+    return Block.concat(list(store.blocks()))
 
 
 def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
@@ -443,21 +450,21 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
     seen = []
     real = training.train_captioner
     monkeypatch.setattr(training, "train_captioner",
-                        lambda captioner, examples, *args, **kw: seen.append(examples) or real(captioner, examples,
-                                                                                                  *args, **kw))
+                        lambda captioner, examples, *args, **kw: seen.append(_read(examples)) or real(
+                            captioner, examples, *args, **kw))
     monkeypatch.setattr(sys.modules["pipeline.trainer"], "train_captioner", training.train_captioner)
     summary = train(_config(tmp_path / "coco", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
                             data=(str(tmp_path / "captions_train.json"),)))
     examples = seen[-1]
-    assert summary["examples"] == 18 and len(examples.captions) == 18
-    assert examples.captions[5] == [f"Resim 5, cümle {j}." for j in range(5)]
+    assert summary["examples"] == 18 and len(examples) == 18
+    assert examples.references[5] == [f"Resim 5, cümle {j}." for j in range(5)]
     stored = np.asarray(table.column("image_embedding").to_pylist()[5], dtype=np.float32)
-    np.testing.assert_allclose(examples.embeddings[5].numpy(), stored / np.linalg.norm(stored), atol=1e-6)
+    np.testing.assert_allclose(examples.values[5], stored / np.linalg.norm(stored), atol=1e-6)
 
     summary = train(_config(tmp_path / "alt", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
                             text_column="original_text"))
     with_text = [i for i in range(19) if originals[i]]
-    assert summary["examples"] == len(with_text) and seen[-1].captions == [[originals[i]] for i in with_text]
+    assert summary["examples"] == len(with_text) and seen[-1].references == [[originals[i]] for i in with_text]
     # an output written without captions trains on its captions only with a word on what to give instead
     (tmp_path / "uncaptioned").mkdir()
     pq.write_table(table.set_column(table.schema.get_field_index("caption"), "caption", pa.nulls(20, pa.string())),
