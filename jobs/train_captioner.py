@@ -11,7 +11,9 @@ The embedded demo model (reproduces pipeline/assets/demo_bundle, README "The emb
 Real models and data:
   python jobs/train_captioner.py --data 'coco_tr/{00000..00099}.tar' --clip ViT-B-32:openai \
       --scorer xlm-roberta-base-ViT-B-32:laion5b_s13b_b90k --lm redrussianarmy/gpt2-turkish-cased --out runs/coco-tr
-  python jobs/train_captioner.py --embeddings-from out/filtered --clip bundles/demo --out runs/next
+  python jobs/train_captioner.py --embeddings-from out --clip bundles/demo --out runs/next
+A student on labelled images and the pseudo-labels an output kept (its filtered/ part), not encoded again:
+  python jobs/train_captioner.py --data 'labelled/*.tar' --embeddings-from out --clip bundles/demo --out runs/student
 ClipCap's recipe, the images encoded once (caption_shards.py --model ViT-B-32:openai --embed-only ... --output
 out/coco-emb), then every COCO reference joined to the stored embeddings by key:
   python jobs/train_captioner.py --embeddings-from out/coco-emb/captions --clip ViT-B-32:openai \
@@ -30,7 +32,6 @@ from dataclasses import replace
 import _bootstrap  # noqa: F401
 import click
 
-from pipeline.caption_files import is_caption_file
 from pipeline.cli import OneLineErrors, language_options
 from pipeline.config import DTYPES
 from pipeline.models.errors import ModelLoadError
@@ -48,8 +49,10 @@ from pipeline.training import TrainConfig
 @click.option("--image-root", default=None,
               help="Folder of the images a caption file names by relative path (default: the file's folder).")
 @click.option("--embeddings-from", multiple=True,
-              help="This project's output dir(s): train on its stored image embeddings (no image is read) and their "
-                   "--text-column, or the captions of --data caption files joined by key. Repeatable.")
+              help="This project's output (its folder: the kept rows of filtered/; or captions/, filtered/, Parquet "
+                   "files): train on its stored image embeddings (not read again) and their --text-column, or the "
+                   "captions of --data caption files joined by key; --data images train alongside, encoded with "
+                   "--clip. Repeatable.")
 @click.option("--text-column", type=click.Choice(["caption", "original_text"]), default="caption", show_default=True,
               help="The --embeddings-from column to train on: the generated captions, or the text that came with "
                    "each image.")
@@ -88,7 +91,8 @@ from pipeline.training import TrainConfig
 @click.option("--clip-stride", type=click.Choice(["32", "16"]), default=None,
               help="Its ResNet tower's stride; 16 drops the stem's average pool (48 px in: a 3x3 last grid).")
 @click.option("--clip-width", type=click.IntRange(min=8), default=None, help="Its ResNet tower's width (default: 32).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N captioned samples.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Use only the first N captioned images of --data.")
 @click.option("--shuffle-buffer-mb", type=click.IntRange(min=1), default=None,
               help="The examples are read once into a store on local disk (under --out, or the worker's temporary "
                    "folder) and each epoch streams them through a shuffle buffer of this size: memory does not grow "
@@ -126,9 +130,6 @@ def main(**options) -> None:
     data, embeddings_from = options.pop("data"), options.pop("embeddings_from")
     if not data and not embeddings_from:
         raise click.UsageError("give --data or --embeddings-from")
-    if embeddings_from and not all(is_caption_file(spec) for spec in data):
-        raise click.UsageError("with --embeddings-from, --data takes caption files only (their captions are joined to "
-                               "the stored embeddings by key): no image is read")
     caption_language, scorer_languages, scorer = (options.pop(name) for name in
                                                   ("caption_language", "scorer_languages", "scorer"))
     batch_size = options.pop("batch_size")

@@ -46,7 +46,7 @@ from pipeline.training import (
     train_clip,
     train_scorer,
 )
-from pipeline.training_examples import ExampleStore, write_embedding_examples, write_examples
+from pipeline.training_examples import StoreWriter, add_embedding_examples, add_image_examples
 
 log = logging.getLogger(__name__)
 
@@ -178,22 +178,22 @@ def _fit(config: TrainConfig, options: _RunOptions, checkpoints: Checkpoints, wo
     summary: dict = {}
     progress = tqdm if parallel.is_main else functools.partial(tqdm, disable=True)  # one bar for the run
     # the examples are read once into a store on local disk, which every epoch streams
-    if config.embeddings_from:
-        examples, metadata = write_embedding_examples(list(config.embeddings_from), work / "examples",
-                                                      config.text_column, config.data)
-        clip, spec, identity, bundle_captioner = _encoder(config)
-        _check_embeddings_encoder(config, examples, metadata, clip, identity)
-    elif config.clip:
-        clip, spec, _, bundle_captioner = _encoder(config)
-        # a pretrained encoder stays frozen: each image is encoded as it is read, and only its embedding kept
-        examples = write_examples(list(config.data), clip.image_spec, work / "examples", config.limit, progress,
-                                  config.image_root, encode=lambda pixels: embed_images(clip, pixels, compute),
-                                  parallel=parallel)
-    else:
-        bundle_captioner = None
-        image_spec = ImageSpec(size=config.clip_arch.image_size)
-        examples = write_examples(list(config.data), image_spec, work / "examples", config.limit, progress,
-                                  config.image_root, parallel=parallel)
+    with StoreWriter(work / "examples") as writer:
+        if config.clip:
+            clip, spec, identity, bundle_captioner = _encoder(config)
+            joined, images = _split_data(config)
+            if config.embeddings_from:
+                metadata = add_embedding_examples(writer, list(config.embeddings_from), config.text_column, joined)
+                _check_embeddings_encoder(config, writer.shape[0], metadata, clip, identity)
+            if images:
+                # a pretrained encoder stays frozen: each image is encoded as it is read, and only its embedding kept
+                add_image_examples(writer, images, clip.image_spec, config.limit, progress, config.image_root,
+                                   encode=lambda pixels: embed_images(clip, pixels, compute), parallel=parallel)
+        else:
+            bundle_captioner = None
+            add_image_examples(writer, list(config.data), ImageSpec(size=config.clip_arch.image_size), config.limit,
+                               progress, config.image_root, parallel=parallel)
+    examples = writer.store
     if parallel.is_main:
         log.info("%d training examples", examples.count)
 
@@ -272,11 +272,20 @@ def _encoder(config: TrainConfig):
     return (*load_pretrained_clip(config.clip, "--clip", "encoder"), None, None)
 
 
-def _check_embeddings_encoder(config: TrainConfig, examples: ExampleStore, metadata: dict, clip,
-                              identity: dict | None) -> None:
-    """The stored embeddings must come from the encoder the new bundle ships, or its captions are noise.
-    `identity`: the encoder's bundle.json entry, where --clip is a bundle."""
-    width = examples.shape[0]
+def _split_data(config: TrainConfig) -> tuple[tuple[str, ...], list[str]]:
+    """--data as the caption files joined to --embeddings-from by key, and the images to encode; without
+    --embeddings-from, all images."""
+    from pipeline.caption_files import is_caption_file
+
+    if not config.embeddings_from:
+        return (), list(config.data)
+    return (tuple(spec for spec in config.data if is_caption_file(spec)),
+            [spec for spec in config.data if not is_caption_file(spec)])
+
+
+def _check_embeddings_encoder(config: TrainConfig, width: int, metadata: dict, clip, identity: dict | None) -> None:
+    """The stored embeddings (`width` wide) must come from the encoder the new bundle ships, or its captions are
+    noise. `identity`: the encoder's bundle.json entry, where --clip is a bundle."""
     if width != clip.embed_dim:
         raise ValueError(f"--embeddings-from holds {width}-d embeddings, but --clip {config.clip} makes "
                          f"{clip.embed_dim}-d ones: give the encoder that made them")

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED_SKIPS = 20
 CHUNK_BYTES = 32 << 20  # a store file: the unit of shuffling files and of reading
 STORE_FILE = "store.json"  # written last: a store without it was cut short and is written again
+FILTERED = "filtered"  # an output's pseudo-label set, below its folder
 
 
 @dataclass
@@ -149,9 +150,20 @@ class StoreWriter:
         self._shape: tuple[int, ...] | None = None
         self._dtype: np.dtype | None = None
 
+    @property
+    def count(self) -> int:
+        return self._count
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """An example's values' shape (None before the first)."""
+        return self._shape
+
     def add(self, block: Block) -> None:
         if not len(block):
             return
+        if self._shape is not None and block.values.shape[1:] != self._shape:
+            raise ValueError(f"examples of shape {block.values.shape[1:]} cannot join those of {self._shape}")
         self._shape, self._dtype = block.values.shape[1:], block.values.dtype
         self._pending.append(block)
         self._pending_bytes += block.values.nbytes
@@ -195,39 +207,38 @@ class StoreWriter:
         self.store = ExampleStore(self.folder)
 
 
-def write_examples(specs: list[str], image_spec, folder: Path, limit: int | None = None,
-                   progress: Callable[..., Any] = tqdm, image_root: str | None = None,
-                   encode: Callable[[torch.Tensor], torch.Tensor] | None = None, encode_batch: int = 256,
-                   parallel: Parallel = ONE_PROCESS, exchange_every: int = 1024) -> ExampleStore:
+def add_image_examples(writer: StoreWriter, specs: list[str], image_spec, limit: int | None = None,
+                       progress: Callable[..., Any] = tqdm, image_root: str | None = None,
+                       encode: Callable[[torch.Tensor], torch.Tensor] | None = None, encode_batch: int = 256,
+                       parallel: Parallel = ONE_PROCESS, exchange_every: int = 1024) -> None:
     """Images + reference captions from WebDataset / Parquet / folders (KEY.json 'captions' list, else
     KEY.txt or a caption column) or caption files (`pipeline.caption_files`: COCO, Karpathy, JSON Lines),
     whose relative image paths are taken from `image_root`, else from the caption file's folder; the first
-    `limit` captioned samples (an image among them that does not decode is left out), stored at `folder` as uint8
+    `limit` captioned samples (an image among them that does not decode is left out), added to `writer` as uint8
     pixels, or with `encode` (uint8 images -> embeddings, a frozen encoder) as the embeddings of `encode_batch`
-    images at a time: only they are kept.
+    images at a time: only they are kept. ValueError where the data has none.
     Across processes, each decodes (and encodes) every `world_size`-th image only; every `exchange_every` samples
     their shares are exchanged, so that every process writes the same store."""
     from pipeline.images import ImageError, decode_image
 
     bar = progress(desc="loading images" if encode is None else "encoding images", unit="img")
     share = _Share()
-    with StoreWriter(folder) as writer:
-        for position, (image_bytes, references, hard_negatives) in enumerate(_caption_records(specs, image_root)):
-            if limit is not None and position >= limit:
-                break
-            if position % parallel.world_size == parallel.rank:
-                try:
-                    share.add(position, decode_image(image_bytes, image_spec).pixels, references, hard_negatives)
-                    bar.update()
-                except ImageError as exc:
-                    log.warning("skipping an image: %s", exc)
-            if (position + 1) % exchange_every == 0:
-                writer.add(share.exchange(parallel, encode, encode_batch))
-        writer.add(share.exchange(parallel, encode, encode_batch))
+    before = writer.count
+    for position, (image_bytes, references, hard_negatives) in enumerate(_caption_records(specs, image_root)):
+        if limit is not None and position >= limit:
+            break
+        if position % parallel.world_size == parallel.rank:
+            try:
+                share.add(position, decode_image(image_bytes, image_spec).pixels, references, hard_negatives)
+                bar.update()
+            except ImageError as exc:
+                log.warning("skipping an image: %s", exc)
+        if (position + 1) % exchange_every == 0:
+            writer.add(share.exchange(parallel, encode, encode_batch))
+    writer.add(share.exchange(parallel, encode, encode_batch))
     bar.close()
-    if writer.store is None:
+    if writer.count == before:
         raise ValueError(f"no usable image + caption pairs in {', '.join(specs)}")
-    return writer.store
 
 
 class _Share:
@@ -288,14 +299,15 @@ def _caption_records(specs: list[str], image_root: str | None = None
             log.warning("more unusable samples are skipped without a warning each")
 
 
-def write_embedding_examples(specs: list[str], folder: Path, text_column: str = "caption",
-                             caption_files: tuple[str, ...] = ()) -> tuple[ExampleStore, dict[str, Any]]:
-    """This project's own output (captions/ or filtered/ parquet), stored at `folder`: the image embeddings of its
-    ok rows, L2-normalized, and their reference captions: each row's `text_column` (`caption`, or the
-    `original_text` that came with the image), or, given `caption_files`, every caption those files hold for the
-    row's image, joined by key (the image path as the file writes it, else its file name, with or without
-    extension), as ClipCap trains from embeddings made once. Read a batch of rows at a time. Returns the store and
-    the output's 'captioner' metadata."""
+def add_embedding_examples(writer: StoreWriter, specs: list[str], text_column: str = "caption",
+                           caption_files: tuple[str, ...] = ()) -> dict[str, Any]:
+    """This project's own output, added to `writer`: the image embeddings of its ok rows, L2-normalized, and their
+    reference captions: each row's `text_column` (`caption`, or the `original_text` that came with the image), or,
+    given `caption_files`, every caption those files hold for the row's image, joined by key (the image path as
+    the file writes it, else its file name, with or without extension), as ClipCap trains from embeddings made
+    once. A spec is an output folder (its filtered/ part: the pseudo-label set, every ok row of an --embed-only
+    output), its captions/ or filtered/, or Parquet files; read a batch of rows at a time. Returns the output's
+    'captioner' metadata; ValueError where it has no row to train on."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -303,30 +315,35 @@ def write_embedding_examples(specs: list[str], folder: Path, text_column: str = 
 
     references = _references_by_key(find_caption_files(list(caption_files))) if caption_files else None
     columns = ["key", "status", "image_embedding"] + ([] if references is not None else [text_column])
-    metadata, unmatched = {}, 0
-    with StoreWriter(folder) as writer:
-        for spec in specs:
-            fs, path = fsspec.core.url_to_fs(spec)
-            files = sorted(fs.glob(f"{path.rstrip('/')}/*.parquet")) if fs.isdir(path) else sorted(fs.glob(path))
-            for file in files:
-                with fs.open(file, "rb") as handle:
-                    parquet = pq.ParquetFile(handle)
-                    metadata = json.loads((parquet.schema_arrow.metadata or {}).get(b"captioner", b"{}"))
-                    if text_column not in parquet.schema_arrow.names and references is None:
-                        raise ValueError(f"{file} has no column {text_column!r}")
-                    for batch in parquet.iter_batches(batch_size=8192, columns=columns, use_threads=False):
-                        block, missing = _embedding_block(pa.Table.from_batches([batch]), text_column, references)
-                        writer.add(block)
-                        unmatched += missing
+    metadata, unmatched, before = {}, 0, writer.count
+    for spec in specs:
+        fs, path = fsspec.core.url_to_fs(spec)
+        path = path.rstrip("/")
+        if fs.isdir(path) and not fs.glob(f"{path}/*.parquet") and fs.isdir(f"{path}/{FILTERED}"):
+            path = f"{path}/{FILTERED}"
+        files = sorted(fs.glob(f"{path}/*.parquet")) if fs.isdir(path) else sorted(fs.glob(path))
+        if not files:
+            raise ValueError(f"--embeddings-from {spec}: no Parquet files there (give an output folder, its "
+                             "captions/ or filtered/, or Parquet files)")
+        for file in files:
+            with fs.open(file, "rb") as handle:
+                parquet = pq.ParquetFile(handle)
+                metadata = json.loads((parquet.schema_arrow.metadata or {}).get(b"captioner", b"{}"))
+                if text_column not in parquet.schema_arrow.names and references is None:
+                    raise ValueError(f"{file} has no column {text_column!r}")
+                for batch in parquet.iter_batches(batch_size=8192, columns=columns, use_threads=False):
+                    block, missing = _embedding_block(pa.Table.from_batches([batch]), text_column, references)
+                    writer.add(block)
+                    unmatched += missing
     if unmatched:
         log.warning("%d ok rows of %s have no caption in %s (joined by key or file name)", unmatched,
                     ", ".join(specs), ", ".join(caption_files))
-    if writer.store is None:
+    if writer.count == before:
         where = ", ".join(caption_files) if references is not None else f"their {text_column!r} column"
         raise ValueError(f"no ok rows of {', '.join(specs)} with an image_embedding and a caption in {where}"
                          + (" (an --embed-only output has no captions: train on its original_text or on a caption "
                             "file)" if text_column == "caption" and references is None else ""))
-    return writer.store, metadata
+    return metadata
 
 
 def _embedding_block(table: pa.Table, text_column: str, references: dict[str, list[str]] | None

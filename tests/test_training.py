@@ -42,7 +42,14 @@ from pipeline.training import (
     contrastive_loss,
     word_swap_negative,
 )
-from pipeline.training_examples import MAX_LISTED_SKIPS, Block, ExampleStore, write_examples
+from pipeline.training_examples import (
+    MAX_LISTED_SKIPS,
+    Block,
+    ExampleStore,
+    StoreWriter,
+    add_embedding_examples,
+    add_image_examples,
+)
 from schemas.captions import captions_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -131,12 +138,11 @@ def test_jsonl_captions_skip_bad_lines_and_keep_only_text_references(tmp_path, c
     (tmp_path / "captions.jsonl").write_text("\n".join(
         line if isinstance(line, str) else json.dumps(line) for line in lines))
     with caplog.at_level(logging.WARNING):
-        examples = _read(write_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), tmp_path / "store",
-                                 progress=_silent))
+        examples, store = _load([str(tmp_path / "captions.jsonl")], tmp_path / "store")
     # JSON's lone surrogate ("\\ud800"), which the tokenizer cannot encode, is replaced
     assert examples.references == [["bir kedi", "bir \ufffd kedi"], ["iki köpek"]]
     assert examples.values.shape == (2, 16, 16, 3) and examples.values.dtype == np.uint8
-    assert not ExampleStore(tmp_path / "store").has_negatives  # not every example has one
+    assert not store.has_negatives  # not every example has one
     messages = [r.getMessage() for r in caplog.records]
     skipped = sorted(int(m.split(" line ")[1].split(":")[0]) for m in messages if " line " in m)
     assert skipped == [2, 3, 5, 7, 8]
@@ -154,8 +160,7 @@ def test_a_caption_file_saved_by_windows_tools_keeps_its_turkish_letters(tmp_pat
     lines = [{"image": "a.jpg", "caption": "Işık ağacın üstünde"}, {"image": "b.jpg", "caption": "şişe ve çiçek"}]
     (tmp_path / "captions.jsonl").write_bytes("\n".join(json.dumps(line, ensure_ascii=False) for line in lines)
                                               .encode(encoding))
-    examples = _read(write_examples([str(tmp_path / "captions.jsonl")], ImageSpec(size=16), tmp_path / "store",
-                                 progress=_silent))
+    examples, _ = _load([str(tmp_path / "captions.jsonl")], tmp_path / "store")
     assert examples.references == [["Işık ağacın üstünde"], ["şişe ve çiçek"]]
 
 
@@ -175,9 +180,8 @@ def test_a_frozen_encoder_encodes_images_as_they_are_read_and_keeps_no_pixels(tm
         return pixels.reshape(len(pixels), -1).float() @ projection
 
     files = [str(tmp_path / "captions.jsonl")]
-    streamed = _read(write_examples(files, ImageSpec(size=16), tmp_path / "embeddings", progress=_silent,
-                                    encode=encode, encode_batch=3))
-    whole = _read(write_examples(files, ImageSpec(size=16), tmp_path / "pixels", progress=_silent))
+    streamed, _ = _load(files, tmp_path / "embeddings", encode=encode, encode_batch=3)
+    whole, _ = _load(files, tmp_path / "pixels")
     assert batches == [3, 3, 1] and streamed.values.dtype == np.float32 and whole.values.dtype == np.uint8
     assert streamed.references == whole.references == [[f"resim {i}"] for i in range(7)]
     torch.testing.assert_close(torch.from_numpy(streamed.values),
@@ -206,11 +210,10 @@ def test_coco_and_karpathy_caption_files_pair_each_image_with_all_its_captions(t
     (tmp_path / "train2014" / "array.json").write_text(json.dumps([{"image": "b.jpg", "caption": "dizi"}]))
 
     with caplog.at_level(logging.INFO):
-        coco_examples = _read(write_examples([str(tmp_path / "annotations" / "captions_tr.json")],
-                                             ImageSpec(size=16), tmp_path / "coco", progress=_silent,
-                                             image_root=str(tmp_path / "train2014")))
+        coco_examples, _ = _load([str(tmp_path / "annotations" / "captions_tr.json")], tmp_path / "coco",
+                                 image_root=str(tmp_path / "train2014"))
         files = [str(tmp_path / "dataset_coco_tr.json"), str(tmp_path / "train2014" / "array.json")]
-        karpathy_examples = _read(write_examples(files, ImageSpec(size=16), tmp_path / "karpathy", progress=_silent))
+        karpathy_examples, _ = _load(files, tmp_path / "karpathy")
     # image 12 has no caption of its own, 11's file is missing: both skipped with a warning
     assert coco_examples.references == [["bir köpek"], ["iki kedi", "kediler"]]
     assert coco_examples.values.shape == (2, 16, 16, 3)
@@ -224,8 +227,7 @@ def test_unusable_samples_are_warned_about_a_bounded_number_of_times(tmp_path, c
     lines = [{"image": f"gone{i}.jpg", "caption": "yok"} for i in range(50)] + [{"image": "a.jpg", "caption": "var"}]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     with caplog.at_level(logging.WARNING):
-        examples = _read(write_examples([str(tmp_path / "c.jsonl")], ImageSpec(size=16), tmp_path / "store",
-                                        progress=_silent))
+        examples, _ = _load([str(tmp_path / "c.jsonl")], tmp_path / "store")
     assert examples.references == [["var"]]
     assert len(caplog.records) == MAX_LISTED_SKIPS + 1 and "gone0.jpg" in caplog.records[0].getMessage()
 
@@ -235,7 +237,7 @@ def test_train_cli_usage_is_one_line(tmp_path):
     from click.testing import CliRunner
 
     (tmp_path / "afile").write_text("x")
-    cases = [(["--data", "x.tar", "--embeddings-from", "out", "--out", str(tmp_path / "a")], "caption files only"),
+    cases = [(["--data", "x.tar", "--embeddings-from", "out", "--out", str(tmp_path / "a")], "needs --clip"),
              (["--data", "x.json", "--clip", "RN50", "--out", str(tmp_path / "b")], "names no weights"),
              (["--data", "x.json", "--out", str(tmp_path / "afile")], "cannot write --out"),
              (["--data", "x.json", "--prefix-length", "95", "--out", str(tmp_path / "c")], "too few for a caption")]
@@ -284,6 +286,13 @@ def _silent(*args, **kwargs):
 
 def _read(store: ExampleStore) -> Block:
     return Block.concat(list(store.blocks()))
+
+
+def _load(specs: list[str], folder: Path, **options) -> tuple[Block, ExampleStore]:
+    """The examples of `specs` at 16 px, through a store at `folder`."""
+    with StoreWriter(folder) as writer:
+        add_image_examples(writer, specs, ImageSpec(size=16), progress=_silent, **options)
+    return _read(writer.store), writer.store
 
 
 def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
@@ -471,6 +480,47 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
                    tmp_path / "uncaptioned" / "part-0.parquet")
     with pytest.raises(ValueError, match=r"no ok rows .* caption in their 'caption' column .* original_text"):
         train(_config(tmp_path / "none", embeddings_from=(str(tmp_path / "uncaptioned"),), clip=str(tiny_bundle)))
+
+
+def test_a_student_trains_on_labelled_images_and_an_output_s_kept_rows_without_encoding_them(tiny_bundle, tmp_path,
+                                                                                              monkeypatch):
+    """The pseudo-label round's student: --embeddings-from OUT, the output folder itself (its filtered/ rows), with
+    --data images. The output's rows come with their stored embeddings and captions; the labelled images are
+    encoded with --clip as they are read; both are the student's examples."""
+    import pipeline.training as training
+
+    _write_output(tmp_path / "out" / "filtered", 24)  # 19 kept rows (k19 a decode_error)
+    (tmp_path / "out" / "captions").mkdir()
+    write_corpus(tmp_path / "labelled", seed=1, counts={"train": 12}, size=(32, 32), formats=("webdataset",))
+    shards = str(tmp_path / "labelled" / "train" / "*.tar")
+    bundle = load_bundle(tiny_bundle)
+    with StoreWriter(tmp_path / "labelled-store") as writer:
+        add_image_examples(writer, [shards], bundle.encoder.image_spec, progress=_silent)
+    labelled = _read(writer.store)
+    seen = []
+    real = training.train_captioner
+    monkeypatch.setattr(sys.modules["pipeline.trainer"], "train_captioner",
+                        lambda captioner, examples, *args, **kw: seen.append(_read(examples)) or real(
+                            captioner, examples, *args, **kw))
+    summary = train(_config(tmp_path / "student", embeddings_from=(str(tmp_path / "out"),), clip=str(tiny_bundle),
+                            data=(shards,)))
+    examples = seen[-1]
+    assert summary["examples"] == 19 + 12 == len(examples)
+    table = pq.read_table(tmp_path / "out" / "filtered" / "part-0.parquet")
+    assert examples.references[:19] == [[caption] for caption in table.column("caption").to_pylist()[:19]]
+    assert examples.references[19:] == labelled.references
+    stored = np.asarray(table.column("image_embedding").to_pylist()[:19], dtype=np.float32)
+    np.testing.assert_allclose(examples.values[:19], stored / np.linalg.norm(stored, axis=1, keepdims=True),
+                               atol=1e-6)
+    with torch.no_grad():
+        encoded = bundle.encoder.encode_images(torch.from_numpy(labelled.values)).float().numpy()
+    np.testing.assert_allclose(examples.values[19:], encoded, atol=1e-5)
+
+
+def test_embeddings_from_a_folder_without_parquet_says_what_to_give(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"--embeddings-from .*empty: no Parquet files there \(give an output"):
+        add_embedding_examples(StoreWriter(tmp_path / "store"), [str(tmp_path / "empty")])
 
 
 def test_micro_batches_give_the_whole_batch_s_loss_and_gradients(tokenizer):
