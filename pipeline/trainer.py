@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -356,6 +357,9 @@ def _fit_on_ray(config: TrainConfig, options: _RunOptions, scaling: Scaling, out
     from ray.train.torch import TorchTrainer
 
     scaling = scaling.resolved(config.device)
+    # Ray Train moves every worker into a folder of its own, where relative paths (--data, --out, --clip) miss;
+    # kept where Ray starts them (the job's working directory), they resolve as in the driver and Ray Data's tasks
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     if _is_local(out_fs):
         storage = {"storage_path": str(Path(out_path).resolve())}
     else:  # any fsspec filesystem, with its credentials and endpoint, as Ray Train's storage

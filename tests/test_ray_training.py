@@ -67,12 +67,13 @@ def test_two_workers_train_to_the_loss_of_one_with_the_same_global_batch(tiny_bu
     """DDP over gloo, from images and a frozen encoder: each of 2 workers decodes and encodes every other image
     (the broken one left out by both), then computes half of every batch of 16 (the captioner's half in
     micro-batches of 3), and the contrastive scorer gathers both halves' features: every epoch's loss is the one
-    1 worker computes on whole batches, within 1e-4 relative (float sums in another order)."""
+    1 worker computes on whole batches, within 1e-4 relative (float sums in another order). The paths are relative
+    to the working directory, as a user gives them: they resolve in the workers as in the driver."""
     _write_images(tmp_path / "images" / "00000.tar", 97, broken=5)
     runs = {}
     for workers, micro in ((1, None), (2, 3)):
-        config = _config(tmp_path / f"w{workers}", tmp_path, tiny_bundle, embeddings_from=(),
-                         data=(str(tmp_path / "images" / "00000.tar"),), caption_micro_batch_size=micro)
+        config = _config(Path(os.path.relpath(tmp_path / f"w{workers}")), tmp_path, tiny_bundle, embeddings_from=(),
+                         data=(os.path.relpath(tmp_path / "images" / "00000.tar"),), caption_micro_batch_size=micro)
         runs[workers] = train(config, scaling=Scaling(num_workers=workers, cpus_per_worker=1, max_failures=0))
     one, two = runs[1], runs[2]
     assert one["examples"] == two["examples"] == 96
