@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, DecodeSettings, RunConfig
+from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, DecodeSettings, RunConfig, differing_keys
 from pipeline.filtering import FilterSettings
 from pipeline.training import TrainConfig
 
@@ -99,9 +99,8 @@ def _claim(out: Path, config: RoundConfig) -> None:
     settings = out / "round.json"
     defining = {k: v for k, v in json.loads(json.dumps(config.to_json())).items() if k not in ("seeds", "rounds")}
     if settings.is_file():
-        recorded = json.loads(settings.read_text())
-        if recorded != defining:
-            changed = sorted(k for k in defining if recorded.get(k) != defining[k])
+        changed = differing_keys(defining, json.loads(settings.read_text()))
+        if changed:
             raise ValueError(f"{out} holds a round with other settings ({', '.join(changed)}); use another --out "
                              "(only more seeds or rounds resume it)")
     settings.write_text(json.dumps(defining, indent=2) + "\n")

@@ -136,6 +136,10 @@ class TrainConfig:
     scorer_epochs: int = 10
     scorer_lr: float | None = None  # None: 1e-3 from config, 1e-4 from a pretrained --scorer-text-tower
 
+    @property
+    def shuffle_buffer_bytes(self) -> int:
+        return self.shuffle_buffer_mb << 20
+
     def caption_peak_lr(self) -> float:
         """caption_lr, else by the LM: a from-scratch rate would wreck a pretrained LM's weights in a few steps."""
         if self.caption_lr is not None:
@@ -358,7 +362,7 @@ def _train_contrastive(stage: str, clip: ClipModel, examples: ExampleStore, conf
     for epoch in range(len(losses), epochs):
         seed = config.seed * 1000 + epoch + seed_offset
         rng.seed(seed)
-        batches = examples.batches(batch_size, seed, config.shuffle_buffer_mb << 20)
+        batches = examples.batches(batch_size, seed, config.shuffle_buffer_bytes)
         bar = progress(batches, total=steps_per_epoch, desc=f"{stage} epoch {epoch + 1}", leave=False)
         epoch_losses = []
         for step, batch in enumerate(bar):
@@ -552,7 +556,7 @@ def train_captioner(captioner: PrefixCaptioner, examples: ExampleStore, config: 
         rng.seed(seed)
         bar = progress(total=steps_per_epoch, desc=f"caption epoch {epoch + 1}", leave=False)
         epoch_losses = []
-        for group in examples.batches(batch_size * LENGTH_GROUP, seed, config.shuffle_buffer_mb << 20, keep_last=True):
+        for group in examples.batches(batch_size * LENGTH_GROUP, seed, config.shuffle_buffer_bytes, keep_last=True):
             texts = [_pick_reference(references, config.first_reference_prob, rng) for references in group.references]
             ids = _token_ids(captioner.tokenizer, texts, max_tokens)
             embeddings = torch.from_numpy(group.values)

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 MAX_LISTED_SKIPS = 20
 CHUNK_BYTES = 32 << 20  # a store file: the unit of shuffling files and of reading
 STORE_FILE = "store.json"  # written last: a store without it was cut short and is written again
-FILTERED = "filtered"  # an output's pseudo-label set, below its folder
 
 
 @dataclass
@@ -70,11 +69,12 @@ class ExampleStore:
         self._largest_file_rows: int = info["largest_file_rows"]
         self._row_bytes: int = info["row_bytes"]
 
-    def _read(self, name: str, columns: list[str] | None = None) -> Block | Any:
+    def _table(self, name: str) -> pa.Table:
         with pa.OSFile(str(self.folder / name)) as handle:  # read, not mapped: the pages do not stay in the RSS
-            table = pa.ipc.open_file(handle).read_all()
-        if columns == ["references"]:
-            return table.column("references").to_pylist()
+            return pa.ipc.open_file(handle).read_all()
+
+    def _read(self, name: str) -> Block:
+        table = self._table(name)
         values = table.column("values").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return Block(table.column("references").to_pylist(), table.column("negatives").to_pylist(),
                      values.reshape(table.num_rows, *self.shape))
@@ -87,7 +87,7 @@ class ExampleStore:
     def captions(self) -> Iterator[list[str]]:
         """Every example's reference captions, in order."""
         for name in self.files:
-            yield from self._read(name, ["references"])
+            yield from self._table(name).column("references").to_pylist()
 
     def map(self, function: Callable[[np.ndarray], np.ndarray], folder: Path) -> ExampleStore:
         """A store of the same examples whose values are `function` of these (pixels -> embeddings)."""
@@ -235,6 +235,7 @@ def add_image_examples(writer: StoreWriter, specs: list[str], image_spec, limit:
                 log.warning("skipping an image: %s", exc)
         if (position + 1) % exchange_every == 0:
             writer.add(share.exchange(parallel, encode, encode_batch))
+            share = _Share()
     writer.add(share.exchange(parallel, encode, encode_batch))
     bar.close()
     if writer.count == before:
@@ -258,7 +259,7 @@ class _Share:
 
     def exchange(self, parallel: Parallel, encode: Callable[[torch.Tensor], torch.Tensor] | None,
                  encode_batch: int) -> Block:
-        """Every process's samples (encoded where asked), in the data's order; this share emptied."""
+        """Every process's samples (encoded where asked), in the data's order."""
         values = None
         if self.pixels:
             pixels = np.stack(self.pixels)
@@ -266,7 +267,6 @@ class _Share:
                 [encode(torch.from_numpy(pixels[i:i + encode_batch])).numpy() for i in range(0, len(pixels),
                                                                                               encode_batch)])
         shares = parallel.gather_objects((self.positions, self.references, self.negatives, values))
-        self.__init__()
         positions = [p for share in shares for p in share[0]]
         order = sorted(range(len(positions)), key=positions.__getitem__)
         references = [r for share in shares for r in share[1]]
@@ -312,6 +312,7 @@ def add_embedding_examples(writer: StoreWriter, specs: list[str], text_column: s
     import pyarrow.parquet as pq
 
     from pipeline.caption_files import find_caption_files
+    from pipeline.sinks import FILTERED
 
     references = _references_by_key(find_caption_files(list(caption_files))) if caption_files else None
     columns = ["key", "status", "image_embedding"] + ([] if references is not None else [text_column])

@@ -166,7 +166,8 @@ def test_a_caption_file_saved_by_windows_tools_keeps_its_turkish_letters(tmp_pat
 
 def test_a_frozen_encoder_encodes_images_as_they_are_read_and_keeps_no_pixels(tmp_path):
     """With `encode`, at most `encode_batch` decoded images are held at once: the examples keep each image's
-    embedding, the same as encoding all the pixels afterwards, and no pixels."""
+    embedding, the same as encoding all the pixels afterwards, and no pixels; exchanged every 3 samples, each
+    sample is still stored once."""
     lines = []
     for i in range(7):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg_bytes(i))
@@ -180,7 +181,7 @@ def test_a_frozen_encoder_encodes_images_as_they_are_read_and_keeps_no_pixels(tm
         return pixels.reshape(len(pixels), -1).float() @ projection
 
     files = [str(tmp_path / "captions.jsonl")]
-    streamed, _ = _load(files, tmp_path / "embeddings", encode=encode, encode_batch=3)
+    streamed, _ = _load(files, tmp_path / "embeddings", encode=encode, encode_batch=3, exchange_every=3)
     whole, _ = _load(files, tmp_path / "pixels")
     assert batches == [3, 3, 1] and streamed.values.dtype == np.float32 and whole.values.dtype == np.uint8
     assert streamed.references == whole.references == [[f"resim {i}"] for i in range(7)]
