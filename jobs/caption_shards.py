@@ -32,6 +32,9 @@ from pipeline.sources import InputError
 @click.option("--min-clip-score", type=float, default=None, help="Keep rows with clip_score >= this.")
 @click.option("--keep-top-fraction", type=float, default=None,
               help="Keep this fraction of the run's best clip_scores (global quantile).")
+@click.option("--filter-clusters", type=click.IntRange(min=2), default=None,
+              help="Keep --keep-top-fraction within each of this many k-means clusters of image_embedding, so "
+                   "that images whose captions score low even when right keep their share.")
 @click.option("--decode", "method", type=click.Choice(METHODS), default="greedy", show_default=True)
 @click.option("--num-candidates", type=click.IntRange(min=1), default=1, show_default=True,
               help="Best-of-N: candidates per image, reranked by CLIP score.")
@@ -62,7 +65,7 @@ from pipeline.sources import InputError
                    "speed, for training from embeddings or a search index.")
 @click.option("--overwrite", is_flag=True, help="Replace an output holding a run with another configuration "
               "(a finished run whose filter alone changed is re-filtered from its stored scores, no model run).")
-def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, method,
+def main(inputs, output, model, image_column, key_column, min_clip_score, keep_top_fraction, filter_clusters, method,
          num_candidates, beam_width, max_new_tokens, temperature, top_p, batch_size, actors, gpus_per_actor,
          dtype, limit, rows_per_file, write_webdataset, seed, allow_foreign_scorer, embed_only, overwrite) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -72,7 +75,8 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
                                 top_p=top_p if method == "sample" else 1.0, seed=seed)
         config = RunConfig(inputs=tuple(inputs), output=output, model=model, image_column=image_column,
                            key_column=key_column,
-                           filter=FilterSettings(min_clip_score=min_clip_score, keep_top_fraction=keep_top_fraction),
+                           filter=FilterSettings(min_clip_score=min_clip_score, keep_top_fraction=keep_top_fraction,
+                                                 clusters=filter_clusters),
                            decode=decode, batch_size=batch_size, actors=ActorRange.parse(actors),
                            gpus_per_actor=gpus_per_actor, dtype=dtype, limit=limit, rows_per_file=rows_per_file,
                            write_webdataset=write_webdataset, overwrite=overwrite,

@@ -38,6 +38,24 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
     return seeds
 
 
+def _filter_spec(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[FilterSettings, ...]:
+    names = {"top": "keep_top_fraction", "clusters": "clusters", "min": "min_clip_score"}
+    filters = []
+    for value in values:
+        settings: dict[str, float | int] = {}
+        for item in [] if value.strip() == "none" else value.split(","):
+            name, _, number = item.partition("=")
+            try:
+                settings[names[name.strip()]] = int(number) if name.strip() == "clusters" else float(number)
+            except (KeyError, ValueError):
+                raise click.BadParameter(f"{value!r}: 'none', or top=F, clusters=K, min=S joined by commas") from None
+        try:
+            filters.append(FilterSettings(**settings))
+        except ValueError as exc:
+            raise click.BadParameter(f"{value!r}: {exc}") from None
+    return tuple(filters)
+
+
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--labelled", multiple=True, required=True,
               help="Images + captions the teacher learns from, and the students too (as train_captioner's --data).")
@@ -59,6 +77,12 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
               help="The fraction of the pool's best-scored captions kept as pseudo-labels.")
 @click.option("--min-clip-score", type=click.FloatRange(-1, 1), default=None,
               help="Keep pseudo-labels scoring at least this.")
+@click.option("--filter-clusters", type=click.IntRange(min=2), default=None,
+              help="Keep --keep-top-fraction within each of this many clusters of image embeddings.")
+@click.option("--compare-filter", "compare", multiple=True, callback=_filter_spec,
+              help="Also train each round's student on the same candidates kept by this filter, for the same "
+                   "number of steps: 'none', or comma-separated top=F, clusters=K, min=S (e.g. top=0.5,clusters=64). "
+                   "Repeatable.")
 @click.option("--pool-limit", type=click.IntRange(min=1), default=None, help="Caption only the first N pool images.")
 @click.option("--test-limit", type=click.IntRange(min=1), default=None, help="Evaluate on the first N test images.")
 @click.option("--num-workers", type=click.IntRange(min=1), default=1, show_default=True,
@@ -66,8 +90,9 @@ def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int,
 @click.option("--out", required=True, help="The round's folder (rerun the same command to resume).")
 def main(labelled: tuple[str, ...], pool: tuple[str, ...], test: tuple[str, ...], clip: str, seeds: tuple[int, ...],
          rounds: int, teacher_epochs: int, student_epochs: int, batch_size: int, method: str, num_candidates: int,
-         keep_top_fraction: float, min_clip_score: float | None, pool_limit: int | None, test_limit: int | None,
-         num_workers: int, out: str) -> None:
+         keep_top_fraction: float, min_clip_score: float | None, filter_clusters: int | None,
+         compare: tuple[FilterSettings, ...], pool_limit: int | None, test_limit: int | None, num_workers: int,
+         out: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pipeline.pseudo_labels import RoundConfig, format_markdown, run_rounds
     from pipeline.trainer import TrainingFailed
@@ -79,7 +104,8 @@ def main(labelled: tuple[str, ...], pool: tuple[str, ...], test: tuple[str, ...]
                                 top_p=0.9 if method == "sample" else 1.0)
         config = RoundConfig(out=out, labelled=labelled, pool=pool, test=test, clip=clip, seeds=seeds, rounds=rounds,
                              teacher_epochs=teacher_epochs, student_epochs=student_epochs, batch_size=batch_size,
-                             decode=decode, filter=FilterSettings(min_clip_score, keep_top_fraction),
+                             decode=decode, filter=FilterSettings(min_clip_score, keep_top_fraction, filter_clusters),
+                             compare=compare,
                              pool_limit=pool_limit, test_limit=test_limit, num_workers=num_workers)
         results = run_rounds(config)
     except (ModelLoadError, InputError, ValueError, TrainingFailed) as exc:

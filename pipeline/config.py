@@ -125,7 +125,7 @@ class RunConfig:
         return DEMO_BUNDLE if self.model == DEMO_MODEL else Path(self.model)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"filter": self.filter.to_json()}
 
     def output_defining(self) -> dict[str, Any]:
         """What decides the content of the output. Resuming with a different value is refused;

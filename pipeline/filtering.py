@@ -1,26 +1,41 @@
-"""Which captioned rows make the pseudo-label set: an absolute CLIP-score floor and/or the global
-top fraction of the run's scores. The fraction is exact: rows are ranked by (score, then key) over
-every ok row of the run, so it needs the whole run, and it reads only the stored scores and keys,
-never re-running a model."""
+"""Which captioned rows make the pseudo-label set: an absolute CLIP-score floor and/or the top fraction of the
+run's scores, over the whole run or within each cluster of image embeddings. The fraction is exact: rows are
+ranked by (score, then key) over every ok row of the run (of its cluster), so it needs the whole run, and it reads
+only the stored scores, keys and embeddings, never re-running a model.
+
+Clusters keep the images that are hard to caption: their best captions score lower than an easy image's even
+when right, so a global fraction keeps mostly easy images, while a fraction per cluster of similar images keeps
+each kind of image in proportion (DataComp's image-based filtering clusters CLIP image embeddings the same way).
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+# k-means fits on at most this many rows (chosen by a hash of their keys), then assigns every row
+CLUSTER_SAMPLE = 65_536
+CLUSTER_ITERATIONS = 25
 
 
 @dataclass(frozen=True)
 class FilterSettings:
     min_clip_score: float | None = None
     keep_top_fraction: float | None = None
+    clusters: int | None = None  # the top fraction is kept within each of this many clusters of image_embedding
 
     def __post_init__(self) -> None:
         if self.min_clip_score is not None and not -1 <= self.min_clip_score <= 1:
             raise ValueError(f"--min-clip-score must lie in [-1, 1], got {self.min_clip_score}")
         if self.keep_top_fraction is not None and not 0 < self.keep_top_fraction <= 1:
             raise ValueError(f"--keep-top-fraction must lie in (0, 1], got {self.keep_top_fraction}")
+        if self.clusters is not None and (self.clusters < 2 or self.keep_top_fraction is None):
+            raise ValueError(f"--filter-clusters {self.clusters}: at least 2, and with --keep-top-fraction "
+                             "(the fraction kept in each cluster)")
 
     @property
     def filters(self) -> bool:
@@ -28,7 +43,11 @@ class FilterSettings:
         return self.min_clip_score is not None or self.keep_top_fraction is not None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Clusters are recorded only when set, so that runs recorded before the option existed resume."""
+        settings = asdict(self)
+        if self.clusters is None:
+            del settings["clusters"]
+        return settings
 
 
 @dataclass(frozen=True)
@@ -39,8 +58,8 @@ class Cutoff:
     key: str
 
 
-def top_fraction_cutoff(fraction: float | None, scores: np.ndarray, keys: list[str]) -> Cutoff | None:
-    """Given the scores and keys of all ok rows of a run, where the top `fraction` ends."""
+def top_fraction_cutoff(fraction: float | None, scores: np.ndarray, keys: Sequence[str]) -> Cutoff | None:
+    """Given the scores and keys of all ok rows of a run (or of a cluster), where the top `fraction` ends."""
     if fraction is None or not len(keys):
         return None
     keep = max(1, round(fraction * len(keys)))
@@ -49,14 +68,116 @@ def top_fraction_cutoff(fraction: float | None, scores: np.ndarray, keys: list[s
     return Cutoff(float(scores[last]), keys[last])
 
 
-def keep_mask(settings: FilterSettings, cutoff: Cutoff | None, statuses: list[str], scores: np.ndarray,
-              keys: list[str]) -> np.ndarray:
+def cluster_sample(keys: Sequence[str], size: int = CLUSTER_SAMPLE) -> np.ndarray:
+    """Positions of the rows k-means fits on, in a fixed order: the first `size` by a hash of their keys, so
+    the clusters depend on the rows alone, not on the order in which the run wrote them."""
+    digests = [hashlib.blake2b(key.encode(), digest_size=8).digest() for key in keys]
+    return np.array(sorted(range(len(keys)), key=digests.__getitem__)[:size], dtype=np.int64)
+
+
+def fit_clusters(embeddings: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Spherical k-means (k-means++ start, cosine similarity) of L2-normalised embeddings: `count` unit
+    centroids (fewer rows than clusters: one centroid per row)."""
+    points = _normalised(embeddings)
+    count = min(count, len(points))
+    rng = np.random.default_rng(seed)
+    centroids = [points[rng.integers(len(points))]]
+    distance = 1 - points @ centroids[0]
+    for _ in range(1, count):
+        weights = np.clip(distance, 0, None)
+        total = weights.sum()
+        chosen = rng.choice(len(points), p=weights / total) if total > 0 else rng.integers(len(points))
+        centroids.append(points[chosen])
+        distance = np.minimum(distance, 1 - points @ points[chosen])
+    centres = np.stack(centroids)
+    for _ in range(CLUSTER_ITERATIONS):
+        nearest = np.argmax(points @ centres.T, axis=1)
+        sums = np.zeros_like(centres)
+        np.add.at(sums, nearest, points)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        moved = np.where(norms > 0, sums / np.maximum(norms, 1e-12), centres)  # an emptied cluster keeps its centre
+        if np.array_equal(moved, centres):
+            break
+        centres = moved
+    return centres.astype(np.float32)
+
+
+def nearest_cluster(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    return np.argmax(_normalised(embeddings) @ centroids.T, axis=1)
+
+
+@dataclass(frozen=True)
+class TopFraction:
+    """Where the kept top fraction ends: one cutoff for the run, or one per cluster of `centroids`."""
+
+    cutoffs: tuple[Cutoff | None, ...]  # None: a cluster without rows
+    centroids: np.ndarray | None = None
+
+    def admits(self, scores: np.ndarray, keys: Sequence[str], embeddings: np.ndarray | None) -> np.ndarray:
+        """Rows ranked within the top fraction (of the run, or of their cluster)."""
+        clusters = (np.zeros(len(keys), dtype=np.int64) if self.centroids is None
+                    else nearest_cluster(embeddings, self.centroids))
+        return np.array([_within(float(score), key, self.cutoffs[cluster])
+                         for score, key, cluster in zip(scores, keys, clusters, strict=True)], dtype=bool)
+
+    def to_json(self) -> dict[str, Any]:
+        scores = [None if cutoff is None else cutoff.score for cutoff in self.cutoffs]
+        if self.centroids is None:
+            return {"top_fraction_cutoff_score": scores[0]}
+        return {"top_fraction_cutoff_score": None, "top_fraction_cutoff_scores_by_cluster": scores}
+
+
+def top_fraction(settings: FilterSettings, scores: np.ndarray, keys: Sequence[str],
+                 embeddings: Callable[[], Iterator[np.ndarray]]) -> TopFraction | None:
+    """The top fraction of every ok row of a run, given their scores and keys and, for clusters, `embeddings`:
+    a function that yields their image embeddings in the same order, a block at a time (called twice: once to
+    fit the clusters on a sample, once to assign every row)."""
+    if settings.keep_top_fraction is None or not len(keys):
+        return None
+    if settings.clusters is None:
+        return TopFraction((top_fraction_cutoff(settings.keep_top_fraction, scores, keys),))
+    sample = cluster_sample(keys)
+    rank = np.full(len(keys), -1, dtype=np.int64)
+    rank[sample] = np.arange(len(sample))
+    chosen: list[np.ndarray] = []
+    order: list[np.ndarray] = []
+    for start, block in _offsets(embeddings()):
+        ranks = rank[start:start + len(block)]
+        chosen.append(block[ranks >= 0])
+        order.append(ranks[ranks >= 0])
+    fitted = np.concatenate(chosen)[np.argsort(np.concatenate(order))]
+    centroids = fit_clusters(fitted, settings.clusters)
+    clusters = np.concatenate([nearest_cluster(block, centroids) for block in embeddings()])
+    cutoffs = tuple(top_fraction_cutoff(settings.keep_top_fraction, scores[rows], [keys[i] for i in rows])
+                    for rows in (np.flatnonzero(clusters == c) for c in range(len(centroids))))
+    return TopFraction(cutoffs, centroids)
+
+
+def keep_mask(settings: FilterSettings, top: TopFraction | None, statuses: list[str], scores: np.ndarray,
+              keys: list[str], embeddings: np.ndarray | None = None) -> np.ndarray:
     """Rows that pass: status ok, clip_score >= the floor, and ranked within the top fraction."""
     keep = np.array([status == "ok" for status in statuses], dtype=bool)
     values = np.nan_to_num(scores.astype(np.float64), nan=-np.inf)
     if settings.min_clip_score is not None:
         keep &= values >= settings.min_clip_score
-    if cutoff is not None:
-        at_cutoff = (values == cutoff.score) & (np.array(keys, dtype=object) <= cutoff.key)
-        keep &= (values > cutoff.score) | at_cutoff
+    if top is not None and keep.any():
+        rows = np.flatnonzero(keep)
+        keep[rows] = top.admits(values[rows], [keys[i] for i in rows],
+                                None if embeddings is None else embeddings[rows])
     return keep
+
+
+def _within(score: float, key: str, cutoff: Cutoff | None) -> bool:
+    return cutoff is not None and (score > cutoff.score or (score == cutoff.score and key <= cutoff.key))
+
+
+def _offsets(blocks: Iterator[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
+    start = 0
+    for block in blocks:
+        yield start, block
+        start += len(block)
+
+
+def _normalised(embeddings: np.ndarray) -> np.ndarray:
+    points = np.asarray(embeddings, dtype=np.float32)
+    return points / np.maximum(np.linalg.norm(points, axis=1, keepdims=True), 1e-12)

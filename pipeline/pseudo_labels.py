@@ -8,6 +8,8 @@ OUT/seed-S/teacher/                    the first teacher's training run (bundle/
 OUT/seed-S/round-R/pool/               the pool captioned by round R's teacher (a caption_shards output)
 OUT/seed-S/round-R/student/            the student's training run
 OUT/seed-S/{teacher,round-R}/eval.json the test set's figures of that model
+OUT/seed-S/round-R/filter-NAME/        with --compare-filter: the same pool under another filter (pool/, a re-filtered
+                                       copy), its student and eval.json
 OUT/results.json, results.md, results.svg   the table over seeds: mean and standard deviation
 """
 
@@ -51,12 +53,14 @@ class RoundConfig:
     decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(method="sample", num_candidates=8,
                                                                           top_p=0.9))
     filter: FilterSettings = field(default_factory=lambda: FilterSettings(keep_top_fraction=0.5))
+    # more students in each round, on the same candidates kept by other filters, for the same number of steps
+    compare: tuple[FilterSettings, ...] = ()
     pool_limit: int | None = None
     test_limit: int | None = None
     num_workers: int | None = 1  # Ray Train workers of each training run; None: each runs in this process
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"filter": self.filter.to_json(), "compare": [f.to_json() for f in self.compare]}
 
 
 def run_rounds(config: RoundConfig) -> dict[str, Any]:
@@ -86,6 +90,17 @@ def run_rounds(config: RoundConfig) -> dict[str, Any]:
             name = f"student, round {round_number}"
             reports.setdefault(name, []).append(_evaluate(config, student, round_folder / "eval.json", seed))
             kept.setdefault(name, []).append(captioned["counts"]["kept"])
+            for other in config.compare:
+                folder_other = round_folder / f"filter-{filter_slug(other)}"
+                refiltered = _caption(config, teacher, folder_other / "pool", seed, other,
+                                      copy_of=round_folder / "pool")
+                epochs = _same_steps(config.student_epochs, student.parent, captioned, refiltered)
+                student_other = _train(config, folder_other / "student", seed, epochs, str(teacher),
+                                       pseudo_labels=folder_other / "pool")
+                name_other = f"{name}, {describe_filter(other)}"
+                reports.setdefault(name_other, []).append(
+                    _evaluate(config, student_other, folder_other / "eval.json", seed))
+                kept.setdefault(name_other, []).append(refiltered["counts"]["kept"])
             teacher = student
     results = {"config": config.to_json(), "models": _table(reports, kept)}
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
@@ -97,12 +112,13 @@ def run_rounds(config: RoundConfig) -> dict[str, Any]:
 def _claim(out: Path, config: RoundConfig) -> None:
     """A rerun resumes only the same round: other data or settings would mix their results in."""
     settings = out / "round.json"
-    defining = {k: v for k, v in json.loads(json.dumps(config.to_json())).items() if k not in ("seeds", "rounds")}
+    defining = {k: v for k, v in json.loads(json.dumps(config.to_json())).items()
+                if k not in ("seeds", "rounds", "compare")}
     if settings.is_file():
         changed = differing_keys(defining, json.loads(settings.read_text()))
         if changed:
             raise ValueError(f"{out} holds a round with other settings ({', '.join(changed)}); use another --out "
-                             "(only more seeds or rounds resume it)")
+                             "(only more seeds, rounds or compared filters resume it)")
     settings.write_text(json.dumps(defining, indent=2) + "\n")
 
 
@@ -123,14 +139,54 @@ def _train(config: RoundConfig, out: Path, seed: int, epochs: int, clip: str, ps
     return bundle
 
 
-def _caption(config: RoundConfig, teacher: Path, out: Path, seed: int) -> dict[str, Any]:
-    """The pool captioned by `teacher` (a finished output is read, not captioned again). Returns its run.json."""
-    from pipeline.run import RUN_JSON, run
+def _caption(config: RoundConfig, teacher: Path, out: Path, seed: int, settings: FilterSettings | None = None,
+             copy_of: Path | None = None) -> dict[str, Any]:
+    """The pool captioned by `teacher` (a finished output is read, not captioned again), or, with `copy_of`, a
+    copy of that output re-filtered by `settings` (no model run). Returns its run.json."""
+    import shutil
 
-    if (out / RUN_JSON).is_file():  # written when the run finished
-        return json.loads((out / RUN_JSON).read_text())
-    return run(RunConfig(inputs=config.pool, output=str(out), model=str(teacher), filter=config.filter,
-                         decode=replace(config.decode, seed=seed), limit=config.pool_limit))
+    from pipeline.run import RUN_JSON, run
+    from pipeline.sinks import CAPTIONS
+
+    settings = settings or config.filter
+    finished = json.loads((out / RUN_JSON).read_text()) if (out / RUN_JSON).is_file() else None
+    if finished is not None and finished["config"]["filter"] == settings.to_json():  # written when it finished
+        return finished
+    if copy_of is not None and finished is None:  # run.json last: a copy without it is incomplete
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(copy_of / CAPTIONS, out / CAPTIONS)
+        shutil.copy(copy_of / RUN_JSON, out / RUN_JSON)
+    return run(RunConfig(inputs=config.pool, output=str(out), model=str(teacher), filter=settings,
+                         decode=replace(config.decode, seed=seed), limit=config.pool_limit,
+                         overwrite=copy_of is not None))
+
+
+def _same_steps(epochs: int, student: Path, captioned: dict[str, Any], other: dict[str, Any]) -> int:
+    """Epochs over the labelled set and the other filter's pseudo-labels that take as many steps as `epochs`
+    over the round's own (the student at `student` learnt from): filters compared at the same compute, as
+    DataComp compares them."""
+    examples = json.loads((student / "train_summary.json").read_text())["examples"]
+    labelled = examples - captioned["counts"]["kept"]
+    return max(1, round(epochs * examples / (labelled + other["counts"]["kept"])))
+
+
+def describe_filter(settings: FilterSettings) -> str:
+    if not settings.filters:
+        return "no filter"
+    parts = [] if settings.min_clip_score is None else [f"score >= {settings.min_clip_score:g}"]
+    if settings.keep_top_fraction is not None:
+        parts.append(f"top {settings.keep_top_fraction:g}" +
+                     ("" if settings.clusters is None else f" per cluster of {settings.clusters}"))
+    return ", ".join(parts)
+
+
+def filter_slug(settings: FilterSettings) -> str:
+    parts = [] if settings.min_clip_score is None else [f"min-{settings.min_clip_score:g}"]
+    if settings.keep_top_fraction is not None:
+        parts.append(f"top-{settings.keep_top_fraction:g}")
+    if settings.clusters is not None:
+        parts.append(f"clusters-{settings.clusters}")
+    return "-".join(parts) or "none"
 
 
 def _evaluate(config: RoundConfig, bundle_path: Path, report_file: Path, seed: int) -> dict[str, Any]:

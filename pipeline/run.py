@@ -14,6 +14,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime
 from importlib import metadata
@@ -28,7 +29,7 @@ import ray
 
 from pipeline import __version__
 from pipeline.config import DEMO_MODEL, ActorRange, RunConfig, differing_keys
-from pipeline.filtering import Cutoff, keep_mask, top_fraction_cutoff
+from pipeline.filtering import TopFraction, keep_mask, top_fraction
 from pipeline.model_stage import CaptionStage, ShippedBundle
 from pipeline.models.bundle import is_bundle, load_bundle, read_languages, save_encoder_bundle
 from pipeline.models.errors import ModelLoadError
@@ -44,6 +45,7 @@ from pipeline.sinks import (
     WEBDATASET_COLUMNS,
     OutputDir,
     read_columns,
+    read_part,
 )
 from pipeline.sources import Shard, expand_inputs
 from pipeline.stages import (
@@ -285,21 +287,24 @@ def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], def
     output.write_json(defining, REFILTER)
     output.remove(WEBDATASET)
     output.remove(REPORT)  # a page of the old filter's figures
-    scores = read_columns(output, CAPTIONS, ["key", "status", "clip_score"])
-    ok = scores.filter(pc.equal(scores.column("status"), "ok")) if scores is not None else None
-    cutoff = None if ok is None else top_fraction_cutoff(
-        config.filter.keep_top_fraction, ok.column("clip_score").to_numpy(zero_copy_only=False),
-        ok.column("key").to_pylist())
+    paths = output.parts(CAPTIONS)
+    scores = read_columns(output, CAPTIONS, ["key", "status", "clip_score"], paths)
+    is_ok = pc.equal(scores.column("status"), "ok") if scores is not None else None
+    top = None if scores is None else top_fraction(
+        config.filter, scores.filter(is_ok).column("clip_score").to_numpy(zero_copy_only=False),
+        scores.filter(is_ok).column("key").to_pylist(),
+        _embeddings_of(output, paths, is_ok.to_numpy(zero_copy_only=False)))
     schema = captions_schema(embedding_dim, metadata_json)
     kept = 0
-    for path in output.parts(CAPTIONS):
+    for path in paths:
         with output.fs.open(path, "rb") as handle:
             table = pq.read_table(handle, use_threads=False)
         name = path.rsplit("/", 1)[-1]
-        kept += _write_part(output, config, cutoff, conform(table, schema), embedding_dim, name)
+        kept += _write_part(output, config, top, conform(table, schema), embedding_dim, name)
     summary.pop("webdataset", None)
     summary["config"], summary["output_defining"] = config.to_json(), defining
-    summary["counts"] |= {"kept": kept, "top_fraction_cutoff_score": cutoff.score if cutoff else None}
+    summary["counts"] = {k: v for k, v in summary["counts"].items() if not k.startswith("top_fraction_cutoff")}
+    summary["counts"] |= {"kept": kept, **_cutoff_counts(top)}
     summary["timings"]["refilter_s"] = round(time.time() - started, 3)
     if config.write_webdataset:
         init_ray()
@@ -309,13 +314,14 @@ def _refilter(output: OutputDir, config: RunConfig, summary: dict[str, Any], def
     return summary
 
 
-def _write_part(output: OutputDir, config: RunConfig, cutoff: Cutoff | None, table: pa.Table, embedding_dim: int,
-                name: str) -> int:
+def _write_part(output: OutputDir, config: RunConfig, top: TopFraction | None, table: pa.Table,
+                embedding_dim: int, name: str) -> int:
     """One captions/ part with its keep flags set by the filter, and its kept rows as the filtered/ part
     of the same name (written when it keeps none too: readers of filtered/ then always find a table, if an
     empty one); returns how many rows it kept."""
-    keep = keep_mask(config.filter, cutoff, table.column("status").to_pylist(),
-                     table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist())
+    keep = keep_mask(config.filter, top, table.column("status").to_pylist(),
+                     table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist(),
+                     _embedding_matrix(table) if top is not None and top.centroids is not None else None)
     position = table.schema.get_field_index("keep")
     table = table.set_column(position, table.schema.field(position), pa.array(keep))  # the schema's field: not null
     validate_table(table, embedding_dim, captioned=not config.embed_only)
@@ -495,13 +501,15 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
     staged = read_columns(output, STAGING, ["key", "source", "index", "status", "clip_score"], staged_paths)
     columns = [staged.column(c).to_pylist() for c in staged.column_names] if staged is not None else [[]] * 5
     renamed = _renamed_duplicates(*columns[:3], shard_order)
-    ok_keys, ok_scores, seen = [], [], set()
+    ok_keys, ok_scores, ok_rows, seen = [], [], [], set()
     for key, source, index, status, score in zip(*columns, strict=True):
-        if (source, index) not in seen and (source, index) not in renamed and status == "ok":
+        ok_rows.append((source, index) not in seen and (source, index) not in renamed and status == "ok")
+        if ok_rows[-1]:
             ok_keys.append(key)
             ok_scores.append(score)
         seen.add((source, index))
-    cutoff = top_fraction_cutoff(config.filter.keep_top_fraction, np.array(ok_scores, dtype=np.float64), ok_keys)
+    top = top_fraction(config.filter, np.array(ok_scores, dtype=np.float64), ok_keys,
+                       _embeddings_of(output, staged_paths, np.array(ok_rows, dtype=bool)))
     schema = captions_schema(embedding_dim, metadata_json)
     written: set[tuple[str, int]] = set()
     counts: Counter[str] = Counter()
@@ -520,14 +528,41 @@ def _finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embe
                           else ["unrecorded"] * captioned.num_rows)
         actor_peak_mb = max(actor_peak_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
         table = conform(table.drop_columns([c for c in STAGING_ONLY if c in table.column_names]), schema)
-        kept += _write_part(output, config, cutoff, table, embedding_dim, path.rsplit("/", 1)[-1])
+        kept += _write_part(output, config, top, table, embedding_dim, path.rsplit("/", 1)[-1])
         counts.update(table.column("status").to_pylist())
     if not output.parts(CAPTIONS):  # inputs without one sample (an empty tar): readers still find the tables
-        _write_part(output, config, cutoff, schema.empty_table(), embedding_dim, "part-empty.parquet")
+        _write_part(output, config, top, schema.empty_table(), embedding_dim, "part-empty.parquet")
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
-            "top_fraction_cutoff_score": cutoff.score if cutoff else None, "rows_by_node": dict(by_node),
+            **_cutoff_counts(top), "rows_by_node": dict(by_node),
             "rows_by_compute": dict(by_compute),
             "model_actor_peak_rss_mb": round(actor_peak_mb, 1)}
+
+
+def _cutoff_counts(top: TopFraction | None) -> dict[str, Any]:
+    return top.to_json() if top is not None else {"top_fraction_cutoff_score": None}
+
+
+def _embeddings_of(output: OutputDir, paths: list[str], rows: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
+    """The image embeddings of some rows (`rows`: a mask over the parts' rows, in the order of `paths`), read a
+    part at a time whenever the returned function is called."""
+    def blocks() -> Iterator[np.ndarray]:
+        start = 0
+        for path in paths:
+            with output.fs.open(path, "rb") as handle:
+                part = read_part(handle, ["image_embedding"])
+            yield _embedding_matrix(part)[rows[start:start + part.num_rows]]
+            start += part.num_rows
+    return blocks
+
+
+def _embedding_matrix(table: pa.Table) -> np.ndarray:
+    """A table's image_embedding column as one matrix; rows without one (failed samples) are zeros."""
+    column = table.column("image_embedding").combine_chunks()
+    width = column.type.list_size
+    matrix = np.zeros((len(column), width), dtype=np.float32)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    matrix[valid] = column.filter(valid).flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return matrix
 
 
 def _export_webdataset(output: OutputDir, config: RunConfig, shards: list[Shard],

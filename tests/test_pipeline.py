@@ -372,6 +372,27 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
     assert report.ok, "\n".join(report.lines())
 
 
+def test_a_fraction_per_cluster_is_the_same_committed_or_refiltered(ray_local, tiny_bundle, tmp_path):
+    tar_corpus(tmp_path / "in", shards=2, per_shard=12)
+    base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "model": str(tiny_bundle),
+            "decode": DecodeSettings(max_new_tokens=4), "batch_size": 4, "rows_per_file": 5}
+    per_cluster = FilterSettings(keep_top_fraction=0.5, clusters=3)
+    direct = run(RunConfig(**base, output=str(tmp_path / "direct"), filter=per_cluster))
+    run(RunConfig(**base, output=str(tmp_path / "later"), filter=FilterSettings(keep_top_fraction=0.5)))
+    later = run(RunConfig(**base, output=str(tmp_path / "later"), filter=per_cluster, overwrite=True))
+    assert "refilter_s" in later["timings"]
+    flags = [read_parts(tmp_path / name / "captions").sort_by("key").select(["key", "keep"])
+             for name in ("direct", "later")]
+    assert flags[0].equals(flags[1])
+    cutoffs = direct["counts"]["top_fraction_cutoff_scores_by_cluster"]
+    assert later["counts"]["top_fraction_cutoff_scores_by_cluster"] == cutoffs and len(cutoffs) == 3
+    assert direct["counts"]["top_fraction_cutoff_score"] is None
+    assert 9 <= direct["counts"]["kept"] <= 15 and direct["counts"]["kept"] == later["counts"]["kept"]
+    for name in ("direct", "later"):
+        report = verify(str(tmp_path / name), list(base["inputs"]))
+        assert report.ok, "\n".join(report.lines())
+
+
 def test_an_output_written_before_a_column_was_added_still_refilters(ray_local, tiny_bundle, tmp_path):
     """Parts written before original_clip_score existed (no such column) are re-filtered with it as nulls."""
     tar_corpus(tmp_path / "in", shards=1, per_shard=4)

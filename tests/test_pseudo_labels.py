@@ -66,3 +66,31 @@ def test_a_round_trains_students_on_kept_pseudo_labels_and_tabulates_them_over_s
     assert run_rounds(config)["models"] == results["models"]
     with pytest.raises(ValueError, match=r"holds a round with other settings \(student_epochs\)"):
         run_rounds(_config(tmp_path / "round", round_data, clip=str(tiny_bundle), student_epochs=2))
+
+
+def test_other_filters_train_students_on_the_same_candidates_for_the_same_steps(ray_local, tiny_bundle, round_data,
+                                                                                tmp_path):
+    from conftest import read_parts
+
+    compare = (FilterSettings(), FilterSettings(keep_top_fraction=0.5, clusters=2))
+    config = _config(tmp_path / "round", round_data, clip=str(tiny_bundle), seeds=(0,), rounds=1, student_epochs=2,
+                     compare=compare)
+    results = run_rounds(config)
+    assert [row["model"] for row in results["models"]] == [
+        "teacher", "student, round 1", "student, round 1, no filter", "student, round 1, top 0.5 per cluster of 2"]
+    counts = [row["pseudo_labels_kept"][0] for row in results["models"][1:]]
+    assert counts[:2] == [15, 30] and 14 <= counts[2] <= 16  # half of each cluster, each rounded
+    folder = tmp_path / "round" / "seed-0" / "round-1"
+    captioned = read_parts(folder / "pool" / "captions").sort_by("key")
+    for name, kept, epochs in (("filter-none", 30, 1), ("filter-top-0.5-clusters-2", counts[2], 2)):
+        copy = read_parts(folder / name / "pool" / "captions").sort_by("key")
+        assert copy.drop_columns(["keep"]).equals(captioned.drop_columns(["keep"]))  # the same candidates
+        assert sum(copy.column("keep").to_pylist()) == kept
+        summary = json.loads((folder / name / "student" / "train_summary.json").read_text())
+        # 2 epochs of 24 + 15 examples: as many steps as 1 epoch of 24 + 30 (rounded), or 2 of 24 + about 15
+        assert summary["examples"] == 24 + kept and summary["config"]["caption_epochs"] == epochs
+    assert json.loads((folder / "pool" / "run.json").read_text())["counts"]["kept"] == 15  # the round's own, as it was
+    # a filter added later resumes the round: only its student is trained
+    more = run_rounds(_config(tmp_path / "round", round_data, clip=str(tiny_bundle), seeds=(0,), rounds=1,
+                              student_epochs=2, compare=(*compare, FilterSettings(keep_top_fraction=0.25))))
+    assert more["models"][:4] == results["models"] and more["models"][4]["pseudo_labels_kept"] == [8]
