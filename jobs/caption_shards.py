@@ -1,4 +1,5 @@
-"""Caption image shards into a filtered Turkish pseudo-label dataset (see README and SPEC.md).
+"""Caption image shards into a filtered Turkish pseudo-label dataset (docs/running.md; its output:
+docs/output-format.md).
 
   python jobs/caption_shards.py --input 'shards/{00000..00009}.tar' --output out/
   ray job submit --working-dir . -- python jobs/caption_shards.py --input ... --output ...
@@ -44,7 +45,7 @@ from pipeline.sources import InputError
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Images per model batch; decoding gains from every extra row (README \"Benchmarks\").")
+              help="Images per model batch; decoding gains from every extra row (docs/benchmarks.md).")
 @click.option("--actors", default="auto", show_default=True,
               help="Model actors: N, MIN-MAX to autoscale, or auto: as many as the nodes up now hold.")
 @click.option("--gpus-per-actor", type=click.FloatRange(0, 1), default=None,

@@ -2,7 +2,7 @@
 checkpoints under --out/checkpoints that a restarted worker group or a rerun resumes from. Runs as plain `python`
 (a local Ray starts) or with `ray job submit` on a cluster (--out then on storage every node reaches).
 
-The embedded demo model (reproduces pipeline/assets/demo_bundle, README "The embedded demo model"):
+The embedded demo model (reproduces pipeline/assets/demo_bundle, docs/demo-model.md):
   python jobs/make_demo_corpus.py --out data/demo --seed 0 --train 80000 --val 1000 --test 2000
   python jobs/train_captioner.py --data 'data/demo/train/*.tar' --out runs/v9 --clip-image-size 48 \
       --clip-stride 16 --clip-width 24 --clip-epochs 4 --caption-epochs 24 --first-reference-prob 0.5 \

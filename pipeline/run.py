@@ -463,7 +463,7 @@ def actor_places(nodes: list[dict[str, float]], gpus_per_actor: float, memory_pe
 
 def auto_actors(nodes: list[dict[str, float]], gpus_per_actor: float, memory_per_actor: float) -> ActorRange:
     """`--actors auto`: one actor per GPU share on GPU nodes; on CPU-only nodes one per core (each with one
-    thread: faster than one actor with every core, README "Benchmarks"), as many as each node's memory holds."""
+    thread: faster than one actor with every core, docs/cluster.md), as many as each node's memory holds."""
     count = max(1, actor_places(nodes, gpus_per_actor, memory_per_actor))
     return ActorRange(count, count)
 

@@ -59,7 +59,7 @@ class ClipArch:
     vision_layers: tuple[int, ...] = (2, 2, 2, 2)
     vision_width: int = 32
     # 32: open_clip's ModifiedResNet; 16: without the stem's average pool, so that a 48 px input ends in a
-    # 3x3 grid whose cells line up with the demo's slot rows and columns (README, "The embedded demo model")
+    # 3x3 grid whose cells line up with the demo's slot rows and columns (docs/demo-model.md)
     vision_stride: int = 32
     text_width: int = 128
     text_layers: int = 3

@@ -1,4 +1,4 @@
-"""Check a finished output directory against the contract in SPEC.md ("Output layout", "Columns").
+"""Check a finished output directory against the contract in docs/output-format.md ("Layout", "Columns").
 
 `verify` reads every Parquet file of captions/ and filtered/ once (one file in memory at a time) and
 keeps only the light columns the cross-checks need; with `inputs` it also streams the input shards
@@ -25,7 +25,7 @@ from pipeline.sources import Shard, expand_inputs, read_samples
 from pipeline.text import describe_error, one_line
 from schemas.captions import METADATA_KEY, SchemaError, captions_schema, validate_table
 
-# What the `captioner` metadata JSON must name (SPEC.md: identities, decoding, filter, version).
+# What the `captioner` metadata JSON must name (docs/output-format.md: identities, decoding, filter, version).
 METADATA_FIELDS = ("encoder", "captioner", "scorer", "decoding", "filter", "version")
 # pipeline.run keeps every sample of a repeated key: the later ones get the key KEY@SOURCE#POSITION.
 # Such keys are not among the keys the inputs yield, so they are not reported as unexpected; the

@@ -1,4 +1,4 @@
-"""The schema of captions/*.parquet and filtered/*.parquet (see SPEC.md, "Columns")."""
+"""The schema of captions/*.parquet and filtered/*.parquet (docs/output-format.md, "Columns")."""
 
 from __future__ import annotations
 

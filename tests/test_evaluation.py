@@ -221,7 +221,7 @@ def test_job_missing_bundle_in_a_real_process(split, tmp_path):
 def test_the_committed_demo_bundle_captions_scenes_it_never_saw(tmp_path):
     """`make demo` and the job's default model: the bundle in the repository must load, stay within the
     25 MB budget and really caption its world. 200 scenes of another seed than its training corpus; the
-    README's figures come from 2,000 (bounds here leave ~3 standard errors of room)."""
+    docs/demo-model.md's figures come from 2,000 (bounds here leave ~3 standard errors of room)."""
     size = sum(file.stat().st_size for file in DEMO_BUNDLE.rglob("*") if file.is_file())
     assert size <= 25 * 2**20
     write_corpus(tmp_path, 7, {"test": 200}, formats=("webdataset",))

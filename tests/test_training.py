@@ -110,8 +110,8 @@ def test_caption_batches_group_similar_lengths_and_still_cover_every_example_onc
 
 
 def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it():
-    """The CPU flash-attention kernel's bf16 backward is 7x slower than fp32 (README); bf16 training
-    must take the math kernel, and leave the process's attention settings as they were."""
+    """The CPU flash-attention kernel's bf16 backward is 7x slower than fp32 (runs/demo-model-experiments.md);
+    bf16 training must take the math kernel, and leave the process's attention settings as they were."""
     assert torch.backends.cuda.flash_sdp_enabled()
     with Compute(torch.device("cpu"), torch.bfloat16).autocast():
         assert torch.is_autocast_enabled("cpu") and not torch.backends.cuda.flash_sdp_enabled()

@@ -49,7 +49,7 @@ SCHEMAS = (HF_HUB, LOCAL_DIR)
 # this when the tower's config.json and tokenizer files are the folder's own: such a folder can be moved.
 IN_FOLDER = "."
 # ViT-B/32 on this project's 2-core Zen 4 in bf16: 9 ms per image in passes of 32-64 images, 13-15 ms in
-# passes of 128-256 (README "Benchmarks")
+# passes of 128-256 (docs/benchmarks.md)
 CPU_CHUNK = 64
 
 
@@ -181,7 +181,7 @@ def lock_image_tower(scorer: ClipModel, encoder: ClipModel) -> ClipModel:
 def encode_text_trimmed(clip: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's `CLIP.encode_text` on the tokens up to the batch's last pooled position. A causal text
     tower's pooled output never sees the padding after it, and padding ~20-token captions to 77 made the
-    scorer 18% of the model stage for 2.5% of its FLOPs (README "Benchmarks"). Other towers run whole."""
+    scorer 18% of the model stage for 2.5% of its FLOPs (docs/benchmarks.md). Other towers run whole."""
     pool = getattr(clip, "text_pool_type", None)
     if not isinstance(clip, open_clip.CLIP) or clip.attn_mask is None or pool not in ("argmax", "eos"):
         return clip.encode_text(tokens)
