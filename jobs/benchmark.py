@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.config import DecodeSettings
-from pipeline.decoding import decode_texts, generate, reference_clipcap_generate
+from pipeline.generation.decoding import decode_texts, generate, reference_clipcap_generate
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.precision import cpu_has_fast_bf16, cuda_has_native_bf16, resolve_dtype
 
@@ -137,7 +137,7 @@ def real_size_bundle(path: Path) -> Path:
 
 def photo_corpus(root: Path, images: int, shards: int) -> str:
     """640x480 JPEG scenes in WebDataset shards (the demo world drawn at COCO size), one corpus per size."""
-    from pipeline.demo_world import write_corpus
+    from pipeline.demo.world import write_corpus
 
     root = root.with_name(f"{root.name}-{images}x{shards}")
     if not (root / "test").is_dir():
@@ -152,9 +152,9 @@ def flops_per_image(bundle_dir: Path, inputs: str, dtype: torch.dtype, images: i
     (a multiply-add is 2), on the corpus's first images, decoding as the bare loop does."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pipeline.images import decode_image
+    from pipeline.io.images import decode_image
+    from pipeline.io.sources import expand_inputs, read_samples
     from pipeline.models.bundle import load_bundle
-    from pipeline.sources import expand_inputs, read_samples
 
     bundle = load_bundle(bundle_dir).to("cpu", dtype)
     records = (record for shard in expand_inputs([inputs]) for record in read_samples(shard))
@@ -183,9 +183,9 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
               device: torch.device = CPU) -> dict:
     """decode JPEG -> encode -> caption -> score in one process, no Ray; model load included, as in
     the pipeline's actor. Also times each stage (decoding on this process's one thread)."""
-    from pipeline.images import decode_image
+    from pipeline.io.images import decode_image
+    from pipeline.io.sources import expand_inputs, read_samples
     from pipeline.models.bundle import load_bundle
-    from pipeline.sources import expand_inputs, read_samples
 
     started = time.perf_counter()
     bundle = load_bundle(bundle_dir).to(device, dtype)
@@ -246,7 +246,7 @@ def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int
     import ray
 
     from pipeline.config import ActorRange, RunConfig
-    from pipeline.run import run
+    from pipeline.run.chain import run
 
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
@@ -615,7 +615,7 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     mid-run and the resume, with the time the kill cost."""
     import shutil
 
-    from pipeline.demo_world import write_corpus
+    from pipeline.demo.world import write_corpus
 
     width, height = (int(v) for v in size.lower().split("x"))
     # one corpus per size and shard size, drawn once for the largest --images asked: sample i is the same

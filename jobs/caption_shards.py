@@ -15,9 +15,9 @@ import click
 
 from pipeline.cli import OneLineErrors
 from pipeline.config import DTYPES, METHODS, ActorRange, DecodeSettings, RunConfig
-from pipeline.filtering import FilterSettings
+from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
-from pipeline.sources import InputError
+from pipeline.run.filtering import FilterSettings
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -85,7 +85,8 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
     # torch and Ray load only once the usage is known to be sound
-    from pipeline.run import ActorStartFailed, StagingNotListed, UsageError, run
+    from pipeline.run.chain import run
+    from pipeline.run.errors import ActorStartFailed, StagingNotListed, UsageError
 
     try:
         summary = run(config)

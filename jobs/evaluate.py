@@ -19,13 +19,13 @@ import click
 import torch
 from transformers.utils import logging as transformers_logging
 
-from pipeline.caption_files import TEST_SPLITS, expand_labelled_inputs, read_labelled_inputs
 from pipeline.cli import OneLineErrors
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, DecodeSettings
-from pipeline.evaluation import EvaluationError, evaluate, format_table
+from pipeline.io.caption_files import TEST_SPLITS, expand_labelled_inputs, read_labelled_inputs
+from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
 from pipeline.models.errors import ModelLoadError
-from pipeline.sources import InputError
+from pipeline.quality.evaluation import EvaluationError, evaluate, format_table
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,4 +1,4 @@
-"""The pseudo-label round (pipeline/pseudo_labels.py): a teacher trained on a labelled set captions a pool of
+"""The pseudo-label round (pipeline/training/pseudo_labels.py): a teacher trained on a labelled set captions a pool of
 images (best of 8 samples by CLIP score), the filter keeps the best captions, and a student trained on the
 labelled set plus the kept pseudo-labels is compared with its teacher on a test set, for every seed. Rerun the
 same command to resume; `--rounds 2` makes each student the teacher of a second round.
@@ -23,9 +23,9 @@ import click
 
 from pipeline.cli import OneLineErrors
 from pipeline.config import METHODS, DecodeSettings
-from pipeline.filtering import FilterSettings
+from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
-from pipeline.sources import InputError
+from pipeline.run.filtering import FilterSettings
 
 
 def _seeds(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -94,8 +94,8 @@ def main(labelled: tuple[str, ...], pool: tuple[str, ...], test: tuple[str, ...]
          compare: tuple[FilterSettings, ...], pool_limit: int | None, test_limit: int | None, num_workers: int,
          out: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.pseudo_labels import RoundConfig, format_markdown, run_rounds
-    from pipeline.trainer import TrainingFailed
+    from pipeline.training.pseudo_labels import RoundConfig, format_markdown, run_rounds
+    from pipeline.training.trainer import TrainingFailed
 
     if batch_size % num_workers:
         raise click.UsageError(f"--batch-size {batch_size} does not split among {num_workers} workers")

@@ -14,8 +14,8 @@ import _bootstrap  # noqa: F401
 import click
 
 from pipeline.cli import OneLineErrors
-from pipeline.report import ReportError, build_report, write_report
-from pipeline.sinks import REPORT
+from pipeline.io.sinks import REPORT
+from pipeline.quality.report import ReportError, build_report, write_report
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})

@@ -16,8 +16,8 @@ import click
 
 from pipeline.cli import OneLineErrors
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL
+from pipeline.io.sinks import CAPTIONS, FILTERED, RUN_JSON, OutputDir
 from pipeline.models.errors import ModelLoadError
-from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, OutputDir
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +28,7 @@ from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, OutputDir
 @click.option("--filtered", is_flag=True, help="Search the filtered set only (default: every captioned row).")
 def main(output: str, query: str, top: int, model: str | None, filtered: bool) -> None:
     from pipeline.models.bundle import load_bundle
-    from pipeline.search import SearchError, search
+    from pipeline.quality.search import SearchError, search
 
     try:
         model = model or ((OutputDir(output).read_json(RUN_JSON) or {}).get("config") or {}).get("model")

@@ -1,6 +1,6 @@
-"""Train a captioner and write a model bundle, on Ray Train (pipeline/trainer.py): `--num-workers N` DDP workers,
-checkpoints under --out/checkpoints that a restarted worker group or a rerun resumes from. Runs as plain `python`
-(a local Ray starts) or with `ray job submit` on a cluster (--out then on storage every node reaches).
+"""Train a captioner and write a model bundle, on Ray Train (pipeline/training/trainer.py): `--num-workers N`
+DDP workers, checkpoints under --out/checkpoints that a restarted worker group or a rerun resumes from. Runs as plain
+`python` (a local Ray starts) or with `ray job submit` on a cluster (--out then on storage every node reaches).
 
 The embedded demo model (reproduces pipeline/assets/demo_bundle, docs/demo-model.md):
   python jobs/make_demo_corpus.py --out data/demo --seed 0 --train 80000 --val 1000 --test 2000
@@ -34,12 +34,12 @@ import click
 
 from pipeline.cli import OneLineErrors, language_options
 from pipeline.config import DTYPES
+from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
-from pipeline.run import UsageError
-from pipeline.sources import InputError
+from pipeline.run.errors import UsageError
 from pipeline.text import describe_error
-from pipeline.trainer import Scaling, TrainingFailed, train
-from pipeline.training import TrainConfig
+from pipeline.training.stages import TrainConfig
+from pipeline.training.trainer import Scaling, TrainingFailed, train
 
 
 @click.command(cls=OneLineErrors)

@@ -14,8 +14,8 @@ import _bootstrap  # noqa: F401
 import click
 
 from pipeline.cli import OneLineErrors
-from pipeline.sources import InputError
-from pipeline.verify import VerifyUsageError, verify
+from pipeline.io.sources import InputError
+from pipeline.quality.verify import VerifyUsageError, verify
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.filtering import FilterSettings
+from pipeline.run.filtering import FilterSettings
 
 DEMO_MODEL = "demo"
 DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
@@ -18,7 +18,7 @@ METHODS = ("greedy", "beam", "sample")
 
 @dataclass(frozen=True)
 class DecodeSettings:
-    """How captions are decoded (`pipeline.decoding.generate`); here, away from torch, so the CLI checks
+    """How captions are decoded (`pipeline.generation.decoding.generate`); here, away from torch, so the CLI checks
     its usage without importing the model stack."""
 
     method: str = "greedy"
@@ -92,7 +92,7 @@ class RunConfig:
     filter: FilterSettings = field(default_factory=FilterSettings)
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     batch_size: int = 256
-    actors: ActorRange | None = None      # None: as many as the nodes up now hold (`pipeline.run.auto_actors`)
+    actors: ActorRange | None = None      # None: as many as the nodes up now hold (`run.placement.auto_actors`)
     gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0
     dtype: str = "auto"
     limit: int | None = None

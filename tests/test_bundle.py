@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_captioner, tiny_clip
 
 from pipeline.config import DecodeSettings
-from pipeline.decoding import generate
+from pipeline.generation.decoding import generate
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.errors import ModelLoadError
 

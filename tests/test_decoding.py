@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_captioner
 
 from pipeline.config import DecodeSettings
-from pipeline.decoding import decode_texts, generate, reference_clipcap_generate, seeds_for
+from pipeline.generation.decoding import decode_texts, generate, reference_clipcap_generate, seeds_for
 
 
 def _prefixes(captioner, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -140,7 +140,7 @@ def test_a_sampled_image_draws_the_same_in_any_batch(tokenizer):
 
 
 def test_sampling_draws_each_token_at_its_probability():
-    from pipeline.decoding import _sampler, _streams, _uniforms
+    from pipeline.generation.decoding import _sampler, _streams, _uniforms
 
     probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05, 0.0])  # zero-mass tokens must never come up
     rows = 20_000

@@ -21,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline import demo_world as dw
-from pipeline.demo_world import (
+from pipeline.demo import world as dw
+from pipeline.demo.world import (
     ACC,
     DAT,
     GEN,

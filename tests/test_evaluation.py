@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from conftest import jpeg_bytes, write_tar
 
 from pipeline.config import DEMO_BUNDLE
-from pipeline.demo_world import write_corpus
-from pipeline.evaluation import caption_metrics, evaluate, recall_at_1, roc_auc, tokenize_tr
-from pipeline.images import decode_image
+from pipeline.demo.world import write_corpus
+from pipeline.io.images import decode_image
+from pipeline.io.sources import expand_inputs, read_samples
 from pipeline.models.bundle import load_bundle
-from pipeline.sources import expand_inputs, read_samples
+from pipeline.quality.evaluation import caption_metrics, evaluate, recall_at_1, roc_auc, tokenize_tr
 from pipeline.text import tr_upper
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.filtering import (
+from pipeline.run.filtering import (
     FilterSettings,
     cluster_sample,
     fit_clusters,

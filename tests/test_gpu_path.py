@@ -12,13 +12,13 @@ import pytest
 import torch
 from conftest import read_parts, tar_corpus
 
-from pipeline.captioning import caption_batch
 from pipeline.config import DEMO_BUNDLE, DecodeSettings, RunConfig
-from pipeline.demo_world import generate_scene, render_scene
-from pipeline.images import prepare_pil
-from pipeline.model_stage import actor_device
+from pipeline.demo.world import generate_scene, render_scene
+from pipeline.generation.captioning import caption_batch
+from pipeline.io.images import prepare_pil
 from pipeline.models.bundle import load_bundle
 from pipeline.models.errors import ModelLoadError
+from pipeline.run.model_stage import actor_device
 
 
 def test_an_actor_computes_on_the_gpu_ray_gave_it_and_nowhere_else():
@@ -39,7 +39,7 @@ def test_an_actor_given_every_gpu_takes_the_one_ray_named(monkeypatch):
 def test_an_actor_start_failure_is_the_remote_exception_on_one_line():
     """Ray's message carries the actor's remote traceback; torch's CUDA messages run over several lines,
     whose last named neither the error nor its cause."""
-    from pipeline.run import _creation_error
+    from pipeline.run.chain import _creation_error
 
     def failure(*last_lines: str) -> Exception:
         return Exception("\n".join(["The actor died because of an error raised in its creation task, "
@@ -110,7 +110,8 @@ def test_gpu_actors_that_find_no_cuda_stop_the_run_with_one_line(ray_with_a_logi
     the GPU, ~100x slower and silent. The run takes the GPU plan (decode tasks, then actors of 1 GPU each,
     the default on a cluster with GPUs) and stops on the actor's reason; --gpus-per-actor 0 then captions
     every row on the CPUs of the same cluster."""
-    from pipeline.run import ActorStartFailed, run
+    from pipeline.run.chain import run
+    from pipeline.run.errors import ActorStartFailed
 
     tar_corpus(tmp_path / "in", shards=2, per_shard=3)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),

@@ -1,5 +1,5 @@
 """Hostile inputs through the real pipeline: one run over every kind of bad data at once (repeated keys
-included), checked with `pipeline.verify`; and bad usage, which must fail before any work starts."""
+included), checked with `pipeline.quality.verify`; and bad usage, which must fail before any work starts."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ from conftest import jpeg_bytes, read_parts, write_tar
 from PIL import Image
 
 from pipeline.config import DecodeSettings, RunConfig
-from pipeline.run import UsageError, run
-from pipeline.sources import InputError, expand_inputs
-from pipeline.verify import verify
+from pipeline.io.sources import InputError, expand_inputs
+from pipeline.quality.verify import verify
+from pipeline.run.chain import run
+from pipeline.run.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = (48, 40)  # conftest.jpeg_bytes' default size

@@ -1,4 +1,4 @@
-"""pipeline.images: hostile bytes, every Pillow mode, EXIF orientation, open_clip equality, JPEG draft accuracy."""
+"""pipeline.io.images: hostile bytes, every Pillow mode, EXIF orientation, open_clip equality, JPEG draft accuracy."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFile, ImageFilter
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 
-from pipeline.images import DecodedImage, ImageError, ImageSpec, decode_image, prepare_pil
+from pipeline.io.images import DecodedImage, ImageError, ImageSpec, decode_image, prepare_pil
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

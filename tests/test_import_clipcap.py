@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from clipcap_reference import ClipCaptionModel
 from conftest import tiny_clip_config, tiny_lm
 
-from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
-from pipeline.decoding import decode_texts, generate
+from pipeline.generation.captioning import caption_batch
+from pipeline.generation.decoding import decode_texts, generate
 from pipeline.models.bundle import load_bundle
 from pipeline.models.clipcap_import import import_clipcap
 from pipeline.models.errors import ModelLoadError

@@ -14,12 +14,13 @@ import torch
 from conftest import tar_corpus, tiny_captioner
 
 from pipeline.config import DEMO_BUNDLE, RunConfig
-from pipeline.filtering import FilterSettings
 from pipeline.models.bundle import load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.languages import MULTILINGUAL, Languages, infer, of_manifest
-from pipeline.report import build_report
-from pipeline.run import UsageError, run
+from pipeline.quality.report import build_report
+from pipeline.run.chain import run
+from pipeline.run.errors import UsageError
+from pipeline.run.filtering import FilterSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM_ENTRY = {"arch": "custom", "config": {}, "tokenizer": "encoder_tokenizer.json"}

@@ -14,9 +14,9 @@ import torch
 from conftest import tiny_captioner, tiny_clip, tiny_clip_config, tiny_lm
 from safetensors.torch import save_file
 
-from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
-from pipeline.images import ImageSpec
+from pipeline.generation.captioning import caption_batch
+from pipeline.io.images import ImageSpec
 from pipeline.models import clip as clip_module
 from pipeline.models.bundle import Bundle, load_bundle, save_bundle
 from pipeline.models.captioner import CaptionerConfig, MLPMapper, PrefixCaptioner, TransformerMapper

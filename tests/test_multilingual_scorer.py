@@ -31,13 +31,14 @@ from conftest import (
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
-from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings, RunConfig
+from pipeline.generation.captioning import caption_batch
 from pipeline.models.bundle import load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import MULTILINGUAL, infer
-from pipeline.run import UsageError, run
+from pipeline.run.chain import run
+from pipeline.run.errors import UsageError
 
 TEXTS = ["Resimde büyük bir kırmızı daire var.", "mavi kare", "İki sarı yıldız ortada görünüyor.", "ılık"]
 OPENAI_ENCODER = {"arch": "ViT-B-32", "weights": "openai"}
@@ -174,7 +175,7 @@ def test_a_run_says_first_that_its_scorer_encodes_each_image_again(moved_bundle,
     (tmp_path / "out" / "notes.txt").write_text("not a run")  # the run stops there, before any model runs
     for model, says in ((moved_bundle[0], True), (tiny_bundle, False)):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="pipeline.run"), pytest.raises(UsageError, match="not empty"):
+        with caplog.at_level(logging.INFO, logger="pipeline.run.chain"), pytest.raises(UsageError, match="not empty"):
             run(RunConfig(inputs=(str(shards[0]),), output=str(tmp_path / "out"), model=str(model)))
         assert ("the scorer is a model of its own: each image is decoded at its 48 px too and encoded twice"
                 in caplog.text) == says

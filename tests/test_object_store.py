@@ -14,9 +14,9 @@ from conftest import jpeg_bytes, write_tar
 from moto.server import ThreadedMotoServer
 
 from pipeline.config import DecodeSettings, RunConfig
-from pipeline.filtering import FilterSettings
-from pipeline.run import run
-from pipeline.verify import verify
+from pipeline.quality.verify import verify
+from pipeline.run.chain import run
+from pipeline.run.filtering import FilterSettings
 
 BUCKET = "captions-test"
 
@@ -82,7 +82,7 @@ def test_training_on_ray_train_reads_embeddings_from_s3_and_checkpoints_and_writ
     from test_ray_training import _config, _write_output
 
     from pipeline.models.bundle import load_bundle
-    from pipeline.trainer import Scaling, train
+    from pipeline.training.trainer import Scaling, train
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     bucket = "training-test"  # its own: s3fs's mkdir of an existing bucket raises, exist_ok or not

@@ -15,12 +15,13 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.config import ActorRange, DecodeSettings, RunConfig
-from pipeline.filtering import FilterSettings
+from pipeline.io.sinks import STAGING, STAGING_CONFIG, OutputDir
 from pipeline.precision import resolve_dtype
-from pipeline.report import build_report
-from pipeline.run import StagingNotListed, UsageError, run
-from pipeline.sinks import STAGING, STAGING_CONFIG, OutputDir
-from pipeline.verify import verify
+from pipeline.quality.report import build_report
+from pipeline.quality.verify import verify
+from pipeline.run.chain import run
+from pipeline.run.errors import ActorStartFailed, StagingNotListed, UsageError
+from pipeline.run.filtering import FilterSettings
 from schemas.captions import validate_table
 
 
@@ -114,13 +115,13 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
     import numpy as np
     from conftest import tiny_multilingual_folder
 
-    from pipeline.images import decode_image
+    from pipeline.io.images import decode_image
     from pipeline.models.clip import ClipSpec, create_clip
     from pipeline.models.errors import ModelLoadError
-    from pipeline.training import ClipArch, LMArch, TrainConfig
+    from pipeline.training.stages import ClipArch, LMArch, TrainConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    from pipeline.trainer import train
+    from pipeline.training.trainer import train
 
     folder, _ = tiny_multilingual_folder(tmp_path / "models")
     tar_corpus(tmp_path / "in", per_shard=8)
@@ -154,10 +155,11 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
 def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local, tiny_bundle, tmp_path, monkeypatch):
     """The run waits for the pool's minimum of actors only where the nodes hold them (the two-node
     cluster test covers that side); asking for more than there is must not stall until the timeout."""
-    import pipeline.run as pipeline_run
+    import pipeline.run.chain as pipeline_run
+    from pipeline.run.placement import actor_places, live_node_resources
 
-    nodes = pipeline_run.live_node_resources()
-    assert pipeline_run.actor_places(nodes, 0.0) == 2 and pipeline_run.actor_places(nodes, 1.0) == 0  # 2 CPUs
+    nodes = live_node_resources()
+    assert actor_places(nodes, 0.0) == 2 and actor_places(nodes, 1.0) == 0  # 2 CPUs
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 20)  # a wrong wait fails fast, not in 30 minutes
     tar_corpus(tmp_path / "in", shards=1, per_shard=4)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
@@ -166,33 +168,33 @@ def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local
 
 
 def test_auto_actors_take_every_gpu_share_or_every_core_the_memory_holds(tiny_bundle):
-    import pipeline.run as pipeline_run
+    import pipeline.run.placement as placement
 
     gib = 2**30
     cpu_node = {"CPU": 16.0, "memory": 64.0 * gib}
     small_cpu_node = {"CPU": 16.0, "memory": 24.0 * gib}
     gpu_node = {"CPU": 96.0, "GPU": 8.0, "memory": 700.0 * gib}
     vit_b32 = 3.4 * gib
-    assert pipeline_run.auto_actors([cpu_node], 0.0, vit_b32) == ActorRange(16, 16)  # every core
-    assert pipeline_run.auto_actors([small_cpu_node], 0.0, vit_b32) == ActorRange(7, 7)  # what the memory holds
-    assert pipeline_run.auto_actors([cpu_node, small_cpu_node], 0.0, vit_b32) == ActorRange(23, 23)
-    assert pipeline_run.auto_actors([gpu_node], 1.0, vit_b32) == ActorRange(8, 8)  # one per GPU, not per core
-    assert pipeline_run.auto_actors([gpu_node, cpu_node], 0.5, vit_b32) == ActorRange(16, 16)  # GPU nodes only
-    assert pipeline_run.auto_actors([{"CPU": 2.0, "memory": 1.0 * gib}], 0.0, vit_b32) == ActorRange(1, 1)
+    assert placement.auto_actors([cpu_node], 0.0, vit_b32) == ActorRange(16, 16)  # every core
+    assert placement.auto_actors([small_cpu_node], 0.0, vit_b32) == ActorRange(7, 7)  # what the memory holds
+    assert placement.auto_actors([cpu_node, small_cpu_node], 0.0, vit_b32) == ActorRange(23, 23)
+    assert placement.auto_actors([gpu_node], 1.0, vit_b32) == ActorRange(8, 8)  # one per GPU, not per core
+    assert placement.auto_actors([gpu_node, cpu_node], 0.5, vit_b32) == ActorRange(16, 16)  # GPU nodes only
+    assert placement.auto_actors([{"CPU": 2.0, "memory": 1.0 * gib}], 0.0, vit_b32) == ActorRange(1, 1)
     files = sum(f.stat().st_size for f in tiny_bundle.rglob("*") if f.is_file())
-    assert pipeline_run.actor_memory_estimate(tiny_bundle) == 1.5 * gib + 4 * files
+    assert placement.actor_memory_estimate(tiny_bundle) == 1.5 * gib + 4 * files
 
 
 def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_local, tiny_bundle, tmp_path,
                                                                             monkeypatch):
-    import pipeline.run as pipeline_run
+    import pipeline.run.chain as pipeline_run
 
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 0.001)  # no actor loads its models that fast
     tar_corpus(tmp_path / "in", shards=1, per_shard=2)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=3), actors=ActorRange.parse("1"))
     stopped = r"1 model actor\(s\) \(1 CPU each\) did not start within 0.001 s"
-    with pytest.raises(pipeline_run.ActorStartFailed, match=stopped):
+    with pytest.raises(ActorStartFailed, match=stopped):
         run(config)
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 1800)
     assert run(config)["counts"]["rows"] == 2  # and a rerun goes on
@@ -313,7 +315,8 @@ def test_usage_found_after_loading_the_model_is_one_line_before_any_work(tiny_bu
 
 def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(ray_local, tiny_bundle, tmp_path,
                                                                               monkeypatch):
-    import pipeline.run as run_module
+    import pipeline.run.chain as run_module
+    import pipeline.run.commit as commit
 
     tar_corpus(tmp_path / "in")
     out = tmp_path / "out"
@@ -346,7 +349,7 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
     assert report.ok, "\n".join(report.lines())
 
     # a re-filter killed between two parts is completed by the next run, before anything else
-    real_write_part, calls = run_module._write_part, []
+    real_write_part, calls = commit._write_part, []
 
     def dies_on_second_part(*args, **kwargs):
         calls.append(1)
@@ -354,12 +357,12 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
             raise KeyboardInterrupt
         return real_write_part(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "_write_part", dies_on_second_part)
+    monkeypatch.setattr(commit, "_write_part", dies_on_second_part)
     nothing_passes = RunConfig(**base, filter=FilterSettings(min_clip_score=1.0), overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         run(nothing_passes)
     assert (out / "_refilter.json").is_file()
-    monkeypatch.setattr(run_module, "_write_part", real_write_part)
+    monkeypatch.setattr(commit, "_write_part", real_write_part)
     with pytest.raises(UsageError, match="different configuration"):  # the output is heading elsewhere now
         run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3)))
     done = run(RunConfig(**base, filter=FilterSettings(min_clip_score=1.0)))
@@ -427,28 +430,29 @@ def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_p
 
 
 def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, tiny_bundle, tmp_path, monkeypatch):
-    import pipeline.run as run_module
-    from pipeline.sinks import OutputDir
-    from pipeline.sources import expand_inputs
-    from pipeline.stages import _shard_id, finished_shards
+    import pipeline.run.chain as run_module
+    import pipeline.run.commit as commit
+    from pipeline.io.sinks import OutputDir
+    from pipeline.io.sources import expand_inputs
+    from pipeline.run.data_stages import _shard_id, finished_shards
 
     tar_corpus(tmp_path / "in", shards=3, per_shard=4)
     out = tmp_path / "out"
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(out), model=str(tiny_bundle),
                        decode=DecodeSettings(max_new_tokens=4), batch_size=4)
-    real_finalize = run_module._finalize
+    real_finalize = run_module.finalize
 
     def driver_killed(*args, **kwargs):  # after the model stage, before the commit
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module, "_finalize", driver_killed)
+    monkeypatch.setattr(run_module, "finalize", driver_killed)
     with pytest.raises(KeyboardInterrupt):
         run(config)
     markers = sorted((out / "_staging" / "shards").iterdir())
     assert len(markers) == 3 and all(marker.name.endswith(".4") for marker in markers)
 
     shards = expand_inputs(list(config.inputs))
-    done = run_module._committed_samples(OutputDir(str(out)))
+    done = commit.committed_samples(OutputDir(str(out)))
     assert finished_shards(OutputDir(str(out)), shards, done) == {shard.url for shard in shards}
     done[shards[0].url].discard(3)  # a record short: that shard must be read again
     assert finished_shards(OutputDir(str(out)), shards, done) == {shards[1].url, shards[2].url}
@@ -461,7 +465,7 @@ def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, ti
         return real_caption(config, output, unfinished, *args)
 
     (out / "_staging" / "shards" / markers[1].name).unlink()  # as if killed before that shard's end
-    monkeypatch.setattr(run_module, "_finalize", real_finalize)
+    monkeypatch.setattr(run_module, "finalize", real_finalize)
     monkeypatch.setattr(run_module, "_caption_into_staging", spy)
     summary = run(config)
     assert read_again == [shard.url for shard in shards if _shard_id(shard.url) == markers[1].name.split(".")[0]]
@@ -474,8 +478,8 @@ def test_a_ray_address_nothing_listens_on_is_one_usage_line(monkeypatch):
     """ray.init() retried such an address for minutes, printing only GCS connection warnings."""
     import socket
 
-    import pipeline.run as run_module
-    from pipeline.run import init_ray
+    import pipeline.run.chain as run_module
+    from pipeline.run.chain import init_ray
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline import precision
-from pipeline.training import Compute, TrainConfig
+from pipeline.training.stages import Compute, TrainConfig
 
 
 @pytest.mark.parametrize(("capability", "expected"), [

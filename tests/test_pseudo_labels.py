@@ -8,11 +8,11 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 
-import pipeline.trainer
+import pipeline.training.trainer
 from pipeline.config import DecodeSettings
-from pipeline.demo_world import write_corpus
-from pipeline.filtering import FilterSettings
-from pipeline.pseudo_labels import RoundConfig, run_rounds
+from pipeline.demo.world import write_corpus
+from pipeline.run.filtering import FilterSettings
+from pipeline.training.pseudo_labels import RoundConfig, run_rounds
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_a_round_trains_students_on_kept_pseudo_labels_and_tabulates_them_over_s
     assert ElementTree.fromstring((tmp_path / "round" / "results.svg").read_text()).tag.endswith("svg")
 
     # a rerun reads what is written: nothing is trained, captioned or evaluated again
-    monkeypatch.setattr(pipeline.trainer, "train", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr("pipeline.evaluation.evaluate", lambda *a, **k: pytest.fail("evaluated again"))
+    monkeypatch.setattr(pipeline.training.trainer, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr("pipeline.quality.evaluation.evaluate", lambda *a, **k: pytest.fail("evaluated again"))
     assert run_rounds(config)["models"] == results["models"]
     with pytest.raises(ValueError, match=r"holds a round with other settings \(student_epochs\)"):
         run_rounds(_config(tmp_path / "round", round_data, clip=str(tiny_bundle), student_epochs=2))

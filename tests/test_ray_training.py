@@ -20,8 +20,8 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 
 from pipeline.models.bundle import load_bundle
-from pipeline.trainer import Scaling, TrainingFailed, train
-from pipeline.training import ClipArch, LMArch, TrainConfig
+from pipeline.training.stages import ClipArch, LMArch, TrainConfig
+from pipeline.training.trainer import Scaling, TrainingFailed, train
 from schemas.captions import captions_schema
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 from PIL import Image
 
-from pipeline.report import HISTOGRAM_BINS, build_report
+from pipeline.quality.report import HISTOGRAM_BINS, build_report
 from schemas.captions import captions_schema
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import torch
 from conftest import TURKISH_SENTENCES, tiny_clip
 
 from pipeline.models.bundle import Bundle, load_bundle
-from pipeline.search import SearchError, search
+from pipeline.quality.search import SearchError, search
 from schemas.captions import captions_schema
 
 ROOT = Path(__file__).resolve().parents[1]

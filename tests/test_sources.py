@@ -1,4 +1,4 @@
-"""`--input` specs -> shards, and shards -> sample records (pipeline.sources)."""
+"""`--input` specs -> shards, and shards -> sample records (pipeline.io.sources)."""
 
 from __future__ import annotations
 
@@ -17,19 +17,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sources
-from pipeline.sources import (
+from pipeline.io.sources import (
     FOLDER,
     PARQUET,
     WEBDATASET,
     InputError,
     Shard,
-    _split_key,
     expand_inputs,
     read_samples,
     record_metadata,
     reference_captions,
+    webdataset,
 )
+from pipeline.io.sources import records as source_records
+from pipeline.io.sources.records import _split_key
 
 RECORD_KEYS = {"key", "source", "image", "original_text", "meta", "status", "error"}
 
@@ -274,11 +275,11 @@ def test_tar_is_read_as_a_stream() -> None:
 
 
 def test_oversized_tar_members_become_too_large_rows_without_being_read(monkeypatch) -> None:
-    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 1000)
-    monkeypatch.setattr(sources, "MAX_TEXT_BYTES", 100)
+    monkeypatch.setattr(source_records, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr(source_records, "MAX_TEXT_BYTES", 100)
     read = []
-    member_bytes = sources._member_bytes
-    monkeypatch.setattr(sources, "_member_bytes", lambda tar, member: read.append(member.name) or member_bytes(
+    member_bytes = webdataset._member_bytes
+    monkeypatch.setattr(webdataset, "_member_bytes", lambda tar, member: read.append(member.name) or member_bytes(
         tar, member))
     data = tar_bytes([("big.jpg", b"j" * 5000), ("big.txt", b"a caption"),
                       ("wordy.jpg", b"j" * 10), ("wordy.json", b"{" * 500),
@@ -345,7 +346,7 @@ def test_folder_entries_that_are_not_regular_files_or_too_large_are_rows_not_rea
                                                                                    monkeypatch) -> None:
     """A FIFO or a link to a device named like an image would block or read forever; a huge file would be
     read whole. Each becomes one row saying why, and the run goes on."""
-    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 1000)
+    monkeypatch.setattr(source_records, "MAX_IMAGE_BYTES", 1000)
     root = tmp_path / "images"
     root.mkdir()
     (root / "a.jpg").write_bytes(b"a")

@@ -20,11 +20,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import model_stage, stages
 from pipeline.config import DecodeSettings
-from pipeline.images import ImageSpec
+from pipeline.io.images import ImageSpec
 from pipeline.models.bundle import load_bundle, load_manifest
 from pipeline.models.errors import ModelLoadError
+from pipeline.run import data_stages as stages
+from pipeline.run import model_stage
 
 POISON = 7
 
@@ -238,9 +239,10 @@ def test_a_cpu_actor_computes_on_the_calling_threads_team_only(ray_local, tiny_b
 
 
 def test_read_decode_and_write_tasks_do_not_import_the_model_stack():
-    # every short-lived read/decode/write worker imports pipeline.stages; torch + transformers cost
+    # every short-lived read/decode/write worker imports pipeline.run.data_stages; torch + transformers cost
     # each of them ~10 s of CPU on a small machine, which the model actor then lacks
-    code = "import sys, pipeline.stages; print(sorted({'torch', 'transformers', 'open_clip'} & set(sys.modules)))"
+    code = ("import sys, pipeline.run.data_stages; "
+            "print(sorted({'torch', 'transformers', 'open_clip'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1], check=True).stdout
     assert out.strip() == "[]"

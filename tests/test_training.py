@@ -18,17 +18,24 @@ import torch
 from conftest import jpeg_bytes, tiny_captioner
 from tqdm import tqdm
 
-from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
-from pipeline.decoding import decode_texts, generate
-from pipeline.demo_world import write_corpus
-from pipeline.images import ImageSpec
+from pipeline.demo.world import write_corpus
+from pipeline.generation.captioning import caption_batch
+from pipeline.generation.decoding import decode_texts, generate
+from pipeline.io.images import ImageSpec
+from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
-from pipeline.sources import InputError
-from pipeline.trainer import train
-from pipeline.training import (
+from pipeline.training.examples import (
+    MAX_LISTED_SKIPS,
+    Block,
+    ExampleStore,
+    StoreWriter,
+    add_embedding_examples,
+    add_image_examples,
+)
+from pipeline.training.stages import (
     CLIPCAP_LR,
     CaptionLoss,
     ClipArch,
@@ -42,14 +49,7 @@ from pipeline.training import (
     contrastive_loss,
     word_swap_negative,
 )
-from pipeline.training_examples import (
-    MAX_LISTED_SKIPS,
-    Block,
-    ExampleStore,
-    StoreWriter,
-    add_embedding_examples,
-    add_image_examples,
-)
+from pipeline.training.trainer import train
 from schemas.captions import captions_schema
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
@@ -381,7 +381,7 @@ def test_a_scorer_trains_from_an_outputs_stored_embeddings_with_word_swap_negati
                                                                                      monkeypatch):
     """--embeddings-from OUT --train-scorer: no image is read; the output brings no negatives, so each
     caption's hard negative is a word swap; the bundle keeps --clip's captioner."""
-    import pipeline.training as training
+    import pipeline.training.stages as training
 
     swapped = []
     real_swap = training.word_swap_negative
@@ -445,7 +445,7 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
     folder keys a file by its path below the folder, a WebDataset's by its stem; the COCO file names it by file
     name), or the rows' own
     original_text. No image is read, rows without a caption are left out with one warning."""
-    import pipeline.training as training
+    import pipeline.training.stages as training
 
     _write_output(tmp_path / "output", 24)  # keys k0..k19, k19 a decode_error
     table = pq.read_table(tmp_path / "output" / "part-0.parquet")
@@ -462,7 +462,7 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
     monkeypatch.setattr(training, "train_captioner",
                         lambda captioner, examples, *args, **kw: seen.append(_read(examples)) or real(
                             captioner, examples, *args, **kw))
-    monkeypatch.setattr(sys.modules["pipeline.trainer"], "train_captioner", training.train_captioner)
+    monkeypatch.setattr(sys.modules["pipeline.training.trainer"], "train_captioner", training.train_captioner)
     summary = train(_config(tmp_path / "coco", embeddings_from=(str(tmp_path / "output"),), clip=str(tiny_bundle),
                             data=(str(tmp_path / "captions_train.json"),)))
     examples = seen[-1]
@@ -488,7 +488,7 @@ def test_a_student_trains_on_labelled_images_and_an_output_s_kept_rows_without_e
     """The pseudo-label round's student: --embeddings-from OUT, the output folder itself (its filtered/ rows), with
     --data images. The output's rows come with their stored embeddings and captions; the labelled images are
     encoded with --clip as they are read; both are the student's examples."""
-    import pipeline.training as training
+    import pipeline.training.stages as training
 
     _write_output(tmp_path / "out" / "filtered", 24)  # 19 kept rows (k19 a decode_error)
     (tmp_path / "out" / "captions").mkdir()
@@ -500,7 +500,7 @@ def test_a_student_trains_on_labelled_images_and_an_output_s_kept_rows_without_e
     labelled = _read(writer.store)
     seen = []
     real = training.train_captioner
-    monkeypatch.setattr(sys.modules["pipeline.trainer"], "train_captioner",
+    monkeypatch.setattr(sys.modules["pipeline.training.trainer"], "train_captioner",
                         lambda captioner, examples, *args, **kw: seen.append(_read(examples)) or real(
                             captioner, examples, *args, **kw))
     summary = train(_config(tmp_path / "student", embeddings_from=(str(tmp_path / "out"),), clip=str(tiny_bundle),
@@ -671,7 +671,7 @@ def test_stride_16_tower_ends_in_a_3x3_grid_at_48px_and_survives_its_bundle(toke
     from pipeline.models.bundle import save_bundle
     from pipeline.models.clip import ClipSpec, create_clip
     from pipeline.models.errors import ModelLoadError
-    from pipeline.training import build_custom_clip
+    from pipeline.training.stages import build_custom_clip
 
     tokenizer.backend_tokenizer.save(str(tmp_path / "text_tokenizer.json"))
     arch = replace(_config(tmp_path).clip_arch, image_size=48, vision_stride=16)

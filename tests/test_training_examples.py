@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import pipeline.training_examples as training_examples
-from pipeline.training_examples import STORE_FILE, Block, ExampleStore, StoreWriter
+import pipeline.training.examples as training_examples
+from pipeline.training.examples import STORE_FILE, Block, ExampleStore, StoreWriter
 
 ROWS = 1000
 ROW_BYTES = 64 * 4  # a float32 embedding of 64

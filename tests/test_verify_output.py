@@ -1,4 +1,4 @@
-"""pipeline.verify and jobs/verify_output.py on hand-made output directories: a good one passes, and each
+"""pipeline.quality.verify and jobs/verify_output.py on hand-made output directories: a good one passes, and each
 kind of corruption fails the check that names it (and only that one)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pyarrow as pa
 import pytest
 from conftest import jpeg_bytes, write_tar
 
-from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, OutputDir
-from pipeline.sources import InputError, expand_inputs
-from pipeline.verify import VerifyUsageError, verify
+from pipeline.io.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, OutputDir
+from pipeline.io.sources import InputError, expand_inputs
+from pipeline.quality.verify import VerifyUsageError, verify
 from schemas.captions import captions_schema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def make_row(key: str, source: str, status: str = "ok", **overrides) -> dict:
 
 def write_output(url: str, rows: list[dict], filtered: list[dict] | None = None, counts: dict | None = None,
                  schema: pa.Schema = SCHEMA, limit: int | None = None) -> OutputDir:
-    """A finished output as pipeline.run writes it; `filtered` and `counts` default to the consistent ones."""
+    """A finished output as pipeline.run.chain writes it; `filtered` and `counts` default to the consistent ones."""
     output = OutputDir(url)
     output.write_parquet(pa.Table.from_pylist(rows, schema=schema), CAPTIONS, "part-0.parquet")
     filtered = [row for row in rows if row["keep"]] if filtered is None else filtered

@@ -13,12 +13,12 @@ from conftest import jpeg_bytes, read_parts, write_tar
 from PIL import Image
 
 from pipeline.config import DecodeSettings, RunConfig
-from pipeline.filtering import FilterSettings
-from pipeline.images import ImageError, portable_image
-from pipeline.run import run
-from pipeline.sinks import WEBDATASET, OutputDir, webdataset_stem, write_webdataset_shard
-from pipeline.sources import expand_inputs
-from pipeline.stages import write_webdataset_tar
+from pipeline.io.images import ImageError, portable_image
+from pipeline.io.sinks import WEBDATASET, OutputDir, webdataset_stem, write_webdataset_shard
+from pipeline.io.sources import expand_inputs
+from pipeline.run.chain import run
+from pipeline.run.data_stages import write_webdataset_tar
+from pipeline.run.filtering import FilterSettings
 
 
 def _image(fmt: str, size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> bytes:

@@ -1,7 +1,7 @@
 """CLIP image encoder and scorer: any open_clip architecture, or a small custom one.
 
 Preprocessing is split where it is cheapest: resize + center crop to uint8 happen on CPU workers
-(`pipeline.images`), normalization with the model's own mean/std happens here, on the model's device.
+(`pipeline.io.images`), normalization with the model's own mean/std happens here, on the model's device.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from open_clip.tokenizer import HFTokenizer
 from open_clip.transformer import QuickGELU, text_global_pool
 from torch import nn
 
-from pipeline.images import ImageSpec
+from pipeline.io.images import ImageSpec
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, TextTokenizer
 from pipeline.models.text_tower import LAST, MEAN, create_text_tower

@@ -1,8 +1,8 @@
 """The pseudo-label round (jobs/pseudo_label_round.py): a teacher trained on a labelled set captions a pool of
 images, the CLIP score keeps the best captions, and a student trained on the labelled set and the kept
 pseudo-labels is compared with its teacher on a test set, over several seeds. A further round makes the student
-the teacher. Each step is one of the project's own: `pipeline.trainer.train`, `pipeline.run.run`,
-`pipeline.evaluation.evaluate`; each is skipped where its result is already written, so a rerun resumes.
+the teacher. Each step is one of the project's own: `pipeline.training.trainer.train`, `pipeline.run.chain.run`,
+`pipeline.quality.evaluation.evaluate`; each is skipped where its result is already written, so a rerun resumes.
 
 OUT/seed-S/teacher/                    the first teacher's training run (bundle/, train_summary.json)
 OUT/seed-S/round-R/pool/               the pool captioned by round R's teacher (a caption_shards output)
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, DecodeSettings, RunConfig, differing_keys
-from pipeline.filtering import FilterSettings
-from pipeline.training import TrainConfig
+from pipeline.run.filtering import FilterSettings
+from pipeline.training.stages import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class RoundConfig:
 def run_rounds(config: RoundConfig) -> dict[str, Any]:
     """Every seed's teacher, rounds and evaluations (those already written are read), then the table. Returns
     results.json's content."""
-    from pipeline.caption_files import expand_labelled_inputs
+    from pipeline.io.caption_files import expand_labelled_inputs
 
     for specs in (config.labelled, config.pool, config.test):  # a typo ends the run now, not after a training
         expand_labelled_inputs(list(specs))
@@ -126,7 +126,7 @@ def _train(config: RoundConfig, out: Path, seed: int, epochs: int, clip: str, ps
            ) -> Path:
     """A captioner (mapper + LM, fresh weights) on the labelled set and, for a student, the pseudo-labels an output
     kept, over `clip`'s frozen encoder. Returns its bundle."""
-    from pipeline.trainer import Scaling, train
+    from pipeline.training.trainer import Scaling, train
 
     bundle = out / "bundle"
     if (out / "train_summary.json").is_file():
@@ -145,8 +145,8 @@ def _caption(config: RoundConfig, teacher: Path, out: Path, seed: int, settings:
     copy of that output re-filtered by `settings` (no model run). Returns its run.json."""
     import shutil
 
-    from pipeline.run import RUN_JSON, run
-    from pipeline.sinks import CAPTIONS
+    from pipeline.io.sinks import CAPTIONS
+    from pipeline.run.chain import RUN_JSON, run
 
     settings = settings or config.filter
     finished = json.loads((out / RUN_JSON).read_text()) if (out / RUN_JSON).is_file() else None
@@ -193,9 +193,9 @@ def _evaluate(config: RoundConfig, bundle_path: Path, report_file: Path, seed: i
     """The test set's figures of a bundle, greedy (as written before, where they were)."""
     import itertools
 
-    from pipeline.caption_files import expand_labelled_inputs, read_labelled_inputs
-    from pipeline.evaluation import evaluate
+    from pipeline.io.caption_files import expand_labelled_inputs, read_labelled_inputs
     from pipeline.models.bundle import load_bundle
+    from pipeline.quality.evaluation import evaluate
 
     if report_file.is_file():
         return json.loads(report_file.read_text())

@@ -12,8 +12,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.io.sinks import CAPTIONS, OutputDir
 from pipeline.models.bundle import Bundle
-from pipeline.sinks import CAPTIONS, OutputDir
 
 COLUMNS = ["key", "source", "status", "caption", "image_embedding"]
 

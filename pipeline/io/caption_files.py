@@ -5,7 +5,7 @@
   asked-for splits are read (training: train + restval; evaluation: test);
 - a JSON array, or JSON Lines, of {"image": path, "caption" | "captions": ..., "negatives": [...]}.
 
-Each image becomes one record of `pipeline.sources` shape (key = the image path as the file writes
+Each image becomes one record of `pipeline.io.sources` shape (key = the image path as the file writes
 it), its captions in `meta` as KEY.json would hold them, so training and evaluation read both kinds of
 input alike. Relative image paths are taken from `image_root`, else from the caption file's folder. An
 entry that names no image or no caption is not a sample: it is skipped with a warning.
@@ -24,7 +24,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.sources import InputError, Shard, expand_inputs, read_image_file, read_samples, text_list
+from pipeline.io.sources import InputError, Shard, expand_inputs, read_image_file, read_samples, text_list
 from pipeline.text import decode_text, one_line
 
 log = logging.getLogger(__name__)

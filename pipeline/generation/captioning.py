@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import DecodeSettings
-from pipeline.decoding import decode_texts, generate, seeds_for
+from pipeline.generation.decoding import decode_texts, generate, seeds_for
 from pipeline.models.bundle import Bundle
 
 

@@ -2,7 +2,7 @@
 
 `verify` reads every Parquet file of captions/ and filtered/ once (one file in memory at a time) and
 keeps only the light columns the cross-checks need; with `inputs` it also streams the input shards
-through `pipeline.sources.read_samples` and keeps their keys only. It never imports Ray or torch, so
+through `pipeline.io.sources.read_samples` and keeps their keys only. It never imports Ray or torch, so
 it is cheap to call from tests and other jobs. Every check yields one `Check`; `VerifyReport.ok` is
 true only when all of them passed.
 """
@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, TMP_PREFIX, OutputDir
-from pipeline.sources import Shard, expand_inputs, read_samples
+from pipeline.io.sinks import CAPTIONS, FILTERED, RUN_JSON, STAGING, TMP_PREFIX, OutputDir
+from pipeline.io.sources import Shard, expand_inputs, read_samples
 from pipeline.text import describe_error, one_line
 from schemas.captions import METADATA_KEY, SchemaError, captions_schema, validate_table
 
 # What the `captioner` metadata JSON must name (docs/output-format.md: identities, decoding, filter, version).
 METADATA_FIELDS = ("encoder", "captioner", "scorer", "decoding", "filter", "version")
-# pipeline.run keeps every sample of a repeated key: the later ones get the key KEY@SOURCE#POSITION.
+# pipeline.run.chain keeps every sample of a repeated key: the later ones get the key KEY@SOURCE#POSITION.
 # Such keys are not among the keys the inputs yield, so they are not reported as unexpected; the
 # per-source row counts still prove that no sample was lost or added.
 # The columns kept from every file for the cross-checks: everything but the embeddings and candidates,
@@ -92,7 +92,7 @@ def verify(output_url: str, inputs: Sequence[str] | None = None, image_column: s
 
     With `inputs` (the run's `--input` specs) the keys in captions/ must be exactly the keys the inputs
     yield. `examples` bounds how many offending keys or files a detail names. Raises VerifyUsageError
-    for a missing output and `pipeline.sources.InputError` for bad `inputs`, before reading anything.
+    for a missing output and `pipeline.io.sources.InputError` for bad `inputs`, before reading anything.
     """
     output = OutputDir(output_url)
     try:

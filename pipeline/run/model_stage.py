@@ -17,12 +17,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
+from pipeline.generation.captioning import caption_batch
 from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
-from pipeline.stages import DecodeSpec, decode_batch, peak_rss_mb, pixels_from_column, staging_schema
+from pipeline.run.data_stages import DecodeSpec, decode_batch, peak_rss_mb, pixels_from_column, staging_schema
 from pipeline.text import describe_error
 from schemas.captions import CANDIDATE_TYPE
 

@@ -23,13 +23,13 @@ from pycocoevalcap.rouge.rouge import Rouge
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from pipeline.captioning import caption_batch
 from pipeline.config import DecodeSettings
-from pipeline.demo_world import Scene, score_caption, swap_attribute
-from pipeline.images import ImageError, decode_image
+from pipeline.demo.world import Scene, score_caption, swap_attribute
+from pipeline.generation.captioning import caption_batch
+from pipeline.io.images import ImageError, decode_image
+from pipeline.io.sources import record_metadata, reference_captions
 from pipeline.models.bundle import Bundle
 from pipeline.models.captioner import PrefixCaptioner
-from pipeline.sources import record_metadata, reference_captions
 from pipeline.text import tr_lower
 
 # A word keeps its inner apostrophes and hyphens ("ankara'da", "açık-mavi"). Punctuation is dropped, as the COCO
@@ -136,7 +136,7 @@ class _Item:
 
 def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings | None = None, batch_size: int = 64,
              seed: int = 0, baseline: bool = True, num_examples: int = 10, progress: bool = False) -> dict[str, Any]:
-    """Caption `samples` (records from `pipeline.sources.read_samples`) and measure every figure.
+    """Caption `samples` (records from `pipeline.io.sources.read_samples`) and measure every figure.
 
     References are KEY.json "captions" (canonical first), else the sample's own text; object accuracy needs
     KEY.json "objects" (the demo corpus). Raises EvaluationError when no sample can be decoded.

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
-from pipeline.parallel import ONE_PROCESS, Parallel
+from pipeline.training.parallel import ONE_PROCESS, Parallel
 
 log = logging.getLogger(__name__)
 
@@ -212,14 +212,14 @@ def add_image_examples(writer: StoreWriter, specs: list[str], image_spec, limit:
                        encode: Callable[[torch.Tensor], torch.Tensor] | None = None, encode_batch: int = 256,
                        parallel: Parallel = ONE_PROCESS, exchange_every: int = 1024) -> None:
     """Images + reference captions from WebDataset / Parquet / folders (KEY.json 'captions' list, else
-    KEY.txt or a caption column) or caption files (`pipeline.caption_files`: COCO, Karpathy, JSON Lines),
+    KEY.txt or a caption column) or caption files (`pipeline.io.caption_files`: COCO, Karpathy, JSON Lines),
     whose relative image paths are taken from `image_root`, else from the caption file's folder; the first
     `limit` captioned samples (an image among them that does not decode is left out), added to `writer` as uint8
     pixels, or with `encode` (uint8 images -> embeddings, a frozen encoder) as the embeddings of `encode_batch`
     images at a time: only they are kept. ValueError where the data has none.
     Across processes, each decodes (and encodes) every `world_size`-th image only; every `exchange_every` samples
     their shares are exchanged, so that every process writes the same store."""
-    from pipeline.images import ImageError, decode_image
+    from pipeline.io.images import ImageError, decode_image
 
     bar = progress(desc="loading images" if encode is None else "encoding images", unit="img")
     share = _Share()
@@ -280,8 +280,8 @@ class _Share:
 def _caption_records(specs: list[str], image_root: str | None = None
                      ) -> Iterator[tuple[bytes, list[str], list[str]]]:
     """(image bytes, reference captions, hard negative captions) from every kind of input."""
-    from pipeline.caption_files import expand_labelled_inputs, read_labelled_inputs
-    from pipeline.sources import record_metadata, reference_captions, text_list
+    from pipeline.io.caption_files import expand_labelled_inputs, read_labelled_inputs
+    from pipeline.io.sources import record_metadata, reference_captions, text_list
 
     caption_files, shards = expand_labelled_inputs(specs)
     unusable = 0
@@ -311,8 +311,8 @@ def add_embedding_examples(writer: StoreWriter, specs: list[str], text_column: s
     import fsspec
     import pyarrow.parquet as pq
 
-    from pipeline.caption_files import find_caption_files
-    from pipeline.sinks import FILTERED
+    from pipeline.io.caption_files import find_caption_files
+    from pipeline.io.sinks import FILTERED
 
     references = _references_by_key(find_caption_files(list(caption_files))) if caption_files else None
     columns = ["key", "status", "image_embedding"] + ([] if references is not None else [text_column])
@@ -374,7 +374,7 @@ def _references_by_key(caption_files: list[str]) -> dict[str, list[str]]:
     """Each image path's captions, over every caption file, also under the path's file name and under that name
     without its extension, where no other image has it: an output of an images folder keys them by their path
     below it, a WebDataset of the images by their stem."""
-    from pipeline.caption_files import caption_entries
+    from pipeline.io.caption_files import caption_entries
 
     by_path: dict[str, list[str]] = {}
     for file in caption_files:

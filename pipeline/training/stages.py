@@ -40,9 +40,9 @@ from pipeline.models.clip import (
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.text_tokenizers import ClipTextTokenizer, load_bpe_tokenizer, train_bpe_tokenizer
 from pipeline.models.weights import load_state
-from pipeline.parallel import ONE_PROCESS, Parallel
 from pipeline.precision import resolve_dtype
-from pipeline.training_examples import ExampleStore
+from pipeline.training.examples import ExampleStore
+from pipeline.training.parallel import ONE_PROCESS, Parallel
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class TrainConfig:
     # A corpus whose first reference is its most regular form (the demo's canonical caption) then
     # teaches greedy decoding one consistent form.
     first_reference_prob: float | None = None
-    shuffle_buffer_mb: int = 256  # the examples each epoch is shuffled among (pipeline.training_examples)
+    shuffle_buffer_mb: int = 256  # the examples each epoch is shuffled among (pipeline.training.examples)
     save_fp16: bool = False  # store the bundle's weights as fp16 (half the size; loaded as fp32)
     # Locked-image tuning: a text tower (clip_arch's) trained against the frozen encoder's image embeddings
     # becomes the bundle's scorer, so that its scores read the captions' language

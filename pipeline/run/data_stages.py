@@ -1,5 +1,5 @@
 """The light Ray Data pieces of the pipeline: the shard datasource, the CPU decode stage and the
-staging sink. `pipeline.model_stage` holds the model actor; `pipeline.run` chains them.
+staging sink. `pipeline.run.model_stage` holds the model actor; `pipeline.run.chain` chains them.
 
 Nothing here imports torch or transformers: read, decode and write tasks run in many short-lived
 worker processes, and importing the model stack costs each of them ~10 s of CPU on a small machine."""
@@ -18,9 +18,9 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
-from pipeline.images import ImageError, ImageSpec, decode_image, portable_image
-from pipeline.sinks import STAGING, WEBDATASET, OutputDir, part_name, write_webdataset_shard
-from pipeline.sources import Shard, read_samples
+from pipeline.io.images import ImageError, ImageSpec, decode_image, portable_image
+from pipeline.io.sinks import STAGING, WEBDATASET, OutputDir, part_name, write_webdataset_shard
+from pipeline.io.sources import Shard, read_samples
 from schemas.captions import captions_schema
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """A training run (jobs/train_captioner.py): the checks that stop a bad run before any image is read, then the
-stages of `pipeline.training` and the bundle, in this process or on Ray Train.
+stages of `pipeline.training.stages` and the bundle, in this process or on Ray Train.
 
 On Ray Train the run is a TorchTrainer of `Scaling.num_workers` workers (DDP; gloo on CPUs, NCCL on GPUs).
 Each epoch's checkpoint, the latest state of every stage so far, goes through Ray Train to `--out/checkpoints`
@@ -24,15 +24,16 @@ import fsspec
 import torch
 from tqdm import tqdm
 
-from pipeline.images import ImageSpec
+from pipeline.io.images import ImageSpec
+from pipeline.io.sources import InputError
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, load_pretrained_clip, pretrained_clip_spec
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.text_tower import read_text_tower_config
-from pipeline.parallel import Parallel
-from pipeline.sources import InputError
-from pipeline.training import (
+from pipeline.training.examples import StoreWriter, add_embedding_examples, add_image_examples
+from pipeline.training.parallel import Parallel
+from pipeline.training.stages import (
     Checkpoints,
     Compute,
     TrainConfig,
@@ -47,7 +48,6 @@ from pipeline.training import (
     train_clip,
     train_scorer,
 )
-from pipeline.training_examples import StoreWriter, add_embedding_examples, add_image_examples
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class Scaling:
         ValueError (one line) for GPUs the cluster does not have."""
         import ray
 
-        from pipeline.run import init_ray
+        from pipeline.run.chain import init_ray
 
         init_ray()
         gpus_there = ray.cluster_resources().get("GPU", 0)
@@ -229,7 +229,9 @@ def _fit(config: TrainConfig, options: _RunOptions, checkpoints: Checkpoints, wo
             scorer_model, scorer_spec = load_pretrained_clip(options.scorer, "--scorer", "scorer")
         summary |= _write_bundle(config, options, work, clip, spec, captioner, scorer_model, scorer_spec)
         summary["train_s"] = round(time.time() - started, 1)
-        from pipeline.stages import peak_rss_mb  # here: the module imports Ray Data, which a run in-process skips
+        from pipeline.run.data_stages import (
+            peak_rss_mb,  # here: the module imports Ray Data, which a run in-process skips
+        )
 
         summary["peak_rss_mb"] = round(peak_rss_mb())  # of this process: where the run is on Ray, its main worker
         _write_summary(config, summary)
@@ -276,7 +278,7 @@ def _encoder(config: TrainConfig):
 def _split_data(config: TrainConfig) -> tuple[tuple[str, ...], list[str]]:
     """--data as the caption files joined to --embeddings-from by key, and the images to encode; without
     --embeddings-from, all images."""
-    from pipeline.caption_files import is_caption_file
+    from pipeline.io.caption_files import is_caption_file
 
     if not config.embeddings_from:
         return (), list(config.data)

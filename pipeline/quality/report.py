@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.images import ImageError, ImageSpec, decode_image
-from pipeline.sinks import CAPTIONS, RUN_JSON, TMP_PREFIX, OutputDir, read_part
-from pipeline.sources import FOLDER, InputError, Shard, expand_inputs, read_samples
+from pipeline.io.images import ImageError, ImageSpec, decode_image
+from pipeline.io.sinks import CAPTIONS, RUN_JSON, TMP_PREFIX, OutputDir, read_part
+from pipeline.io.sources import FOLDER, InputError, Shard, expand_inputs, read_samples
 from pipeline.text import one_line
 
 THUMBNAIL = ImageSpec(size=128)

@@ -1,0 +1,1 @@
+"""The synthetic Turkish world of the demo model: scenes, captions, corpus shards."""

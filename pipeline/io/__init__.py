@@ -1,0 +1,1 @@
+"""Inputs and outputs: input specs and readers, caption files, image decoding, the output directory."""

@@ -1,0 +1,1 @@
+"""Looking at models and outputs: evaluation, output checks, the report page, search."""
