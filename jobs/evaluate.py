@@ -21,6 +21,7 @@ from transformers.utils import logging as transformers_logging
 
 from pipeline.cli import OneLineErrors
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, DecodeSettings
+from pipeline.demo import DemoObjects
 from pipeline.io.caption_files import TEST_SPLITS, expand_labelled_inputs, read_labelled_inputs
 from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
@@ -69,7 +70,8 @@ def main(model: str, data: tuple[str, ...], image_root: str | None, splits: tupl
     bundle.to("cuda" if torch.cuda.is_available() else "cpu")
     samples = itertools.islice(read_labelled_inputs(caption_files, shards, image_root, splits), limit)
     try:
-        report = evaluate(bundle, samples, settings, batch_size=batch_size, seed=seed, progress=True)
+        report = evaluate(bundle, samples, settings, batch_size=batch_size, seed=seed, progress=True,
+                          checker=DemoObjects())
     except EvaluationError as exc:
         _fail(str(exc))
     report["data"] = list(data)

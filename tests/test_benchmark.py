@@ -6,12 +6,11 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import benchmark
+from pipeline.quality.benchmarks import flops_per_image
+from pipeline.quality.measuring import GpuSampler, ProcessSampler, bottleneck
 
 # a stand-in worker: it holds ~200 MB of its own and touches 300 MB of shared memory (as a Ray worker
 # maps object-store blocks), and burns 1.5 s of CPU
@@ -24,7 +23,7 @@ def test_process_sampler_attributes_cpu_and_memory_to_roles_by_command_line(tmp_
     script = tmp_path / f"busy-{uuid.uuid4().hex}.py"  # a name no other process on the machine has
     script.write_text(BUSY)
     roles = (("never-matches-anything-0f3a", "idle role"), (script.name, "busy role"))
-    with benchmark.ProcessSampler(interval_s=0.1, roles=roles) as sampler:
+    with ProcessSampler(interval_s=0.1, roles=roles) as sampler:
         subprocess.run([sys.executable, str(script)], check=True, timeout=60)
     summary = sampler.summary()
     assert set(summary) == {"busy role"}
@@ -38,10 +37,10 @@ def test_ray_workers_are_not_taken_for_ray_daemons():
     # a worker's command line before Ray titles it names the raylet socket; later titles name its task
     worker = ("python .../ray/_private/workers/default_worker.py --raylet-name=/tmp/ray/sockets/raylet "
               "--gcs-address=127.0.0.1:6379")
-    role = [name for needle, name in benchmark.ProcessSampler.ROLES if needle in worker]
+    role = [name for needle, name in ProcessSampler.ROLES if needle in worker]
     assert "Ray daemons" not in role
     raylet = "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/x"
-    assert next(name for needle, name in benchmark.ProcessSampler.ROLES if needle in raylet) == "Ray daemons"
+    assert next(name for needle, name in ProcessSampler.ROLES if needle in raylet) == "Ray daemons"
 
 
 def test_flop_counts_include_the_fused_attention_of_the_vision_tower(tiny_bundle, tmp_path):
@@ -52,7 +51,7 @@ def test_flop_counts_include_the_fused_attention_of_the_vision_tower(tiny_bundle
     from pipeline.models.bundle import load_bundle
 
     write_tar(tmp_path / "00000.tar", {f"{i:04d}": {"jpg": jpeg_bytes(i)} for i in range(4)})
-    counts = benchmark.flops_per_image(tiny_bundle, str(tmp_path / "00000.tar"), torch.float32, images=4)
+    counts = flops_per_image(tiny_bundle, str(tmp_path / "00000.tar"), torch.float32, images=4)
     visual = load_bundle(tiny_bundle).encoder.clip.visual
     tokens = (visual.image_size[0] // visual.patch_size[0]) ** 2 + 1  # patches + class token
     matrices = sum(p.numel() for p in visual.transformer.parameters() if p.dim() == 2)
@@ -67,7 +66,7 @@ def test_gpu_sampler_reads_nvidia_smi_and_names_the_bottleneck(tmp_path):
     fake.write_text("#!/bin/sh\necho \"$@\" > \"$0.args\"\n"
                     "printf '0, 900\\n87, 1200\\n[N/A], 1300\\n93, 1500\\n0, 1500\\n0, 1500\\n'\nsleep 60\n")
     fake.chmod(0o755)
-    with benchmark.GpuSampler(command=str(fake)) as sampler:
+    with GpuSampler(command=str(fake)) as sampler:
         for _ in range(100):  # until the stand-in has written its samples
             if (tmp_path / "nvidia-smi.args").exists() and sampler.summary():
                 break
@@ -77,12 +76,12 @@ def test_gpu_sampler_reads_nvidia_smi_and_names_the_bottleneck(tmp_path):
                                  "utilization_max_pct": 93.0, "memory_peak_mib": 1500.0}
     assert "--query-gpu=utilization.gpu,memory.used" in (tmp_path / "nvidia-smi.args").read_text()
     assert sampler.process.poll() is not None  # stopped with the sampler
-    with benchmark.GpuSampler(command=str(tmp_path / "absent")) as none:
+    with GpuSampler(command=str(tmp_path / "absent")) as none:
         pass
     assert none.summary() is None
     gpu = sampler.summary()
-    assert benchmark.bottleneck(gpu, cpu_busy_cores=3.0, cores=16).startswith("GPU")
+    assert bottleneck(gpu, cpu_busy_cores=3.0, cores=16).startswith("GPU")
     idle_gpu = {**gpu, "utilization_active_mean_pct": 40.0}
-    assert benchmark.bottleneck(idle_gpu, cpu_busy_cores=15.0, cores=16).startswith("CPU")
-    assert benchmark.bottleneck(idle_gpu, cpu_busy_cores=6.0, cores=16).startswith("neither")
-    assert benchmark.bottleneck(None, 6.0, 16) == "no GPU measured"
+    assert bottleneck(idle_gpu, cpu_busy_cores=15.0, cores=16).startswith("CPU")
+    assert bottleneck(idle_gpu, cpu_busy_cores=6.0, cores=16).startswith("neither")
+    assert bottleneck(None, 6.0, 16) == "no GPU measured"

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from conftest import jpeg_bytes, write_tar
 
 from pipeline.config import DEMO_BUNDLE
+from pipeline.demo import DemoObjects
 from pipeline.demo.world import write_corpus
 from pipeline.io.images import decode_image
 from pipeline.io.sources import expand_inputs, read_samples
@@ -227,10 +228,20 @@ def test_the_committed_demo_bundle_captions_scenes_it_never_saw(tmp_path):
     write_corpus(tmp_path, 7, {"test": 200}, formats=("webdataset",))
     shards = expand_inputs([str(tmp_path / "test" / "*.tar")])
     samples = itertools.chain.from_iterable(read_samples(shard) for shard in shards)
-    report = evaluate(load_bundle(DEMO_BUNDLE), samples, baseline=False)
+    report = evaluate(load_bundle(DEMO_BUNDLE), samples, baseline=False, checker=DemoObjects())
     objects = report["object_accuracy"]
     assert report["counts"]["evaluated"] == 200
     assert objects["objects_correct"] >= 0.72 and objects["objects_correct_single_object"] >= 0.9
     assert objects["counts_correct"] >= 0.88
     assert report["caption_metrics"]["BLEU-4"] >= 0.8
     assert report["filter"]["recall_at_1"]["generated"] >= 0.9 and report["filter"]["swap_auc"]["generated"] >= 0.9
+
+
+def test_evaluation_knows_no_world_of_its_own():
+    """Object accuracy comes from the checker evaluation is given: the library imports no demo world."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.quality.evaluation; print('pipeline.demo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=DEMO_BUNDLE.parents[2]).stdout.strip() == "False"

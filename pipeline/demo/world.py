@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.io.digest import file_sha256
 from pipeline.text import tr_capitalize, tr_lower
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -738,14 +739,6 @@ def make_sample(seed: int, split: str, index: int, size: tuple[int, int] = (64, 
     return Sample(sample_key(split, index), buffer.getvalue(), captions, negatives, scene.objects(), width, height)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """A hidden temporary name beside `path`, renamed into place only when the block succeeds."""
@@ -804,7 +797,7 @@ def write_shard(out_dir: str | Path, seed: int, split: str, shard: int, count: i
                 on_sample()
         flush()
     return [{"path": path.relative_to(out_dir).as_posix(), "samples": len(indices), "bytes": path.stat().st_size,
-             "sha256": _sha256(path)} for path in paths.values()]
+             "sha256": file_sha256(path)} for path in paths.values()]
 
 
 _drawn: Any = None  # in a corpus worker process: the shared count of samples drawn, for the progress bar

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.io.digest import file_sha256
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
 from pipeline.models.clip import (
     CUSTOM,
@@ -152,7 +153,7 @@ def _write_bundle(path: Path, name: str, encoder: ClipModel, encoder_spec: ClipS
     else:
         manifest["scorer"] = _save_clip(path, "scorer", scorer, scorer_spec, dtype)
     manifest["files"] = {
-        str(file.relative_to(path)): _sha256(file)
+        str(file.relative_to(path)): file_sha256(file)
         for file in sorted(path.rglob("*")) if file.is_file() and file.name != BUNDLE_FILE
     }
     (path / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -186,7 +187,7 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
         file = path / relative
         if not file.is_file():
             raise ModelLoadError(f"bundle file missing: {file} (listed in {BUNDLE_FILE})")
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             raise ModelLoadError(f"bundle file does not match {BUNDLE_FILE}: {file} (sha256 differs)")
     manifest.setdefault("name", path.name)
     manifest["sha256"] = hashlib.sha256(raw).hexdigest()
@@ -300,9 +301,3 @@ def _save_clip(path: Path, role: str, model: ClipModel, spec: ClipSpec, dtype: t
     return entry
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

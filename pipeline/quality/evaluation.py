@@ -1,5 +1,6 @@
-"""Measure a model bundle on a held-out split: COCO caption metrics on Turkish tokens, object accuracy on the
-synthetic demo world, and how well the CLIP-score filter tells a right caption from a wrong one.
+"""Measure a model bundle on a held-out split: COCO caption metrics on Turkish tokens, object accuracy where an
+`ObjectChecker` reads the objects a sample shows (the demo world's does), and how well the CLIP-score filter
+tells a right caption from a wrong one.
 
 Everything runs in-process (no Ray) with the same `caption_batch` the pipeline's model stage calls, so the
 captions and clip_scores measured here are the ones a run would write.
@@ -13,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,7 +25,6 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import DecodeSettings
-from pipeline.demo.world import Scene, score_caption, swap_attribute
 from pipeline.generation.captioning import caption_batch
 from pipeline.io.images import ImageError, decode_image
 from pipeline.io.sources import record_metadata, reference_captions
@@ -42,6 +42,22 @@ _SIMILARITY_ROWS = 1024  # image rows per similarity block: memory stays bounded
 
 class EvaluationError(ValueError):
     """Nothing to evaluate (no decodable sample); the message is one line for the user."""
+
+
+class ObjectChecker(Protocol):
+    """What evaluation needs to know of a world whose samples list the objects they show."""
+
+    def objects(self, meta: dict[str, Any]) -> Any | None:
+        """The objects a sample's KEY.json describes, or None when it describes none this checker reads."""
+
+    def single_object(self, objects: Any) -> bool:
+        """Whether they are one object (reported apart: the easy case)."""
+
+    def check(self, caption: str, objects: Any) -> dict[str, Any]:
+        """Verdict of a caption: `objects_correct`, `counts_correct`, `counts_by_kind_correct`, `correct`."""
+
+    def swap(self, caption: str, rng: random.Random) -> str:
+        """The caption with one attribute (colour, shape) changed; ValueError when it names none."""
 
 
 def tokenize_tr(text: str) -> str:
@@ -131,15 +147,17 @@ class _Item:
 
     key: str
     references: list[str]
-    scene: Scene | None  # demo corpus only: the scene its KEY.json "objects" describe
+    objects: Any | None  # what the checker read in its KEY.json, None without one
 
 
 def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings | None = None, batch_size: int = 64,
-             seed: int = 0, baseline: bool = True, num_examples: int = 10, progress: bool = False) -> dict[str, Any]:
+             seed: int = 0, baseline: bool = True, num_examples: int = 10, progress: bool = False,
+             checker: ObjectChecker | None = None) -> dict[str, Any]:
     """Caption `samples` (records from `pipeline.io.sources.read_samples`) and measure every figure.
 
-    References are KEY.json "captions" (canonical first), else the sample's own text; object accuracy needs
-    KEY.json "objects" (the demo corpus). Raises EvaluationError when no sample can be decoded.
+    References are KEY.json "captions" (canonical first), else the sample's own text; object accuracy and the
+    scorer's attribute-swap test need a `checker` (`pipeline.demo.DemoObjects` for the demo corpus). Raises
+    EvaluationError when no sample can be decoded.
     """
     settings = settings or DecodeSettings()
     start = time.perf_counter()
@@ -153,7 +171,7 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
     skipped: Counter[str] = Counter()
     captioning_s = 0.0
     with tqdm(unit="img", desc="evaluate", disable=None if progress else True) as bar:
-        for batch, pixels, scorer_pixels in _decoded_batches(bundle, samples, batch_size, skipped):
+        for batch, pixels, scorer_pixels in _decoded_batches(bundle, samples, batch_size, skipped, checker):
             tic = time.perf_counter()
             keys = [item.key for item in batch]  # seed sampling as the caption job does
             result = caption_batch(bundle, pixels, settings, scorer_pixels, keys)
@@ -175,7 +193,8 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
         raise EvaluationError(f"no decodable sample to evaluate (samples found: {found})")
     images = np.concatenate(image_embeddings)
     referenced = [i for i, item in enumerate(items) if item.references]
-    verdicts = {i: score_caption(captions[i], item.scene) for i, item in enumerate(items) if item.scene is not None}
+    verdicts = {i: checker.check(captions[i], item.objects) for i, item in enumerate(items)
+                if checker is not None and item.objects is not None}
     return {
         "model": bundle.identity(),
         "decode": settings.to_json(),
@@ -184,8 +203,9 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
                    "with_references": len(referenced), "with_objects": len(verdicts)},
         "caption_metrics": caption_metrics({str(i): captions[i] for i in referenced},
                                            {str(i): items[i].references for i in referenced}) if referenced else None,
-        "object_accuracy": _object_accuracy(items, verdicts) if verdicts else None,
-        "filter": _filter_figures(bundle, items, captions, images, clip_scores, untrained_scores, batch_size, seed),
+        "object_accuracy": _object_accuracy(items, verdicts, checker) if verdicts else None,
+        "filter": _filter_figures(bundle, items, captions, images, clip_scores, untrained_scores, batch_size, seed,
+                                  checker),
         "timings": {"captioning_s": captioning_s, "images_per_s": len(items) / captioning_s if captioning_s else None,
                     "total_s": time.perf_counter() - start},
         "examples": [{"key": items[i].key, "caption": captions[i], "clip_score": clip_scores[i],
@@ -197,7 +217,7 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
 
 
 def _decoded_batches(bundle: Bundle, samples: Iterable[dict], batch_size: int, skipped: Counter[str],
-                     ) -> Iterator[tuple[list[_Item], torch.Tensor, torch.Tensor | None]]:
+                     checker: ObjectChecker | None) -> Iterator[tuple[list[_Item], torch.Tensor, torch.Tensor | None]]:
     """Batches of decodable samples as uint8 pixels (plus the scorer's when its input size differs);
     a sample that cannot be used is counted in `skipped` under its status."""
     encoder_spec = bundle.encoder.image_spec
@@ -217,7 +237,7 @@ def _decoded_batches(bundle: Bundle, samples: Iterable[dict], batch_size: int, s
             del pixels[len(batch):]  # the encoder's pixels may be in when only the scorer's decode failed
             skipped[exc.status] += 1
             continue
-        batch.append(_item(record))
+        batch.append(_item(record, checker))
         if len(batch) == batch_size:
             yield batch, _stack(pixels), _stack(scorer_pixels) if scorer_spec else None
             batch, pixels, scorer_pixels = [], [], []
@@ -229,19 +249,15 @@ def _stack(pixels: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(pixels))
 
 
-def _item(record: dict) -> _Item:
+def _item(record: dict, checker: ObjectChecker | None) -> _Item:
     meta = record_metadata(record)
-    references = reference_captions(record, meta)
-    try:
-        scene = Scene.from_objects(meta["objects"]) if meta.get("objects") else None
-    except (KeyError, TypeError):  # an "objects" entry of some other metadata schema: not a demo scene
-        scene = None
-    return _Item(record["key"], references, scene)
+    return _Item(record["key"], reference_captions(record, meta), checker.objects(meta) if checker else None)
 
 
-def _object_accuracy(items: list[_Item], verdicts: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Shares of images whose generated caption gets the scene right (see `demo_world.score_caption`)."""
-    single = [i for i in verdicts if items[i].scene.total == 1]
+def _object_accuracy(items: list[_Item], verdicts: dict[int, dict[str, Any]], checker: ObjectChecker,
+                     ) -> dict[str, Any]:
+    """Shares of images whose generated caption gets the objects right (the checker's verdicts)."""
+    single = [i for i in verdicts if checker.single_object(items[i].objects)]
 
     def share(indices: list[int], key: str) -> float | None:
         return sum(verdicts[i][key] for i in indices) / len(indices) if indices else None
@@ -257,7 +273,7 @@ def _object_accuracy(items: list[_Item], verdicts: dict[int, dict[str, Any]]) ->
 
 def _filter_figures(bundle: Bundle, items: list[_Item], captions: list[str], images: np.ndarray,
                     clip_scores: list[float], untrained_scores: list[float], batch_size: int, seed: int,
-                    ) -> dict[str, Any]:
+                    checker: ObjectChecker | None) -> dict[str, Any]:
     """Recall@1 and attribute-swap ROC-AUC of the scorer, for generated and canonical reference captions,
     and the clip_score distributions of the trained and the untrained captioner."""
     canonical = {i: item.references[0] for i, item in enumerate(items) if item.references}
@@ -275,7 +291,8 @@ def _filter_figures(bundle: Bundle, items: list[_Item], captions: list[str], ima
         text_emb = _encode_texts(bundle, unique, batch_size)
         targets = np.array([index[texts[i]] for i in rows])
         figures["recall_at_1"][name] = recall_at_1(images[rows], text_emb, targets)
-        positive, negative = _swap_scores(bundle, items, texts, images, text_emb[targets], batch_size, seed)
+        positive, negative = _swap_scores(bundle, items, texts, images, text_emb[targets], batch_size, seed,
+                                          checker) if checker is not None else ([], [])
         figures["swap_pairs"][name] = len(positive)
         figures["swap_auc"][name] = roc_auc(positive, negative) if positive else None
     figures["clip_score"] = {"trained": score_stats(clip_scores),
@@ -285,14 +302,15 @@ def _filter_figures(bundle: Bundle, items: list[_Item], captions: list[str], ima
 
 
 def _swap_scores(bundle: Bundle, items: list[_Item], texts: dict[int, str], images: np.ndarray,
-                 own_text_emb: np.ndarray, batch_size: int, seed: int) -> tuple[list[float], list[float]]:
+                 own_text_emb: np.ndarray, batch_size: int, seed: int, checker: ObjectChecker,
+                 ) -> tuple[list[float], list[float]]:
     """clip_score of each image with its text and with that text after one colour or shape swap; texts naming
     no colour or shape (possible for generated captions) have no swapped twin and are left out."""
     rows, swapped = [], []
     for position, (i, text) in enumerate(texts.items()):
         try:
             # one RNG per key: the swap of a sample does not depend on which other samples were evaluated
-            swapped.append(swap_attribute(text, random.Random(f"swap/{seed}/{items[i].key}")))
+            swapped.append(checker.swap(text, random.Random(f"swap/{seed}/{items[i].key}")))
         except ValueError:
             continue
         rows.append(position)

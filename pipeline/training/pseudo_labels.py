@@ -193,6 +193,7 @@ def _evaluate(config: RoundConfig, bundle_path: Path, report_file: Path, seed: i
     """The test set's figures of a bundle, greedy (as written before, where they were)."""
     import itertools
 
+    from pipeline.demo import DemoObjects
     from pipeline.io.caption_files import expand_labelled_inputs, read_labelled_inputs
     from pipeline.models.bundle import load_bundle
     from pipeline.quality.evaluation import evaluate
@@ -202,7 +203,8 @@ def _evaluate(config: RoundConfig, bundle_path: Path, report_file: Path, seed: i
     log.info("evaluating %s", bundle_path)
     caption_files, shards = expand_labelled_inputs(list(config.test))
     samples = itertools.islice(read_labelled_inputs(caption_files, shards), config.test_limit)
-    report = evaluate(load_bundle(bundle_path), samples, DecodeSettings(), seed=seed, baseline=False)
+    report = evaluate(load_bundle(bundle_path), samples, DecodeSettings(), seed=seed, baseline=False,
+                      checker=DemoObjects())
     report_file.parent.mkdir(parents=True, exist_ok=True)
     report_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report

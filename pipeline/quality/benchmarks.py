@@ -1,0 +1,266 @@
+"""What `jobs/benchmark.py` runs: real-size architectures with random weights (speed does not depend on
+them), the reference ClipCap loop against batched decoding, the bare in-process loop against the Ray pipeline,
+FLOPs per image, the corpora they read. Model: ClipCap MLP mapper 512 -> 3840 -> 7680 + GPT-2 small (124M,
+50,257-token vocabulary)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from pipeline.config import DecodeSettings
+from pipeline.generation.decoding import decode_texts, generate, reference_clipcap_generate
+from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
+from pipeline.precision import cpu_has_fast_bf16, cuda_has_native_bf16
+from pipeline.quality.measuring import CPU, sync
+
+GPT2_VOCAB = 50257
+
+
+
+
+EOS = "<|endoftext|>"
+
+
+def gpt2_small_captioner(seed: int = 0) -> PrefixCaptioner:
+    """GPT-2 small's exact shapes with a stand-in word-level vocabulary of GPT-2's size: decoding cost
+    depends on the vocabulary size, not on which strings the ids stand for. The words are short letter
+    strings, so the scorer's tokenizer reads a caption of 20 of them in about as many tokens as a real
+    one (digits would be one CLIP token each and fill its 77-token context)."""
+    vocab = {_letters(i): i for i in range(GPT2_VOCAB - 1)} | {EOS: GPT2_VOCAB - 1}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=EOS)),
+                                        eos_token=EOS, pad_token=EOS)
+    torch.manual_seed(seed)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, eos_token_id=GPT2_VOCAB - 1)).eval()
+    # no '.' stop: every caption runs the full max_new_tokens, the same work for both loops
+    return PrefixCaptioner(CaptionerConfig(stop_token=""), lm, tokenizer).eval()
+
+
+def _letters(number: int) -> str:
+    word = ""
+    while True:
+        number, digit = divmod(number, 26)
+        word += chr(ord("a") + digit)
+        if not number:
+            return word
+
+
+def compute_dtypes(device: torch.device = CPU) -> list[torch.dtype]:
+    """On CPU fp32, and bf16 where this CPU runs it natively (elsewhere a bf16 model would take hours here);
+    on a GPU the half precisions it has tensor cores for."""
+    if device.type == "cuda":
+        return [torch.float16] + ([torch.bfloat16] if cuda_has_native_bf16() else [])
+    return [torch.float32, torch.bfloat16] if cpu_has_fast_bf16() else [torch.float32]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _rate(count: int, fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return count / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) -> dict:
+    captioner = gpt2_small_captioner()
+    embeddings = torch.nn.functional.normalize(torch.randn(batch_size, 512), dim=-1)
+    settings = DecodeSettings(max_new_tokens=max_new_tokens)
+    figures: dict[str, float] = {}
+    names = {dtype: dtype_name(dtype) for dtype in compute_dtypes()}
+    for dtype, name in names.items():
+        captioner.to(dtype)
+        prefix = captioner.prefix(embeddings)
+        generate(captioner, prefix[:4], settings)  # warm-up
+        figures[f"reference_{name}"] = _rate(reference_images, lambda p=prefix: [
+            reference_clipcap_generate(captioner, p[i:i + 1], max_new_tokens) for i in range(reference_images)])
+        figures[f"batched_{name}"] = _rate(batch_size, lambda p=prefix: generate(captioner, p, settings))
+    reference = figures["reference_float32"]  # the original ClipCap loop runs in fp32
+    best = max(figures[f"batched_{d}"] for d in names.values())
+    return {
+        "captions_per_s": figures,
+        "speedup_vs_reference_fp32": best / reference,
+        "speedup_same_dtype": {d: figures[f"batched_{d}"] / figures[f"reference_{d}"]
+                               for d in names.values()},
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def real_size_bundle(path: Path) -> Path:
+    """ViT-B-32 (open_clip config) + ClipCap MLP 512->3840->7680 + GPT-2 small, random weights,
+    saved as a bundle (fp16 storage) so the pipeline and the bare loop load the very same model."""
+    from safetensors.torch import save_file
+
+    from pipeline.models.bundle import save_bundle
+    from pipeline.models.clip import ClipSpec, create_clip
+
+    if (path / "bundle.json").is_file():
+        return path
+    torch.manual_seed(0)
+    clip = create_clip(ClipSpec(arch="ViT-B-32"))
+    weights = path.parent / "vit-b-32-random.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in clip.clip.state_dict().items()}, str(weights))
+    save_bundle(path, clip, ClipSpec(arch="ViT-B-32", weights=str(weights)), gpt2_small_captioner(),
+                name="bench-vit-b-32-gpt2-small", dtype=torch.float16)
+    weights.unlink()
+    return path
+
+
+def photo_corpus(root: Path, images: int, shards: int) -> str:
+    """640x480 JPEG scenes in WebDataset shards (the demo world drawn at COCO size), one corpus per size."""
+    from pipeline.demo.world import write_corpus
+
+    root = root.with_name(f"{root.name}-{images}x{shards}")
+    if not (root / "test").is_dir():
+        write_corpus(root, seed=1, counts={"test": images}, size=(640, 480),
+                     shard_size=max(1, -(-images // shards)), formats=("webdataset",),
+                     workers=len(os.sched_getaffinity(0)))
+    return str(root / "test" / "*.tar")
+
+
+def flops_per_image(bundle_dir: Path, inputs: str, dtype: torch.dtype, images: int = 16) -> dict[str, float]:
+    """FLOPs of each model step per image, as PyTorch's FlopCounterMode counts the operations that run
+    (a multiply-add is 2), on the corpus's first images, decoding as the bare loop does."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipeline.io.images import decode_image
+    from pipeline.io.sources import expand_inputs, read_samples
+    from pipeline.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir).to("cpu", dtype)
+    records = (record for shard in expand_inputs([inputs]) for record in read_samples(shard))
+    pixels = torch.from_numpy(np.stack([decode_image(record["image"], bundle.encoder.image_spec).pixels
+                                        for record in itertools.islice(records, images)]))  # fewer in a small corpus
+    counts = {}
+    # the fused attention fast path of nn.MultiheadAttention has no FLOP formula: count the same math unfused
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            embeddings = bundle.encoder.encode_images(pixels)
+        counts["encoder"] = counter.get_total_flops() / images
+        with FlopCounterMode(display=False) as counter:
+            texts = decode_texts(bundle.captioner, [c[0] for c in generate(
+                bundle.captioner, bundle.captioner.prefix(embeddings), DecodeSettings(max_new_tokens=20))])
+        counts["decoder"] = counter.get_total_flops() / images
+        with FlopCounterMode(display=False) as counter:
+            bundle.scorer.encode_texts(texts)
+        counts["scorer"] = counter.get_total_flops() / images
+    torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counts
+
+
+def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype, limit: int | None = None,
+              device: torch.device = CPU) -> dict:
+    """decode JPEG -> encode -> caption -> score in one process, no Ray; model load included, as in
+    the pipeline's actor. Also times each stage (decoding on this process's one thread)."""
+    from pipeline.io.images import decode_image
+    from pipeline.io.sources import expand_inputs, read_samples
+    from pipeline.models.bundle import load_bundle
+
+    started = time.perf_counter()
+    bundle = load_bundle(bundle_dir).to(device, dtype)
+    sync(device)
+    stages = {"load": time.perf_counter() - started, "read+decode": 0.0, "encode": 0.0, "caption": 0.0,
+              "score": 0.0}
+    settings = DecodeSettings(max_new_tokens=20)
+    images = 0
+
+    def run_batch(pixels: list) -> None:
+        batch = torch.from_numpy(np.stack(pixels))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            features = bundle.encoder.encode_images(batch, normalize=False)  # as caption_batch
+            embeddings = torch.nn.functional.normalize(features, dim=-1)
+            sync(device)
+            t1 = time.perf_counter()
+            texts = decode_texts(bundle.captioner, [c[0] for c in generate(
+                bundle.captioner, bundle.captioner.prefix(features), settings)])
+            t2 = time.perf_counter()
+            (embeddings * bundle.scorer.encode_texts(texts)).sum(-1).cpu()  # as caption_batch: scores to the host
+            t3 = time.perf_counter()
+        stages["encode"] += t1 - t0
+        stages["caption"] += t2 - t1
+        stages["score"] += t3 - t2
+
+    pending: list = []
+    t_read = time.perf_counter()
+    for shard in expand_inputs([inputs]):
+        for record in read_samples(shard):
+            pending.append(decode_image(record["image"], bundle.encoder.image_spec).pixels)
+            images += 1
+            if len(pending) == batch_size or images == limit:
+                stages["read+decode"] += time.perf_counter() - t_read
+                run_batch(pending)
+                pending = []
+                t_read = time.perf_counter()
+            if images == limit:
+                break
+        if images == limit:
+            break
+    if pending:
+        stages["read+decode"] += time.perf_counter() - t_read
+        run_batch(pending)
+    wall = time.perf_counter() - started
+    return {"images": images, "wall_s": wall, "images_per_s": images / wall, "stage_s": stages}
+
+
+def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int, dtype: str,
+                 actors: int | None = None, running: bool = False, gpus: float | None = None) -> dict:
+    """The whole job in this process as a driver. By default it starts and stops Ray inside the measured
+    time (`python jobs/caption_shards.py` on a machine without a Ray); `running`: it connects to the
+    Ray that `running_ray` started, as a job `ray job submit` sends to a running head does (its
+    connecting is measured). On CPU the model actors share the cores (one actor: all of them as its
+    threads). None: the job's defaults, `--actors auto` and `--gpus-per-actor` (1 where there are GPUs)."""
+    import shutil
+
+    import ray
+
+    from pipeline.config import ActorRange, RunConfig
+    from pipeline.run.chain import run
+
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    if running:
+        ray.init(address="auto", log_to_driver=True, configure_logging=False)
+    summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(bundle_dir), batch_size=batch_size,
+                            dtype=dtype, decode=DecodeSettings(max_new_tokens=20),
+                            actors=actors and ActorRange(actors, actors), gpus_per_actor=gpus))
+    ray.shutdown()
+    wall = time.perf_counter() - started
+    rows = summary["counts"]["rows"]
+    return {"images": rows, "wall_s": wall, "images_per_s": rows / wall,
+            "model_stage_images_per_s": rows / summary["timings"]["model_stage_s"],
+            "actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"], "actors": summary["actors"]["max"],
+            "timings": summary["timings"]}
+
+
+@contextmanager
+def running_ray() -> Iterator[float]:
+    """A Ray head on this machine, as `ray start --head` starts one for `ray job submit`; yields the
+    seconds it took to start, stops it at the end."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    # Ray 2.60 turns token auth on for a head once any local ray.init() wrote a token: both sides use it
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    started = time.perf_counter()
+    subprocess.run([ray_cli, "start", "--head", f"--num-cpus={len(os.sched_getaffinity(0))}",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True)
+    try:
+        yield time.perf_counter() - started
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True)
