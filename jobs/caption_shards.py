@@ -14,7 +14,7 @@ import _bootstrap  # noqa: F401
 import click
 
 from pipeline.cli import OneLineErrors
-from pipeline.config import DTYPES, METHODS, ActorRange, DecodeSettings, RunConfig
+from pipeline.config import DTYPES, METHODS, ActorRange, GenerationSettings, RunConfig
 from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
 from pipeline.run.filtering import FilterSettings
@@ -71,7 +71,7 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
          dtype, limit, rows_per_file, write_webdataset, seed, allow_foreign_scorer, embed_only, overwrite) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        decode = DecodeSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
+        decode = GenerationSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
                                 beam_width=beam_width or max(num_candidates, 3), temperature=temperature,
                                 top_p=top_p if method == "sample" else 1.0, seed=seed)
         config = RunConfig(inputs=tuple(inputs), output=output, model=model, image_column=image_column,

@@ -20,7 +20,7 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from pipeline.cli import OneLineErrors
-from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, DecodeSettings
+from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, GenerationSettings
 from pipeline.demo import DemoObjects
 from pipeline.io.caption_files import TEST_SPLITS, expand_labelled_inputs, read_labelled_inputs
 from pipeline.io.sources import InputError
@@ -50,7 +50,7 @@ def main(model: str, data: tuple[str, ...], image_root: str | None, splits: tupl
          batch_size: int, method: str, max_new_tokens: int, seed: int, json_path: Path | None) -> None:
     """Caption a held-out split in-process and report caption metrics, object accuracy and filter figures."""
     # beam width and top-p as caption_shards uses them by default, so the figures describe that job's captions
-    settings = DecodeSettings(method=method, max_new_tokens=max_new_tokens, beam_width=3,
+    settings = GenerationSettings(method=method, max_new_tokens=max_new_tokens, beam_width=3,
                               top_p=0.9 if method == "sample" else 1.0, seed=seed)
     transformers_logging.disable_progress_bar()  # its weight-loading bar would bury the report and error lines
     try:

@@ -22,7 +22,7 @@ import _bootstrap  # noqa: F401
 import click
 
 from pipeline.cli import OneLineErrors
-from pipeline.config import METHODS, DecodeSettings
+from pipeline.config import METHODS, GenerationSettings
 from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
 from pipeline.run.filtering import FilterSettings
@@ -100,7 +100,7 @@ def main(labelled: tuple[str, ...], pool: tuple[str, ...], test: tuple[str, ...]
     if batch_size % num_workers:
         raise click.UsageError(f"--batch-size {batch_size} does not split among {num_workers} workers")
     try:
-        decode = DecodeSettings(method=method, num_candidates=num_candidates,
+        decode = GenerationSettings(method=method, num_candidates=num_candidates,
                                 top_p=0.9 if method == "sample" else 1.0)
         config = RoundConfig(out=out, labelled=labelled, pool=pool, test=test, clip=clip, seeds=seeds, rounds=rounds,
                              teacher_epochs=teacher_epochs, student_epochs=student_epochs, batch_size=batch_size,

@@ -17,8 +17,8 @@ METHODS = ("greedy", "beam", "sample")
 
 
 @dataclass(frozen=True)
-class DecodeSettings:
-    """How captions are decoded (`pipeline.generation.decoding.generate`); here, away from torch, so the CLI checks
+class GenerationSettings:
+    """How captions are decoded (`pipeline.generation.generate.generate`); here, away from torch, so the CLI checks
     its usage without importing the model stack."""
 
     method: str = "greedy"
@@ -90,7 +90,7 @@ class RunConfig:
     image_column: str | None = None
     key_column: str = "key"
     filter: FilterSettings = field(default_factory=FilterSettings)
-    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    decode: GenerationSettings = field(default_factory=GenerationSettings)
     batch_size: int = 256
     actors: ActorRange | None = None      # None: as many as the nodes up now hold (`run.placement.auto_actors`)
     gpus_per_actor: float | None = None   # None: 1 when the cluster has GPUs, else 0

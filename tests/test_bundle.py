@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import tiny_captioner, tiny_clip
 
-from pipeline.config import DecodeSettings
-from pipeline.generation.decoding import generate
+from pipeline.config import GenerationSettings
+from pipeline.generation.generate import generate
 from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
 from pipeline.models.errors import ModelLoadError
 
@@ -40,7 +40,7 @@ def test_round_trip_reproduces_every_model(bundle_dir, monkeypatch):
         assert torch.equal(bundle.encoder.encode_texts(["mavi kare"]), clip.encode_texts(["mavi kare"]))
         embeddings = clip.encode_images(pixels)
         assert torch.equal(bundle.captioner.prefix(embeddings), captioner.prefix(embeddings))
-        settings = DecodeSettings(max_new_tokens=6)
+        settings = GenerationSettings(max_new_tokens=6)
         assert generate(bundle.captioner, bundle.captioner.prefix(embeddings), settings) == generate(
             captioner, captioner.prefix(embeddings), settings)
     identity = bundle.identity()

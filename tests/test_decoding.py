@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import tiny_captioner
 
-from pipeline.config import DecodeSettings
-from pipeline.generation.decoding import decode_texts, generate, reference_clipcap_generate, seeds_for
+from pipeline.config import GenerationSettings
+from pipeline.generation.generate import decode_texts, generate, reference_clipcap_generate, seeds_for
 
 
 def _prefixes(captioner, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -40,7 +40,7 @@ def test_batched_greedy_equals_reference_loop_with_mixed_lengths(tokenizer):
     max_new = 10
     captioner, prefix = _captioner_with_mixed_lengths(tokenizer, max_new)
     expected = [reference_clipcap_generate(captioner, prefix[i:i + 1], max_new) for i in range(len(prefix))]
-    got = generate(captioner, prefix, DecodeSettings(max_new_tokens=max_new))
+    got = generate(captioner, prefix, GenerationSettings(max_new_tokens=max_new))
     assert [candidates[0] for candidates in got] == expected
     lengths = {len(tokens) for tokens in expected}
     assert len(lengths) >= 3 and min(lengths) < max_new  # really mixed, some stopped early
@@ -56,7 +56,7 @@ def test_decoding_runs_one_forward_pass_per_token_it_keeps(tokenizer, method):
     captioner.stop_token_ids = list  # no stop id at all: every row runs the full length
     passes = []
     hook = captioner.lm.register_forward_hook(lambda *_: passes.append(1))
-    got = generate(captioner, _prefixes(captioner, 3), DecodeSettings(method=method, max_new_tokens=6))
+    got = generate(captioner, _prefixes(captioner, 3), GenerationSettings(method=method, max_new_tokens=6))
     hook.remove()
     assert [len(candidates[0]) for candidates in got] == [6, 6, 6]
     assert len(passes) == 6
@@ -64,8 +64,8 @@ def test_decoding_runs_one_forward_pass_per_token_it_keeps(tokenizer, method):
 
 def test_beam_width_one_equals_greedy(tokenizer):
     captioner, prefix = _captioner_with_mixed_lengths(tokenizer, 10)
-    greedy = generate(captioner, prefix, DecodeSettings(max_new_tokens=10))
-    beam = generate(captioner, prefix, DecodeSettings(method="beam", beam_width=1, max_new_tokens=10))
+    greedy = generate(captioner, prefix, GenerationSettings(max_new_tokens=10))
+    beam = generate(captioner, prefix, GenerationSettings(method="beam", beam_width=1, max_new_tokens=10))
     assert beam == greedy
 
 
@@ -83,7 +83,7 @@ def test_beam_search_with_full_width_is_exact_over_two_tokens(tokenizer):
     captioner = tiny_captioner(tokenizer, stop_token="", raw_prefix=True).double()  # the prefixes as drawn
     prefix = _prefixes(captioner, 2, seed=3)
     vocab = captioner.lm.config.vocab_size
-    settings = DecodeSettings(method="beam", beam_width=vocab, num_candidates=3, max_new_tokens=2,
+    settings = GenerationSettings(method="beam", beam_width=vocab, num_candidates=3, max_new_tokens=2,
                               length_penalty=0.0)
     results = generate(captioner, prefix, settings)
     eos = tokenizer.eos_token_id
@@ -110,13 +110,13 @@ def test_beam_search_with_full_width_is_exact_over_two_tokens(tokenizer):
 def test_sampling_is_seeded_and_top_k_one_is_greedy(tokenizer):
     captioner = tiny_captioner(tokenizer).double()
     prefix = _prefixes(captioner, 4)
-    settings = DecodeSettings(method="sample", num_candidates=3, max_new_tokens=8, temperature=1.5, seed=7)
+    settings = GenerationSettings(method="sample", num_candidates=3, max_new_tokens=8, temperature=1.5, seed=7)
     first, again = generate(captioner, prefix, settings), generate(captioner, prefix, settings)
     assert first == again and all(len(c) == 3 for c in first)
-    other_seed = generate(captioner, prefix, DecodeSettings(**{**settings.to_json(), "seed": 8}))
+    other_seed = generate(captioner, prefix, GenerationSettings(**{**settings.to_json(), "seed": 8}))
     assert other_seed != first
-    greedy = generate(captioner, prefix, DecodeSettings(max_new_tokens=8))
-    top1 = generate(captioner, prefix, DecodeSettings(method="sample", num_candidates=2, top_k=1,
+    greedy = generate(captioner, prefix, GenerationSettings(max_new_tokens=8))
+    top1 = generate(captioner, prefix, GenerationSettings(method="sample", num_candidates=2, top_k=1,
                                                       max_new_tokens=8))
     assert all(candidates == [g[0], g[0]] for candidates, g in zip(top1, greedy, strict=True))
 
@@ -126,7 +126,7 @@ def test_a_sampled_image_draws_the_same_in_any_batch(tokenizer):
     # batching repeats a seeded run's captions
     captioner = tiny_captioner(tokenizer).double()
     prefix = _prefixes(captioner, 5)
-    settings = DecodeSettings(method="sample", num_candidates=2, max_new_tokens=8, temperature=2.0, seed=3)
+    settings = GenerationSettings(method="sample", num_candidates=2, max_new_tokens=8, temperature=2.0, seed=3)
     seeds = seeds_for(settings.seed, ["a", "b", "c", "d", "e"])
     together = generate(captioner, prefix, settings, seeds)
     alone = [generate(captioner, prefix[i:i + 1], settings, seeds[i:i + 1])[0] for i in range(5)]
@@ -140,12 +140,12 @@ def test_a_sampled_image_draws_the_same_in_any_batch(tokenizer):
 
 
 def test_sampling_draws_each_token_at_its_probability():
-    from pipeline.generation.decoding import _sampler, _streams, _uniforms
+    from pipeline.generation.generate import _sampler, _streams, _uniforms
 
     probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05, 0.0])  # zero-mass tokens must never come up
     rows = 20_000
     uniforms = _uniforms(_streams(seeds_for(0, [str(i) for i in range(rows)]), 1), steps=2)
-    choose = _sampler(DecodeSettings(method="sample", seed=0), torch.from_numpy(uniforms))
+    choose = _sampler(GenerationSettings(method="sample", seed=0), torch.from_numpy(uniforms))
     picks = choose(probs.log().expand(rows, -1), torch.arange(rows), step=0)
     frequencies = torch.bincount(picks, minlength=len(probs)) / rows
     assert (frequencies - probs).abs().max() < 0.015, frequencies  # 4.5 sigma for p = 0.5
@@ -160,7 +160,7 @@ def test_top_p_keeps_only_the_nucleus(tokenizer):
         probs = captioner.lm(inputs_embeds=prefix).logits[0, -1].softmax(-1)
     ordered = probs.sort(descending=True)
     nucleus = set(ordered.indices[: int((ordered.values.cumsum(0) < 0.5).sum()) + 1].tolist())
-    settings = DecodeSettings(method="sample", num_candidates=64, max_new_tokens=1, top_p=0.5, seed=1)
+    settings = GenerationSettings(method="sample", num_candidates=64, max_new_tokens=1, top_p=0.5, seed=1)
     firsts = {candidate[0] for candidate in generate(captioner, prefix, settings)[0] if candidate}
     assert firsts <= nucleus and len(nucleus) < len(probs)
 
@@ -191,20 +191,20 @@ def test_decode_texts_drop_bytes_that_are_no_text(tokenizer):
 def test_bf16_runs_every_method(tokenizer, method, extra):
     captioner = tiny_captioner(tokenizer).to(torch.bfloat16)
     prefix = _prefixes(captioner, 3, dtype=torch.bfloat16)
-    result = generate(captioner, prefix, DecodeSettings(method=method, max_new_tokens=5, **extra))
+    result = generate(captioner, prefix, GenerationSettings(method=method, max_new_tokens=5, **extra))
     assert len(result) == 3
     assert all(len(tokens) <= 5 for tokens in itertools.chain.from_iterable(result))
 
 
 def test_only_the_settings_a_method_uses_define_its_output():
-    greedy = DecodeSettings(max_new_tokens=7)
-    assert DecodeSettings(max_new_tokens=7, seed=3, temperature=2.0, beam_width=9).output_defining() == \
+    greedy = GenerationSettings(max_new_tokens=7)
+    assert GenerationSettings(max_new_tokens=7, seed=3, temperature=2.0, beam_width=9).output_defining() == \
         greedy.output_defining() == {"method": "greedy", "max_new_tokens": 7}
-    sample = DecodeSettings(method="sample", seed=3)
-    assert sample.output_defining() != DecodeSettings(method="sample", seed=4).output_defining()
-    assert sample.output_defining() == DecodeSettings(method="sample", seed=3, beam_width=9).output_defining()
-    assert DecodeSettings(method="beam", beam_width=3).output_defining() != \
-        DecodeSettings(method="beam", beam_width=4).output_defining()
+    sample = GenerationSettings(method="sample", seed=3)
+    assert sample.output_defining() != GenerationSettings(method="sample", seed=4).output_defining()
+    assert sample.output_defining() == GenerationSettings(method="sample", seed=3, beam_width=9).output_defining()
+    assert GenerationSettings(method="beam", beam_width=3).output_defining() != \
+        GenerationSettings(method="beam", beam_width=4).output_defining()
 
 
 def test_invalid_settings_are_refused():
@@ -214,6 +214,6 @@ def test_invalid_settings_are_refused():
                 {"num_candidates": 4},  # greedy gives one caption: four asked for is a mistake, not one candidate
                 {"method": "sample", "seed": 2**64}, {"method": "sample", "seed": -(2**63) - 1}):
         with pytest.raises(ValueError):
-            DecodeSettings(**bad)
-    DecodeSettings(method="sample", seed=2**63 - 1)
-    DecodeSettings(method="sample", seed=-(2**63))
+            GenerationSettings(**bad)
+    GenerationSettings(method="sample", seed=2**63 - 1)
+    GenerationSettings(method="sample", seed=-(2**63))

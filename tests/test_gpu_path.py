@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import read_parts, tar_corpus
 
-from pipeline.config import DEMO_BUNDLE, DecodeSettings, RunConfig
+from pipeline.config import DEMO_BUNDLE, GenerationSettings, RunConfig
 from pipeline.demo.world import generate_scene, render_scene
 from pipeline.generation.captioning import caption_batch
 from pipeline.io.images import prepare_pil
@@ -74,8 +74,9 @@ def demo_scenes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("settings", [DecodeSettings(), DecodeSettings(method="beam", beam_width=3, num_candidates=3),
-                                      DecodeSettings(method="sample", num_candidates=2, top_p=0.9)],
+@pytest.mark.parametrize("settings", [GenerationSettings(),
+                                      GenerationSettings(method="beam", beam_width=3, num_candidates=3),
+                                      GenerationSettings(method="sample", num_candidates=2, top_p=0.9)],
                          ids=["greedy", "beam", "sample"])
 def test_half_precision_captions_as_fp32_does(demo_scenes, dtype, settings):
     """A GPU computes in fp16 or bf16 (`--dtype auto`): every method runs in them end to end (pixels
@@ -115,7 +116,7 @@ def test_gpu_actors_that_find_no_cuda_stop_the_run_with_one_line(ray_with_a_logi
 
     tar_corpus(tmp_path / "in", shards=2, per_shard=3)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=3), batch_size=4)
+                       decode=GenerationSettings(max_new_tokens=3), batch_size=4)
     with pytest.raises(ActorStartFailed) as failed:
         run(config)
     assert "\n" not in str(failed.value)

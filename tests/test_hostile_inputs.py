@@ -23,7 +23,7 @@ import pytest
 from conftest import jpeg_bytes, read_parts, write_tar
 from PIL import Image
 
-from pipeline.config import DecodeSettings, RunConfig
+from pipeline.config import GenerationSettings, RunConfig
 from pipeline.io.sources import InputError, expand_inputs
 from pipeline.quality.verify import verify
 from pipeline.run.chain import run
@@ -176,7 +176,7 @@ def hostile(ray_local, tiny_bundle, tmp_path_factory) -> HostileRun:
     root = tmp_path_factory.mktemp("hostile")
     inputs = _write_hostile_inputs(root / "in")
     config = RunConfig(inputs=inputs.specs, output=str(root / "out"), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=4), batch_size=8)
+                       decode=GenerationSettings(max_new_tokens=4), batch_size=8)
     summary = run(config)
     return HostileRun(inputs, root / "out", summary, read_parts(root / "out" / "captions").to_pylist())
 
@@ -334,7 +334,7 @@ def test_inputs_without_a_sample_still_give_readable_tables(ray_local, tiny_bund
     pq.read_table / datasets.load_dataset on them work instead of finding no file."""
     empty = write_tar(tmp_path / "in" / "empty.tar", {})
     config = RunConfig(inputs=(str(empty),), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=4), batch_size=8)
+                       decode=GenerationSettings(max_new_tokens=4), batch_size=8)
     assert run(config)["counts"]["rows"] == 0
     for folder in ("captions", "filtered"):
         table = pq.read_table(tmp_path / "out" / folder)
@@ -364,7 +364,7 @@ def test_gpu_actors_on_a_local_ray_without_gpus_are_one_usage_line(ray_local, ti
     """--gpus-per-actor 1 on a laptop: the pool waited forever for a GPU node no autoscaler would add."""
     shard = write_tar(tmp_path / "in" / "s.tar", {"a": {"jpg": jpeg_bytes(0)}})
     config = RunConfig(inputs=(str(shard),), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                       gpus_per_actor=1.0, decode=DecodeSettings(max_new_tokens=4), batch_size=8)
+                       gpus_per_actor=1.0, decode=GenerationSettings(max_new_tokens=4), batch_size=8)
     with pytest.raises(UsageError, match=r"^no model actor \(1 CPU and 1 GPU each\) fits on this machine \(.*0 GPUs"):
         run(config)
 
@@ -375,7 +375,7 @@ def test_a_shard_repeating_another_shards_keys_loses_no_row(ray_local, tiny_bund
     samples = {f"k{i}": {"jpg": jpeg_bytes(i)} for i in range(3)}
     first, second = write_tar(tmp_path / "in" / "a.tar", samples), write_tar(tmp_path / "in" / "b.tar", samples)
     config = RunConfig(inputs=(str(first), str(second)), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=4), batch_size=3, rows_per_file=3)  # a part per shard
+                       decode=GenerationSettings(max_new_tokens=4), batch_size=3, rows_per_file=3)  # a part per shard
     assert run(config)["counts"]["by_status"] == {"duplicate_key": 3, "ok": 3}
     rows = read_parts(tmp_path / "out" / "captions").to_pylist()
     assert sorted(row["source"] for row in rows) == [_url(first)] * 3 + [_url(second)] * 3

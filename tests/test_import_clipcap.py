@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from clipcap_reference import ClipCaptionModel
 from conftest import tiny_clip_config, tiny_lm
 
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.generation.captioning import caption_batch
-from pipeline.generation.decoding import decode_texts, generate
+from pipeline.generation.generate import decode_texts, generate
 from pipeline.models.bundle import load_bundle
 from pipeline.models.clipcap_import import import_clipcap
 from pipeline.models.errors import ModelLoadError
@@ -156,7 +156,7 @@ def test_captioning_feeds_the_imported_mapper_what_clipcap_trained_it_on(tokeniz
     with torch.no_grad():
         bundle.encoder.clip.visual.proj.mul_(10)  # a random tower's features are near unit length; CLIP's are not
     pixels = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
-    settings = DecodeSettings(max_new_tokens=8)
+    settings = GenerationSettings(max_new_tokens=8)
 
     def reference_captions(features: torch.Tensor) -> list[str]:
         prefix = reference.clip_project(features).view(len(features), 4, -1)

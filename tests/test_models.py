@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_captioner, tiny_clip, tiny_clip_config, tiny_lm
 from safetensors.torch import save_file
 
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.generation.captioning import caption_batch
 from pipeline.io.images import ImageSpec
 from pipeline.models import clip as clip_module
@@ -283,7 +283,7 @@ def test_caption_batch_scores_candidates_and_picks_the_best(tokenizer, tmp_path)
     clip, _ = tiny_clip(tokenizer, tmp_path)
     bundle = Bundle(encoder=clip, captioner=tiny_captioner(tokenizer), scorer=clip, manifest={})
     pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
-    settings = DecodeSettings(method="sample", num_candidates=4, max_new_tokens=6, seed=1)
+    settings = GenerationSettings(method="sample", num_candidates=4, max_new_tokens=6, seed=1)
     result = caption_batch(bundle, pixels, settings)
     assert len(result.captions) == 3 and result.image_embeddings.shape == (3, 24)
     for i, candidates in enumerate(result.candidates):
@@ -301,7 +301,7 @@ def test_caption_batch_scores_the_text_that_came_with_each_image(tokenizer, tmp_
     clip, _ = tiny_clip(tokenizer, tmp_path)
     bundle = Bundle(encoder=clip, captioner=tiny_captioner(tokenizer), scorer=clip, manifest={})
     pixels = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
-    settings = DecodeSettings(max_new_tokens=6)
+    settings = GenerationSettings(max_new_tokens=6)
     captions = caption_batch(bundle, pixels, settings).captions
     originals = [captions[0], None, "Solda küçük mavi bir kare duruyor.", ""]
     result = caption_batch(bundle, pixels, settings, original_texts=originals)

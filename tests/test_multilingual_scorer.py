@@ -31,7 +31,7 @@ from conftest import (
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
-from pipeline.config import DecodeSettings, RunConfig
+from pipeline.config import GenerationSettings, RunConfig
 from pipeline.generation.captioning import caption_batch
 from pipeline.models.bundle import load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, create_clip
@@ -157,7 +157,7 @@ def test_captioning_scores_with_the_multilingual_scorer_at_its_own_input_size(mo
     path, _, scorer, encoder = moved_bundle
     bundle = load_bundle(path)
     pixels, scorer_pixels = _pixels(32), _pixels(48)
-    settings = DecodeSettings(method="sample", num_candidates=3, max_new_tokens=6, seed=1)
+    settings = GenerationSettings(method="sample", num_candidates=3, max_new_tokens=6, seed=1)
     result = caption_batch(bundle, pixels, settings, scorer_pixels=scorer_pixels)
     with torch.inference_mode():
         assert np.allclose(result.image_embeddings, encoder.encode_images(pixels).numpy(), atol=1e-6)

@@ -13,7 +13,7 @@ import s3fs
 from conftest import jpeg_bytes, write_tar
 from moto.server import ThreadedMotoServer
 
-from pipeline.config import DecodeSettings, RunConfig
+from pipeline.config import GenerationSettings, RunConfig
 from pipeline.quality.verify import verify
 from pipeline.run.chain import run
 from pipeline.run.filtering import FilterSettings
@@ -55,7 +55,7 @@ def test_s3_shards_to_an_s3_output_every_row_once_resumable_and_refiltered(s3_en
         fs.put(str(write_tar(tmp_path / f"{shard:05d}.tar", samples)), f"{BUCKET}/in/{shard:05d}.tar")
     inputs = (f"s3://{BUCKET}/in/*.tar",)
     config = RunConfig(inputs=inputs, output=f"s3://{BUCKET}/out", model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=4), write_webdataset=True)
+                       decode=GenerationSettings(max_new_tokens=4), write_webdataset=True)
 
     summary = run(config)
     assert summary["counts"]["rows"] == 8 and summary["counts"]["kept"] == 8
@@ -67,7 +67,7 @@ def test_s3_shards_to_an_s3_output_every_row_once_resumable_and_refiltered(s3_en
 
     assert run(config) == summary  # a resubmission of a finished run changes nothing
     refiltered = run(RunConfig(inputs=inputs, output=config.output, model=str(tiny_bundle),
-                               decode=DecodeSettings(max_new_tokens=4), write_webdataset=True,
+                               decode=GenerationSettings(max_new_tokens=4), write_webdataset=True,
                                filter=FilterSettings(keep_top_fraction=0.5), overwrite=True))
     assert refiltered["counts"]["kept"] == 4 and refiltered["webdataset"]["samples"] == 4
     assert verify(config.output, list(inputs)).ok

@@ -14,7 +14,7 @@ from conftest import jpeg_bytes, read_parts, tar_corpus, write_tar
 from fsspec import AbstractFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline.config import ActorRange, DecodeSettings, RunConfig
+from pipeline.config import ActorRange, GenerationSettings, RunConfig
 from pipeline.io.sinks import STAGING, STAGING_CONFIG, OutputDir
 from pipeline.precision import resolve_dtype
 from pipeline.quality.report import build_report
@@ -28,7 +28,7 @@ from schemas.captions import validate_table
 def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
     tar_corpus(tmp_path / "in")
     config = RunConfig(inputs=(str(tmp_path / "in" / "{00000..00001}.tar"),), output=str(tmp_path / "out"),
-                       model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=5), batch_size=4,
+                       model=str(tiny_bundle), decode=GenerationSettings(max_new_tokens=5), batch_size=4,
                        filter=FilterSettings(keep_top_fraction=0.5))
     summary = run(config)
     captions = read_parts(tmp_path / "out" / "captions")
@@ -73,7 +73,7 @@ def test_an_embed_only_run_writes_every_row_with_the_captioning_run_s_embeddings
     write_tar(tmp_path / "in" / "00002.tar", {"bad": {"jpg": b"not an image", "txt": b"bozuk"}})
     inputs = (str(tmp_path / "in" / "*.tar"),)
     captioned = run(RunConfig(inputs=inputs, output=str(tmp_path / "captioned"), model=str(tiny_bundle),
-                              decode=DecodeSettings(max_new_tokens=4), batch_size=4))
+                              decode=GenerationSettings(max_new_tokens=4), batch_size=4))
     base = {"inputs": inputs, "output": str(tmp_path / "embedded"), "model": str(tiny_bundle), "batch_size": 4,
             "embed_only": True, "write_webdataset": True}
     summary = run(RunConfig(**base))
@@ -98,7 +98,7 @@ def test_an_embed_only_run_writes_every_row_with_the_captioning_run_s_embeddings
     assert "nothing to plot" in page and page.count('class="card"') == 11  # 10 kept, 1 failed
     assert ">Embedded<" in page and ">Captioned<" not in page
     # decoding settings define nothing here: a rerun with others is the same run, complete already
-    assert run(RunConfig(**base, decode=DecodeSettings(method="beam", num_candidates=2)))["counts"] == \
+    assert run(RunConfig(**base, decode=GenerationSettings(method="beam", num_candidates=2)))["counts"] == \
         summary["counts"]
     with pytest.raises(ValueError, match="--embed-only writes no captions"):
         RunConfig(**base, filter=FilterSettings(min_clip_score=0.2))
@@ -146,7 +146,7 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
     summary = train(config)
     assert summary["examples"] == 16
     captioned = run(RunConfig(inputs=base["inputs"], output=str(tmp_path / "captioned"), model=summary["bundle"],
-                              decode=DecodeSettings(max_new_tokens=4), batch_size=8))
+                              decode=GenerationSettings(max_new_tokens=4), batch_size=8))
     table = read_parts(tmp_path / "captioned" / "captions").sort_by("key")
     assert captioned["counts"]["rows"] == 16 and None not in table.column("caption").to_pylist()
     assert table.column("image_embedding").to_pylist() == rows.column("image_embedding").to_pylist()
@@ -163,7 +163,7 @@ def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 20)  # a wrong wait fails fast, not in 30 minutes
     tar_corpus(tmp_path / "in", shards=1, per_shard=4)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=3), batch_size=2, actors=ActorRange.parse("3"))
+                       decode=GenerationSettings(max_new_tokens=3), batch_size=2, actors=ActorRange.parse("3"))
     assert run(config)["counts"]["rows"] == 4
 
 
@@ -192,7 +192,7 @@ def test_actors_that_do_not_start_in_time_stop_the_run_with_one_clear_error(ray_
     monkeypatch.setattr(pipeline_run, "MIN_ACTORS_TIMEOUT_S", 0.001)  # no actor loads its models that fast
     tar_corpus(tmp_path / "in", shards=1, per_shard=2)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=3), actors=ActorRange.parse("1"))
+                       decode=GenerationSettings(max_new_tokens=3), actors=ActorRange.parse("1"))
     stopped = r"1 model actor\(s\) \(1 CPU each\) did not start within 0.001 s"
     with pytest.raises(ActorStartFailed, match=stopped):
         run(config)
@@ -239,7 +239,7 @@ def test_a_commit_that_would_miss_staged_parts_stops_and_the_rerun_finishes(ray_
     clear error, and the same command again finishes with every row."""
     tar_corpus(tmp_path / "in", shards=2, per_shard=3)
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
-                       model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=4))
+                       model=str(tiny_bundle), decode=GenerationSettings(max_new_tokens=4))
     listed = OutputDir.parts
     monkeypatch.setattr(OutputDir, "parts", lambda self, folder, pattern="*.parquet": [] if folder == STAGING
                         else listed(self, folder, pattern))  # a stale listing, in the driver only
@@ -260,22 +260,22 @@ def test_a_commit_that_would_miss_staged_parts_stops_and_the_rerun_finishes(ray_
 def test_rerun_is_a_no_op_and_other_config_is_refused(ray_local, tiny_bundle, tmp_path):
     tar_corpus(tmp_path / "in", shards=1, per_shard=3)
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(tmp_path / "out"), "model": str(tiny_bundle),
-            "decode": DecodeSettings(max_new_tokens=4)}
+            "decode": GenerationSettings(max_new_tokens=4)}
     first = run(RunConfig(**base))
     assert run(RunConfig(**base, batch_size=7)) == first  # speed knobs do not change the run
     # nor do settings greedy decoding ignores, or another path to the same bundle
-    ignored = DecodeSettings(max_new_tokens=4, seed=5, temperature=0.7, beam_width=2)
+    ignored = GenerationSettings(max_new_tokens=4, seed=5, temperature=0.7, beam_width=2)
     assert run(RunConfig(**{**base, "decode": ignored, "model": f"{tiny_bundle}/"})) == first
     with pytest.raises(UsageError, match=r"different configuration \(decode\)"):
-        run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}))
+        run(RunConfig(**{**base, "decode": GenerationSettings(max_new_tokens=5)}))
     (tmp_path / "out" / "report.html").write_text("the first run's page")
-    again = run(RunConfig(**{**base, "decode": DecodeSettings(max_new_tokens=5)}, overwrite=True))
+    again = run(RunConfig(**{**base, "decode": GenerationSettings(max_new_tokens=5)}, overwrite=True))
     assert again["counts"]["rows"] == 3
     assert not (tmp_path / "out" / "report.html").exists()  # it described the run replaced
     # a shard added under the glob since: refused rather than reported complete without its samples
     tar_corpus(tmp_path / "more", shards=1, per_shard=2)
     (tmp_path / "more" / "00000.tar").rename(tmp_path / "in" / "00009.tar")
-    newer = {**base, "decode": DecodeSettings(max_new_tokens=5)}
+    newer = {**base, "decode": GenerationSettings(max_new_tokens=5)}
     with pytest.raises(UsageError, match="the shards --input matches"):
         run(RunConfig(**newer))
     assert run(RunConfig(**newer, overwrite=True))["counts"]["rows"] == 5
@@ -285,7 +285,7 @@ def test_parts_hold_at_most_rows_per_file_rows(ray_local, tiny_bundle, tmp_path)
     """A shard is one block of model output; its rows are still split into parts of --rows-per-file."""
     tar_corpus(tmp_path / "in", shards=1, per_shard=7)
     run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
-                  decode=DecodeSettings(max_new_tokens=4), rows_per_file=3))
+                  decode=GenerationSettings(max_new_tokens=4), rows_per_file=3))
     sizes = sorted(pq.read_metadata(path).num_rows for path in (tmp_path / "out" / "captions").glob("*.parquet"))
     assert sizes == [1, 3, 3]
     keys = read_parts(tmp_path / "out" / "captions").column("key").to_pylist()
@@ -299,7 +299,7 @@ def test_an_attempt_that_staged_nothing_binds_no_later_command(ray_local, tiny_b
     (tmp_path / "out" / "_staging").mkdir(parents=True)
     (tmp_path / "out" / "_staging" / "config.json").write_text(json.dumps({"config": {"model": "other"}}))
     summary = run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
-                            model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=4)))
+                            model=str(tiny_bundle), decode=GenerationSettings(max_new_tokens=4)))
     assert summary["counts"]["rows"] == 2
 
 
@@ -307,10 +307,10 @@ def test_usage_found_after_loading_the_model_is_one_line_before_any_work(tiny_bu
     tar_corpus(tmp_path / "in", shards=1, per_shard=1)
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "model": str(tiny_bundle)}
     with pytest.raises(UsageError, match=r"--max-new-tokens 100000 exceeds the \d+ positions"):
-        run(RunConfig(**base, output=str(tmp_path / "out"), decode=DecodeSettings(max_new_tokens=100_000)))
+        run(RunConfig(**base, output=str(tmp_path / "out"), decode=GenerationSettings(max_new_tokens=100_000)))
     assert not (tmp_path / "out").exists()
     with pytest.raises(UsageError, match="cannot write --output /sys/kernel/"):  # refused even to root
-        run(RunConfig(**base, output="/sys/kernel/caption_test_out", decode=DecodeSettings(max_new_tokens=4)))
+        run(RunConfig(**base, output="/sys/kernel/caption_test_out", decode=GenerationSettings(max_new_tokens=4)))
 
 
 def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(ray_local, tiny_bundle, tmp_path,
@@ -321,7 +321,7 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
     tar_corpus(tmp_path / "in")
     out = tmp_path / "out"
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(out), "model": str(tiny_bundle),
-            "decode": DecodeSettings(max_new_tokens=4), "batch_size": 4}
+            "decode": GenerationSettings(max_new_tokens=4), "batch_size": 4}
     first = run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.5)))
     before = read_parts(out / "captions").sort_by("key")
     with pytest.raises(UsageError, match="different configuration"):
@@ -378,7 +378,7 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
 def test_a_fraction_per_cluster_is_the_same_committed_or_refiltered(ray_local, tiny_bundle, tmp_path):
     tar_corpus(tmp_path / "in", shards=2, per_shard=12)
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "model": str(tiny_bundle),
-            "decode": DecodeSettings(max_new_tokens=4), "batch_size": 4, "rows_per_file": 5}
+            "decode": GenerationSettings(max_new_tokens=4), "batch_size": 4, "rows_per_file": 5}
     per_cluster = FilterSettings(keep_top_fraction=0.5, clusters=3)
     direct = run(RunConfig(**base, output=str(tmp_path / "direct"), filter=per_cluster))
     run(RunConfig(**base, output=str(tmp_path / "later"), filter=FilterSettings(keep_top_fraction=0.5)))
@@ -401,7 +401,7 @@ def test_an_output_written_before_a_column_was_added_still_refilters(ray_local, 
     tar_corpus(tmp_path / "in", shards=1, per_shard=4)
     out = tmp_path / "out"
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(out), "model": str(tiny_bundle),
-            "decode": DecodeSettings(max_new_tokens=4), "batch_size": 4}
+            "decode": GenerationSettings(max_new_tokens=4), "batch_size": 4}
     run(RunConfig(**base))
     for path in (out / "captions").glob("*.parquet"):
         older = pq.read_table(path).drop_columns(["original_clip_score"])
@@ -419,7 +419,7 @@ def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_p
     write_tar(tmp_path / "in" / "a.tar", {"dup": shared, "only_a": {"jpg": jpeg_bytes(2)}})
     write_tar(tmp_path / "in" / "b.tar", {"dup": {"jpg": jpeg_bytes(3)}})
     summary = run(RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"),
-                            model=str(tiny_bundle), decode=DecodeSettings(max_new_tokens=3)))
+                            model=str(tiny_bundle), decode=GenerationSettings(max_new_tokens=3)))
     rows = {row["key"]: row for row in read_parts(tmp_path / "out" / "captions").to_pylist()}
     b_url = str(tmp_path / "in" / "b.tar")
     assert set(rows) == {"dup", "only_a", f"dup@{b_url}#0"}
@@ -439,7 +439,7 @@ def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, ti
     tar_corpus(tmp_path / "in", shards=3, per_shard=4)
     out = tmp_path / "out"
     config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(out), model=str(tiny_bundle),
-                       decode=DecodeSettings(max_new_tokens=4), batch_size=4)
+                       decode=GenerationSettings(max_new_tokens=4), batch_size=4)
     real_finalize = run_module.finalize
 
     def driver_killed(*args, **kwargs):  # after the model stage, before the commit

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 
 import pipeline.training.trainer
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.demo.world import write_corpus
 from pipeline.run.filtering import FilterSettings
 from pipeline.training.pseudo_labels import RoundConfig, run_rounds
@@ -26,7 +26,7 @@ def round_data(tmp_path_factory):
 
 def _config(root, data, **overrides) -> RoundConfig:
     settings = {"seeds": (0, 1), "rounds": 2, "teacher_epochs": 1, "student_epochs": 1, "batch_size": 8,
-                "decode": DecodeSettings(method="sample", num_candidates=2, top_p=0.9, max_new_tokens=8),
+                "decode": GenerationSettings(method="sample", num_candidates=2, top_p=0.9, max_new_tokens=8),
                 "filter": FilterSettings(keep_top_fraction=0.5), "num_workers": None}
     return RoundConfig(out=str(root), labelled=(str(data / "labelled" / "train" / "*.tar"),),
                        pool=(str(data / "pool" / "train" / "*.tar"),), test=(str(data / "test" / "test" / "*.tar"),),

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.io.images import ImageSpec
 from pipeline.models.bundle import load_bundle, load_manifest
 from pipeline.models.errors import ModelLoadError
@@ -44,8 +44,8 @@ def _samples(images: list[bytes | None]) -> pa.Table:
 
 
 def test_decode_batch_keeps_every_row_and_reports_bad_bytes():
-    table = stages.decode_batch(_samples([_png(100), b"", b"not an image", _png(200)]),
-                                stages.DecodeSpec(encoder=ImageSpec(size=32)))
+    table = stages.decode_images(_samples([_png(100), b"", b"not an image", _png(200)]),
+                                stages.ImageSpecs(encoder=ImageSpec(size=32)))
     assert table.column("status").to_pylist() == ["ok", "empty", "decode_error", "ok"]
     assert table.column("width").to_pylist() == [40, None, None, 40]
     pixels = stages.pixels_from_column(table.column("pixels"), 32)
@@ -58,7 +58,7 @@ def _caption_stage(ray_local, bundle: Path, seen_at: Path | None = None, **optio
     (looked for at `seen_at` instead of its own path, if given)."""
     shipped = model_stage.ShippedBundle.of(bundle, load_manifest(bundle)["sha256"])
     return model_stage.CaptionStage(replace(shipped, path=str(seen_at or shipped.path)),
-                                    DecodeSettings(max_new_tokens=3), "fp32", batch_size=8, embedding_dim=24,
+                                    GenerationSettings(max_new_tokens=3), "fp32", batch_size=8, embedding_dim=24,
                                     metadata_json="{}", **options)
 
 
@@ -79,7 +79,7 @@ def test_the_model_actor_leaves_no_copy_of_the_bundle_on_disk(ray_local, tiny_bu
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     actor = _caption_stage(ray_local, tiny_bundle, seen_at=tmp_path / "on-another-node")  # loads the copy
     assert list(tmp_path.iterdir()) == []
-    out = actor(stages.decode_batch(_samples([_png(10), _png(90)]), stages.DecodeSpec(ImageSpec(size=32))))
+    out = actor(stages.decode_images(_samples([_png(10), _png(90)]), stages.ImageSpecs(ImageSpec(size=32))))
     assert out.column("status").to_pylist() == ["ok", "ok"] and None not in out.column("caption").to_pylist()
 
 
@@ -121,22 +121,22 @@ def test_without_a_shipped_copy_a_bundle_changed_since_validation_is_an_error(ra
 def test_a_seeded_sampled_caption_follows_its_sample_not_its_batch(ray_local, tiny_bundle):
     # Ray Data batches rows as blocks arrive, and a resumed run batches the rest anew: with draws per
     # batch, --seed repeated nothing; each sample now draws from its key's stream
-    settings = DecodeSettings(method="sample", num_candidates=2, temperature=3.0, max_new_tokens=6, seed=11)
+    settings = GenerationSettings(method="sample", num_candidates=2, temperature=3.0, max_new_tokens=6, seed=11)
     shipped = model_stage.ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"], ship=False)
 
     def captions(batch_size: int, order: list[int]) -> dict[str, str]:
         actor = model_stage.CaptionStage(shipped, settings, "fp32", batch_size=batch_size, embedding_dim=24,
                                          metadata_json="{}")
         samples = _samples([_png(30 * i) for i in range(6)]).take(order)
-        out = actor(stages.decode_batch(samples, stages.DecodeSpec(ImageSpec(size=32))))
+        out = actor(stages.decode_images(samples, stages.ImageSpecs(ImageSpec(size=32))))
         return dict(zip(out.column("key").to_pylist(), out.column("caption").to_pylist(), strict=True))
 
     whole = captions(6, list(range(6)))
     assert captions(2, [5, 3, 1, 0, 2, 4]) == whole and len(set(whole.values())) > 1
-    other_seed = model_stage.CaptionStage(shipped, DecodeSettings(**{**settings.to_json(), "seed": 12}), "fp32",
+    other_seed = model_stage.CaptionStage(shipped, GenerationSettings(**{**settings.to_json(), "seed": 12}), "fp32",
                                           batch_size=6, embedding_dim=24, metadata_json="{}")
-    out = other_seed(stages.decode_batch(_samples([_png(30 * i) for i in range(6)]),
-                                         stages.DecodeSpec(ImageSpec(size=32))))
+    out = other_seed(stages.decode_images(_samples([_png(30 * i) for i in range(6)]),
+                                         stages.ImageSpecs(ImageSpec(size=32))))
     assert out.column("caption").to_pylist() != list(whole.values())
 
 
@@ -152,7 +152,7 @@ def test_a_failing_sample_becomes_model_error_and_its_batch_mates_are_captioned(
 
     monkeypatch.setattr(model_stage, "caption_batch", fails_on_poison)
     values = [10, 20, POISON, 30, 40, 50, 60, 70]
-    decoded = stages.decode_batch(_samples([_png(v) for v in values]), stages.DecodeSpec(ImageSpec(size=32)))
+    decoded = stages.decode_images(_samples([_png(v) for v in values]), stages.ImageSpecs(ImageSpec(size=32)))
     out = stage(decoded)
     statuses = out.column("status").to_pylist()
     assert statuses == ["ok", "ok", "model_error", "ok", "ok", "ok", "ok", "ok"]
@@ -177,8 +177,8 @@ def test_a_failed_batch_frees_its_memory_before_its_halves_are_retried(stage, mo
         raise torch.OutOfMemoryError("simulated out of memory")
 
     monkeypatch.setattr(model_stage, "caption_batch", out_of_memory)
-    out = stage(stages.decode_batch(_samples([_png(v) for v in (10, 20, 30, 40)]),
-                                    stages.DecodeSpec(ImageSpec(size=32))))
+    out = stage(stages.decode_images(_samples([_png(v) for v in (10, 20, 30, 40)]),
+                                    stages.ImageSpecs(ImageSpec(size=32))))
     assert out.column("status").to_pylist() == ["model_error"] * 4
     assert held == [0] * 7  # 4 rows, 2 halves, 4 single rows: none ran beside an earlier attempt's memory
 
@@ -191,16 +191,16 @@ def test_a_cuda_error_stops_the_actor_instead_of_failing_every_later_row(stage, 
 
     monkeypatch.setattr(model_stage, "caption_batch", device_error)
     with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
-        stage(stages.decode_batch(_samples([_png(10), _png(20)]), stages.DecodeSpec(ImageSpec(size=32))))
+        stage(stages.decode_images(_samples([_png(10), _png(20)]), stages.ImageSpecs(ImageSpec(size=32))))
 
 
 def test_a_cpu_actor_decoding_its_own_batches_gives_the_same_rows(ray_local, tiny_bundle, stage):
     """On CPU-only clusters the model actor decodes raw samples itself, in slices on its threads: the
     rows (bad images included, in order) equal those of the separate decode stage."""
-    spec = stages.DecodeSpec(ImageSpec(size=32))
-    decoding = _caption_stage(ray_local, tiny_bundle, cpu_threads=2, decode_spec=spec)
+    spec = stages.ImageSpecs(ImageSpec(size=32))
+    decoding = _caption_stage(ray_local, tiny_bundle, cpu_threads=2, image_specs=spec)
     raw = _samples([_png(10), b"broken", _png(30), _png(40), b"", _png(60), _png(70)])
-    expected = stage(stages.decode_batch(raw, spec))
+    expected = stage(stages.decode_images(raw, spec))
     got = decoding(raw)
     assert got.column("status").to_pylist() == ["ok", "decode_error", "ok", "ok", "empty", "ok", "ok"]
     for name in ("key", "status", "error", "width", "height", "caption"):
@@ -229,7 +229,7 @@ def test_a_cpu_actor_computes_on_the_calling_threads_team_only(ray_local, tiny_b
     try:
         actor = _caption_stage(ray_local, tiny_bundle, cpu_threads=2)
         assert torch.get_num_threads() == 1  # no team of 2 on the constructor's thread
-        batch = stages.decode_batch(_samples([_png(10), _png(90)]), stages.DecodeSpec(ImageSpec(size=32)))
+        batch = stages.decode_images(_samples([_png(10), _png(90)]), stages.ImageSpecs(ImageSpec(size=32)))
         with ThreadPoolExecutor(1) as caller:
             out = caller.submit(actor, batch).result()
     finally:

@@ -18,10 +18,10 @@ import torch
 from conftest import jpeg_bytes, tiny_captioner
 from tqdm import tqdm
 
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.demo.world import write_corpus
 from pipeline.generation.captioning import caption_batch
-from pipeline.generation.decoding import decode_texts, generate
+from pipeline.generation.generate import decode_texts, generate
 from pipeline.io.images import ImageSpec
 from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
@@ -310,7 +310,7 @@ def test_training_writes_a_bundle_resumes_and_trains_from_output(tmp_path):
     pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     with torch.inference_mode():
         tokens = generate(bundle.captioner, bundle.captioner.prefix(bundle.encoder.encode_images(pixels)),
-                          DecodeSettings(max_new_tokens=5))
+                          GenerationSettings(max_new_tokens=5))
     assert len(decode_texts(bundle.captioner, [t[0] for t in tokens])) == 2
 
     # a longer schedule on the same run directory resumes: no CLIP epoch again, one new caption epoch;
@@ -369,7 +369,7 @@ def test_a_scorer_trained_against_the_frozen_encoder_shares_its_image_tower(tmp_
     for name, value in lit.captioner.mapper.state_dict().items():  # nor the captioner
         assert torch.equal(value, base.captioner.mapper.state_dict()[name]), name
     pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
-    result = caption_batch(lit, pixels, DecodeSettings(max_new_tokens=5))
+    result = caption_batch(lit, pixels, GenerationSettings(max_new_tokens=5))
     with torch.inference_mode():
         texts = lit.scorer.encode_texts(result.captions).numpy()
         differs = base.scorer.encode_texts(result.captions).numpy()
@@ -432,7 +432,7 @@ def test_a_scorer_text_tower_starts_from_a_causal_lm_and_its_bundle_stands_alone
     moved_by = (trained - start).norm() / start.norm()
     assert 0 < moved_by < 0.5  # trained from the LM's embeddings, not from random ones
     pixels = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
-    result = caption_batch(lit, pixels, DecodeSettings(max_new_tokens=5))
+    result = caption_batch(lit, pixels, GenerationSettings(max_new_tokens=5))
     with torch.inference_mode():
         texts = lit.scorer.encode_texts(result.captions).numpy()
     np.testing.assert_allclose(result.clip_scores, (result.image_embeddings * texts).sum(1), atol=1e-5)

@@ -12,7 +12,7 @@ import pytest
 from conftest import jpeg_bytes, read_parts, write_tar
 from PIL import Image
 
-from pipeline.config import DecodeSettings, RunConfig
+from pipeline.config import GenerationSettings, RunConfig
 from pipeline.io.images import ImageError, portable_image
 from pipeline.io.sinks import WEBDATASET, OutputDir, webdataset_stem, write_webdataset_shard
 from pipeline.io.sources import expand_inputs
@@ -59,7 +59,7 @@ def test_write_webdataset_matches_filtered_and_loads_in_training_readers(ray_loc
     inputs = _mixed_inputs(tmp_path / "in")
     out = tmp_path / "out"
     summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(tiny_bundle),
-                            decode=DecodeSettings(max_new_tokens=4), batch_size=4,
+                            decode=GenerationSettings(max_new_tokens=4), batch_size=4,
                             filter=FilterSettings(keep_top_fraction=0.75), write_webdataset=True))
     filtered = read_parts(out / "filtered")
     kept = {row["key"]: row for row in filtered.to_pylist()}
@@ -105,7 +105,7 @@ def test_write_webdataset_matches_filtered_and_loads_in_training_readers(ray_loc
 def test_webdataset_can_be_asked_for_after_the_run(ray_local, tiny_bundle, tmp_path):
     write_tar(tmp_path / "in.tar", {f"k{i}": {"jpg": jpeg_bytes(i)} for i in range(5)})
     base = {"inputs": (str(tmp_path / "in.tar"),), "output": str(tmp_path / "out"), "model": str(tiny_bundle),
-            "decode": DecodeSettings(max_new_tokens=4)}
+            "decode": GenerationSettings(max_new_tokens=4)}
     first = run(RunConfig(**base))
     assert "webdataset" not in first and not (tmp_path / "out" / WEBDATASET).exists()
     again = run(RunConfig(**base, write_webdataset=True))  # no "different configuration" refusal, no re-captioning

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DecodeSettings
-from pipeline.generation.decoding import decode_texts, generate, seeds_for
+from pipeline.config import GenerationSettings
+from pipeline.generation.generate import decode_texts, generate, seeds_for
 from pipeline.models.bundle import Bundle
 
 
@@ -27,7 +27,7 @@ class CaptionedBatch:
 
 
 @torch.inference_mode()
-def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: DecodeSettings | None,
+def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: GenerationSettings | None,
                   scorer_pixels: torch.Tensor | None = None, keys: Sequence[str] | None = None,
                   original_texts: Sequence[str | None] | None = None) -> CaptionedBatch:
     """uint8 (B, H, W, 3) images at the encoder's input size -> captions, scores and embeddings; `settings` None:

@@ -143,7 +143,7 @@ def _fuse_activations(lm: PreTrainedModel) -> PreTrainedModel:
 
 
 class PrefixCaptioner(nn.Module):
-    """Mapper + causal LM + its tokenizer. Decoding lives in `pipeline.generation.decoding`."""
+    """Mapper + causal LM + its tokenizer. Decoding lives in `pipeline.generation.generate`."""
 
     def __init__(self, config: CaptionerConfig, lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
         super().__init__()

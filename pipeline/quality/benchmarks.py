@@ -19,8 +19,8 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.config import DecodeSettings
-from pipeline.generation.decoding import decode_texts, generate, reference_clipcap_generate
+from pipeline.config import GenerationSettings
+from pipeline.generation.generate import decode_texts, generate, reference_clipcap_generate
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.precision import cpu_has_fast_bf16, cuda_has_native_bf16
 from pipeline.quality.measuring import CPU, sync
@@ -78,7 +78,7 @@ def _rate(count: int, fn) -> float:
 def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) -> dict:
     captioner = gpt2_small_captioner()
     embeddings = torch.nn.functional.normalize(torch.randn(batch_size, 512), dim=-1)
-    settings = DecodeSettings(max_new_tokens=max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
     figures: dict[str, float] = {}
     names = {dtype: dtype_name(dtype) for dtype in compute_dtypes()}
     for dtype, name in names.items():
@@ -156,7 +156,7 @@ def flops_per_image(bundle_dir: Path, inputs: str, dtype: torch.dtype, images: i
         counts["encoder"] = counter.get_total_flops() / images
         with FlopCounterMode(display=False) as counter:
             texts = decode_texts(bundle.captioner, [c[0] for c in generate(
-                bundle.captioner, bundle.captioner.prefix(embeddings), DecodeSettings(max_new_tokens=20))])
+                bundle.captioner, bundle.captioner.prefix(embeddings), GenerationSettings(max_new_tokens=20))])
         counts["decoder"] = counter.get_total_flops() / images
         with FlopCounterMode(display=False) as counter:
             bundle.scorer.encode_texts(texts)
@@ -178,7 +178,7 @@ def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype
     sync(device)
     stages = {"load": time.perf_counter() - started, "read+decode": 0.0, "encode": 0.0, "caption": 0.0,
               "score": 0.0}
-    settings = DecodeSettings(max_new_tokens=20)
+    settings = GenerationSettings(max_new_tokens=20)
     images = 0
 
     def run_batch(pixels: list) -> None:
@@ -239,7 +239,7 @@ def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int
     if running:
         ray.init(address="auto", log_to_driver=True, configure_logging=False)
     summary = run(RunConfig(inputs=tuple(inputs), output=str(out), model=str(bundle_dir), batch_size=batch_size,
-                            dtype=dtype, decode=DecodeSettings(max_new_tokens=20),
+                            dtype=dtype, decode=GenerationSettings(max_new_tokens=20),
                             actors=actors and ActorRange(actors, actors), gpus_per_actor=gpus))
     ray.shutdown()
     wall = time.perf_counter() - started

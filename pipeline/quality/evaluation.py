@@ -24,7 +24,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.generation.captioning import caption_batch
 from pipeline.io.images import ImageError, decode_image
 from pipeline.io.sources import record_metadata, reference_captions
@@ -150,7 +150,7 @@ class _Item:
     objects: Any | None  # what the checker read in its KEY.json, None without one
 
 
-def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings | None = None, batch_size: int = 64,
+def evaluate(bundle: Bundle, samples: Iterable[dict], settings: GenerationSettings | None = None, batch_size: int = 64,
              seed: int = 0, baseline: bool = True, num_examples: int = 10, progress: bool = False,
              checker: ObjectChecker | None = None) -> dict[str, Any]:
     """Caption `samples` (records from `pipeline.io.sources.read_samples`) and measure every figure.
@@ -159,7 +159,7 @@ def evaluate(bundle: Bundle, samples: Iterable[dict], settings: DecodeSettings |
     scorer's attribute-swap test need a `checker` (`pipeline.demo.DemoObjects` for the demo corpus). Raises
     EvaluationError when no sample can be decoded.
     """
-    settings = settings or DecodeSettings()
+    settings = settings or GenerationSettings()
     start = time.perf_counter()
     untrained = untrained_bundle(bundle, seed) if baseline else None
     separate_scorer = not bundle.scorer.shares_image_tower(bundle.encoder)

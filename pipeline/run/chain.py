@@ -38,10 +38,10 @@ from pipeline.run.commit import (
     shards_digest,
 )
 from pipeline.run.data_stages import (
-    DecodeSpec,
+    ImageSpecs,
     ShardDatasource,
     StagingSink,
-    decode_batch,
+    decode_images,
     finished_shards,
     peak_rss_mb,
 )
@@ -117,11 +117,11 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
         raise UsageError(str(exc)) from None
     embedding_dim = bundle.encoder.embed_dim
     scorer_images = None if bundle.scorer.shares_image_tower(bundle.encoder) else bundle.scorer.image_spec
-    decode_spec = DecodeSpec(encoder=bundle.encoder.image_spec, scorer=scorer_images)
+    image_specs = ImageSpecs(encoder=bundle.encoder.image_spec, scorer=scorer_images)
     identity = bundle.identity()
     if identity["scorer_encodes_images"]:
         log.info("the scorer is a model of its own: each image is decoded at its %d px too and encoded twice "
-                 "(image_embedding stays the encoder's)", decode_spec.scorer.size)
+                 "(image_embedding stays the encoder's)", image_specs.scorer.size)
     del bundle  # the driver only validates the models; actors load their own copies
 
     # the shards the inputs match define the run too: a glob that matches a shard added since a finished
@@ -163,7 +163,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     unfinished = [shard for shard in shards if shard.url not in finished]
     actors, parts_written = None, set()
     if unfinished and (remaining is None or remaining > 0):
-        actors, parts_written = _caption_into_staging(config, output, unfinished, done, decode_spec, embedding_dim,
+        actors, parts_written = _caption_into_staging(config, output, unfinished, done, image_specs, embedding_dim,
                                                       metadata_json, remaining, model_path, identity["sha256"])
     model_seconds = time.time() - model_started
 
@@ -201,7 +201,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     return jsonable(summary)
 
 
-def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, decode_spec: DecodeSpec,
+def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, image_specs: ImageSpecs,
                           embedding_dim: int, metadata_json: str, remaining: int | None, model_path: Path,
                           bundle_sha256: str) -> tuple[ActorRange, set[str]]:
     """Caption the unfinished shards into staging/; returns the actor pool it used and the parts written."""
@@ -241,7 +241,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
     if remaining is not None:
         dataset = dataset.limit(remaining)
     if gpus:  # CPU tasks decode while the GPU actors compute
-        dataset = dataset.map_batches(decode_batch, fn_kwargs={"spec": decode_spec}, batch_format="pyarrow",
+        dataset = dataset.map_batches(decode_images, fn_kwargs={"spec": image_specs}, batch_format="pyarrow",
                                       batch_size=config.batch_size)
     dataset = dataset.map_batches(
         CaptionStage,
@@ -253,7 +253,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, de
                                "metadata_json": metadata_json, "cpu_threads": cpu_threads,
                                # a CPU actor already uses its cores: decoding beside it would only make its
                                # matmul threads wait, so it decodes each batch itself, on the same threads
-                               "decode_spec": None if gpus else decode_spec},
+                               "image_specs": None if gpus else image_specs},
         compute=ray.data.ActorPoolStrategy(min_size=actors.min, max_size=actors.max),
         batch_size=config.batch_size,
         batch_format="pyarrow",

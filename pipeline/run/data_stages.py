@@ -111,14 +111,14 @@ def finished_shards(output: OutputDir, shards: list[Shard], done: dict[str, set[
 
 
 @dataclass(frozen=True)
-class DecodeSpec:
+class ImageSpecs:
     """The input sizes the model stage needs: the encoder's, and the scorer's when it differs."""
 
     encoder: ImageSpec
     scorer: ImageSpec | None = None
 
 
-def decode_batch(batch: pa.Table, spec: DecodeSpec) -> pa.Table:
+def decode_images(batch: pa.Table, spec: ImageSpecs) -> pa.Table:
     """CPU stage: image bytes -> uint8 pixels at the model's input size (a fixed-size binary column,
     so it crosses the object store as one buffer), plus original size and status. A bad image becomes
     a status row with zero pixels; it never raises."""

@@ -17,12 +17,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.generation.captioning import caption_batch
 from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
-from pipeline.run.data_stages import DecodeSpec, decode_batch, peak_rss_mb, pixels_from_column, staging_schema
+from pipeline.run.data_stages import ImageSpecs, decode_images, peak_rss_mb, pixels_from_column, staging_schema
 from pipeline.text import describe_error
 from schemas.captions import CANDIDATE_TYPE
 
@@ -103,9 +103,9 @@ class CaptionStage:
     `settings` None: embeddings only (--embed-only), no caption decoded.
     """
 
-    def __init__(self, bundle: ShippedBundle, settings: DecodeSettings | None, dtype: str,
+    def __init__(self, bundle: ShippedBundle, settings: GenerationSettings | None, dtype: str,
                  batch_size: int, embedding_dim: int, metadata_json: str, cpu_threads: int | None = None,
-                 decode_spec: DecodeSpec | None = None):
+                 image_specs: ImageSpecs | None = None):
         self.device = actor_device(ray.get_gpu_ids(), torch.cuda.is_available())
         # Ray pins OMP threads to the actor's 1 reserved CPU; a CPU-only actor may use its share of the
         # node (the reservation stays 1 so that read tasks can always be scheduled beside it). Ray Data
@@ -123,15 +123,15 @@ class CaptionStage:
         self.schema = staging_schema(embedding_dim, metadata_json)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.embedding_dim = embedding_dim
-        # given a DecodeSpec, batches arrive as raw samples and are decoded here, on cpu_threads threads
-        self.decode_spec = decode_spec
+        # given a ImageSpecs, batches arrive as raw samples and are decoded here, on cpu_threads threads
+        self.image_specs = image_specs
         self.decode_parallelism = cpu_threads or 1
-        self.decode_threads = ThreadPoolExecutor(self.decode_parallelism) if decode_spec else None
+        self.decode_threads = ThreadPoolExecutor(self.decode_parallelism) if image_specs else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.cpu_threads:
             torch.set_num_threads(self.cpu_threads)  # this calling thread's OpenMP team
-        if self.decode_spec is not None:
+        if self.image_specs is not None:
             batch = self._decode(batch)
         n = batch.num_rows
         pixels = {"pixels": pixels_from_column(batch.column("pixels"), self.bundle.encoder.image_spec.size)}
@@ -175,12 +175,12 @@ class CaptionStage:
         return pa.table(columns, schema=self.schema)
 
     def _decode(self, batch: pa.Table) -> pa.Table:
-        """decode_batch over slices of the batch in parallel (Pillow releases the GIL while decoding)."""
+        """decode_images over slices of the batch in parallel (Pillow releases the GIL while decoding)."""
         if batch.num_rows < 2 or self.decode_parallelism == 1:
-            return decode_batch(batch, self.decode_spec)
+            return decode_images(batch, self.image_specs)
         step = -(-batch.num_rows // self.decode_parallelism)
         slices = [batch.slice(start, step) for start in range(0, batch.num_rows, step)]
-        decoded = self.decode_threads.map(lambda part: decode_batch(part, self.decode_spec), slices)
+        decoded = self.decode_threads.map(lambda part: decode_images(part, self.image_specs), slices)
         return pa.concat_tables(decoded).combine_chunks()
 
     def _caption(self, pixels: dict[str, np.ndarray], keys: list[str], originals: list[str | None], rows: list[int],

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, DecodeSettings, RunConfig, differing_keys
+from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, GenerationSettings, RunConfig, differing_keys
 from pipeline.run.filtering import FilterSettings
 from pipeline.training.stages import TrainConfig
 
@@ -50,7 +50,7 @@ class RoundConfig:
     student_epochs: int = 20
     batch_size: int = 128
     # how the teacher captions the pool: best of 8 samples by CLIP score, the top half kept
-    decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(method="sample", num_candidates=8,
+    decode: GenerationSettings = field(default_factory=lambda: GenerationSettings(method="sample", num_candidates=8,
                                                                           top_p=0.9))
     filter: FilterSettings = field(default_factory=lambda: FilterSettings(keep_top_fraction=0.5))
     # more students in each round, on the same candidates kept by other filters, for the same number of steps
@@ -203,7 +203,7 @@ def _evaluate(config: RoundConfig, bundle_path: Path, report_file: Path, seed: i
     log.info("evaluating %s", bundle_path)
     caption_files, shards = expand_labelled_inputs(list(config.test))
     samples = itertools.islice(read_labelled_inputs(caption_files, shards), config.test_limit)
-    report = evaluate(load_bundle(bundle_path), samples, DecodeSettings(), seed=seed, baseline=False,
+    report = evaluate(load_bundle(bundle_path), samples, GenerationSettings(), seed=seed, baseline=False,
                       checker=DemoObjects())
     report_file.parent.mkdir(parents=True, exist_ok=True)
     report_file.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from pipeline.config import DecodeSettings
+from pipeline.config import GenerationSettings
 from pipeline.models.captioner import PrefixCaptioner
 from pipeline.text import clean_caption
 
 
 @torch.inference_mode()
-def generate(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeSettings,
+def generate(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: GenerationSettings,
              sample_seeds: Sequence[int] | None = None) -> list[list[list[int]]]:
     """(B, L, E) prefixes -> for each image, its candidates' token ids (best first for beam).
 
@@ -153,7 +153,7 @@ def _greedy_choice(logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch
     return logits.max(dim=-1).indices
 
 
-def _sampler(settings: DecodeSettings, uniforms: torch.Tensor):
+def _sampler(settings: GenerationSettings, uniforms: torch.Tensor):
     """`uniforms`: (rows, steps) draws on the logits' device (see `_uniforms`); `rows` are the live rows'
     indices into them, on that device too, so that choosing needs nothing from the host."""
     def choose(logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
@@ -204,7 +204,7 @@ def _decode_rows(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_token
     return outputs
 
 
-def _beam_search(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: DecodeSettings,
+def _beam_search(captioner: PrefixCaptioner, prefix: torch.Tensor, settings: GenerationSettings,
                  stop_ids: list[int]) -> list[list[list[int]]]:
     """Batched beam search. A finished beam stays in its image's beam set with its score frozen
     (its only continuation is a no-op of log-probability 0), so finished and live beams compete
