@@ -85,6 +85,7 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
     # torch and Ray load only once the usage is known to be sound
+    from pipeline.io.retry import TransientIOError
     from pipeline.run.chain import run
     from pipeline.run.errors import ActorStartFailed, StagingNotListed, UsageError
 
@@ -93,7 +94,7 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     except (UsageError, InputError, ModelLoadError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except (ActorStartFailed, StagingNotListed) as exc:
+    except (ActorStartFailed, StagingNotListed, TransientIOError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     counts, timings = summary["counts"], summary["timings"]

@@ -16,6 +16,7 @@ half-written file (on object stores a single PUT is atomic and readers skip the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.io.retry import ATTEMPTS, retrying
 from schemas.captions import ADDED_COLUMNS, with_added_columns
 
 STAGING = "_staging"
@@ -46,7 +48,8 @@ TMP_PREFIX = "._tmp-"
 
 
 class OutputDir:
-    """An output directory on any fsspec filesystem."""
+    """An output directory on any fsspec filesystem. Every operation is retried on transient storage errors
+    (`pipeline.io.retry`)."""
 
     def __init__(self, url: str):
         # No listings cache: the driver lists what worker processes wrote, and an object store's cached
@@ -59,31 +62,33 @@ class OutputDir:
         return "/".join([self.root, *parts])
 
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
+        path = self.path(*parts)
+        return retrying(lambda: self.fs.exists(path), f"looking for {path}")
 
     def is_file(self) -> bool:
         """Whether the output path is a file. Unlike fsspec's isfile(), which answers False for any error, a
         store that refuses access (no credentials, no permission) raises here, before any work is done."""
         try:
-            return self.fs.info(self.root).get("type") == "file"
+            return retrying(lambda: self.fs.info(self.root), f"looking at {self.root}").get("type") == "file"
         except FileNotFoundError:
             return False
 
     def is_empty(self) -> bool:
-        return not self.fs.exists(self.root) or not self.fs.ls(self.root)
+        return not self.exists() or not retrying(lambda: self.fs.ls(self.root), f"listing {self.root}")
 
     def parts(self, folder: str, pattern: str = "*.parquet") -> list[str]:
         """Committed files of a folder (Parquet parts by default), sorted (temporary files are never listed)."""
         if not self.exists(folder):
             return []
-        names = self.fs.glob(self.path(folder, pattern))
+        pattern = self.path(folder, pattern)
+        names = retrying(lambda: self.fs.glob(pattern), f"listing {pattern}")
         return sorted(name for name in names if not name.rsplit("/", 1)[-1].startswith(TMP_PREFIX))
 
     def read_json(self, *parts: str) -> dict[str, Any] | None:
         if not self.exists(*parts):
             return None
-        with self.fs.open(self.path(*parts), "rb") as handle:
-            return json.loads(handle.read().decode("utf-8"))
+        path = self.path(*parts)
+        return json.loads(retrying(lambda: self.fs.cat_file(path), f"reading {path}").decode("utf-8"))
 
     def write_json(self, data: dict[str, Any], *parts: str) -> None:
         text = json.dumps(data, indent=2, ensure_ascii=False, default=str)
@@ -92,24 +97,40 @@ class OutputDir:
     def write_parquet(self, table: pa.Table, *parts: str) -> str:
         return self.write_file(lambda handle: pq.write_table(table, handle, compression="zstd"), *parts)
 
-    def write_file(self, write: Callable[[Any], None], *parts: str) -> str:
-        """Create a file by `write(handle)` under a temporary name, then rename it into place."""
+    def write_file(self, write: Callable[[Any], None], *parts: str, repeatable: bool = True) -> str:
+        """Create a file by `write(handle)` under a temporary name, then rename it into place. A write that
+        fails for a transient reason is done again from the start, unless `write` cannot be called twice
+        (`repeatable=False`: it consumes a stream)."""
         path = self.path(*parts)
         folder, name = path.rsplit("/", 1)
-        self.fs.makedirs(folder, exist_ok=True)
-        temporary = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-        try:
-            with self.fs.open(temporary, "wb") as handle:
-                write(handle)
-            self.fs.mv(temporary, path)
-        finally:
-            if self.fs.exists(temporary):
-                self.fs.rm(temporary)
+        retrying(lambda: self.fs.makedirs(folder, exist_ok=True), f"creating {folder}")
+
+        def attempt() -> None:
+            temporary = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+            try:
+                with self.fs.open(temporary, "wb") as handle:
+                    write(handle)
+                retrying(lambda: self.fs.mv(temporary, path), f"renaming {temporary}")
+            finally:
+                with contextlib.suppress(Exception):  # a leftover is removed by the next run's clean-up
+                    if self.fs.exists(temporary):
+                        self.fs.rm(temporary)
+
+        retrying(attempt, f"writing {path}", attempts=ATTEMPTS if repeatable else 1)
         return path
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet part (a path `parts` listed): every column, or some (as `read_part` reads them)."""
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as handle:
+                # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
+                return pq.read_table(handle, use_threads=False) if columns is None else read_part(handle, columns)
+        return retrying(read, f"reading {path}")
 
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):
-            self.fs.rm(self.path(*parts), recursive=True)
+            path = self.path(*parts)
+            retrying(lambda: self.fs.rm(path, recursive=True), f"removing {path}")
 
     def clean_temporaries(self) -> int:
         """Delete temporary files left by writers that were killed mid-write."""
@@ -152,7 +173,7 @@ def write_webdataset_shard(output: OutputDir, name: str, records: Iterable[dict]
                     tar.addfile(info, io.BytesIO(data))
                 written += 1
 
-    output.write_file(write, WEBDATASET, name)
+    output.write_file(write, WEBDATASET, name, repeatable=False)
     return {"samples": written, "missing": len(pending) + without_image}
 
 
@@ -186,10 +207,7 @@ def read_columns(output: OutputDir, folder: str, columns: list[str], paths: list
                  ) -> pa.Table | None:
     """Some columns of every committed part of a folder (or of `paths`, a listing of it the caller holds),
     concatenated (None when there is none)."""
-    tables = []
-    for path in output.parts(folder) if paths is None else paths:
-        with output.fs.open(path, "rb") as handle:
-            tables.append(read_part(handle, columns))
+    tables = [output.read_table(path, columns) for path in (output.parts(folder) if paths is None else paths)]
     return pa.concat_tables(tables) if tables else None
 
 

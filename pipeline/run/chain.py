@@ -20,6 +20,7 @@ import ray
 
 from pipeline import __version__
 from pipeline.config import DEMO_MODEL, ActorRange, RunConfig
+from pipeline.io.retry import TransientIOError, is_transient
 from pipeline.io.sinks import (
     RUN_JSON,
     STAGING,
@@ -271,6 +272,12 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
             raise
         raise ActorStartFailed(f"a model actor could not start: {_creation_error(exc)}; rows written so far are "
                                "kept and a rerun resumes") from None
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        reason = one_line(str(exc)).rpartition("TransientIOError: ")[2] or one_line(str(exc))
+        raise TransientIOError(f"{reason}; rows written so far are kept and a rerun resumes (it reads again what "
+                               "could not be read)") from None
     return actors, sink.parts_written
 
 

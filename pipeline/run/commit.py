@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import RunConfig, differing_keys
@@ -31,7 +30,6 @@ from pipeline.io.sinks import (
     WEBDATASET_COLUMNS,
     OutputDir,
     read_columns,
-    read_part,
 )
 from pipeline.io.sources import Shard
 from pipeline.run.data_stages import SHARD_RECORDS, STAGING_ONLY, write_webdataset_tar
@@ -122,8 +120,7 @@ writes the new one)."""
     schema = captions_schema(embedding_dim, metadata_json)
     kept = 0
     for path in paths:
-        with output.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, use_threads=False)
+        table = output.read_table(path)
         name = path.rsplit("/", 1)[-1]
         kept += _write_part(output, config, top, conform(table, schema), embedding_dim, name)
     summary.pop("webdataset", None)
@@ -199,8 +196,7 @@ def finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embed
     actor_peak_mb = 0.0
     kept = 0
     for path in staged_paths:
-        with output.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle, use_threads=False)
+        table = output.read_table(path)
         table = _mark_duplicates(_drop_written(table, written), renamed)
         captioned = table.filter(pc.equal(table.column("status"), "ok"))  # not rows failed before the models
         by_node.update(captioned.column("node").to_pylist())
@@ -229,8 +225,7 @@ def _embeddings_of(output: OutputDir, paths: list[str], rows: np.ndarray) -> Cal
     def blocks() -> Iterator[np.ndarray]:
         start = 0
         for path in paths:
-            with output.fs.open(path, "rb") as handle:
-                part = read_part(handle, ["image_embedding"])
+            part = output.read_table(path, ["image_embedding"])
             yield _embedding_matrix(part)[rows[start:start + part.num_rows]]
             start += part.num_rows
     return blocks

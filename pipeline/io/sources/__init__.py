@@ -30,8 +30,12 @@ Formats: one module each (`webdataset`, `parquet`, `folders`), registered in REA
 
 from __future__ import annotations
 
+import itertools
+import logging
+import time
 from collections.abc import Callable, Iterator
 
+from pipeline.io.retry import ATTEMPTS, TransientIOError, backoff, is_transient
 from pipeline.io.sources.folders import read_folder, read_image_file
 from pipeline.io.sources.parquet import DEFAULT_KEY_COLUMN, read_parquet
 from pipeline.io.sources.records import (
@@ -48,6 +52,8 @@ from pipeline.io.sources.records import (
 from pipeline.io.sources.specs import expand_inputs
 from pipeline.io.sources.webdataset import read_tar
 
+log = logging.getLogger(__name__)
+
 # shard kind -> reader(shard, image_column, key_column)
 READERS: dict[str, Callable[[Shard, str | None, str], Iterator[dict]]] = {
     WEBDATASET: lambda shard, image_column, key_column: read_tar(shard.url),
@@ -56,14 +62,32 @@ READERS: dict[str, Callable[[Shard, str | None, str], Iterator[dict]]] = {
 }
 
 
-def read_samples(shard: Shard, image_column: str | None = None,
-                 key_column: str = DEFAULT_KEY_COLUMN) -> Iterator[dict]:
+def read_samples(shard: Shard, image_column: str | None = None, key_column: str = DEFAULT_KEY_COLUMN,
+                 attempts: int = ATTEMPTS) -> Iterator[dict]:
     """Stream the sample records of one shard (schema in the module docstring). Memory stays bounded by
-    one tar member, one Parquet row group, or one folder listing."""
+    one tar member, one Parquet row group, or one folder listing. A read that fails for a transient reason
+    starts the shard again, skipping the records already yielded; past `attempts` it raises TransientIOError
+    (the shard is then not finished: the next run reads it again)."""
     reader = READERS.get(shard.kind)
     if reader is None:
         raise ValueError(f"unknown shard kind {shard.kind!r}")
-    return reader(shard, image_column, key_column)
+    yielded = 0
+    for attempt in range(attempts):
+        try:
+            for record in itertools.islice(reader(shard, image_column, key_column), yielded, None):
+                yield record
+                yielded += 1
+            return
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == attempts - 1:
+                raise TransientIOError(f"reading {shard.url} failed {attempts} times, after {yielded} samples: "
+                                       f"{exc}") from exc
+            wait = backoff(attempt)
+            log.warning("reading %s failed after %d samples (%s); reading it again in %.1f s", shard.url, yielded,
+                        exc, wait)
+            time.sleep(wait)
 
 
 __all__ = ["FOLDER", "PARQUET", "READERS", "WEBDATASET", "InputError", "Shard", "expand_inputs", "read_image_file",

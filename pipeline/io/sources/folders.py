@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
+from pipeline.io.retry import retrying
 from pipeline.io.sources.records import _hidden, _image_extension, _over_limit, sample_record
 from pipeline.text import decode_text, storable
 
@@ -21,7 +23,7 @@ def read_image_file(url: str, key: str, source: str, meta: str | None = None) ->
         info = fs.info(path)
         kind = _file_type(fs, info)
         if kind == "file" and not (too_large := _over_limit(url, info.get("size") or 0, image=True)):
-            return sample_record(key, source, image=fs.cat_file(path), meta=meta)
+            return sample_record(key, source, image=_cat(fs, path), meta=meta)
     except (OSError, ValueError) as exc:  # ValueError: a URL of an unknown protocol
         return sample_record(key, source, meta=meta, status="read_error", error=f"cannot read {url}: {exc}")
     if kind != "file":
@@ -40,7 +42,8 @@ def _file_type(fs: fsspec.AbstractFileSystem, info: dict[str, Any]) -> str:
 def read_folder(url: str) -> Iterator[dict]:
     fs, root = url_to_fs(url)
     root = root.rstrip("/")
-    listing = fs.find(root, detail=True)  # the one listing; everything below streams file by file
+    # the one listing; everything below streams file by file
+    listing = retrying(lambda: fs.find(root, detail=True), f"listing {url}")
     for path in sorted(listing):
         relative = path[len(root):].lstrip("/")
         if not _image_extension(relative) or _hidden(relative):
@@ -65,10 +68,15 @@ def read_folder(url: str) -> Iterator[dict]:
             yield sample_record(key, url, status="too_large", error=too_large)
             continue
         try:
-            image = fs.cat_file(path)
-            text = None if text_path is None else decode_text(fs.cat_file(text_path)).strip()
-            meta = None if meta_path is None else decode_text(fs.cat_file(meta_path))
+            image = _cat(fs, path)
+            text = None if text_path is None else decode_text(_cat(fs, text_path)).strip()
+            meta = None if meta_path is None else decode_text(_cat(fs, meta_path))
         except OSError as exc:
             yield sample_record(key, url, status="read_error", error=f"cannot read {path}: {exc}")
             continue
         yield sample_record(key, url, image=image, original_text=text, meta=meta)
+
+
+def _cat(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """A file's bytes, transient storage errors retried."""
+    return retrying(functools.partial(fs.cat_file, path), f"reading {path}")

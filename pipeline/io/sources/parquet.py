@@ -12,7 +12,15 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.sources.records import InputError, Shard, _key_text, _shard_error, _text_cell, sample_record
+from pipeline.io.sources.records import (
+    InputError,
+    Shard,
+    _key_text,
+    _shard_error,
+    _text_cell,
+    raise_if_transient,
+    sample_record,
+)
 
 # jpg: img2dataset; image: Hugging Face datasets; png/webp: img2dataset with another --encode_format.
 DEFAULT_IMAGE_COLUMNS = ("jpg", "image", "png", "webp", "jpeg")
@@ -42,6 +50,7 @@ def read_parquet(shard: Shard, image_column: str | None, key_column: str) -> Ite
         try:
             parquet = pq.ParquetFile(stack.enter_context(fsspec.open(url, "rb")))
         except (OSError, pa.ArrowException) as exc:
+            raise_if_transient(exc, url)
             yield _shard_error(url, "unreadable_shard", f"not a readable parquet file: {exc}")
             return
         yield from _parquet_samples(parquet, url, shard.name or posixpath.basename(url)[: -len(".parquet")],
@@ -87,6 +96,7 @@ def _parquet_samples(parquet: pq.ParquetFile, url: str, name: str, image_column:
                 else:
                     yield sample_record(key_text, url, image=data, original_text=original_text, meta=meta)
     except (OSError, pa.ArrowException) as exc:
+        raise_if_transient(exc, url)
         yield _shard_error(url, "unreadable_shard", f"parquet read failed after {row} rows: {exc}")
 
 

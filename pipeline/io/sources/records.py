@@ -9,6 +9,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.io.retry import TransientIOError, is_transient
 from pipeline.text import decode_text, one_line, storable
 
 WEBDATASET, PARQUET, FOLDER = "webdataset", "parquet", "folder"
@@ -53,6 +54,13 @@ class Shard:
     # Parquet rows without a key are "<name>/<row>": the path below the run's Parquet files' common
     # folder, so 0000.parquet in train/ and in test/ (Hugging Face's layout) give different keys.
     name: str = ""
+
+
+def raise_if_transient(exc: BaseException, url: str) -> None:
+    """A read that failed for a reason that may pass is not damage: stop reading the shard (read_samples tries
+    it again) instead of recording it as unreadable or truncated."""
+    if is_transient(exc):
+        raise TransientIOError(f"reading {url}: {type(exc).__name__}: {exc}") from exc
 
 
 def sample_record(key: str, source: str, image: bytes | None = None, original_text: str | None = None,

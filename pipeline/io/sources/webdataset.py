@@ -18,6 +18,7 @@ from pipeline.io.sources.records import (
     _over_limit,
     _shard_error,
     _split_key,
+    raise_if_transient,
     sample_record,
 )
 from pipeline.text import decode_text
@@ -118,6 +119,7 @@ def read_tar(url: str) -> Iterator[dict]:
             raw = stack.enter_context(fsspec.open(url, "rb"))
             tar = stack.enter_context(_TrackingTarFile.open(fileobj=raw, mode="r|*", tarinfo=_TrackingTarInfo))
         except (tarfile.TarError, EOFError, OSError) as exc:
+            raise_if_transient(exc, url)
             yield _shard_error(url, "unreadable_shard", f"not a readable tar file: {exc}")
             return
         yield from _tar_samples(tar, url)
@@ -147,6 +149,7 @@ def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
                 seen.add(key)
             sample.add(suffix, tar, member)
     except (tarfile.TarError, EOFError, OSError) as exc:
+        raise_if_transient(exc, url)
         problem = str(exc)
     else:
         if isinstance(tar.end_error, tarfile.EmptyHeaderError):
@@ -156,7 +159,7 @@ def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
     if problem is None:
         if sample is not None:
             yield sample.record(url)
-        if _data_follows(tar):
+        if _data_follows(tar, url):
             yield _shard_error(url, "trailing_data", "more data follows the tar's end-of-archive blocks (tars joined "
                                                      "with cat?); tar readers stop there, so it was not read")
         return
@@ -166,7 +169,7 @@ def _tar_samples(tar: _TrackingTarFile, url: str) -> Iterator[dict]:
                                                f"{problem}{dropped}")
 
 
-def _data_follows(tar: tarfile.TarFile) -> bool:
+def _data_follows(tar: tarfile.TarFile, url: str) -> bool:
     """Whether anything but zero padding follows the end-of-archive blocks (read until it does): in the tar
     stream, or for a compressed tar, after its compressed stream (a second one joined with cat), which
     tarfile's stream never returns."""
@@ -191,7 +194,8 @@ def _data_follows(tar: tarfile.TarFile) -> bool:
                 after += more
             after = after[8:]
         return _not_zeros(itertools.chain((decompressed, after), raw_rest))
-    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError):  # a damaged tail after the end
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as exc:  # a damaged tail after the end
+        raise_if_transient(exc, url)
         return False
 
 
