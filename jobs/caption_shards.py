@@ -72,8 +72,8 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         decode = GenerationSettings(method=method, num_candidates=num_candidates, max_new_tokens=max_new_tokens,
-                                beam_width=beam_width or max(num_candidates, 3), temperature=temperature,
-                                top_p=top_p if method == "sample" else 1.0, seed=seed)
+                                    beam_width=beam_width or max(num_candidates, 3), temperature=temperature,
+                                    top_p=top_p if method == "sample" else 1.0, seed=seed)
         config = RunConfig(inputs=tuple(inputs), output=output, model=model, image_column=image_column,
                            key_column=key_column,
                            filter=FilterSettings(min_clip_score=min_clip_score, keep_top_fraction=keep_top_fraction,

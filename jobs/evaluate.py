@@ -51,7 +51,7 @@ def main(model: str, data: tuple[str, ...], image_root: str | None, splits: tupl
     """Caption a held-out split in-process and report caption metrics, object accuracy and filter figures."""
     # beam width and top-p as caption_shards uses them by default, so the figures describe that job's captions
     settings = GenerationSettings(method=method, max_new_tokens=max_new_tokens, beam_width=3,
-                              top_p=0.9 if method == "sample" else 1.0, seed=seed)
+                                  top_p=0.9 if method == "sample" else 1.0, seed=seed)
     transformers_logging.disable_progress_bar()  # its weight-loading bar would bury the report and error lines
     try:
         caption_files, shards = expand_labelled_inputs(list(data))

@@ -101,7 +101,7 @@ def main(labelled: tuple[str, ...], pool: tuple[str, ...], test: tuple[str, ...]
         raise click.UsageError(f"--batch-size {batch_size} does not split among {num_workers} workers")
     try:
         decode = GenerationSettings(method=method, num_candidates=num_candidates,
-                                top_p=0.9 if method == "sample" else 1.0)
+                                    top_p=0.9 if method == "sample" else 1.0)
         config = RoundConfig(out=out, labelled=labelled, pool=pool, test=test, clip=clip, seeds=seeds, rounds=rounds,
                              teacher_epochs=teacher_epochs, student_epochs=student_epochs, batch_size=batch_size,
                              decode=decode, filter=FilterSettings(min_clip_score, keep_top_fraction, filter_clusters),

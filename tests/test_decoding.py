@@ -84,7 +84,7 @@ def test_beam_search_with_full_width_is_exact_over_two_tokens(tokenizer):
     prefix = _prefixes(captioner, 2, seed=3)
     vocab = captioner.lm.config.vocab_size
     settings = GenerationSettings(method="beam", beam_width=vocab, num_candidates=3, max_new_tokens=2,
-                              length_penalty=0.0)
+                                  length_penalty=0.0)
     results = generate(captioner, prefix, settings)
     eos = tokenizer.eos_token_id
     for image, candidates in enumerate(results):
@@ -117,7 +117,7 @@ def test_sampling_is_seeded_and_top_k_one_is_greedy(tokenizer):
     assert other_seed != first
     greedy = generate(captioner, prefix, GenerationSettings(max_new_tokens=8))
     top1 = generate(captioner, prefix, GenerationSettings(method="sample", num_candidates=2, top_k=1,
-                                                      max_new_tokens=8))
+                                                          max_new_tokens=8))
     assert all(candidates == [g[0], g[0]] for candidates, g in zip(top1, greedy, strict=True))
 
 

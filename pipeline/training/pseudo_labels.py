@@ -51,7 +51,7 @@ class RoundConfig:
     batch_size: int = 128
     # how the teacher captions the pool: best of 8 samples by CLIP score, the top half kept
     decode: GenerationSettings = field(default_factory=lambda: GenerationSettings(method="sample", num_candidates=8,
-                                                                          top_p=0.9))
+                                                                                  top_p=0.9))
     filter: FilterSettings = field(default_factory=lambda: FilterSettings(keep_top_fraction=0.5))
     # more students in each round, on the same candidates kept by other filters, for the same number of steps
     compare: tuple[FilterSettings, ...] = ()
@@ -145,8 +145,8 @@ def _caption(config: RoundConfig, teacher: Path, out: Path, seed: int, settings:
     copy of that output re-filtered by `settings` (no model run). Returns its run.json."""
     import shutil
 
-    from pipeline.io.sinks import CAPTIONS
-    from pipeline.run.chain import RUN_JSON, run
+    from pipeline.io.sinks import CAPTIONS, RUN_JSON
+    from pipeline.run.chain import run
 
     settings = settings or config.filter
     finished = json.loads((out / RUN_JSON).read_text()) if (out / RUN_JSON).is_file() else None
