@@ -126,7 +126,7 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
     folder, _ = tiny_multilingual_folder(tmp_path / "models")
     tar_corpus(tmp_path / "in", per_shard=8)
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "output": str(tmp_path / "embedded"), "model": str(folder),
-            "embed_only": True, "batch_size": 8}
+            "embed_only": True, "batch_size": 8, "dtype": "fp32"}  # compared with the CLIP's own fp32 embedding
     first = run(RunConfig(**base))
     assert first["counts"]["rows"] == 16 and first["model"]["captioner"] is None
     assert run(RunConfig(**base)) == first  # the same CLIP is the same run: complete already
