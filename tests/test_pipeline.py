@@ -167,6 +167,17 @@ def test_a_pool_larger_than_the_cluster_starts_with_the_actors_it_gets(ray_local
     assert run(config)["counts"]["rows"] == 4
 
 
+def test_one_shard_is_captioned_by_every_actor(ray_local, tiny_bundle, tmp_path):
+    """A read task's output is cut into blocks by bytes only: a shard of small images was one block, which one
+    actor captioned while the other waited. Cut into batches, the shard keeps both actors busy."""
+    tar_corpus(tmp_path / "in", shards=1, per_shard=48)
+    config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                       decode=GenerationSettings(max_new_tokens=3), batch_size=4, actors=ActorRange.parse("2"))
+    by_actor = run(config)["counts"]["rows_by_actor"]
+    assert len(by_actor) == 2 and min(by_actor.values()) >= 8, by_actor
+    assert sum(by_actor.values()) == 48
+
+
 def test_auto_actors_take_every_gpu_share_or_every_core_the_memory_holds(tiny_bundle):
     import pipeline.run.placement as placement
 

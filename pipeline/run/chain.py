@@ -241,6 +241,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
                                        concurrency=min(len(shards), READS_PER_ACTOR * actors.max))
     if remaining is not None:
         dataset = dataset.limit(remaining)
+    dataset = _in_blocks_of(dataset, config.batch_size)
     if gpus:  # CPU tasks decode while the GPU actors compute
         dataset = dataset.map_batches(decode_images, fn_kwargs={"spec": image_specs}, batch_format="pyarrow",
                                       batch_size=config.batch_size)
@@ -279,6 +280,18 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
         raise TransientIOError(f"{reason}; rows written so far are kept and a rerun resumes (it reads again what "
                                "could not be read)") from None
     return actors, sink.parts_written
+
+
+def _in_blocks_of(dataset: ray.data.Dataset, rows: int) -> ray.data.Dataset:
+    """`dataset` in blocks of at most `rows` rows, so that each model actor task takes about one batch.
+
+    A read task's output is cut into blocks by bytes only (128 MiB): a shard of small images arrived as one
+    block, which one actor captioned while the others waited. Ray's streaming repartition cuts by rows, but
+    its tasks ask for a CPU, which the model actors may all hold: given none, like the read tasks, it runs
+    beside them. (Ray 2.60's `repartition` takes no remote arguments; the project pins that version.)"""
+    dataset = dataset.repartition(target_num_rows_per_block=rows)
+    object.__setattr__(dataset._logical_plan.dag, "ray_remote_args", {"num_cpus": READ_CPUS})
+    return dataset
 
 
 def _creation_error(exc: ray.exceptions.RayActorError) -> str:

@@ -192,6 +192,7 @@ def finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embed
     written: set[tuple[str, int]] = set()
     counts: Counter[str] = Counter()
     by_node: Counter[str] = Counter()
+    by_actor: Counter[str] = Counter()
     by_compute: Counter[str] = Counter()
     actor_peak_mb = 0.0
     kept = 0
@@ -200,9 +201,10 @@ def finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embed
         table = _mark_duplicates(_drop_written(table, written), renamed)
         captioned = table.filter(pc.equal(table.column("status"), "ok"))  # not rows failed before the models
         by_node.update(captioned.column("node").to_pylist())
-        # parts staged by a version that did not record it
-        by_compute.update(captioned.column("compute").to_pylist() if "compute" in table.column_names
-                          else ["unrecorded"] * captioned.num_rows)
+        # parts staged by a version that did not record them
+        for counter, column in ((by_actor, "actor"), (by_compute, "compute")):
+            counter.update(captioned.column(column).to_pylist() if column in table.column_names
+                           else ["unrecorded"] * captioned.num_rows)
         actor_peak_mb = max(actor_peak_mb, pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
         table = conform(table.drop_columns([c for c in STAGING_ONLY if c in table.column_names]), schema)
         kept += _write_part(output, config, top, table, embedding_dim, path.rsplit("/", 1)[-1])
@@ -210,7 +212,7 @@ def finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embed
     if not output.parts(CAPTIONS):  # inputs without one sample (an empty tar): readers still find the tables
         _write_part(output, config, top, schema.empty_table(), embedding_dim, "part-empty.parquet")
     return {"rows": sum(counts.values()), "by_status": dict(sorted(counts.items())), "kept": kept,
-            **_cutoff_counts(top), "rows_by_node": dict(by_node),
+            **_cutoff_counts(top), "rows_by_node": dict(by_node), "rows_by_actor": dict(by_actor),
             "rows_by_compute": dict(by_compute),
             "model_actor_peak_rss_mb": round(actor_peak_mb, 1)}
 

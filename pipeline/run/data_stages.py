@@ -159,14 +159,15 @@ def pixels_from_column(column: pa.ChunkedArray, size: int) -> np.ndarray:
 
 
 # Staging-only columns, dropped when captions/ is written: the sample's position in its shard, and
-# where it was captioned (node, device and precision, the peak memory of that actor so far) for run.json.
-STAGING_ONLY = ("index", "node", "compute", "actor_peak_rss_mb")
+# where it was captioned (node, actor, device and precision, the peak memory of that actor so far) for run.json.
+STAGING_ONLY = ("index", "node", "actor", "compute", "actor_peak_rss_mb")
 
 
 def staging_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.Schema:
     """The output schema plus the staging-only columns."""
     schema = captions_schema(embedding_dim, metadata_json).append(pa.field("index", pa.int64(), nullable=False))
-    for name, kind in (("node", pa.string()), ("compute", pa.string()), ("actor_peak_rss_mb", pa.float32())):
+    for name, kind in (("node", pa.string()), ("actor", pa.string()), ("compute", pa.string()),
+                       ("actor_peak_rss_mb", pa.float32())):
         schema = schema.append(pa.field(name, kind))
     return schema
 

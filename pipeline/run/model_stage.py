@@ -122,6 +122,7 @@ class CaptionStage:
         self.batch_size = batch_size
         self.schema = staging_schema(embedding_dim, metadata_json)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.actor_id = ray.get_runtime_context().get_actor_id()
         self.embedding_dim = embedding_dim
         # given a ImageSpecs, batches arrive as raw samples and are decoded here, on cpu_threads threads
         self.image_specs = image_specs
@@ -168,6 +169,7 @@ class CaptionStage:
             "original_clip_score": pa.array([result.original_scores.get(i) for i in range(n)], pa.float32()),
             "index": batch.column("index"),
             "node": pa.array([self.node_id] * n, pa.string()),
+            "actor": pa.array([self.actor_id] * n, pa.string()),
             # "auto" resolves per machine: a run resumed elsewhere may have captioned in another precision
             "compute": pa.array([f"{self.device.type} {str(self.dtype).removeprefix('torch.')}"] * n, pa.string()),
             "actor_peak_rss_mb": pa.array([peak_rss_mb()] * n, pa.float32()),
