@@ -14,7 +14,8 @@ import _bootstrap  # noqa: F401
 import click
 
 from pipeline.cli import OneLineErrors
-from pipeline.config import DTYPES, METHODS, ActorRange, GenerationSettings, RunConfig
+from pipeline.config import DTYPES, ActorRange, GenerationSettings, RunConfig
+from pipeline.generation.methods import METHODS
 from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
 from pipeline.run.filtering import FilterSettings
@@ -36,7 +37,7 @@ from pipeline.run.filtering import FilterSettings
 @click.option("--filter-clusters", type=click.IntRange(min=2), default=None,
               help="Keep --keep-top-fraction within each of this many k-means clusters of image_embedding, so "
                    "that images whose captions score low even when right keep their share.")
-@click.option("--decode", "method", type=click.Choice(METHODS), default="greedy", show_default=True)
+@click.option("--decode", "method", type=click.Choice(tuple(METHODS)), default="greedy", show_default=True)
 @click.option("--num-candidates", type=click.IntRange(min=1), default=1, show_default=True,
               help="Best-of-N: candidates per image, reranked by CLIP score.")
 @click.option("--beam-width", type=click.IntRange(min=1), default=None,

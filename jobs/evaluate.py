@@ -20,8 +20,9 @@ import torch
 from transformers.utils import logging as transformers_logging
 
 from pipeline.cli import OneLineErrors
-from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, METHODS, GenerationSettings
+from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, GenerationSettings
 from pipeline.demo import DemoObjects
+from pipeline.generation.methods import METHODS
 from pipeline.io.caption_files import TEST_SPLITS, expand_labelled_inputs, read_labelled_inputs
 from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
@@ -40,7 +41,7 @@ from pipeline.quality.evaluation import EvaluationError, evaluate, format_table
               help="The split of a Karpathy split file to evaluate on. Repeatable.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N samples.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--decode", "method", type=click.Choice(METHODS), default="greedy", show_default=True)
+@click.option("--decode", "method", type=click.Choice(tuple(METHODS)), default="greedy", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of sampling, attribute swaps and the untrained baseline.")

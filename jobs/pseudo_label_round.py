@@ -22,7 +22,8 @@ import _bootstrap  # noqa: F401
 import click
 
 from pipeline.cli import OneLineErrors
-from pipeline.config import METHODS, GenerationSettings
+from pipeline.config import GenerationSettings
+from pipeline.generation.methods import METHODS
 from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
 from pipeline.run.filtering import FilterSettings
@@ -69,7 +70,7 @@ def _filter_spec(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 @click.option("--teacher-epochs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--student-epochs", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=128, show_default=True)
-@click.option("--decode", "method", type=click.Choice(METHODS), default="sample", show_default=True,
+@click.option("--decode", "method", type=click.Choice(tuple(METHODS)), default="sample", show_default=True,
               help="How the teacher captions the pool.")
 @click.option("--num-candidates", type=click.IntRange(min=1), default=8, show_default=True,
               help="Candidates per pool image, the best by CLIP score kept.")

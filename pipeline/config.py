@@ -7,13 +7,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.generation.methods import METHODS
 from pipeline.run.filtering import FilterSettings
 
 DEMO_MODEL = "demo"
 DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
 AUTO = "auto"
 DTYPES = (AUTO, "fp32", "bf16", "fp16")
-METHODS = ("greedy", "beam", "sample")
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,10 @@ class GenerationSettings:
             raise ValueError(f"unknown decoding method {self.method!r} (expected {', '.join(METHODS)})")
         if self.max_new_tokens < 1 or self.num_candidates < 1:
             raise ValueError("max_new_tokens and num_candidates must be at least 1")
-        if self.method == "greedy" and self.num_candidates > 1:
-            raise ValueError("greedy decoding gives one caption per image: --num-candidates needs --decode beam "
-                             "or sample")
+        if self.num_candidates > 1 and "num_candidates" not in METHODS[self.method].settings:
+            several = " or ".join(name for name, method in METHODS.items() if "num_candidates" in method.settings)
+            raise ValueError(f"{self.method} decoding gives one caption per image: --num-candidates needs --decode "
+                             f"{several}")
         if not -(2**63) <= self.seed < 2**63:  # a 64-bit seed, either sign
             raise ValueError(f"--seed must lie in [-2**63, 2**63), got {self.seed}")
         if self.method == "beam" and self.num_candidates > self.beam_width:
@@ -54,10 +55,8 @@ class GenerationSettings:
     def output_defining(self) -> dict[str, Any]:
         """The settings that can change this method's captions: those it ignores (greedy's seed, sampling's
         beam width) are left out, so a rerun that only differs there is the same run."""
-        used = {"greedy": (), "beam": ("num_candidates", "beam_width", "length_penalty"),
-                "sample": ("num_candidates", "temperature", "top_p", "top_k", "seed")}[self.method]
         return {"method": self.method, "max_new_tokens": self.max_new_tokens} | {
-            name: getattr(self, name) for name in used}
+            name: getattr(self, name) for name in METHODS[self.method].settings}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ import torch
 from conftest import tiny_captioner
 
 from pipeline.config import GenerationSettings
-from pipeline.generation.generate import decode_texts, generate, reference_clipcap_generate, seeds_for
+from pipeline.generation.generate import decode_texts, generate
+from pipeline.generation.reference import reference_clipcap_generate
+from pipeline.generation.sampling import seeds_for
 
 
 def _prefixes(captioner, n: int, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
@@ -140,7 +142,7 @@ def test_a_sampled_image_draws_the_same_in_any_batch(tokenizer):
 
 
 def test_sampling_draws_each_token_at_its_probability():
-    from pipeline.generation.generate import _sampler, _streams, _uniforms
+    from pipeline.generation.sampling import _sampler, _streams, _uniforms
 
     probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05, 0.0])  # zero-mass tokens must never come up
     rows = 20_000
@@ -217,3 +219,26 @@ def test_invalid_settings_are_refused():
             GenerationSettings(**bad)
     GenerationSettings(method="sample", seed=2**63 - 1)
     GenerationSettings(method="sample", seed=-(2**63))
+
+
+def test_a_new_decoding_method_is_one_module_and_one_registry_line(tokenizer, tmp_path, monkeypatch):
+    """generate() and the settings know the methods only through the registry: a module with a generate()
+    and one entry make a method the settings accept and generate() runs, with the settings it names defining
+    its output."""
+    from pipeline.generation import methods
+
+    (tmp_path / "first_token.py").write_text(
+        "import torch\n\n"
+        "def generate(captioner, prefix, settings, sample_seeds=None):\n"
+        "    logits = captioner.lm(inputs_embeds=prefix).logits[:, -1]\n"
+        "    return [[[int(t)]] * settings.num_candidates for t in logits.argmax(-1)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(methods.METHODS, "first_token", methods.Method("first_token", ("num_candidates",)))
+    settings = GenerationSettings(method="first_token", num_candidates=2, max_new_tokens=1)
+    captioner = tiny_captioner(tokenizer)
+    prefix = captioner.prefix(torch.randn(3, 24))
+    got = generate(captioner, prefix, settings)
+    greedy = generate(captioner, prefix, GenerationSettings(max_new_tokens=1))
+    assert all(row[0] for row in greedy)  # no row stopped at once: each has its first token
+    assert got == [[row[0]] * 2 for row in greedy]
+    assert settings.output_defining() == {"method": "first_token", "max_new_tokens": 1, "num_candidates": 2}

@@ -20,7 +20,8 @@ from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.config import GenerationSettings
-from pipeline.generation.generate import decode_texts, generate, reference_clipcap_generate
+from pipeline.generation.generate import decode_texts, generate
+from pipeline.generation.reference import reference_clipcap_generate
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
 from pipeline.precision import cpu_has_fast_bf16, cuda_has_native_bf16
 from pipeline.quality.measuring import CPU, sync
