@@ -209,7 +209,7 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     mid-run and the resume, with the time the kill cost."""
     import shutil
 
-    from pipeline.demo.world import write_corpus
+    from pipeline.demo.corpus import write_corpus
 
     width, height = (int(v) for v in size.lower().split("x"))
     # one corpus per size and shard size, drawn once for the largest --images asked: sample i is the same

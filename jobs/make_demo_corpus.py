@@ -1,4 +1,4 @@
-"""Write the synthetic Turkish demo corpus (see pipeline/demo/world.py), deterministic by seed.
+"""Write the synthetic Turkish demo corpus (see pipeline/demo/), deterministic by seed.
 
   python jobs/make_demo_corpus.py --out data/demo --seed 0 --train 20000 --val 1000 --test 1000
   python jobs/make_demo_corpus.py --out data/demo-big --size 640x480 --formats webdataset
@@ -17,7 +17,7 @@ import _bootstrap  # noqa: F401
 import click
 
 from pipeline.cli import OneLineErrors
-from pipeline.demo.world import FORMATS, write_corpus
+from pipeline.demo.corpus import FORMATS, write_corpus
 
 _SIZE = re.compile(r"(\d+)x(\d+)")
 MIN_SIDE, MAX_SIDE = 16, 4096

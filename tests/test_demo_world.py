@@ -21,30 +21,30 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.demo import world as dw
-from pipeline.demo.world import (
-    ACC,
-    DAT,
-    GEN,
-    KI,
-    LOC,
-    PL,
-    POSS3,
-    POSS_LOC,
+from pipeline.demo.captions import (
     ObjectMention,
-    Scene,
-    SceneGroup,
     canonical_caption,
     captions_for,
-    generate_scene,
-    inflect,
     near_miss_scenes,
     parse_caption,
-    render_scene,
     scene_negatives,
     score_caption,
     swap_attribute,
 )
+from pipeline.demo.corpus import make_sample
+from pipeline.demo.scenes import (
+    COLOURS,
+    NUMERALS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneGroup,
+    _layout,
+    generate_scene,
+    render_scene,
+)
+from pipeline.demo.turkish import ACC, DAT, GEN, KI, LOC, PL, POSS3, POSS_LOC, inflect
 from pipeline.text import tr_capitalize, tr_lower, tr_upper
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,20 +108,20 @@ def test_generated_scenes_respect_the_world_rules_and_cover_it():
         assert len({(g.colour, g.shape) for g in scene.groups}) == len(scene.groups)
         big = [slot for g in scene.groups if g.size == "büyük" for slot in g.positions]
         assert not ("orta" in big and len(big) > 1), "two big objects next to each other would overlap"
-        singles = [dw.POSITIONS.index(g.position) for g in scene.groups if g.count == 1]
+        singles = [POSITIONS.index(g.position) for g in scene.groups if g.count == 1]
         assert singles == sorted(singles) and all(g.count > 1 for g in scene.groups[:len(scene.groups) - len(singles)])
         assert Scene.from_objects(json.loads(json.dumps(scene.objects()))) == scene
         for g in scene.groups:
             seen.update([g.shape, g.colour, g.size, f"count{g.count}", *g.positions])
-    expected = {*dw.SHAPES, *dw.COLOURS, *dw.SIZES, *dw.POSITIONS, "count1", "count2", "count3"}
-    assert len(dw.SHAPES) >= 8 and len(dw.COLOURS) >= 8
+    expected = {*SHAPES, *COLOURS, *SIZES, *POSITIONS, "count1", "count2", "count3"}
+    assert len(SHAPES) >= 8 and len(COLOURS) >= 8
     assert expected <= set(seen)
 
 
 def test_layout_never_overlaps_objects():
     for i in range(400):
         scene = generate_scene(random.Random(i))
-        placed = dw._layout(scene, random.Random(i))
+        placed = _layout(scene, random.Random(i))
         for a in range(len(placed)):
             for b in range(a + 1, len(placed)):
                 p, q = placed[a], placed[b]
@@ -130,7 +130,7 @@ def test_layout_never_overlaps_objects():
 
 def colour_pixels(image: Image.Image, colour: str) -> np.ndarray:
     pixels = np.asarray(image, dtype=np.float32)
-    return np.linalg.norm(pixels - np.array(dw.COLOURS[colour], dtype=np.float32), axis=-1) < 50
+    return np.linalg.norm(pixels - np.array(COLOURS[colour], dtype=np.float32), axis=-1) < 50
 
 
 def test_render_is_deterministic_size_independent_and_shows_every_object():
@@ -158,10 +158,10 @@ def test_render_is_deterministic_size_independent_and_shows_every_object():
 # --- captions -----------------------------------------------------------------------------------------------------
 def test_captions_are_varied_grammatical_and_canonical_first():
     forms: Counter = Counter()
-    plural_shape = re.compile("|".join(rf"\b{inflect(s, PL)}" for s in dw.SHAPES))
+    plural_shape = re.compile("|".join(rf"\b{inflect(s, PL)}" for s in SHAPES))
     for scene, captions in scenes(300):
         assert len(captions) >= 5 and len(set(captions)) == len(captions)
-        assert captions[0] == dw.canonical_caption(scene)
+        assert captions[0] == canonical_caption(scene)
         assert captions[0].startswith("Resimde ") and captions[0].endswith(" var.")
         for caption in captions:
             assert caption.endswith(".") and caption == unicodedata.normalize("NFC", caption)
@@ -169,7 +169,7 @@ def test_captions_are_varied_grammatical_and_canonical_first():
             assert not plural_shape.search(caption), caption  # no plural after a numeral
             forms[caption.split()[0]] += 1
         for g in scene.groups:  # the canonical caption names everything
-            phrase = (f"{dw.NUMERALS[g.count]} {g.size} {g.colour} {g.shape}" if g.count > 1
+            phrase = (f"{NUMERALS[g.count]} {g.size} {g.colour} {g.shape}" if g.count > 1
                       else f"{inflect(g.position, LOC)} {g.size} bir {g.colour} {g.shape}")
             assert phrase in tr_lower(captions[0])
     assert len(forms) >= 8  # many sentence openings, not one template
@@ -261,7 +261,7 @@ def test_swap_attribute_changes_one_word_and_is_scored_wrong():
             before, after = caption.split(), swapped.split()
             assert len(before) == len(after) and sum(a != b for a, b in zip(before, after, strict=True)) == 1
             assert not score_caption(swapped, scene)["objects_correct"], (caption, swapped)
-    genitives = {tr_capitalize(inflect(s, GEN)) for s in dw.SHAPES}
+    genitives = {tr_capitalize(inflect(s, GEN)) for s in SHAPES}
     results = {swap_attribute("Kalbin üstünde bir kare var.", random.Random(seed)) for seed in range(40)}
     heads = {r.split()[0] for r in results if r.endswith("bir kare var.")}
     assert heads and heads <= genitives - {"Kalbin"}  # suffix kept, capital kept, another shape
@@ -302,10 +302,10 @@ def test_scene_negatives_describe_the_near_miss_scenes_in_every_sentence_form():
 
 # --- samples and the corpus job -----------------------------------------------------------------------------------
 def test_sample_regenerates_alone_and_captions_do_not_depend_on_size():
-    a, b = dw.make_sample(5, "val", 17, (64, 64)), dw.make_sample(5, "val", 17, (64, 64))
+    a, b = make_sample(5, "val", 17, (64, 64)), make_sample(5, "val", 17, (64, 64))
     assert a == b and a.key == "val_000000017"
-    assert dw.make_sample(5, "val", 17, (96, 80)).captions == a.captions
-    assert dw.make_sample(6, "val", 17).jpg != a.jpg and dw.make_sample(5, "test", 17).jpg != a.jpg
+    assert make_sample(5, "val", 17, (96, 80)).captions == a.captions
+    assert make_sample(6, "val", 17).jpg != a.jpg and make_sample(5, "test", 17).jpg != a.jpg
     assert Image.open(io.BytesIO(a.jpg)).format == "JPEG"
 
 
@@ -340,7 +340,7 @@ def test_cli_writes_readable_deterministic_shards(tmp_path):
         assert names == [f"train_00000000{i}.{ext}" for i in (3, 4) for ext in ("jpg", "json", "txt")]
         meta = json.loads(tar.extractfile("train_000000003.json").read())
         assert tar.extractfile("train_000000003.txt").read().decode() == meta["captions"][0]
-    expected = dw.make_sample(7, "train", 3)
+    expected = make_sample(7, "train", 3)
     assert meta == expected.meta() and meta["key"] == "train_000000003" and len(meta["captions"]) >= 5
     assert set(meta["objects"][0]) >= {"shape", "colour", "size", "position", "count"}
 

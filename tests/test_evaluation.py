@@ -17,7 +17,7 @@ from conftest import jpeg_bytes, write_tar
 
 from pipeline.config import DEMO_BUNDLE
 from pipeline.demo import DemoObjects
-from pipeline.demo.world import write_corpus
+from pipeline.demo.corpus import write_corpus
 from pipeline.io.images import decode_image
 from pipeline.io.sources import expand_inputs, read_samples
 from pipeline.models.bundle import load_bundle

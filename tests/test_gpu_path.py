@@ -13,7 +13,7 @@ import torch
 from conftest import read_parts, tar_corpus
 
 from pipeline.config import DEMO_BUNDLE, GenerationSettings, RunConfig
-from pipeline.demo.world import generate_scene, render_scene
+from pipeline.demo.scenes import generate_scene, render_scene
 from pipeline.generation.captioning import caption_batch
 from pipeline.io.images import prepare_pil
 from pipeline.models.bundle import load_bundle

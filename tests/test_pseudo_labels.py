@@ -10,7 +10,7 @@ import pytest
 
 import pipeline.training.trainer
 from pipeline.config import GenerationSettings
-from pipeline.demo.world import write_corpus
+from pipeline.demo.corpus import write_corpus
 from pipeline.run.filtering import FilterSettings
 from pipeline.training.pseudo_labels import RoundConfig, run_rounds
 

@@ -19,7 +19,7 @@ from conftest import jpeg_bytes, tiny_captioner
 from tqdm import tqdm
 
 from pipeline.config import GenerationSettings
-from pipeline.demo.world import write_corpus
+from pipeline.demo.corpus import write_corpus
 from pipeline.generation.captioning import caption_batch
 from pipeline.generation.generate import decode_texts, generate
 from pipeline.io.images import ImageSpec

@@ -1,12 +1,18 @@
-"""The synthetic Turkish world of the demo model: scenes, captions, corpus shards (`world`), and the object
-checker evaluation is given for it (`DemoObjects`)."""
+"""The synthetic Turkish world of the demo model, deterministic given a `random.Random`:
+  turkish.py   suffixes by rule (`inflect`): vowel harmony, buffer letters, assimilation, softening
+  scenes.py    which objects sit in which of five slots (`generate_scene`), drawn at any size (`render_scene`)
+  captions.py  captions written (`captions_for`), read back (`parse_caption`, `score_caption`), and edited into
+               hard negatives (`swap_attribute`, `near_miss_scenes`, `scene_negatives`)
+  corpus.py    WebDataset (img2dataset layout) and/or Parquet shards + manifest.json (`write_corpus`)
+and the object checker evaluation is given for it (`DemoObjects`)."""
 
 from __future__ import annotations
 
 import random
 from typing import Any
 
-from pipeline.demo.world import Scene, score_caption, swap_attribute
+from pipeline.demo.captions import score_caption, swap_attribute
+from pipeline.demo.scenes import Scene
 
 
 class DemoObjects:

@@ -124,7 +124,7 @@ def real_size_bundle(path: Path) -> Path:
 
 def photo_corpus(root: Path, images: int, shards: int) -> str:
     """640x480 JPEG scenes in WebDataset shards (the demo world drawn at COCO size), one corpus per size."""
-    from pipeline.demo.world import write_corpus
+    from pipeline.demo.corpus import write_corpus
 
     root = root.with_name(f"{root.name}-{images}x{shards}")
     if not (root / "test").is_dir():
