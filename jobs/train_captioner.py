@@ -38,7 +38,7 @@ from pipeline.io.sources import InputError
 from pipeline.models.errors import ModelLoadError
 from pipeline.run.errors import UsageError
 from pipeline.text import describe_error
-from pipeline.training.stages import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.training.trainer import Scaling, TrainingFailed, train
 
 

@@ -118,7 +118,7 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
     from pipeline.io.images import decode_image
     from pipeline.models.clip import ClipSpec, create_clip
     from pipeline.models.errors import ModelLoadError
-    from pipeline.training.stages import ClipArch, LMArch, TrainConfig
+    from pipeline.training.config import ClipArch, LMArch, TrainConfig
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     from pipeline.training.trainer import train

@@ -20,7 +20,7 @@ import pytest
 from conftest import jpeg_bytes, write_tar
 
 from pipeline.models.bundle import load_bundle
-from pipeline.training.stages import ClipArch, LMArch, TrainConfig
+from pipeline.training.config import ClipArch, LMArch, TrainConfig
 from pipeline.training.trainer import Scaling, TrainingFailed, train
 from schemas.captions import captions_schema
 

@@ -27,6 +27,7 @@ from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
+from pipeline.training.config import CLIPCAP_LR, ClipArch, LMArch, TrainConfig
 from pipeline.training.examples import (
     MAX_LISTED_SKIPS,
     Block,
@@ -36,12 +37,8 @@ from pipeline.training.examples import (
     add_image_examples,
 )
 from pipeline.training.stages import (
-    CLIPCAP_LR,
     CaptionLoss,
-    ClipArch,
     Compute,
-    LMArch,
-    TrainConfig,
     _caption_loss_parts,
     _cosine_lr,
     _length_grouped,

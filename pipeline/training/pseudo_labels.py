@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline.config import DEMO_BUNDLE, DEMO_MODEL, GenerationSettings, RunConfig, differing_keys
 from pipeline.run.filtering import FilterSettings
-from pipeline.training.stages import TrainConfig
+from pipeline.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

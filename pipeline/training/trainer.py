@@ -31,12 +31,12 @@ from pipeline.models.clip import ClipSpec, load_pretrained_clip, pretrained_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.text_tower import read_text_tower_config
+from pipeline.training.checkpoints import Checkpoints
+from pipeline.training.config import TrainConfig
 from pipeline.training.examples import StoreWriter, add_embedding_examples, add_image_examples
 from pipeline.training.parallel import Parallel
 from pipeline.training.stages import (
-    Checkpoints,
     Compute,
-    TrainConfig,
     build_captioner,
     build_custom_clip,
     build_locked_scorer,
