@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -75,3 +76,13 @@ def validate_table(table: pa.Table, embedding_dim: int, captioned: bool = True) 
     if not captioned and (table.column("caption").null_count < table.num_rows
                           or table.column("clip_score").null_count < table.num_rows):
         raise SchemaError("an output of embeddings only has no caption and no clip_score")
+
+
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """A table's image_embedding column as one float32 matrix; rows without one (failed samples) are zeros."""
+    column = table.column("image_embedding").combine_chunks()
+    width = column.type.list_size
+    matrix = np.zeros((len(column), width), dtype=np.float32)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    matrix[valid] = column.filter(valid).flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return matrix

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.io.sinks import CAPTIONS, OutputDir
 from pipeline.models.bundle import Bundle
+from schemas.captions import embedding_matrix
 
 COLUMNS = ["key", "source", "status", "caption", "image_embedding"]
 
@@ -50,12 +51,12 @@ def search(output_url: str, bundle: Bundle, query: str, top: int = 10, folder: s
         table = table.filter(pc.equal(table.column("status"), "ok"))
         if table.num_rows == 0:
             continue
-        width = table.schema.field("image_embedding").type.list_size
-        embeddings = table.column("image_embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        embeddings = embedding_matrix(table)
+        width = embeddings.shape[1]
         if width != len(text):
             raise SearchError(f"{path}: {width}-d image embeddings, but the bundle's scorer embeds text in "
                               f"{len(text)} dimensions: give the bundle that made this output")
-        scores = embeddings.reshape(-1, width).astype(np.float32) @ text
+        scores = embeddings @ text
         keys, sources = table.column("key").to_pylist(), table.column("source").to_pylist()
         captions = table.column("caption").to_pylist()
         for i in np.argsort(-scores)[:top]:

@@ -36,7 +36,7 @@ from pipeline.run.data_stages import SHARD_RECORDS, STAGING_ONLY, write_webdatas
 from pipeline.run.errors import StagingNotListed, UsageError
 from pipeline.run.filtering import TopFraction, keep_mask, top_fraction
 from pipeline.text import describe_error
-from schemas.captions import captions_schema, conform, validate_table
+from schemas.captions import captions_schema, conform, embedding_matrix, validate_table
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _write_part(output: OutputDir, config: RunConfig, top: TopFraction | None, t
     empty one); returns how many rows it kept."""
     keep = keep_mask(config.filter, top, table.column("status").to_pylist(),
                      table.column("clip_score").to_numpy(zero_copy_only=False), table.column("key").to_pylist(),
-                     _embedding_matrix(table) if top is not None and top.centroids is not None else None)
+                     embedding_matrix(table) if top is not None and top.centroids is not None else None)
     position = table.schema.get_field_index("keep")
     table = table.set_column(position, table.schema.field(position), pa.array(keep))  # the schema's field: not null
     validate_table(table, embedding_dim, captioned=not config.embed_only)
@@ -228,19 +228,9 @@ def _embeddings_of(output: OutputDir, paths: list[str], rows: np.ndarray) -> Cal
         start = 0
         for path in paths:
             part = output.read_table(path, ["image_embedding"])
-            yield _embedding_matrix(part)[rows[start:start + part.num_rows]]
+            yield embedding_matrix(part)[rows[start:start + part.num_rows]]
             start += part.num_rows
     return blocks
-
-
-def _embedding_matrix(table: pa.Table) -> np.ndarray:
-    """A table's image_embedding column as one matrix; rows without one (failed samples) are zeros."""
-    column = table.column("image_embedding").combine_chunks()
-    width = column.type.list_size
-    matrix = np.zeros((len(column), width), dtype=np.float32)
-    valid = column.is_valid().to_numpy(zero_copy_only=False)
-    matrix[valid] = column.filter(valid).flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-    return matrix
 
 
 def export_webdataset(output: OutputDir, config: RunConfig, shards: list[Shard],

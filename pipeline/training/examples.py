@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.training.parallel import ONE_PROCESS, Parallel
+from schemas.captions import embedding_matrix
 
 log = logging.getLogger(__name__)
 
@@ -358,9 +359,7 @@ def _embedding_block(table: pa.Table, text_column: str, references: dict[str, li
         texts = [references.get(key) or references.get(_file_name(key), []) for key in table.column("key").to_pylist()]
         unmatched = sum(not found for found in texts)
     table = table.filter(pa.array([bool(found) for found in texts], pa.bool_()))
-    width = table.schema.field("image_embedding").type.list_size
-    flat = table.column("image_embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    embeddings = flat.astype(np.float32).reshape(table.num_rows, width)
+    embeddings = embedding_matrix(table)
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     captions = [found for found in texts if found]
     return Block(captions, [[] for _ in captions], embeddings), unmatched
