@@ -58,6 +58,7 @@ class FlakyFileSystem(LocalFileSystem):
     failing_opens = 0
     fail_after = 0
     failing_writes = 0
+    lost_moves = 0
     opens = 0
 
     @classmethod
@@ -77,12 +78,19 @@ class FlakyFileSystem(LocalFileSystem):
             raise OSError("503 Service Unavailable (SlowDown): reduce your request rate")
         return handle
 
+    def mv(self, path1, path2, **kwargs):
+        super().mv(path1, path2, **kwargs)
+        if FlakyFileSystem.lost_moves > 0:  # moved, but the answer never came back
+            FlakyFileSystem.lost_moves -= 1
+            raise ConnectionResetError("connection reset by peer")
+
 
 @pytest.fixture
 def flaky(monkeypatch):
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
     monkeypatch.setattr(retry, "FIRST_WAIT_S", 0.0)
-    for name, value in (("failing_opens", 0), ("fail_after", 0), ("failing_writes", 0), ("opens", 0)):
+    for name, value in (("failing_opens", 0), ("fail_after", 0), ("failing_writes", 0), ("lost_moves", 0),
+                        ("opens", 0)):
         monkeypatch.setattr(FlakyFileSystem, name, value)
     return FlakyFileSystem
 
@@ -144,6 +152,16 @@ def test_output_writes_refused_for_a_while_are_written_whole_and_leave_no_tempor
     with pytest.raises(TransientIOError, match=r"writing .*run\.json failed 5 times"):
         output.write_json({"a": 1}, "run.json")
     assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_a_rename_whose_answer_was_lost_is_not_done_twice(tmp_path, flaky):
+    """On an object store a rename is a copy and a delete: a try that did both but lost its answer must not
+    make the next try fail for want of the temporary file."""
+    output = OutputDir(f"flaky://{tmp_path / 'out'}")
+    flaky.lost_moves = 1
+    output.write_json({"a": 1}, "run.json")
+    assert output.read_json("run.json") == {"a": 1}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json"]
 
 
 def _read_task_blocks(shard: Path, out: Path, url: str) -> list[pa.Table]:

@@ -100,23 +100,29 @@ class OutputDir:
     def write_file(self, write: Callable[[Any], None], *parts: str, repeatable: bool = True) -> str:
         """Create a file by `write(handle)` under a temporary name, then rename it into place. A write that
         fails for a transient reason is done again from the start, unless `write` cannot be called twice
-        (`repeatable=False`: it consumes a stream)."""
+        (`repeatable=False`: it consumes a stream); the rename is retried on its own."""
         path = self.path(*parts)
         folder, name = path.rsplit("/", 1)
         retrying(lambda: self.fs.makedirs(folder, exist_ok=True), f"creating {folder}")
+        temporary = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
 
-        def attempt() -> None:
-            temporary = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
-            try:
-                with self.fs.open(temporary, "wb") as handle:
-                    write(handle)
-                retrying(lambda: self.fs.mv(temporary, path), f"renaming {temporary}")
-            finally:
-                with contextlib.suppress(Exception):  # a leftover is removed by the next run's clean-up
-                    if self.fs.exists(temporary):
-                        self.fs.rm(temporary)
+        def write_temporary() -> None:
+            with self.fs.open(temporary, "wb") as handle:  # a new try writes the whole file again
+                write(handle)
 
-        retrying(attempt, f"writing {path}", attempts=ATTEMPTS if repeatable else 1)
+        def move() -> None:
+            # an object store renames by copy + delete: a try whose answer was lost may have done both
+            if not self.fs.exists(temporary) and self.fs.exists(path):
+                return
+            self.fs.mv(temporary, path)
+
+        try:
+            retrying(write_temporary, f"writing {path}", attempts=ATTEMPTS if repeatable else 1)
+            retrying(move, f"renaming {temporary}")
+        finally:
+            with contextlib.suppress(Exception):  # a leftover is removed by the next run's clean-up
+                if self.fs.exists(temporary):
+                    self.fs.rm(temporary)
         return path
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
@@ -134,9 +140,10 @@ class OutputDir:
 
     def clean_temporaries(self) -> int:
         """Delete temporary files left by writers that were killed mid-write."""
-        stale = [p for p in self.fs.glob(self.path("**", TMP_PREFIX + "*")) if self.fs.isfile(p)]
+        pattern = self.path("**", TMP_PREFIX + "*")
+        stale = retrying(lambda: [p for p in self.fs.glob(pattern) if self.fs.isfile(p)], f"listing {pattern}")
         for path in stale:
-            self.fs.rm(path)
+            retrying(lambda path=path: self.fs.rm(path), f"removing {path}")
         return len(stale)
 
 
