@@ -146,7 +146,7 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
     summary = train(config)
     assert summary["examples"] == 16
     captioned = run(RunConfig(inputs=base["inputs"], output=str(tmp_path / "captioned"), model=summary["bundle"],
-                              decode=GenerationSettings(max_new_tokens=4), batch_size=8))
+                              decode=GenerationSettings(max_new_tokens=4), batch_size=8, dtype="fp32"))
     table = read_parts(tmp_path / "captioned" / "captions").sort_by("key")
     assert captioned["counts"]["rows"] == 16 and None not in table.column("caption").to_pylist()
     assert table.column("image_embedding").to_pylist() == rows.column("image_embedding").to_pylist()
