@@ -14,7 +14,7 @@ RAY_DASHBOARD := http://127.0.0.1:8265
 # cluster); a head already running without it accepts the token too.
 RAY := env -u RAY_ADDRESS PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token $(CURDIR)/$(VENV)/bin/ray
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo peer-env
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --ignore=tests/test_ray_cluster.py
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_ray_cluster.py
+
+# clip-retrieval, the peer `jobs/benchmark.py commands` times, in a virtual environment of its own: its pins
+# (pyarrow, webdataset, an older open_clip) differ from ours. setuptools<81 keeps the pkg_resources it imports.
+peer-env:
+	test -x .venv-peer/bin/python || $(PYTHON) -m venv .venv-peer
+	.venv-peer/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	.venv-peer/bin/python -m pip install -q clip-retrieval "setuptools<81"
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline jobs schemas tests

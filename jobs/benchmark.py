@@ -2,6 +2,7 @@
 
   python jobs/benchmark.py decoding [--batch-size 64] [--json out.json]
   python jobs/benchmark.py pipeline [--images 3000] [--json out.json]
+  python jobs/benchmark.py commands [--images 576] [--clip-retrieval PATH] [--json out.json]
   python jobs/benchmark.py scale [--images 123287] [--kill-after 600] [--keep-top-fraction 0.5] [--json out.json]
 
 Each run measures every figure it reports itself, so ratios compare numbers taken on one machine
@@ -30,15 +31,21 @@ from pipeline.precision import resolve_dtype
 from pipeline.quality.benchmarks import (
     bare_loop,
     bench_decoding,
+    caption_command,
+    clip_retrieval_command,
+    clip_retrieval_embeddings,
     compute_dtypes,
     dtype_name,
     flops_per_image,
+    image_folder,
     photo_corpus,
     ray_pipeline,
     real_size_bundle,
+    reference_loop,
     running_ray,
+    whole_command,
 )
-from pipeline.quality.measuring import GpuSampler, ProcessSampler, bottleneck, matmul_gflops
+from pipeline.quality.measuring import GpuSampler, ProcessSampler, bottleneck, cpu_model, matmul_gflops
 
 
 @click.group()
@@ -52,8 +59,8 @@ def main() -> None:
 @click.option("--reference-images", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
 def decoding(batch_size: int, max_new_tokens: int, reference_images: int, json_path: Path | None) -> None:
-    """Batched KV-cache greedy decoding vs the original ClipCap loop, GPT-2 small, fp32 (and bf16 where
-    this CPU runs it natively)."""
+    """Batched KV-cache greedy decoding vs the original ClipCap loop and transformers' generate, GPT-2 small,
+    fp32 (and bf16 where this CPU runs it natively)."""
     result = bench_decoding(batch_size, max_new_tokens, reference_images)
     result["machine"] = {"cpu_threads": torch.get_num_threads(), "processor": platform.processor(),
                          "torch": torch.__version__}
@@ -61,6 +68,8 @@ def decoding(batch_size: int, max_new_tokens: int, reference_images: int, json_p
     for name, value in result["captions_per_s"].items():
         click.echo(f"{name:<28}{value:>12.2f}")
     click.echo(f"batched (best dtype) / reference fp32: {result['speedup_vs_reference_fp32']:.1f}x")
+    for name, ratio in result["batched_over_hf_generate"].items():
+        click.echo(f"batched / transformers generate, {name}: {ratio:.2f}x")
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
 
@@ -185,6 +194,71 @@ def pipeline(images: int, batch_size: int, workdir: Path, device: str, json_path
         click.echo(f"bottleneck: {result['bottleneck']}")
     stage_s = result["bare"]["stage_s"]
     click.echo("bare loop time share: " + ", ".join(f"{k} {v / sum(stage_s.values()):.0%}" for k, v in stage_s.items()))
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option("--images", default=576, show_default=True, type=click.IntRange(min=65),
+              help="640x480 JPEGs; a 64-image run is timed too, and subtracted for the steady state.")
+@click.option("--shards", default=1, show_default=True, type=click.IntRange(min=1),
+              help="WebDataset shards they are written in (one shard must keep every model actor busy).")
+@click.option("--clip-retrieval", "clip_retrieval", default=None,
+              help="The clip-retrieval executable, installed in a virtual environment of its own (`make peer-env`: "
+                   "its pins differ from ours); default: .venv-peer/bin/clip-retrieval or one on PATH, else the "
+                   "peer is left out.")
+@click.option("--reference-images", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--workdir", default="/tmp/captioner-bench", show_default=True, type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def commands(images: int, shards: int, clip_retrieval: str | None, reference_images: int, workdir: Path,
+             json_path: Path | None) -> None:
+    """Whole commands as a user runs them, one after the other on the same JPEGs and the same real-size model
+    (random weights): caption_shards.py (caption + score, and --embed-only) as plain python, clip-retrieval's
+    embed-only inference, and the reference ClipCap loop (one image at a time, fp32)."""
+    import shutil
+
+    local_peer = Path(__file__).resolve().parents[1] / ".venv-peer" / "bin" / "clip-retrieval"
+    peer = clip_retrieval or (str(local_peer) if local_peer.is_file() else shutil.which("clip-retrieval"))
+    bundle_dir = real_size_bundle(workdir / "bundle")
+    inputs = photo_corpus(workdir / "corpus", images, shards)
+    small = photo_corpus(workdir / "corpus", 64, 1)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
+    out = workdir / "commands-out"
+    wall = {"caption": whole_command(caption_command(bundle_dir, inputs, out), env),
+            "caption_64": whole_command(caption_command(bundle_dir, small, out), env),
+            "embed_only": whole_command(caption_command(bundle_dir, inputs, out, embed_only=True), env)}
+    if peer:
+        shutil.rmtree(out, ignore_errors=True)
+        # clip-retrieval reads the same JPEGs from a folder: its webdataset reader hung here on a local shard
+        folder = image_folder(sorted(str(path) for path in Path(inputs).parent.glob("*.tar")),
+                              Path(inputs).parent.parent / "images")
+        wall["clip_retrieval"] = whole_command(clip_retrieval_command(
+            peer, folder, bundle_dir.parent / "vit-b-32-random.safetensors", out), env)
+        if clip_retrieval_embeddings(out) != images:
+            raise click.ClickException(f"clip-retrieval wrote {clip_retrieval_embeddings(out)} embeddings of {images}")
+    shutil.rmtree(out, ignore_errors=True)
+    per_s = {name: (64 if name == "caption_64" else images) / seconds for name, seconds in wall.items()}
+    per_s["caption_steady"] = (images - 64) / (wall["caption"] - wall["caption_64"])
+    per_s["reference_loop"] = reference_loop(bundle_dir, inputs, reference_images)["images_per_s"]
+    ratios = {"caption_steady_over_reference": per_s["caption_steady"] / per_s["reference_loop"]}
+    if peer:
+        ratios |= {"embed_only_over_clip_retrieval": per_s["embed_only"] / per_s["clip_retrieval"],
+                   "caption_over_clip_retrieval": per_s["caption"] / per_s["clip_retrieval"]}
+    result = {"images": images, "shards": shards, "machine": cpu_model(), "torch": torch.__version__,
+              "wall_s": wall, "images_per_s": per_s, "ratios": ratios, "peer": peer}
+    click.echo(f"{images} JPEGs of 640x480 in {shards} shard(s); {result['machine']}")
+    click.echo(f"{'command':<52}{'wall s':>9}{'images/s':>10}")
+    labels = {"caption": "caption_shards.py (caption + score)", "caption_64": "  the same, 64 images",
+              "embed_only": "caption_shards.py --embed-only", "clip_retrieval": "clip-retrieval inference (embed only)"}
+    for name, label in labels.items():
+        if name in wall:
+            click.echo(f"{label:<52}{wall[name]:>9.1f}{per_s[name]:>10.2f}")
+    click.echo(f"{'caption_shards.py, steady state (64-image run subtracted)':<61}{per_s['caption_steady']:>10.2f}")
+    click.echo(f"{'reference ClipCap loop (1 image at a time, fp32)':<61}{per_s['reference_loop']:>10.3f}")
+    for name, value in ratios.items():
+        click.echo(f"{name.replace('_', ' '):<61}{value:>9.2f}x")
+    if not peer:
+        click.echo("clip-retrieval not found: give --clip-retrieval, or run `make peer-env`")
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
 

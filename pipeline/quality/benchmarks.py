@@ -89,11 +89,13 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
         figures[f"reference_{name}"] = _rate(reference_images, lambda p=prefix: [
             reference_clipcap_generate(captioner, p[i:i + 1], max_new_tokens) for i in range(reference_images)])
         figures[f"batched_{name}"] = _rate(batch_size, lambda p=prefix: generate(captioner, p, settings))
+        figures[f"hf_generate_{name}"] = _rate(batch_size, lambda p=prefix: hf_generate(captioner, p, max_new_tokens))
     reference = figures["reference_float32"]  # the original ClipCap loop runs in fp32
     best = max(figures[f"batched_{d}"] for d in names.values())
     return {
         "captions_per_s": figures,
         "speedup_vs_reference_fp32": best / reference,
+        "batched_over_hf_generate": {d: figures[f"batched_{d}"] / figures[f"hf_generate_{d}"] for d in names.values()},
         "speedup_same_dtype": {d: figures[f"batched_{d}"] / figures[f"reference_{d}"]
                                for d in names.values()},
         "batch_size": batch_size,
@@ -101,24 +103,42 @@ def bench_decoding(batch_size: int, max_new_tokens: int, reference_images: int) 
     }
 
 
-def real_size_bundle(path: Path) -> Path:
-    """ViT-B-32 (open_clip config) + ClipCap MLP 512->3840->7680 + GPT-2 small, random weights,
-    saved as a bundle (fp16 storage) so the pipeline and the bare loop load the very same model."""
+@torch.inference_mode()
+def hf_generate(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """The peer: transformers' own greedy `generate` on the same LM, the prefixes as `inputs_embeds`, its KV
+    cache on, every row running `max_new_tokens` (as the batched loop does with no stop token)."""
+    return captioner.lm.generate(inputs_embeds=prefix, attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                                 use_cache=True, pad_token_id=captioner.tokenizer.eos_token_id)
+
+
+def vit_b32_weights(path: Path) -> Path:
+    """ViT-B-32 (open_clip's config) with random weights from seed 0, as a safetensors file: the real-size
+    bundle's encoder, and the local weights a peer (clip-retrieval) loads."""
     from safetensors.torch import save_file
 
+    from pipeline.models.clip import ClipSpec, create_clip
+
+    if not path.is_file():
+        torch.manual_seed(0)
+        clip = create_clip(ClipSpec(arch="ViT-B-32"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in clip.clip.state_dict().items()}, str(path))
+    return path
+
+
+def real_size_bundle(path: Path) -> Path:
+    """ViT-B-32 (`vit_b32_weights`, kept beside it) + ClipCap MLP 512->3840->7680 + GPT-2 small, random weights,
+    saved as a bundle (fp16 storage) so the pipeline and the bare loop load the very same model."""
     from pipeline.models.bundle import save_bundle
     from pipeline.models.clip import ClipSpec, create_clip
 
+    weights = vit_b32_weights(path.parent / "vit-b-32-random.safetensors")
     if (path / "bundle.json").is_file():
         return path
-    torch.manual_seed(0)
-    clip = create_clip(ClipSpec(arch="ViT-B-32"))
-    weights = path.parent / "vit-b-32-random.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in clip.clip.state_dict().items()}, str(weights))
-    save_bundle(path, clip, ClipSpec(arch="ViT-B-32", weights=str(weights)), gpt2_small_captioner(),
-                name="bench-vit-b-32-gpt2-small", dtype=torch.float16)
-    weights.unlink()
+    spec = ClipSpec(arch="ViT-B-32", weights=str(weights))
+    save_bundle(path, create_clip(spec), spec, gpt2_small_captioner(), name="bench-vit-b-32-gpt2-small",
+                dtype=torch.float16)
     return path
 
 
@@ -249,6 +269,75 @@ def ray_pipeline(bundle_dir: Path, inputs: list[str], out: Path, batch_size: int
             "model_stage_images_per_s": rows / summary["timings"]["model_stage_s"],
             "actor_peak_rss_mb": summary["counts"]["model_actor_peak_rss_mb"], "actors": summary["actors"]["max"],
             "timings": summary["timings"]}
+
+
+def whole_command(command: list[str], env: dict[str, str] | None = None) -> float:
+    """Wall seconds of `command` as a user runs it: a fresh process, from its start to its exit. RuntimeError
+    with the tail of its output when it fails."""
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        tail = "\n".join(done.stdout.decode(errors="replace").strip().splitlines()[-15:])
+        raise RuntimeError(f"exit {done.returncode}: {' '.join(command)}\n{tail}")
+    return wall
+
+
+def caption_command(bundle_dir: Path, inputs: str, out: Path, embed_only: bool = False) -> list[str]:
+    """`caption_shards.py` as the README runs it (plain python: it starts its own Ray), greedy, 20 new tokens."""
+    job = Path(__file__).resolve().parents[2] / "jobs" / "caption_shards.py"
+    return [sys.executable, str(job), "--input", inputs, "--output", str(out), "--model", str(bundle_dir),
+            "--max-new-tokens", "20", "--overwrite", *(["--embed-only"] if embed_only else [])]
+
+
+def image_folder(shards: list[str], folder: Path) -> Path:
+    """The JPEGs of WebDataset `shards` as files in `folder` (once): clip-retrieval's documented input."""
+    import tarfile
+
+    if not folder.is_dir():
+        partial = folder.with_name(folder.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        for shard in shards:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.isfile() and member.name.endswith(".jpg"):
+                        (partial / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        partial.rename(folder)
+    return folder
+
+
+def clip_retrieval_command(executable: str, images: Path, weights: Path, out: Path) -> list[str]:
+    """clip-retrieval's embed-only run as its README runs it over a folder of images: image embeddings with the
+    same ViT-B-32 weights, fp32 (its CPU path), batch 64, 2 preprocessing workers."""
+    return [executable, "inference", "--input_dataset", str(images), "--output_folder", str(out), "--clip_model",
+            f"open_clip:ViT-B-32/{weights.resolve()}", "--enable_text", "False", "--enable_metadata", "False",
+            "--batch_size", "64", "--num_prepro_workers", "2"]
+
+
+def clip_retrieval_embeddings(out: Path) -> int:
+    """How many image embeddings a clip-retrieval run wrote (its img_emb/*.npy)."""
+    return sum(int(np.load(path, mmap_mode="r").shape[0]) for path in sorted((out / "img_emb").glob("*.npy")))
+
+
+@torch.inference_mode()
+def reference_loop(bundle_dir: Path, inputs: str, images: int) -> dict:
+    """ClipCap's own way, as its predict.py captions: one image at a time, fp32, decode -> encode -> the
+    original greedy loop (no KV cache, 20 new tokens) -> CLIP score; model load not counted."""
+    from pipeline.io.images import decode_image
+    from pipeline.io.sources import expand_inputs, read_samples
+    from pipeline.models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir).to("cpu", torch.float32)
+    records = (record for shard in expand_inputs([inputs]) for record in read_samples(shard))
+    started = time.perf_counter()
+    for record in itertools.islice(records, images):
+        pixels = torch.from_numpy(decode_image(record["image"], bundle.encoder.image_spec).pixels[None])
+        features = bundle.encoder.encode_images(pixels, normalize=False)  # the prefix's input, as the pipeline's
+        tokens = reference_clipcap_generate(bundle.captioner, bundle.captioner.prefix(features), 20)
+        embedding = torch.nn.functional.normalize(features, dim=-1)
+        (embedding * bundle.scorer.encode_texts(decode_texts(bundle.captioner, [tokens]))).sum(-1)
+    wall = time.perf_counter() - started
+    return {"images": images, "wall_s": wall, "images_per_s": images / wall}
 
 
 @contextmanager

@@ -14,6 +14,24 @@ import torch
 CPU = torch.device("cpu")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), with the instruction sets that decide its matmul speed."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    sets = [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 bf16", "avx512_bf16"),
+                                    ("AMX", "amx_tile")) if flag in flags]
+    return f"{fields.get('model name', 'unknown')} ({', '.join(sets) or 'no AVX2'}), {os.cpu_count()} cores"
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so that a timer read next includes it (CUDA runs asynchronously)."""
     if device.type == "cuda":
