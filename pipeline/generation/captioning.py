@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.config import GenerationSettings
 from pipeline.generation.generate import decode_texts, generate
+from pipeline.generation.methods import METHODS
 from pipeline.generation.sampling import seeds_for
 from pipeline.models.bundle import Bundle
 
@@ -60,7 +61,8 @@ def caption_batch(bundle: Bundle, pixels: torch.Tensor, settings: GenerationSett
         return CaptionedBatch(captions=[None] * len(pixels), clip_scores=np.full(len(pixels), np.nan, np.float32),
                               image_embeddings=image_embeddings, candidates=[[] for _ in range(len(pixels))],
                               original_scores=original_scores)
-    sample_seeds = seeds_for(settings.seed, keys) if keys is not None else None  # for the methods that draw
+    draws = "seed" in METHODS[settings.method].settings  # a method that draws: seeded per image, by its key
+    sample_seeds = seeds_for(settings.seed, keys) if keys is not None and draws else None
     token_lists = generate(bundle.captioner, bundle.captioner.prefix(features), settings, sample_seeds)
     per_image = [len(candidates) for candidates in token_lists]
     texts = decode_texts(bundle.captioner, [tokens for candidates in token_lists for tokens in candidates])
