@@ -111,10 +111,12 @@ class OutputDir:
                 write(handle)
 
         def move() -> None:
-            # an object store renames by copy + delete: a try whose answer was lost may have done both
-            if not self.fs.exists(temporary) and self.fs.exists(path):
-                return
-            self.fs.mv(temporary, path)
+            try:
+                self.fs.mv(temporary, path)
+            except FileNotFoundError:
+                # an object store renames by copy + delete: a try whose answer was lost may have done both
+                if not self.fs.exists(path):
+                    raise
 
         try:
             retrying(write_temporary, f"writing {path}", attempts=ATTEMPTS if repeatable else 1)
