@@ -29,6 +29,7 @@ import torch
 
 from pipeline.precision import resolve_dtype
 from pipeline.quality.benchmarks import (
+    VIT_B32_WEIGHTS,
     bare_loop,
     bench_decoding,
     caption_command,
@@ -233,9 +234,10 @@ def commands(images: int, shards: int, clip_retrieval: str | None, reference_ima
         folder = image_folder(sorted(str(path) for path in Path(inputs).parent.glob("*.tar")),
                               Path(inputs).parent.parent / "images")
         wall["clip_retrieval"] = whole_command(clip_retrieval_command(
-            peer, folder, bundle_dir.parent / "vit-b-32-random.safetensors", out), env)
-        if clip_retrieval_embeddings(out) != images:
-            raise click.ClickException(f"clip-retrieval wrote {clip_retrieval_embeddings(out)} embeddings of {images}")
+            peer, folder, bundle_dir.parent / VIT_B32_WEIGHTS, out), env)
+        embedded = clip_retrieval_embeddings(out)
+        if embedded != images:
+            raise click.ClickException(f"clip-retrieval wrote {embedded} embeddings of {images}")
     shutil.rmtree(out, ignore_errors=True)
     per_s = {name: (64 if name == "caption_64" else images) / seconds for name, seconds in wall.items()}
     per_s["caption_steady"] = (images - 64) / (wall["caption"] - wall["caption_64"])

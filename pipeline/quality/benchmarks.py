@@ -112,6 +112,9 @@ def hf_generate(captioner: PrefixCaptioner, prefix: torch.Tensor, max_new_tokens
                                  use_cache=True, pad_token_id=captioner.tokenizer.eos_token_id)
 
 
+VIT_B32_WEIGHTS = "vit-b-32-random.safetensors"  # beside the real-size bundle
+
+
 def vit_b32_weights(path: Path) -> Path:
     """ViT-B-32 (open_clip's config) with random weights from seed 0, as a safetensors file: the real-size
     bundle's encoder, and the local weights a peer (clip-retrieval) loads."""
@@ -133,7 +136,7 @@ def real_size_bundle(path: Path) -> Path:
     from pipeline.models.bundle import save_bundle
     from pipeline.models.clip import ClipSpec, create_clip
 
-    weights = vit_b32_weights(path.parent / "vit-b-32-random.safetensors")
+    weights = vit_b32_weights(path.parent / VIT_B32_WEIGHTS)
     if (path / "bundle.json").is_file():
         return path
     spec = ClipSpec(arch="ViT-B-32", weights=str(weights))
