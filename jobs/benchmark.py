@@ -4,6 +4,7 @@
   python jobs/benchmark.py pipeline [--images 3000] [--json out.json]
   python jobs/benchmark.py commands [--images 576] [--clip-retrieval PATH] [--json out.json]
   python jobs/benchmark.py scale [--images 123287] [--kill-after 600] [--keep-top-fraction 0.5] [--json out.json]
+  python jobs/benchmark.py commit [--rows 1000000 --rows 10000000] [--clusters 32] [--json out.json]
 
 Each run measures every figure it reports itself, so ratios compare numbers taken on one machine
 in one run. Model: ClipCap MLP mapper 512 -> 3840 -> 7680 + GPT-2 small (124M, 50,257-token vocab).
@@ -338,6 +339,94 @@ def scale(images: int, shard_size: int, size: str, workdir: Path, keep_top_fract
     click.echo(json.dumps({k: v for k, v in result.items() if k != "counts"}, indent=2))
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option("--rows", "sizes", multiple=True, type=click.IntRange(min=1), default=(1_000_000, 10_000_000),
+              show_default=True, help="Rows to commit; give it again for each size.")
+@click.option("--rows-per-part", default=4096, show_default=True, type=click.IntRange(min=1))
+@click.option("--embedding-dim", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--keep-top-fraction", default=0.5, show_default=True, type=float)
+@click.option("--clusters", default=32, show_default=True, type=click.IntRange(min=0),
+              help="--filter-clusters of the commit; 0: one global fraction.")
+@click.option("--workdir", default="/tmp/captioner-commit", show_default=True, type=click.Path(path_type=Path))
+@click.option("--keep-output", is_flag=True, help="Leave each output in WORKDIR/out-ROWS (else removed).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
+def commit(sizes: tuple[int, ...], rows_per_part: int, embedding_dim: int, keep_top_fraction: float, clusters: int,
+           workdir: Path, keep_output: bool, json_path: Path | None) -> None:
+    """The commit alone on staged parts written without the models (random embeddings, scores and keys,
+    with retried writes, shared keys and failed samples): seconds, rows/s and the driver's peak memory per
+    size; each size in a process of its own, so that one size's memory does not show in another's."""
+    import shutil
+
+    results = []
+    for rows in sizes:
+        out = workdir / f"out-{rows}"
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, __file__, "commit-one", "--rows", str(rows), "--rows-per-part",
+                   str(rows_per_part), "--embedding-dim", str(embedding_dim), "--keep-top-fraction",
+                   str(keep_top_fraction), "--clusters", str(clusters), "--output", str(out)]
+        with ProcessSampler() as sampler:
+            finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode:
+            raise click.ClickException(f"committing {rows} rows failed:\n{finished.stderr[-3000:]}")
+        result = json.loads(finished.stdout.strip().splitlines()[-1])
+        result["processes"] = sampler.summary()
+        result["output_bytes"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        results.append(result)
+        click.echo(json.dumps({k: v for k, v in result.items() if k not in ("counts", "processes")}))
+        if not keep_output:
+            shutil.rmtree(out, ignore_errors=True)
+    report = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "rows_per_part": rows_per_part,
+              "embedding_dim": embedding_dim, "keep_top_fraction": keep_top_fraction, "clusters": clusters or None,
+              "sizes": results}
+    if len(results) > 1:
+        first, last = results[0], results[-1]
+        report["driver_peak_rss_ratio"] = round(last["driver_peak_rss_mb"] / first["driver_peak_rss_mb"], 3)
+        report["seconds_per_row_ratio"] = round((last["commit_s"] / last["rows"]) / (first["commit_s"] / first["rows"]),
+                                                3)
+    click.echo(json.dumps({k: v for k, v in report.items() if k != "sizes"}, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=2))
+
+
+@main.command("commit-one", hidden=True)
+@click.option("--rows", type=int, required=True)
+@click.option("--rows-per-part", type=int, required=True)
+@click.option("--embedding-dim", type=int, required=True)
+@click.option("--keep-top-fraction", type=float, required=True)
+@click.option("--clusters", type=int, required=True)
+@click.option("--output", required=True)
+def commit_one(rows: int, rows_per_part: int, embedding_dim: int, keep_top_fraction: float, clusters: int,
+               output: str) -> None:
+    """One size of `commit`, in this process: staged parts written by Ray tasks, then the commit timed."""
+    import ray
+
+    from pipeline.config import RunConfig
+    from pipeline.io.sinks import OutputDir
+    from pipeline.quality.staged_rows import METADATA, StagedRows, write_staged
+    from pipeline.run.commit import finalize
+    from pipeline.run.data_stages import peak_rss_mb
+    from pipeline.run.filtering import FilterSettings
+
+    cores = len(os.sched_getaffinity(0))
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    spec = StagedRows(rows=rows, rows_per_part=rows_per_part, embedding_dim=embedding_dim)
+    tic = time.perf_counter()
+    write = ray.remote(num_cpus=1)(write_staged)
+    staged = sum(ray.get([write.remote(output, spec, range(start, spec.parts(), cores)) for start in range(cores)]))
+    staged_s = time.perf_counter() - tic
+    settings = FilterSettings(keep_top_fraction=keep_top_fraction, clusters=clusters or None)
+    config = RunConfig(inputs=("staged",), output=output, filter=settings)
+    rss_before = peak_rss_mb()
+    tic = time.perf_counter()
+    counts = finalize(OutputDir(output), config, spec.shards(), embedding_dim, METADATA, set())
+    commit_s = time.perf_counter() - tic
+    click.echo(json.dumps({"rows": rows, "staged_rows": staged, "staging_s": round(staged_s, 1),
+                           "commit_s": round(commit_s, 1), "rows_per_s": round(rows / commit_s),
+                           "driver_peak_rss_mb": round(peak_rss_mb(), 1),
+                           "driver_peak_rss_before_commit_mb": round(rss_before, 1), "counts": counts}))
 
 
 def _run_job(command: list[str], address: str | None, kill_after: float | None) -> dict:

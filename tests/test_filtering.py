@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from pipeline.run.filtering import (
-    FilterSettings,
-    cluster_sample,
-    fit_clusters,
-    keep_mask,
-    nearest_cluster,
-    top_fraction,
-)
+from pipeline.run.filtering import FilterSettings, TopFraction, fit_clusters, keep_mask, nearest_cluster
+from pipeline.run.selection import count_through, find_cutoffs, ranking, sample_windows
 
 
 def _two_kinds(rows_per_kind: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -25,41 +20,35 @@ def _two_kinds(rows_per_kind: int = 40, seed: int = 0) -> tuple[np.ndarray, np.n
     return embeddings.astype(np.float32), scores, keys
 
 
-def _blocks(embeddings: np.ndarray, size: int):
-    return lambda: (embeddings[start:start + size] for start in range(0, len(embeddings), size))
+def top_fraction(settings: FilterSettings, scores: np.ndarray, keys: list[str],
+                 embeddings: np.ndarray) -> TopFraction:
+    """The cutoffs of rows held in one table, clusters fitted on all of them (the commit's path over one part)."""
+    centroids = None if settings.clusters is None else fit_clusters(embeddings, settings.clusters)
+    clusters = np.zeros(len(keys), np.int32) if centroids is None else nearest_cluster(embeddings, centroids)
+    table = ranking(clusters, scores, pa.array(keys))
+    counts = np.bincount(clusters, minlength=1 if centroids is None else len(centroids)).tolist()
+    cutoffs = find_cutoffs(settings.keep_top_fraction, counts,
+                           lambda windows, strides: [sample_windows(table, windows, strides)],
+                           lambda windows, pivots: count_through(table, windows, pivots))
+    return TopFraction(cutoffs, centroids)
 
 
 def test_a_global_fraction_keeps_the_easy_kind_and_clusters_keep_each_kind_in_proportion():
     embeddings, scores, keys = _two_kinds()
     statuses = ["ok"] * len(keys)
     everything = FilterSettings(keep_top_fraction=0.5)
-    top = top_fraction(everything, scores, keys, _blocks(embeddings, 7))
+    top = top_fraction(everything, scores, keys, embeddings)
     kept = keep_mask(everything, top, statuses, scores, keys)
     assert kept[:40].all() and not kept[40:].any()
 
     per_cluster = FilterSettings(keep_top_fraction=0.5, clusters=2)
-    top = top_fraction(per_cluster, scores, keys, _blocks(embeddings, 7))
+    top = top_fraction(per_cluster, scores, keys, embeddings)
     kept = keep_mask(per_cluster, top, statuses, scores, keys, embeddings)
     assert kept[:40].sum() == 20 == kept[40:].sum()
     for kind in (slice(0, 40), slice(40, 80)):  # within its cluster, each row kept outscores each dropped
         assert scores[kind][kept[kind]].min() > scores[kind][~kept[kind]].max()
     assert top.to_json()["top_fraction_cutoff_score"] is None
     assert len(top.to_json()["top_fraction_cutoff_scores_by_cluster"]) == 2
-
-
-def test_clusters_depend_on_the_rows_not_on_their_order_or_the_reading_blocks():
-    embeddings, scores, keys = _two_kinds(rows_per_kind=30)
-    settings = FilterSettings(keep_top_fraction=0.3, clusters=3)
-    first = top_fraction(settings, scores, keys, _blocks(embeddings, 5))
-    order = np.random.default_rng(1).permutation(len(keys))
-    shuffled = top_fraction(settings, scores[order], [keys[i] for i in order], _blocks(embeddings[order], 11))
-    np.testing.assert_array_equal(first.centroids, shuffled.centroids)
-    assert first.cutoffs == shuffled.cutoffs
-    kept = keep_mask(settings, first, ["ok"] * len(keys), scores, keys, embeddings)
-    kept_shuffled = keep_mask(settings, shuffled, ["ok"] * len(keys), scores[order], [keys[i] for i in order],
-                              embeddings[order])
-    assert {keys[i] for i in np.flatnonzero(kept)} == {keys[order[i]] for i in np.flatnonzero(kept_shuffled)}
-    assert sorted(cluster_sample(keys, 10)) == sorted(order[cluster_sample([keys[i] for i in order], 10)])
 
 
 def test_k_means_finds_separated_groups_and_fits_fewer_rows_than_clusters():
@@ -77,7 +66,7 @@ def test_failed_rows_and_the_score_floor_still_apply_within_clusters():
     embeddings, scores, keys = _two_kinds(rows_per_kind=10)
     settings = FilterSettings(min_clip_score=0.3, keep_top_fraction=1.0, clusters=2)
     statuses = ["ok"] * 19 + ["decode_error"]
-    top = top_fraction(settings, scores[:19], keys[:19], _blocks(embeddings[:19], 4))
+    top = top_fraction(settings, scores[:19], keys[:19], embeddings[:19])
     kept = keep_mask(settings, top, statuses, scores, keys, embeddings)
     np.testing.assert_array_equal(kept, np.append(scores[:19] >= 0.3, False))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import tarfile
@@ -359,21 +360,20 @@ def test_a_new_filter_on_a_finished_run_refilters_stored_scores_without_models(r
     report = verify(str(out), list(base["inputs"]))  # schema, layout, keep vs filtered/, counts in run.json
     assert report.ok, "\n".join(report.lines())
 
-    # a re-filter killed between two parts is completed by the next run, before anything else
-    real_write_part, calls = commit._write_part, []
+    # a re-filter killed between two groups of parts is completed by the next run, before anything else
+    real_write = commit._write
 
-    def dies_on_second_part(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_write_part(*args, **kwargs)
+    def dies_after_first_group(output, config, plan, *args):
+        assert len(plan.groups) > 1
+        real_write(output, config, dataclasses.replace(plan, groups=plan.groups[:1]), *args)
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(commit, "_write_part", dies_on_second_part)
+    monkeypatch.setattr(commit, "_write", dies_after_first_group)
     nothing_passes = RunConfig(**base, filter=FilterSettings(min_clip_score=1.0), overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         run(nothing_passes)
     assert (out / "_refilter.json").is_file()
-    monkeypatch.setattr(commit, "_write_part", real_write_part)
+    monkeypatch.setattr(commit, "_write", real_write)
     with pytest.raises(UsageError, match="different configuration"):  # the output is heading elsewhere now
         run(RunConfig(**base, filter=FilterSettings(keep_top_fraction=0.3)))
     done = run(RunConfig(**base, filter=FilterSettings(min_clip_score=1.0)))
@@ -442,7 +442,7 @@ def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_p
 
 def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, tiny_bundle, tmp_path, monkeypatch):
     import pipeline.run.chain as run_module
-    import pipeline.run.commit as commit
+    import pipeline.run.resume as resume
     from pipeline.io.sinks import OutputDir
     from pipeline.io.sources import expand_inputs
     from pipeline.run.data_stages import _shard_id, finished_shards
@@ -463,7 +463,7 @@ def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, ti
     assert len(markers) == 3 and all(marker.name.endswith(".4") for marker in markers)
 
     shards = expand_inputs(list(config.inputs))
-    done = commit.committed_samples(OutputDir(str(out)))
+    done = resume.committed_samples(OutputDir(str(out)))
     assert finished_shards(OutputDir(str(out)), shards, done) == {shard.url for shard in shards}
     done[shards[0].url].discard(3)  # a record short: that shard must be read again
     assert finished_shards(OutputDir(str(out)), shards, done) == {shards[1].url, shards[2].url}

@@ -96,19 +96,23 @@ def test_ray_job_submit_runs_the_job(cluster, tiny_bundle, tmp_path):
 
 def test_two_node_cluster_run_is_complete_and_uses_both_nodes(cluster, tiny_bundle, tmp_path):
     """Two actors on a two-node cluster (SPREAD puts one on each): the output is complete and, with
-    batches going to the least busy actor, run.json shows rows captioned on both nodes."""
+    batches going to the least busy actor, run.json shows rows captioned on both nodes; the commit's
+    tasks rewrite parts on both nodes too."""
     # logical CPUs to spare on each node, so that SPREAD can always place the second actor on the other one
     created = cluster(2, cpus=4)
     inputs = _corpus(tmp_path / "in", shards=8, per_shard=24)
     proc = subprocess.run(
         [sys.executable, str(JOB), "--input", inputs, "--output", str(tmp_path / "out"), "--model", str(tiny_bundle),
-         "--actors", "2", "--batch-size", "4", "--max-new-tokens", "8"],
+         "--actors", "2", "--batch-size", "4", "--rows-per-file", "8", "--max-new-tokens", "8"],
         capture_output=True, text=True, env=_env(RAY_ADDRESS=created.address), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["counts"]["rows"] == 192
     by_node = run_json["counts"]["rows_by_node"]
     assert len(by_node) == 2 and min(by_node.values()) > 0 and sum(by_node.values()) == 192, by_node
+    committed = run_json["counts"]["parts_committed_by_node"]
+    assert committed.keys() == by_node.keys() and min(committed.values()) > 0, committed
+    assert sum(committed.values()) == len(list((tmp_path / "out" / "captions").glob("*.parquet")))
     keys = _captions(tmp_path / "out").column("key").to_pylist()
     assert len(keys) == len(set(keys)) == 192
 

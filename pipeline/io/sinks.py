@@ -127,6 +127,13 @@ class OutputDir:
                     self.fs.rm(temporary)
         return path
 
+    def rows_in(self, path: str) -> int:
+        """How many rows a Parquet part holds (from its footer)."""
+        def read() -> int:
+            with self.fs.open(path, "rb") as handle:
+                return pq.ParquetFile(handle).metadata.num_rows
+        return retrying(read, f"reading {path}")
+
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
         """One Parquet part (a path `parts` listed): every column, or some (as `read_part` reads them)."""
         def read() -> pa.Table:

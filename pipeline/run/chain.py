@@ -29,15 +29,7 @@ from pipeline.io.sinks import (
 from pipeline.io.sources import expand_inputs
 from pipeline.models.bundle import is_bundle, load_bundle, read_languages, save_encoder_bundle
 from pipeline.models.errors import ModelLoadError
-from pipeline.run.commit import (
-    committed_samples,
-    export_webdataset,
-    finalize,
-    jsonable,
-    prepare_output,
-    refilter,
-    shards_digest,
-)
+from pipeline.run.commit import export_webdataset, finalize, refilter
 from pipeline.run.data_stages import (
     ImageSpecs,
     ShardDatasource,
@@ -56,6 +48,7 @@ from pipeline.run.placement import (
     live_node_resources,
     total_resources,
 )
+from pipeline.run.resume import committed_samples, jsonable, prepare_output, shards_digest
 from pipeline.text import describe_error, one_line
 
 log = logging.getLogger(__name__)
@@ -140,6 +133,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     previous, refilter_needed = prepare_output(output, config, defining)
     if previous is not None and refilter_needed:
         log.info("only the filter changed: re-filtering the stored scores of %s, no model run", output.url)
+        init_ray()
         previous = refilter(output, config, previous, defining, embedding_dim, metadata_json)
     elif previous is not None:
         log.info("output is complete already: %s", output.url)

@@ -1,7 +1,7 @@
 """Which captioned rows make the pseudo-label set: an absolute CLIP-score floor and/or the top fraction of the
 run's scores, over the whole run or within each cluster of image embeddings. The fraction is exact: rows are
 ranked by (score, then key) over every ok row of the run (of its cluster), so it needs the whole run, and it reads
-only the stored scores, keys and embeddings, never re-running a model.
+only the stored scores, keys and embeddings, never re-running a model (the commit finds the cutoffs: `selection`).
 
 Clusters keep the images that are hard to caption: their best captions score lower than an easy image's even
 when right, so a global fraction keeps mostly easy images, while a fraction per cluster of similar images keeps
@@ -10,14 +10,14 @@ each kind of image in proportion (DataComp's image-based filtering clusters CLIP
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-# k-means fits on at most this many rows (chosen by a hash of their keys), then assigns every row
+# k-means fits on at most this many rows (the first by a hash of their keys: the clusters depend on the rows
+# alone, not on the order in which the run wrote them), then assigns every row
 CLUSTER_SAMPLE = 65_536
 CLUSTER_ITERATIONS = 25
 
@@ -56,23 +56,6 @@ class Cutoff:
 
     score: float
     key: str
-
-
-def top_fraction_cutoff(fraction: float | None, scores: np.ndarray, keys: Sequence[str]) -> Cutoff | None:
-    """Given the scores and keys of all ok rows of a run (or of a cluster), where the top `fraction` ends."""
-    if fraction is None or not len(keys):
-        return None
-    keep = max(1, round(fraction * len(keys)))
-    order = sorted(range(len(keys)), key=lambda i: (-float(scores[i]), keys[i]))
-    last = order[keep - 1]
-    return Cutoff(float(scores[last]), keys[last])
-
-
-def cluster_sample(keys: Sequence[str], size: int = CLUSTER_SAMPLE) -> np.ndarray:
-    """Positions of the rows k-means fits on, in a fixed order: the first `size` by a hash of their keys, so
-    the clusters depend on the rows alone, not on the order in which the run wrote them."""
-    digests = [hashlib.blake2b(key.encode(), digest_size=8).digest() for key in keys]
-    return np.array(sorted(range(len(keys)), key=digests.__getitem__)[:size], dtype=np.int64)
 
 
 def fit_clusters(embeddings: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -127,32 +110,6 @@ class TopFraction:
         return {"top_fraction_cutoff_score": None, "top_fraction_cutoff_scores_by_cluster": scores}
 
 
-def top_fraction(settings: FilterSettings, scores: np.ndarray, keys: Sequence[str],
-                 embeddings: Callable[[], Iterator[np.ndarray]]) -> TopFraction | None:
-    """The top fraction of every ok row of a run, given their scores and keys and, for clusters, `embeddings`:
-    a function that yields their image embeddings in the same order, a block at a time (called twice: once to
-    fit the clusters on a sample, once to assign every row)."""
-    if settings.keep_top_fraction is None or not len(keys):
-        return None
-    if settings.clusters is None:
-        return TopFraction((top_fraction_cutoff(settings.keep_top_fraction, scores, keys),))
-    sample = cluster_sample(keys)
-    rank = np.full(len(keys), -1, dtype=np.int64)
-    rank[sample] = np.arange(len(sample))
-    chosen: list[np.ndarray] = []
-    order: list[np.ndarray] = []
-    for start, block in _offsets(embeddings()):
-        ranks = rank[start:start + len(block)]
-        chosen.append(block[ranks >= 0])
-        order.append(ranks[ranks >= 0])
-    fitted = np.concatenate(chosen)[np.argsort(np.concatenate(order))]
-    centroids = fit_clusters(fitted, settings.clusters)
-    clusters = np.concatenate([nearest_cluster(block, centroids) for block in embeddings()])
-    cutoffs = tuple(top_fraction_cutoff(settings.keep_top_fraction, scores[rows], [keys[i] for i in rows])
-                    for rows in (np.flatnonzero(clusters == c) for c in range(len(centroids))))
-    return TopFraction(cutoffs, centroids)
-
-
 def keep_mask(settings: FilterSettings, top: TopFraction | None, statuses: list[str], scores: np.ndarray,
               keys: list[str], embeddings: np.ndarray | None = None) -> np.ndarray:
     """Rows that pass: status ok, clip_score >= the floor, and ranked within the top fraction."""
@@ -169,13 +126,6 @@ def keep_mask(settings: FilterSettings, top: TopFraction | None, statuses: list[
 
 def _within(score: float, key: str, cutoff: Cutoff | None) -> bool:
     return cutoff is not None and (score > cutoff.score or (score == cutoff.score and key <= cutoff.key))
-
-
-def _offsets(blocks: Iterator[np.ndarray]) -> Iterator[tuple[int, np.ndarray]]:
-    start = 0
-    for block in blocks:
-        yield start, block
-        start += len(block)
 
 
 def _normalised(embeddings: np.ndarray) -> np.ndarray:
