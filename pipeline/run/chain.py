@@ -35,7 +35,6 @@ from pipeline.run.data_stages import (
     ShardDatasource,
     StagingSink,
     decode_images,
-    finished_shards,
     peak_rss_mb,
 )
 from pipeline.run.errors import ActorStartFailed, UsageError
@@ -48,7 +47,7 @@ from pipeline.run.placement import (
     live_node_resources,
     total_resources,
 )
-from pipeline.run.resume import committed_samples, jsonable, prepare_output, shards_digest
+from pipeline.run.resume import jsonable, prepare_output, shards_digest, staged_samples
 from pipeline.text import describe_error, one_line
 
 log = logging.getLogger(__name__)
@@ -145,21 +144,20 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
             output.write_json(previous, RUN_JSON)
         return jsonable(previous)
 
-    done = committed_samples(output)
-    already = sum(len(indices) for indices in done.values())
-    finished = finished_shards(output, shards, done)
-    if finished:
-        log.info("resuming: %d of %d shards are staged completely and are not read again", len(finished),
+    init_ray()
+    staged = staged_samples(output)
+    if staged.finished:
+        log.info("resuming: %d of %d shards are staged completely and are not read again", len(staged.finished),
                  len(shards))
 
-    init_ray()
     model_started = time.time()
-    remaining = None if config.limit is None else config.limit - already
-    unfinished = [shard for shard in shards if shard.url not in finished]
+    remaining = None if config.limit is None else config.limit - staged.rows
+    unfinished = [shard for shard in shards if shard.url not in staged.finished]
     actors, parts_written = None, set()
     if unfinished and (remaining is None or remaining > 0):
-        actors, parts_written = _caption_into_staging(config, output, unfinished, done, image_specs, embedding_dim,
-                                                      metadata_json, remaining, model_path, identity["sha256"])
+        actors, parts_written = _caption_into_staging(config, output, unfinished, staged.partial, image_specs,
+                                                      embedding_dim, metadata_json, remaining, model_path,
+                                                      identity["sha256"])
     model_seconds = time.time() - model_started
 
     finalize_started = time.time()
@@ -174,7 +172,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
         "packages": {name: _version(name) for name in PACKAGES} | {"pipeline": __version__},
         "inputs": {"shards": len(shards)},
         "counts": counts,
-        "resumed_rows": already,
+        "resumed_rows": staged.rows,
         "actors": asdict(actors) if actors else None,  # the pool this attempt used (--actors auto: resolved)
         "timings": {
             "started": datetime.fromtimestamp(started, UTC).isoformat(),
@@ -183,7 +181,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
             "model_stage_s": round(model_seconds, 3),
             "finalize_s": round(export_started - finalize_started, 3),
             "webdataset_s": round(time.time() - export_started, 3) if webdataset is not None else None,
-            "images_per_s": round((counts["rows"] - already) / model_seconds, 3) if model_seconds > 0 else None,
+            "images_per_s": round((counts["rows"] - staged.rows) / model_seconds, 3) if model_seconds > 0 else None,
         },
         "output": config.output,
     }

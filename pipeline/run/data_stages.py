@@ -40,7 +40,7 @@ SHARD_RECORDS = "shards"
 class ShardDatasource(Datasource):
     """One read task per shard; each streams its shard in blocks of ROWS_PER_READ_BLOCK records,
     skips the records that a previous attempt of this run already committed, and at the shard's end
-    records its number of records in the output's staging folder (see `finished_shards`)."""
+    records its number of records in the output's staging folder (see `resume.staged_samples`)."""
 
     def __init__(self, shards: list[Shard], done: dict[str, set[int]], image_column: str | None,
                  key_column: str, output_url: str):
@@ -64,7 +64,7 @@ class ShardDatasource(Datasource):
                      key_column: str = self.key_column, output_url: str = self.output_url) -> Iterator[pa.Table]:
                 records = yield from _read_blocks(shard, done, image_column, key_column)
                 OutputDir(output_url).write_file(lambda handle: None, STAGING, SHARD_RECORDS,
-                                                 f"{_shard_id(shard.url)}.{records}")
+                                                 f"{shard_id(shard.url)}.{records}")
 
             metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=[shard.url], exec_stats=None)
             tasks.append(ReadTask(read, metadata, schema=SAMPLE_SCHEMA, per_task_row_limit=per_task_row_limit))
@@ -92,22 +92,8 @@ def _read_blocks(shard: Shard, done: set[int], image_column: str | None,
     return records
 
 
-def _shard_id(url: str) -> str:
+def shard_id(url: str) -> str:
     return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
-
-
-def finished_shards(output: OutputDir, shards: list[Shard], done: dict[str, set[int]]) -> set[str]:
-    """URLs of the shards that an earlier attempt read to their end and whose every record is staged."""
-    records: dict[str, int] = {}
-    for path in output.parts(f"{STAGING}/{SHARD_RECORDS}", pattern="*"):
-        shard_id, _, count = path.rsplit("/", 1)[-1].partition(".")
-        records[shard_id] = int(count)
-    finished = set()
-    for shard in shards:
-        count = records.get(_shard_id(shard.url))
-        if count is not None and len(done.get(shard.url, ())) >= count:  # `done` holds positions < count
-            finished.add(shard.url)
-    return finished
 
 
 @dataclass(frozen=True)

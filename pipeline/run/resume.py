@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray
 
 from pipeline.config import RunConfig, differing_keys
 from pipeline.io.sinks import (
@@ -17,12 +23,13 @@ from pipeline.io.sinks import (
     STAGING_CONFIG,
     WEBDATASET,
     OutputDir,
-    read_columns,
 )
 from pipeline.io.sources import Shard
-from pipeline.run.data_stages import SHARD_RECORDS
+from pipeline.run.data_stages import SHARD_RECORDS, shard_id
 from pipeline.run.errors import UsageError
 from pipeline.text import describe_error
+
+PARTS_PER_TASK = 64
 
 
 def prepare_output(output: OutputDir, config: RunConfig, defining: dict[str, Any],
@@ -83,14 +90,68 @@ def _only_filter_differs(finished: dict[str, Any], defining: dict[str, Any]) -> 
     return without_filter(finished["output_defining"]) == without_filter(defining)
 
 
-def committed_samples(output: OutputDir) -> dict[str, set[int]]:
-    """(source -> positions) of the samples already staged by earlier attempts of this run."""
-    staged = read_columns(output, STAGING, ["source", "index"])
-    done: dict[str, set[int]] = {}
-    if staged is not None:
-        for source, index in zip(staged.column("source").to_pylist(), staged.column("index").to_pylist(), strict=True):
-            done.setdefault(source, set()).add(index)
-    return done
+@dataclass(frozen=True)
+class Staged:
+    """What earlier attempts of a run staged: the shards staged completely (read to their end, every sample
+    staged: not read again), the positions staged of the others, and how many samples in all."""
+
+    finished: set[str]
+    partial: dict[str, set[int]]
+    rows: int
+
+
+def staged_samples(output: OutputDir) -> Staged:
+    """Read by Ray tasks over groups of staged parts, by hash ranges of the shard: the driver receives the
+    positions of the shards not staged completely only (those in flight when the attempt stopped), not those
+    of every staged sample."""
+    paths = output.parts(STAGING)
+    if not paths:
+        return Staged(set(), {}, 0)
+    markers: dict[str, int] = {}
+    for path in output.parts(f"{STAGING}/{SHARD_RECORDS}", pattern="*"):
+        shard_id, _, count = path.rsplit("/", 1)[-1].partition(".")
+        markers[shard_id] = int(count)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(1, min(PARTS_PER_TASK, -(-len(paths) // (2 * cpus))))
+    ranges = max(1, min(cpus, -(-len(paths) // per_task)))
+    split = ray.remote(num_cpus=1, num_returns=ranges, scheduling_strategy="SPREAD")(staged_positions)
+    pieces = [split.remote(output.url, paths[start:start + per_task], ranges)
+              for start in range(0, len(paths), per_task)]
+    if ranges == 1:  # one return value: the list itself
+        pieces = [[piece] for piece in pieces]
+    progress = ray.remote(num_cpus=1)(shard_progress)
+    shared_markers = ray.put(markers)
+    finished, partial, rows = set(), {}, 0
+    for done, unfinished, count in ray.get([progress.remote(shared_markers, *(piece[r] for piece in pieces))
+                                            for r in range(ranges)]):
+        finished |= done
+        partial |= unfinished
+        rows += count
+    return Staged(finished, partial, rows)
+
+
+def staged_positions(output_url: str, paths: list[str], ranges: int) -> list[pa.Table] | pa.Table:
+    """The distinct (source, index) of some staged parts, split into `ranges` tables by a hash of the source
+    (one range: the table itself)."""
+    output = OutputDir(output_url)
+    rows = pa.concat_tables([output.read_table(path, ["source", "index"]) for path in paths])
+    rows = rows.group_by(["source", "index"]).aggregate([])
+    which = pd.util.hash_array(rows.column("source").to_numpy(zero_copy_only=False).astype(object)) % np.uint64(ranges)
+    tables = [rows.filter(pa.array(which == r)) for r in range(ranges)]
+    return tables if ranges > 1 else tables[0]
+
+
+def shard_progress(markers: dict[str, int], *pieces: pa.Table) -> tuple[set[str], dict[str, set[int]], int]:
+    """For the shards of one range: those staged completely, the staged positions of the others, and how many
+    samples are staged."""
+    rows = pa.concat_tables(pieces).group_by(["source", "index"]).aggregate([])
+    positions: dict[str, set[int]] = {}
+    for source, index in zip(rows.column("source").to_pylist(), rows.column("index").to_pylist(), strict=True):
+        positions.setdefault(source, set()).add(index)
+    # a marker counts the shard's records: positions staged all lie below it
+    finished = {source for source, staged in positions.items()
+                if markers.get(shard_id(source)) is not None and len(staged) >= markers[shard_id(source)]}
+    return finished, {source: staged for source, staged in positions.items() if source not in finished}, rows.num_rows
 
 
 def jsonable(data: Any) -> Any:
