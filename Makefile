@@ -14,7 +14,7 @@ RAY_DASHBOARD := http://127.0.0.1:8265
 # cluster); a head already running without it accepts the token too.
 RAY := env -u RAY_ADDRESS PATH=$(CURDIR)/$(VENV)/bin:$$PATH RAY_AUTH_MODE=token $(CURDIR)/$(VENV)/bin/ray
 
-.PHONY: install test lint demo peer-env
+.PHONY: install test lint demo peer-env cluster-token
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ peer-env:
 	test -x .venv-peer/bin/python || $(PYTHON) -m venv .venv-peer
 	.venv-peer/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	.venv-peer/bin/python -m pip install -q clip-retrieval "setuptools<81"
+
+# The token of the cluster cluster.yaml launches: made once here (only where there is none), copied to every
+# node by cluster.yaml's file_mounts, and read by `RAY_AUTH_MODE=token ray job submit`. Never commit it.
+cluster-token: $(STAMP)
+	@$(RAY) get-auth-token --generate >/dev/null && echo "cluster token: $$HOME/.ray/auth_token"
 
 lint: $(STAMP)
 	$(PY) -m ruff check pipeline jobs schemas tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -16,11 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import jpeg_bytes, read_parts, write_tar
 from ray.cluster_utils import Cluster
 
@@ -231,3 +234,60 @@ def test_faults_mid_run_lose_and_duplicate_nothing(cluster, tiny_bundle, tmp_pat
     assert len(keys) == len(set(keys)) == 400
     statuses = set(_captions(out).column("status").to_pylist())
     assert statuses == {"ok"}, statuses
+
+
+def _head_start_as_cluster_yaml_has_it(port: int, dashboard_port: int) -> tuple[dict[str, str], list[str]]:
+    """cluster.yaml's own `ray start --head` line: its environment and flags, with free ports on this machine
+    and without the autoscaler (there is no cloud here)."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    line = next(command for command in config["head_start_ray_commands"] if "ray start --head" in command)
+    words = shlex.split(line.split(";")[-1])
+    env = {}
+    while "=" in words[0]:
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    assert words[:3] == ["ray", "start", "--head"], words
+    kept = [word for word in words[1:] if not word.startswith(("--autoscaling-config", "--port"))]
+    ports = {"--port": port, "--dashboard-port": dashboard_port, "--dashboard-agent-listen-port": _free_port(),
+             "--metrics-export-port": _free_port(), "--runtime-env-agent-port": _free_port(),
+             "--ray-client-server-port": _free_port()}
+    return env, kept + [f"{flag}={value}" for flag, value in ports.items()] + ["--num-cpus=1"]
+
+
+def test_a_head_started_as_cluster_yaml_starts_it_refuses_a_job_without_the_token(tmp_path):
+    """Whoever reaches the dashboard's port can submit a job: code run on every node. The head cluster.yaml
+    starts asks for the token that every node and the user's `ray job submit` hold, and listens on
+    127.0.0.1 only (the user reaches it through `ray dashboard cluster.yaml`, an SSH tunnel)."""
+    ray_root = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    with_token, without_token = tmp_path / "with", tmp_path / "without"
+    for home in (with_token, without_token):
+        home.mkdir()
+    (with_token / ".ray").mkdir()
+    (with_token / ".ray" / "auth_token").write_text(uuid.uuid4().hex + uuid.uuid4().hex)  # as `make cluster-token`
+    dashboard_port = _free_port()
+    env, start = _head_start_as_cluster_yaml_has_it(_free_port(), dashboard_port)
+    assert env.get("RAY_AUTH_MODE") == "token" and "--dashboard-host=127.0.0.1" in start, (env, start)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head_env = dict(_env(RAY_TMPDIR=ray_root, HOME=str(with_token)), **env)
+    try:
+        started = subprocess.run([ray_cli, *start], capture_output=True, text=True, env=head_env, timeout=300)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        submit = [ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dashboard_port}", "--",
+                  sys.executable, "-c", "print('the job ran')"]
+        stranger = _env(HOME=str(without_token))  # no token, or another one
+        for env_of_stranger in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}):
+            refused = subprocess.run(submit, capture_output=True, text=True, env=dict(stranger, **env_of_stranger),
+                                     timeout=300)
+            assert refused.returncode != 0 and "the job ran" not in refused.stdout, refused.stdout[-2000:]
+        user = dict(_env(HOME=str(with_token)), RAY_AUTH_MODE="token")
+        deadline = time.time() + 120
+        while True:  # the dashboard's job agent comes up a little after the head
+            accepted = subprocess.run(submit, capture_output=True, text=True, env=user, timeout=300)
+            if accepted.returncode == 0 or "No available agent" not in accepted.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert accepted.returncode == 0 and "the job ran" in accepted.stdout, accepted.stderr[-2000:]
+    finally:
+        for pid in _processes_with_env("RAY_TMPDIR", ray_root):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_root, ignore_errors=True)
