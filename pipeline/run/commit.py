@@ -28,9 +28,7 @@ from pipeline.io.sinks import (
     RUN_JSON,
     STAGING,
     WEBDATASET,
-    WEBDATASET_COLUMNS,
     OutputDir,
-    read_columns,
 )
 from pipeline.io.sources import Shard
 from pipeline.run.commit_tasks import (
@@ -39,13 +37,14 @@ from pipeline.run.commit_tasks import (
     find_exceptions,
     first_digests,
     fit_sampled,
+    kept_by_shard,
     key_ranges,
     rank_parts,
     smallest_digests,
     write_part,
     write_parts,
+    write_webdataset_tars,
 )
-from pipeline.run.data_stages import write_webdataset_tar
 from pipeline.run.errors import StagingNotListed
 from pipeline.run.filtering import CLUSTER_SAMPLE, FilterSettings, TopFraction
 from pipeline.run.selection import Row, Window, add_counts, count_through, find_cutoffs, sample_windows
@@ -55,6 +54,7 @@ log = logging.getLogger(__name__)
 
 GROUP_ROWS = 262_144  # rows one task commits, about
 RANGE_ROWS = 2_000_000  # rows of one hash range of keys, about: one task holds their keys
+SHARDS_PER_EXPORT_TASK = 64
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class _Plan:
         if not parts:
             return _Plan([], 1, 1)
         rows_per_part = max(1, output.rows_in(paths[0]))
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        cpus = _cpus()
         per_group = max(1, min(GROUP_ROWS // rows_per_part, -(-len(parts) // (2 * cpus))))
         groups = [parts[start:start + per_group] for start in range(0, len(parts), per_group)]
         ranges = max(min(cpus, len(groups)), -(-len(parts) * rows_per_part // RANGE_ROWS))
@@ -223,6 +223,10 @@ def _write(output: OutputDir, config: RunConfig, plan: _Plan, top: TopFraction |
     return total
 
 
+def _cpus() -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def _task(function: Callable[..., Any], returns: int = 1, spread: bool = True) -> Any:
     """A step of the commit as a Ray task of one CPU. The steps that read and write parts spread over the
     nodes (their input is the output's storage, which every node reaches); the others run where their
@@ -241,20 +245,24 @@ def _cutoff_counts(top: TopFraction | None) -> dict[str, Any]:
 
 def export_webdataset(output: OutputDir, config: RunConfig, shards: list[Shard],
                        provenance: dict[str, Any]) -> dict[str, Any]:
-    """filtered/ -> WEBDATASET/: the kept rows grouped by input shard, one Ray task per shard that
-    re-reads it for the images (the run stores no image bytes) and writes its tar."""
-    kept = read_columns(output, FILTERED, list(WEBDATASET_COLUMNS))
-    rows_of: dict[str, list[int]] = {}
-    for row, source in enumerate(kept.column("source").to_pylist() if kept is not None else []):
-        rows_of.setdefault(source, []).append(row)
-    write = ray.remote(num_cpus=1)(write_webdataset_tar)
-    tasks = [write.remote(kept.take(rows_of[shard.url]), position, shard, output.url, config.image_column,
-                          config.key_column, provenance)
-             for position, shard in enumerate(shards) if shard.url in rows_of]
-    stats = ray.get(tasks)
+    """filtered/ -> WEBDATASET/: the kept rows, split by input shard into ranges of shards by the tasks that
+    read filtered/'s parts; one task per range re-reads its shards for the images (the run stores no image
+    bytes) and writes their tars."""
+    plan = _Plan.of(output, output.parts(FILTERED))
+    if not plan.groups:
+        return {"folder": WEBDATASET, "tars": 0, "samples": 0, "missing": 0}
+    ranges = min(len(shards), max(2 * _cpus(), -(-len(shards) // SHARDS_PER_EXPORT_TASK)))
+    positions = ray.put({shard.url: position for position, shard in enumerate(shards)})
+    split = _task(kept_by_shard, returns=ranges)
+    pieces = [split.remote(output.url, group, positions, ranges) for group in plan.groups]
+    if ranges == 1:  # one return value: the list itself
+        pieces = [[piece] for piece in pieces]
+    write = _task(write_webdataset_tars)
+    stats = [row for rows in ray.get([
+        write.remote(list(enumerate(shards))[r::ranges], output.url, config.image_column, config.key_column,
+                     provenance, *(piece[r] for piece in pieces)) for r in range(ranges)]) for row in rows]
     missing = sum(row["missing"] for row in stats)
     if missing:
         log.warning("%d kept samples were not found in their input shards again; not in %s", missing, WEBDATASET)
     return {"folder": WEBDATASET, "tars": len(stats), "samples": sum(row["samples"] for row in stats),
             "missing": missing}
-

@@ -17,8 +17,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.io.sinks import CAPTIONS, FILTERED, OutputDir
-from pipeline.run.data_stages import STAGING_ONLY
+from pipeline.io.sinks import CAPTIONS, FILTERED, WEBDATASET_COLUMNS, OutputDir
+from pipeline.io.sources import Shard
+from pipeline.run.data_stages import STAGING_ONLY, write_webdataset_tar
 from pipeline.run.filtering import FilterSettings, TopFraction, fit_clusters, keep_mask, nearest_cluster
 from pipeline.run.selection import ranking
 from schemas.captions import captions_schema, conform, embedding_matrix, validate_table
@@ -230,3 +231,28 @@ def _apply_exceptions(table: pa.Table, excepted: dict[int, Any]) -> pa.Table:
     dropped = np.zeros(table.num_rows, dtype=bool)
     dropped[[row for row, hit in excepted.items() if hit is None]] = True
     return table.filter(pa.array(~dropped))
+
+
+def kept_by_shard(output_url: str, parts: list[Part], positions: dict[str, int], ranges: int,
+                  ) -> list[pa.Table] | pa.Table:
+    """The kept rows of some filtered/ parts (the columns a WebDataset copy needs), split into `ranges` tables
+    by their shard's input position (one range: the table itself)."""
+    output = OutputDir(output_url)
+    rows = pa.concat_tables([output.read_table(path, list(WEBDATASET_COLUMNS)) for _, path in parts])
+    # a source that is no input shard of the run has no tar to go to
+    position = np.array([positions.get(source, -1) for source in rows.column("source").to_pylist()], dtype=np.int64)
+    tables = [rows.filter(pa.array((position >= 0) & (position % ranges == r))) for r in range(ranges)]
+    return tables if ranges > 1 else tables[0]
+
+
+def write_webdataset_tars(shards: list[tuple[int, Shard]], output_url: str, image_column: str | None,
+                          key_column: str, provenance: dict[str, Any], *pieces: pa.Table) -> list[dict[str, Any]]:
+    """The tars of some input shards (with their input positions), from their kept rows; a shard without
+    kept rows gets no tar."""
+    rows = pa.concat_tables(pieces)
+    stats = []
+    for position, shard in shards:
+        kept = rows.filter(pc.equal(rows.column("source"), shard.url))
+        if kept.num_rows:
+            stats.append(write_webdataset_tar(kept, position, shard, output_url, image_column, key_column, provenance))
+    return stats
