@@ -102,6 +102,9 @@ def test_errors_that_pass_are_told_from_damage():
     wrapped = OSError("read failed")
     wrapped.__cause__ = ConnectionResetError()
     assert is_transient(wrapped)
+    from aiohttp import ClientPayloadError  # s3fs's client, when the network cut a download short
+    assert is_transient(ClientPayloadError("Response payload is not completed: <ContentLengthError: 400, "
+                                           "message='Not enough data to satisfy content length header.'>"))
     for damage in (FileNotFoundError("no such file"), PermissionError("denied"), EOFError("unexpected end of data"),
                    OSError("Not a gzipped file (b'PK')"), ValueError("bad header")):
         assert not is_transient(damage)

@@ -25,6 +25,8 @@ TRANSIENT_WORDS = ("slowdown", "slow down", "throttl", "too many requests", "req
                    "serviceunavailable", "service unavailable", "internalerror", "internal error", "bad gateway",
                    "gateway timeout", "connection reset", "connection aborted", "timed out", "temporarily unavailable",
                    "server disconnected", "incomplete read", "(500)", "(502)", "(503)", "(504)", " 500 ", " 502 ",
+                   # aiohttp (s3fs, gcsfs) when the connection closes before the body's declared length
+                   "clientpayloaderror", "payload is not completed", "not enough data to satisfy content length",
                    " 503 ", " 504 ",
                    "transientioerror")  # ours, as a Ray task's error names it
 
