@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 GROUP_ROWS = 262_144  # rows one task commits, about
 RANGE_ROWS = 2_000_000  # rows of one hash range of keys, about: one task holds their keys
 SHARDS_PER_EXPORT_TASK = 64
+MERGE_FAN_IN = 16  # samples of key digests one task merges
 
 
 @dataclass(frozen=True)
@@ -185,21 +186,15 @@ def _top_fraction(output: OutputDir, settings: FilterSettings, plan: _Plan,
 
 def _fit_clusters(output: OutputDir, clusters: int, plan: _Plan,
                   exceptions: dict[int, list[ray.ObjectRef]]) -> np.ndarray | None:
-    """Centroids fitted on the CLUSTER_SAMPLE ranked rows first by key digest (`filtering.cluster_sample`)."""
-    digests = _task(first_digests)
-    pending = [digests.remote(output.url, group, CLUSTER_SAMPLE, *exceptions.get(i, []))
+    """Centroids fitted on the CLUSTER_SAMPLE ranked rows first by key digest (None: no ranked row)."""
+    digests, merge = _task(first_digests), _task(smallest_digests, spread=False)
+    samples = [digests.remote(output.url, group, CLUSTER_SAMPLE, *exceptions.get(i, []))
                for i, group in enumerate(plan.groups)]
-    sample = smallest_digests([], CLUSTER_SAMPLE)
-    while pending:  # merged as they come: the driver holds at most two samples
-        ready, pending = ray.wait(pending)
-        sample = smallest_digests([sample, ray.get(ready[0])], CLUSTER_SAMPLE)
-    if not sample.num_rows:
-        return None
-    wanted = ray.put(sample)
-    parts_wanted = set(sample.column("part").to_pylist())
+    while len(samples) > 1:  # merged by tasks, a few at a time: the driver never holds a sample
+        samples = [merge.remote(CLUSTER_SAMPLE, *samples[start:start + MERGE_FAN_IN])
+                   for start in range(0, len(samples), MERGE_FAN_IN)]
     fetch = _task(embeddings_at)
-    found = [fetch.remote(output.url, group, wanted) for group in plan.groups
-             if any(position in parts_wanted for position, _ in group)]
+    found = [fetch.remote(output.url, group, samples[0]) for group in plan.groups]
     return ray.get(_task(fit_sampled, spread=False).remote(clusters, *found))  # k-means in a task, not here
 
 

@@ -130,10 +130,11 @@ def first_digests(output_url: str, parts: list[Part], size: int, *exceptions: pa
         keys = table.column("key").take(pa.array(rows)).to_pylist()
         found.append(pa.table({"digest": key_digests(keys), "part": np.full(len(rows), position, np.int32),
                                "row": rows.astype(np.int32)}))
-    return smallest_digests(found, size)
+    return smallest_digests(size, *found)
 
 
-def smallest_digests(tables: list[pa.Table], size: int) -> pa.Table:
+def smallest_digests(size: int, *tables: pa.Table) -> pa.Table:
+    """The `size` rows of some (digest, part, row) tables first by digest."""
     table = pa.concat_tables(tables) if tables else pa.table({"digest": pa.array([], pa.uint64()),
                                                               "part": pa.array([], pa.int32()),
                                                               "row": pa.array([], pa.int32())})
@@ -152,10 +153,12 @@ def embeddings_at(output_url: str, parts: list[Part], wanted: pa.Table) -> pa.Ta
     return pa.concat_tables(found) if found else None
 
 
-def fit_sampled(clusters: int, *found: pa.Table | None) -> np.ndarray:
-    """Centroids fitted on the sampled rows `embeddings_at` found, in the order of their digests."""
-    rows = pa.concat_tables([table for table in found if table is not None]).sort_by("digest")
-    return fit_clusters(embedding_matrix(rows), clusters)
+def fit_sampled(clusters: int, *found: pa.Table | None) -> np.ndarray | None:
+    """Centroids fitted on the sampled rows `embeddings_at` found, in the order of their digests (None: none)."""
+    tables = [table for table in found if table is not None]
+    if not tables:
+        return None
+    return fit_clusters(embedding_matrix(pa.concat_tables(tables).sort_by("digest")), clusters)
 
 
 def write_parts(output_url: str, parts: list[Part], settings: FilterSettings, top: TopFraction | None,
