@@ -298,26 +298,17 @@ def test_training_goes_on_after_a_node_is_lost_and_replaced(cluster, tiny_bundle
     epoch's checkpoint is registered, the second node is lost (as a spot node is) and another joins (as the
     autoscaler adds one). The workers restart, resume from a checkpoint, and the run ends with every epoch's
     loss and a bundle that loads."""
-    from test_ray_training import _write_output
+    from test_ray_training import _write_output, train_command, wait_for_first_checkpoint
 
     from pipeline.models.bundle import load_bundle
 
     created = cluster(2, cpus=2)
     _write_output(tmp_path / "output", 3000, 24)
     out = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "jobs" / "train_captioner.py"), "--embeddings-from", str(tmp_path / "output"),
-            "--clip", str(tiny_bundle), "--caption-epochs", "4", "--batch-size", "16", "--vocab-size", "300",
-            "--lm-width", "32", "--lm-layers", "1", "--lm-heads", "2", "--lm-positions", "32", "--prefix-length", "4",
-            "--precision", "fp32", "--num-workers", "2", "--out", str(out)]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=_env(RAY_ADDRESS=created.address))
+    process = subprocess.Popen(train_command(tmp_path / "output", tiny_bundle, out), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=_env(RAY_ADDRESS=created.address))
     try:
-        deadline = time.time() + 300
-        snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train registered
-        while not (snapshot.is_file() and "captioner-0001" in snapshot.read_text()) and process.poll() is None:
-            assert time.time() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
-        assert process.poll() is None, process.stdout.read()[-3000:]
+        wait_for_first_checkpoint(out, process)
         [lost] = list(created.worker_nodes)
         created.remove_node(lost, allow_graceful=False)
         created.add_node(num_cpus=2)

@@ -119,6 +119,24 @@ def _train_workers(ancestor: int) -> list[int]:
     return [pid for pid, title in titles.items() if title.startswith(b"ray::RayTrainWorker") and descends(pid)]
 
 
+def train_command(embeddings: Path, bundle: Path, out: Path, epochs: int = 4) -> list[str]:
+    """`train_captioner.py` on two Ray Train workers: a tiny captioner, 4 caption epochs of `embeddings`."""
+    return [sys.executable, str(ROOT / "jobs" / "train_captioner.py"), "--embeddings-from", str(embeddings),
+            "--clip", str(bundle), "--caption-epochs", str(epochs), "--batch-size", "16", "--vocab-size", "300",
+            "--lm-width", "32", "--lm-layers", "1", "--lm-heads", "2", "--lm-positions", "32", "--prefix-length", "4",
+            "--precision", "fp32", "--num-workers", "2", "--out", str(out)]
+
+
+def wait_for_first_checkpoint(out: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until Ray Train has registered the first caption epoch's checkpoint (the run still going)."""
+    deadline = time.time() + timeout
+    snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train registered
+    while not (snapshot.is_file() and "captioner-0001" in snapshot.read_text()) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.2)
+    assert process.poll() is None, process.stdout.read()[-3000:]
+
+
 def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_and_the_bundle_is_complete(tiny_bundle,
                                                                                                 tmp_path):
     """`train_captioner.py --num-workers 2`: once Ray Train has registered the first caption epoch's checkpoint,
@@ -126,20 +144,13 @@ def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_and_the_bund
     every epoch's loss and a bundle that loads. A rerun with more epochs resumes from the last checkpoint."""
     _write_output(tmp_path / "output", 3000, 24)
     out = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "jobs" / "train_captioner.py"), "--embeddings-from", str(tmp_path / "output"),
-            "--clip", str(tiny_bundle), "--caption-epochs", "4", "--batch-size", "16", "--vocab-size", "300",
-            "--lm-width", "32", "--lm-layers", "1", "--lm-heads", "2", "--lm-positions", "32", "--prefix-length", "4",
-            "--precision", "fp32", "--num-workers", "2", "--out", str(out)]
+    args = train_command(tmp_path / "output", tiny_bundle, out)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
-        deadline = time.time() + 240
-        snapshot = out / "checkpoints" / "checkpoint_manager_snapshot.json"  # the checkpoints Ray Train registered
-        while not (snapshot.is_file() and "captioner-0001" in snapshot.read_text()) and process.poll() is None:
-            assert time.time() < deadline, "no checkpoint in time"
-            time.sleep(0.2)
+        wait_for_first_checkpoint(out, process, timeout=240)
         victims = _train_workers(process.pid)
-        assert process.poll() is None and len(victims) == 2
+        assert len(victims) == 2
         os.kill(victims[-1], signal.SIGKILL)
         output, _ = process.communicate(timeout=300)
     finally:
@@ -152,8 +163,8 @@ def test_a_worker_killed_mid_epoch_resumes_from_the_last_checkpoint_and_the_bund
     bundle = load_bundle(out / "bundle")
     assert bundle.captioner is not None and bundle.manifest["sha256"] == summary["bundle_sha256"]
 
-    more = subprocess.run([*args[:args.index("--caption-epochs") + 1], "5", *args[args.index("--caption-epochs") + 2:]],
-                          capture_output=True, text=True, env=env, timeout=300)
+    more = subprocess.run(train_command(tmp_path / "output", tiny_bundle, out, epochs=5), capture_output=True,
+                          text=True, env=env, timeout=300)
     assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
     resumed = json.loads((out / "train_summary.json").read_text())
     assert resumed["resumed_from"] == "captioner-0004"
