@@ -219,14 +219,6 @@ def part_name(sources: list[str], indices: list[int]) -> str:
     return f"part-{digest}.parquet"
 
 
-def read_columns(output: OutputDir, folder: str, columns: list[str], paths: list[str] | None = None,
-                 ) -> pa.Table | None:
-    """Some columns of every committed part of a folder (or of `paths`, a listing of it the caller holds),
-    concatenated (None when there is none)."""
-    tables = [output.read_table(path, columns) for path in (output.parts(folder) if paths is None else paths)]
-    return pa.concat_tables(tables) if tables else None
-
-
 def read_part(handle: Any, columns: list[str]) -> pa.Table:
     """Some columns of one Parquet part; a column added after the part was written (ADDED_COLUMNS) reads as
     nulls, any other missing one is an error, as pyarrow's read_table raises it."""

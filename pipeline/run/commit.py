@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +47,7 @@ from pipeline.run.commit_tasks import (
 from pipeline.run.errors import StagingNotListed
 from pipeline.run.filtering import CLUSTER_SAMPLE, FilterSettings, TopFraction
 from pipeline.run.selection import Row, Window, add_counts, count_through, find_cutoffs, sample_windows
+from pipeline.run.tasks import cluster_cpus, split_into_ranges, task
 from schemas.captions import captions_schema
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class _Plan:
         if not parts:
             return _Plan([], 1, 1)
         rows_per_part = max(1, output.rows_in(paths[0]))
-        cpus = _cpus()
+        cpus = cluster_cpus()
         per_group = max(1, min(GROUP_ROWS // rows_per_part, -(-len(parts) // (2 * cpus))))
         groups = [parts[start:start + per_group] for start in range(0, len(parts), per_group)]
         ranges = max(min(cpus, len(groups)), -(-len(parts) * rows_per_part // RANGE_ROWS))
@@ -137,11 +137,8 @@ def _exceptions(output: OutputDir, plan: _Plan, shard_order: list[str]) -> dict[
     """group -> the exception tables (object references) that name rows of its parts."""
     if not plan.groups:
         return {}
-    split = _task(key_ranges, returns=plan.ranges)
-    pieces = [split.remote(output.url, group, plan.ranges) for group in plan.groups]
-    if plan.ranges == 1:  # one return value: the list itself
-        pieces = [[piece] for piece in pieces]
-    find = _task(find_exceptions, returns=2, spread=False)
+    pieces = split_into_ranges(key_ranges, plan.ranges, [(output.url, group) for group in plan.groups])
+    find = task(find_exceptions, returns=2, spread=False)
     order = ray.put(shard_order)
     found = [find.remote(order, plan.per_group, *(group[r] for group in pieces)) for r in range(plan.ranges)]
     by_group: dict[int, list[ray.ObjectRef]] = {}
@@ -161,7 +158,7 @@ def _top_fraction(output: OutputDir, settings: FilterSettings, plan: _Plan,
         centroids = _fit_clusters(output, settings.clusters, plan, exceptions)
         if centroids is None:
             return None
-    rank = _task(rank_parts, returns=2)
+    rank = task(rank_parts, returns=2)
     shared_centroids = ray.put(centroids)
     ranked = [rank.remote(output.url, group, shared_centroids, *exceptions.get(i, []))
               for i, group in enumerate(plan.groups)]
@@ -169,7 +166,7 @@ def _top_fraction(output: OutputDir, settings: FilterSettings, plan: _Plan,
     counts = np.sum(ray.get([count for _, count in ranked]), axis=0)
     if not counts.sum():
         return None
-    sample, count = _task(sample_windows, spread=False), _task(count_through, spread=False)
+    sample, count = task(sample_windows, spread=False), task(count_through, spread=False)
 
     def counted(windows: dict[int, Window], pivots: dict[int, list[Row]]) -> dict[int, np.ndarray]:
         total, pending = None, [count.remote(table, windows, pivots) for table in rankings]
@@ -187,21 +184,21 @@ def _top_fraction(output: OutputDir, settings: FilterSettings, plan: _Plan,
 def _fit_clusters(output: OutputDir, clusters: int, plan: _Plan,
                   exceptions: dict[int, list[ray.ObjectRef]]) -> np.ndarray | None:
     """Centroids fitted on the CLUSTER_SAMPLE ranked rows first by key digest (None: no ranked row)."""
-    digests, merge = _task(first_digests), _task(smallest_digests, spread=False)
+    digests, merge = task(first_digests), task(smallest_digests, spread=False)
     samples = [digests.remote(output.url, group, CLUSTER_SAMPLE, *exceptions.get(i, []))
                for i, group in enumerate(plan.groups)]
     while len(samples) > 1:  # merged by tasks, a few at a time: the driver never holds a sample
         samples = [merge.remote(CLUSTER_SAMPLE, *samples[start:start + MERGE_FAN_IN])
                    for start in range(0, len(samples), MERGE_FAN_IN)]
-    fetch = _task(embeddings_at)
+    fetch = task(embeddings_at)
     found = [fetch.remote(output.url, group, samples[0]) for group in plan.groups]
-    return ray.get(_task(fit_sampled, spread=False).remote(clusters, *found))  # k-means in a task, not here
+    return ray.get(task(fit_sampled, spread=False).remote(clusters, *found))  # k-means in a task, not here
 
 
 def _write(output: OutputDir, config: RunConfig, plan: _Plan, top: TopFraction | None,
            exceptions: dict[int, list[ray.ObjectRef]], embedding_dim: int, metadata_json: str) -> dict[str, Any]:
     """Every group's parts to captions/ and filtered/; their counts summed."""
-    write = _task(_write_parts_on_node)
+    write = task(_write_parts_on_node)
     shared_top = ray.put(top)
     pending = [write.remote(output.url, group, config.filter, shared_top, embedding_dim, metadata_json,
                             not config.embed_only, *exceptions.get(i, [])) for i, group in enumerate(plan.groups)]
@@ -216,18 +213,6 @@ def _write(output: OutputDir, config: RunConfig, plan: _Plan, top: TopFraction |
         total["actor_peak_rss_mb"] = max(total["actor_peak_rss_mb"], counts["actor_peak_rss_mb"])
         total["kept"] += counts["kept"]
     return total
-
-
-def _cpus() -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _task(function: Callable[..., Any], returns: int = 1, spread: bool = True) -> Any:
-    """A step of the commit as a Ray task of one CPU. The steps that read and write parts spread over the
-    nodes (their input is the output's storage, which every node reaches); the others run where their
-    objects are."""
-    return ray.remote(num_cpus=1, num_returns=returns, scheduling_strategy="SPREAD" if spread else "DEFAULT")(
-        function)
 
 
 def _write_parts_on_node(*args: Any) -> tuple[str, dict[str, Any]]:
@@ -246,13 +231,10 @@ def export_webdataset(output: OutputDir, config: RunConfig, shards: list[Shard],
     plan = _Plan.of(output, output.parts(FILTERED))
     if not plan.groups:
         return {"folder": WEBDATASET, "tars": 0, "samples": 0, "missing": 0}
-    ranges = min(len(shards), max(2 * _cpus(), -(-len(shards) // SHARDS_PER_EXPORT_TASK)))
+    ranges = min(len(shards), max(2 * cluster_cpus(), -(-len(shards) // SHARDS_PER_EXPORT_TASK)))
     positions = ray.put({shard.url: position for position, shard in enumerate(shards)})
-    split = _task(kept_by_shard, returns=ranges)
-    pieces = [split.remote(output.url, group, positions, ranges) for group in plan.groups]
-    if ranges == 1:  # one return value: the list itself
-        pieces = [[piece] for piece in pieces]
-    write = _task(write_webdataset_tars)
+    pieces = split_into_ranges(kept_by_shard, ranges, [(output.url, group, positions) for group in plan.groups])
+    write = task(write_webdataset_tars)
     stats = [row for rows in ray.get([
         write.remote(list(enumerate(shards))[r::ranges], output.url, config.image_column, config.key_column,
                      provenance, *(piece[r] for piece in pieces)) for r in range(ranges)]) for row in rows]

@@ -13,7 +13,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -22,6 +21,7 @@ from pipeline.io.sources import Shard
 from pipeline.run.data_stages import STAGING_ONLY, write_webdataset_tar
 from pipeline.run.filtering import FilterSettings, TopFraction, fit_clusters, keep_mask, nearest_cluster
 from pipeline.run.selection import ranking
+from pipeline.run.tasks import by_range, hash_ranges
 from schemas.captions import captions_schema, conform, embedding_matrix, validate_table
 
 EXCEPTIONS_SCHEMA = pa.schema([("part", pa.int32()), ("row", pa.int32()),
@@ -39,14 +39,8 @@ def key_ranges(output_url: str, parts: list[Part], ranges: int) -> list[pa.Table
         table = output.read_table(path, ["key", "source", "index", "status"])
         tables.append(table.append_column("part", pa.array(np.full(table.num_rows, position, np.int32)))
                       .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int32))))
-    rows = pa.concat_tables(tables) if tables else None
-    if rows is None or not rows.num_rows:
-        tables = [pa.table({}) for _ in range(ranges)]
-    else:
-        hashes = pd.util.hash_array(rows.column("key").to_numpy(zero_copy_only=False).astype(object))
-        which = (hashes % np.uint64(ranges)).astype(np.int64)
-        tables = [rows.filter(pa.array(which == r)) for r in range(ranges)]
-    return tables if ranges > 1 else tables[0]
+    rows = pa.concat_tables(tables)
+    return by_range(rows, hash_ranges(rows.column("key"), ranges), ranges)
 
 
 def find_exceptions(shard_order: list[str], parts_per_group: int, *pieces: pa.Table) -> tuple[pa.Table, list[int]]:
@@ -114,7 +108,7 @@ def rank_parts(output_url: str, parts: list[Part], centroids: np.ndarray | None,
 
 
 def key_digests(keys: list[str]) -> np.ndarray:
-    """The order k-means samples rows in (`filtering.cluster_sample`), as numbers."""
+    """The order k-means samples rows in (`filtering.CLUSTER_SAMPLE`: the first by this digest), as numbers."""
     return np.array([int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") for key in keys],
                     dtype=np.uint64)
 
@@ -141,7 +135,7 @@ def smallest_digests(size: int, *tables: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, [("digest", "ascending")])[:size])
 
 
-def embeddings_at(output_url: str, parts: list[Part], wanted: pa.Table) -> pa.Table:
+def embeddings_at(output_url: str, parts: list[Part], wanted: pa.Table) -> pa.Table | None:
     """The image embeddings of the (part, row) pairs in `wanted` that lie in these parts, with their digests."""
     output = OutputDir(output_url)
     found = []
@@ -244,8 +238,7 @@ def kept_by_shard(output_url: str, parts: list[Part], positions: dict[str, int],
     rows = pa.concat_tables([output.read_table(path, list(WEBDATASET_COLUMNS)) for _, path in parts])
     # a source that is no input shard of the run has no tar to go to
     position = np.array([positions.get(source, -1) for source in rows.column("source").to_pylist()], dtype=np.int64)
-    tables = [rows.filter(pa.array((position >= 0) & (position % ranges == r))) for r in range(ranges)]
-    return tables if ranges > 1 else tables[0]
+    return by_range(rows, np.where(position >= 0, position % ranges, -1), ranges)
 
 
 def write_webdataset_tars(shards: list[tuple[int, Shard]], output_url: str, image_column: str | None,

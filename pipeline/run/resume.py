@@ -7,8 +7,6 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import ray
 
@@ -27,6 +25,7 @@ from pipeline.io.sinks import (
 from pipeline.io.sources import Shard
 from pipeline.run.data_stages import SHARD_RECORDS, shard_id
 from pipeline.run.errors import UsageError
+from pipeline.run.tasks import by_range, cluster_cpus, hash_ranges, split_into_ranges, task
 from pipeline.text import describe_error
 
 PARTS_PER_TASK = 64
@@ -111,15 +110,12 @@ def staged_samples(output: OutputDir) -> Staged:
     for path in output.parts(f"{STAGING}/{SHARD_RECORDS}", pattern="*"):
         shard_id, _, count = path.rsplit("/", 1)[-1].partition(".")
         markers[shard_id] = int(count)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = cluster_cpus()
     per_task = max(1, min(PARTS_PER_TASK, -(-len(paths) // (2 * cpus))))
     ranges = max(1, min(cpus, -(-len(paths) // per_task)))
-    split = ray.remote(num_cpus=1, num_returns=ranges, scheduling_strategy="SPREAD")(staged_positions)
-    pieces = [split.remote(output.url, paths[start:start + per_task], ranges)
-              for start in range(0, len(paths), per_task)]
-    if ranges == 1:  # one return value: the list itself
-        pieces = [[piece] for piece in pieces]
-    progress = ray.remote(num_cpus=1)(shard_progress)
+    pieces = split_into_ranges(staged_positions, ranges, [(output.url, paths[start:start + per_task])
+                                                         for start in range(0, len(paths), per_task)])
+    progress = task(shard_progress, spread=False)
     shared_markers = ray.put(markers)
     finished, partial, rows = set(), {}, 0
     for done, unfinished, count in ray.get([progress.remote(shared_markers, *(piece[r] for piece in pieces))
@@ -136,9 +132,7 @@ def staged_positions(output_url: str, paths: list[str], ranges: int) -> list[pa.
     output = OutputDir(output_url)
     rows = pa.concat_tables([output.read_table(path, ["source", "index"]) for path in paths])
     rows = rows.group_by(["source", "index"]).aggregate([])
-    which = pd.util.hash_array(rows.column("source").to_numpy(zero_copy_only=False).astype(object)) % np.uint64(ranges)
-    tables = [rows.filter(pa.array(which == r)) for r in range(ranges)]
-    return tables if ranges > 1 else tables[0]
+    return by_range(rows, hash_ranges(rows.column("source"), ranges), ranges)
 
 
 def shard_progress(markers: dict[str, int], *pieces: pa.Table) -> tuple[set[str], dict[str, set[int]], int]:
