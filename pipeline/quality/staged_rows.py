@@ -31,7 +31,7 @@ class StagedRows:
     seed: int = 0
 
     def shards(self) -> list[str]:
-        return [f"s3://corpus/{i:05d}.tar" for i in range(-(-self.rows // self.shard_samples))]
+        return [_shard_url(i) for i in range(-(-self.rows // self.shard_samples))]
 
     def parts(self) -> int:
         return -(-self.rows // self.rows_per_part)
@@ -50,7 +50,7 @@ class StagedRows:
         scores = np.round(rng.normal(0.3, 0.05, len(samples)), 3).astype(np.float32)  # rounded: ties happen
         n = len(samples)
         columns = {
-            "key": keys, "source": [f"s3://corpus/{s:05d}.tar" for s in shard],
+            "key": keys, "source": [_shard_url(s) for s in shard],
             "status": np.where(ok, "ok", "decode_error").tolist(),
             "error": [None if good else "cannot identify image file" for good in ok],
             "width": np.where(ok, 640, None).tolist(), "height": np.where(ok, 480, None).tolist(),
@@ -60,7 +60,7 @@ class StagedRows:
                 pa.array(embeddings.reshape(-1), pa.float16()), self.embedding_dim, mask=pa.array(~ok)),
             "candidates": [None] * n, "keep": [False] * n, "original_text": [None] * n,
             "original_clip_score": [None] * n, "index": index,
-            "node": ["node-a"] * n, "actor": [f"actor-{number % 4}"] * n, "compute": ["cpu:bfloat16"] * n,
+            "node": ["node-a"] * n, "actor": [f"actor-{number % 4}"] * n, "compute": ["cpu bfloat16"] * n,
             "actor_peak_rss_mb": np.full(n, 2048.0, np.float32),
         }
         table = pa.table(columns, schema=staging_schema(self.embedding_dim, METADATA))
@@ -68,6 +68,10 @@ class StagedRows:
         if rng.random() < self.retried:
             tables.append(table.slice(n // 2))
         return tables
+
+
+def _shard_url(number: int) -> str:
+    return f"s3://corpus/{number:05d}.tar"
 
 
 def write_staged(output_url: str, spec: StagedRows, numbers: range | None = None) -> int:

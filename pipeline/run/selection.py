@@ -2,7 +2,7 @@
 
 Each table (a *ranking*) holds some rows as (cluster, score, key), sorted in ranking order within each cluster:
 score descending (a missing score last), then key ascending. The cutoff of a cluster is its row of global rank
-`max(1, round(fraction * rows))`, as `filtering.top_fraction_cutoff` defines it over all rows at once.
+`max(1, round(fraction * rows))`: where a sort of all its rows at once would place it.
 
 The search narrows a window of the ranking: a sample of the window's rows (every s-th row of each table) gives
 pivots, the tables count their rows up to each pivot, and the window shrinks to the two pivots around the
