@@ -399,7 +399,8 @@ def commit(sizes: tuple[int, ...], rows_per_part: int, embedding_dim: int, keep_
 @click.option("--output", required=True)
 def commit_one(rows: int, rows_per_part: int, embedding_dim: int, keep_top_fraction: float, clusters: int,
                output: str) -> None:
-    """One size of `commit`, in this process: staged parts written by Ray tasks, then the commit timed."""
+    """One size of `commit`, in this process: staged parts written by Ray tasks, then the commit timed: the
+    shards published (in a run, while the models work) and the published parts settled."""
     import ray
 
     from pipeline.config import RunConfig
@@ -408,6 +409,7 @@ def commit_one(rows: int, rows_per_part: int, embedding_dim: int, keep_top_fract
     from pipeline.run.commit import finalize
     from pipeline.run.data_stages import peak_rss_mb
     from pipeline.run.filtering import FilterSettings
+    from pipeline.run.publish import Publisher
 
     cores = len(os.sched_getaffinity(0))
     ray.init(address="local", num_cpus=cores, include_dashboard=False, configure_logging=False,
@@ -421,10 +423,14 @@ def commit_one(rows: int, rows_per_part: int, embedding_dim: int, keep_top_fract
     config = RunConfig(inputs=("staged",), output=output, filter=settings)
     rss_before = peak_rss_mb()
     tic = time.perf_counter()
+    # publishing every shard here, as a run does while its model stage goes on, then the commit's settling
+    Publisher(OutputDir(output), config.rows_per_file).finish(set())
+    publish_s = time.perf_counter() - tic
     counts = finalize(OutputDir(output), config, spec.shards(), embedding_dim, METADATA, set())
     commit_s = time.perf_counter() - tic
     click.echo(json.dumps({"rows": rows, "staged_rows": staged, "staging_s": round(staged_s, 1),
-                           "commit_s": round(commit_s, 1), "rows_per_s": round(rows / commit_s),
+                           "commit_s": round(commit_s, 1), "publish_s": round(publish_s, 1),
+                           "settle_s": round(commit_s - publish_s, 1), "rows_per_s": round(rows / commit_s),
                            "driver_peak_rss_mb": round(peak_rss_mb(), 1),
                            "driver_peak_rss_before_commit_mb": round(rss_before, 1), "counts": counts}))
 

@@ -40,11 +40,12 @@ def captions_schema(embedding_dim: int, metadata_json: str | None = None) -> pa.
 ADDED_COLUMNS = {"original_clip_score": pa.float32()}
 
 
-def with_added_columns(table: pa.Table, names: list[str]) -> pa.Table:
-    """`table`'s columns `names`, in that order, those of ADDED_COLUMNS it lacks as nulls."""
+def with_added_columns(table: pa.Table, names: list[str], added: dict[str, pa.DataType] = ADDED_COLUMNS,
+                       ) -> pa.Table:
+    """`table`'s columns `names`, in that order, those of `added` it lacks as nulls."""
     for name in names:
-        if name not in table.column_names and name in ADDED_COLUMNS:
-            table = table.append_column(name, pa.nulls(table.num_rows, ADDED_COLUMNS[name]))
+        if name not in table.column_names and name in added:
+            table = table.append_column(name, pa.nulls(table.num_rows, added[name]))
     return table.select(names)
 
 

@@ -17,9 +17,9 @@ from moto.server import ThreadedMotoServer
 
 from pipeline.config import GenerationSettings, RunConfig
 from pipeline.io.retry import TransientIOError
+from pipeline.io.sinks import shard_id
 from pipeline.quality.verify import verify
 from pipeline.run.chain import run
-from pipeline.run.data_stages import shard_id
 from pipeline.run.filtering import FilterSettings
 
 BUCKET = "captions-test"

@@ -444,9 +444,8 @@ def test_same_key_in_two_shards_keeps_both_samples(ray_local, tiny_bundle, tmp_p
 def test_a_resumed_run_reads_only_the_shards_not_staged_completely(ray_local, tiny_bundle, tmp_path, monkeypatch):
     import pipeline.run.chain as run_module
     import pipeline.run.resume as resume
-    from pipeline.io.sinks import OutputDir
+    from pipeline.io.sinks import OutputDir, shard_id
     from pipeline.io.sources import expand_inputs
-    from pipeline.run.data_stages import shard_id
 
     tar_corpus(tmp_path / "in", shards=3, per_shard=4)
     out = tmp_path / "out"

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import tarfile
 import time
 import uuid
@@ -134,12 +135,14 @@ class OutputDir:
                 return pq.ParquetFile(handle).metadata.num_rows
         return retrying(read, f"reading {path}")
 
-    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+    def read_table(self, path: str, columns: list[str] | None = None,
+                   optional: dict[str, pa.DataType] | None = None) -> pa.Table:
         """One Parquet part (a path `parts` listed): every column, or some (as `read_part` reads them)."""
         def read() -> pa.Table:
             with self.fs.open(path, "rb") as handle:
                 # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
-                return pq.read_table(handle, use_threads=False) if columns is None else read_part(handle, columns)
+                return pq.read_table(handle, use_threads=False) if columns is None else read_part(handle, columns,
+                                                                                                   optional)
         return retrying(read, f"reading {path}")
 
     def remove(self, *parts: str) -> None:
@@ -210,23 +213,45 @@ def _unique(stem: str, taken: set[str]) -> str:
     return candidate
 
 
-def part_name(sources: list[str], indices: list[int]) -> str:
-    """Content-derived name: the same samples always get the same file name, and other samples another one.
-    Named by (source, position), not by key: a shard repeating another's keys (the same images as .tar and
-    as .parquet) made a part of the same name, which replaced the first, and those rows were lost."""
-    samples = sorted(f"{source}\0{index}" for source, index in zip(sources, indices, strict=True))
-    digest = hashlib.sha256("\0".join(samples).encode("utf-8", "surrogateescape")).hexdigest()[:20]
-    return f"part-{digest}.parquet"
+def shard_id(url: str) -> str:
+    """A shard's name in the output's file names."""
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
 
 
-def read_part(handle: Any, columns: list[str]) -> pa.Table:
-    """Some columns of one Parquet part; a column added after the part was written (ADDED_COLUMNS) reads as
-    nulls, any other missing one is an error, as pyarrow's read_table raises it."""
+def part_name(source: str, indices: list[int]) -> str:
+    """A staged part's name: its shard's id, then a digest of its samples' positions, so that the same samples
+    always get the same file name and other samples another one, and a listing tells each shard's parts apart.
+    Named by (source, position), not by key: a shard repeating another's keys (the same images as .tar and as
+    .parquet) made a part of the same name, which replaced the first, and those rows were lost."""
+    digest = hashlib.sha256(",".join(map(str, sorted(indices))).encode()).hexdigest()[:20]
+    return f"part-{shard_id(source)}-{digest}.parquet"
+
+
+STAGED_PART = re.compile(r"part-([0-9a-f]{32})-[0-9a-f]{20}\.parquet")
+
+
+def part_shard(name: str) -> str | None:
+    """The shard id a staged part's name starts with (`part_name`); None for a name `part_name` does not make."""
+    found = STAGED_PART.fullmatch(name.rsplit("/", 1)[-1])
+    return found.group(1) if found else None
+
+
+def published_name(source: str, chunk: int) -> str:
+    """The captions/ part of a shard's samples at positions [chunk * rows_per_file, (chunk + 1) * rows_per_file):
+    the same samples always go to the same part, whichever attempt publishes them."""
+    return f"part-{shard_id(source)}-{chunk:05d}.parquet"
+
+
+def read_part(handle: Any, columns: list[str], optional: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """Some columns of one Parquet part; a column added after the part was written (ADDED_COLUMNS), or one of
+    `optional`, reads as nulls where the part lacks it; any other missing one is an error, as pyarrow's
+    read_table raises it."""
     part = pq.ParquetFile(handle)
     present = part.schema_arrow.names
-    missing = [name for name in columns if name not in present and name not in ADDED_COLUMNS]
+    added = ADDED_COLUMNS | (optional or {})
+    missing = [name for name in columns if name not in present and name not in added]
     if missing:
         raise pa.ArrowInvalid(f"no column {missing[0]!r} in this part (it has {', '.join(present)})")
     # use_threads=False: pyarrow's threaded reads from Python file objects can abort at exit
     return with_added_columns(part.read(columns=[name for name in columns if name in present], use_threads=False),
-                              columns)
+                              columns, added)

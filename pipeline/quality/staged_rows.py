@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.io.sinks import STAGING, OutputDir, part_name
 from pipeline.run.data_stages import staging_schema
@@ -80,7 +81,8 @@ def write_staged(output_url: str, spec: StagedRows, numbers: range | None = None
     written = 0
     for number in numbers if numbers is not None else range(spec.parts()):
         for table in spec.part(number):
-            output.write_parquet(table, STAGING, part_name(table.column("source").to_pylist(),
-                                                            table.column("index").to_pylist()))
-            written += table.num_rows
+            for source in pc.unique(table.column("source")).to_pylist():  # a staged part holds one shard's rows
+                rows = table.filter(pc.equal(table.column("source"), source))
+                output.write_parquet(rows, STAGING, part_name(source, rows.column("index").to_pylist()))
+                written += rows.num_rows
     return written

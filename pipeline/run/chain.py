@@ -47,6 +47,7 @@ from pipeline.run.placement import (
     live_node_resources,
     total_resources,
 )
+from pipeline.run.publish import Publisher
 from pipeline.run.resume import jsonable, prepare_output, shards_digest, staged_samples
 from pipeline.text import describe_error, one_line
 
@@ -154,14 +155,20 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     remaining = None if config.limit is None else config.limit - staged.rows
     unfinished = [shard for shard in shards if shard.url not in staged.finished]
     actors, parts_written = None, set()
+    publisher = Publisher(output, config.rows_per_file)  # captions/ fills shard by shard as the run goes on
     if unfinished and (remaining is None or remaining > 0):
-        actors, parts_written = _caption_into_staging(config, output, unfinished, staged.partial, image_specs,
-                                                      embedding_dim, metadata_json, remaining, model_path,
-                                                      identity["sha256"])
+        publisher.start()
+        try:
+            actors, parts_written = _caption_into_staging(config, output, unfinished, staged.partial, image_specs,
+                                                          embedding_dim, metadata_json, remaining, model_path,
+                                                          identity["sha256"])
+        finally:
+            publisher.stop()
     model_seconds = time.time() - model_started
 
     finalize_started = time.time()
-    counts = finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json, parts_written)
+    counts = finalize(output, config, [shard.url for shard in shards], embedding_dim, metadata_json, parts_written,
+                      publisher)
     export_started = time.time()
     webdataset = export_webdataset(output, config, shards, provenance) if config.write_webdataset else None
     counts["driver_peak_rss_mb"] = round(peak_rss_mb(), 1)  # should not grow with the corpus

@@ -1,10 +1,10 @@
-"""The commit: staged parts -> captions/ (every sample exactly once, with keep) and filtered/ (the kept rows);
-the re-filter of a finished run; the WebDataset copy of the kept rows.
+"""The commit: the published captions/ parts settled (every sample exactly once, with keep) and filtered/ (the
+kept rows); the re-filter of a finished run; the WebDataset copy of the kept rows.
 
 Every step runs as Ray tasks over groups of parts (`commit_tasks`), so the commit spreads over the cluster
-and the driver holds the listing of parts, object references and counts, never the rows: second copies and
-duplicate keys are found per hash range of keys, the exact top fraction by a search over sorted rankings
-(`selection`), and each group's parts are rewritten by the task that reads them.
+and the driver holds the listing of parts, object references and counts, never the rows: duplicate keys are
+found per hash range of keys, the exact top fraction by a search over sorted rankings (`selection`), and each
+group's parts are rewritten in place by the task that reads them.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pipeline.io.sinks import (
     REFILTER,
     REPORT,
     RUN_JSON,
-    STAGING,
     WEBDATASET,
     OutputDir,
 )
@@ -44,8 +43,8 @@ from pipeline.run.commit_tasks import (
     write_parts,
     write_webdataset_tars,
 )
-from pipeline.run.errors import StagingNotListed
 from pipeline.run.filtering import CLUSTER_SAMPLE, FilterSettings, TopFraction
+from pipeline.run.publish import Publisher, provenance_counts
 from pipeline.run.selection import Row, Window, add_counts, count_through, find_cutoffs, sample_windows
 from pipeline.run.tasks import cluster_cpus, split_into_ranges, task
 from schemas.captions import captions_schema
@@ -80,31 +79,30 @@ class _Plan:
 
 
 def finalize(output: OutputDir, config: RunConfig, shard_order: list[str], embedding_dim: int,
-              metadata_json: str, parts_written: set[str]) -> dict[str, Any]:
+             metadata_json: str, parts_written: set[str], publisher: Publisher | None = None) -> dict[str, Any]:
     """Staged parts -> captions/ (every sample exactly once, with keep) and filtered/ (kept rows).
 
-    A sample staged twice (a retried write) is written once. Two samples that share a key (the same
-    key in two shards) are both kept: the first in input order keeps the key, the others become
-    `duplicate_key` rows under a key that names their shard and position. The global top fraction
-    reads the stored scores only: it costs no model re-run. Every part this attempt wrote must be listed
-    first: committing without one would drop its rows, since the staging area is deleted after the commit.
+    The shards not published while the run went on are published first (`publish`: there a sample staged
+    twice, by a retried write, is taken once). Then every captions/ part is settled in place: of the samples
+    that share a key (the same key in two shards), the first in input order keeps it, the others become
+    `duplicate_key` rows under a key that names their shard and position; keep is set and the filtered/ part
+    of the same name written. The global top fraction reads the stored scores only: it costs no model re-run.
+    Every part this attempt wrote must be listed first: committing without one would drop its rows, since the
+    staging area is deleted after the commit.
     """
-    staged_paths = output.parts(STAGING)  # one listing: the parts checked are the parts committed
-    unlisted = parts_written - {path.rsplit("/", 1)[-1] for path in staged_paths}
-    if unlisted:
-        raise StagingNotListed(f"{len(unlisted)} part(s) this run wrote are not listed in {output.url}/{STAGING} "
-                               f"(e.g. {min(unlisted)}); nothing was committed or deleted: submit the job again")
-    plan = _Plan.of(output, staged_paths)
+    (publisher or Publisher(output, config.rows_per_file)).finish(parts_written)
+    plan = _Plan.of(output, output.parts(CAPTIONS))
     exceptions = _exceptions(output, plan, shard_order)
     top = _top_fraction(output, config.filter, plan, exceptions)
     counts = _write(output, config, plan, top, exceptions, embedding_dim, metadata_json)
     if not output.parts(CAPTIONS):  # inputs without one sample (an empty tar): readers still find the tables
         write_part(output, config.filter, top, captions_schema(embedding_dim, metadata_json).empty_table(),
                    embedding_dim, not config.embed_only, "part-empty.parquet")
+    provenance = provenance_counts(output)
     return {"rows": sum(counts["by_status"].values()), "by_status": dict(sorted(counts["by_status"].items())),
-            "kept": counts["kept"], **_cutoff_counts(top), "rows_by_node": dict(counts["by_node"]),
-            "rows_by_actor": dict(counts["by_actor"]), "rows_by_compute": dict(counts["by_compute"]),
-            "model_actor_peak_rss_mb": round(counts["actor_peak_rss_mb"], 1),
+            "kept": counts["kept"], **_cutoff_counts(top), "rows_by_node": dict(provenance["by_node"]),
+            "rows_by_actor": dict(provenance["by_actor"]), "rows_by_compute": dict(provenance["by_compute"]),
+            "model_actor_peak_rss_mb": round(provenance["actor_peak_rss_mb"], 1),
             "parts_committed_by_node": dict(counts["parts_by_node"])}
 
 
@@ -202,15 +200,12 @@ def _write(output: OutputDir, config: RunConfig, plan: _Plan, top: TopFraction |
     shared_top = ray.put(top)
     pending = [write.remote(output.url, group, config.filter, shared_top, embedding_dim, metadata_json,
                             not config.embed_only, *exceptions.get(i, [])) for i, group in enumerate(plan.groups)]
-    total: dict[str, Any] = {"by_status": Counter(), "by_node": Counter(), "by_actor": Counter(),
-                             "by_compute": Counter(), "actor_peak_rss_mb": 0.0, "kept": 0, "parts_by_node": Counter()}
+    total: dict[str, Any] = {"by_status": Counter(), "kept": 0, "parts_by_node": Counter()}
     while pending:
         ready, pending = ray.wait(pending)
         node, counts = ray.get(ready[0])
         total["parts_by_node"][node] += counts["parts"]
-        for name in ("by_status", "by_node", "by_actor", "by_compute"):
-            total[name].update(counts[name])
-        total["actor_peak_rss_mb"] = max(total["actor_peak_rss_mb"], counts["actor_peak_rss_mb"])
+        total["by_status"].update(counts["by_status"])
         total["kept"] += counts["kept"]
     return total
 

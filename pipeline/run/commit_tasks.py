@@ -1,9 +1,9 @@
 """The commit's work on groups of parts, one call per Ray task (plain functions: the commit wires them).
 
 Rows are addressed as (part, row): a part's position in the listing of the folder being committed and a row's
-position in that part. An *exception* is a staged row the commit does not write as staged: a second copy of a
-sample (a retried write), dropped; or a sample whose key an earlier sample owns, renamed and made a
-`duplicate_key` row. Exceptions are found per hash range of keys, so that no process holds every key.
+position in that part. An *exception* is a published row the commit does not keep as it is: a sample whose key
+an earlier sample owns, renamed and made a `duplicate_key` row. Exceptions are found per hash range of keys, so
+that no process holds every key.
 """
 
 from __future__ import annotations
@@ -24,66 +24,63 @@ from pipeline.run.selection import ranking
 from pipeline.run.tasks import by_range, hash_ranges
 from schemas.captions import captions_schema, conform, embedding_matrix, validate_table
 
-EXCEPTIONS_SCHEMA = pa.schema([("part", pa.int32()), ("row", pa.int32()),
-                               ("new_key", pa.string()),  # null: the row is a second copy, dropped
+EXCEPTIONS_SCHEMA = pa.schema([("part", pa.int32()), ("row", pa.int32()), ("new_key", pa.string()),
                                ("first_source", pa.string())])
 Part = tuple[int, str]  # (position in the listing, path)
 
 
 def key_ranges(output_url: str, parts: list[Part], ranges: int) -> list[pa.Table] | pa.Table:
     """Every row's (key, source, index, status, part, row), split into `ranges` tables by a hash of its key
-    (one range: the table itself, as a Ray task of one return value returns it)."""
+    (one range: the table itself, as a Ray task of one return value returns it). A part settled by a commit
+    that stopped halfway has no index any more (null here): its keys are settled already."""
     output = OutputDir(output_url)
     tables = []
     for position, path in parts:
-        table = output.read_table(path, ["key", "source", "index", "status"])
+        table = output.read_table(path, ["key", "source", "index", "status"], optional={"index": pa.int64()})
         tables.append(table.append_column("part", pa.array(np.full(table.num_rows, position, np.int32)))
                       .append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int32))))
-    rows = pa.concat_tables(tables)
+    rows = pa.concat_tables(tables, promote_options="default")  # index: null in settled parts
     return by_range(rows, hash_ranges(rows.column("key"), ranges), ranges)
 
 
 def find_exceptions(shard_order: list[str], parts_per_group: int, *pieces: pa.Table) -> tuple[pa.Table, list[int]]:
-    """The exceptions among the rows of one key range, and the groups of `parts_per_group` parts they fall in.
+    """The samples of one key range that lose their key, and the groups of `parts_per_group` parts they fall in.
 
-    The first copy of a sample (lowest part, then row) is the one written. Of the samples sharing a key, the
-    first in input order (shard, then position) keeps it; the others are renamed `KEY@SOURCE#INDEX`."""
+    Of the samples sharing a key, the first in input order (shard, then position) keeps it; the others are
+    renamed `KEY@SOURCE#INDEX`. A settled row (no index) that holds a key was found its first holder before."""
     pieces = [piece for piece in pieces if piece.num_rows]
     if not pieces:
         return EXCEPTIONS_SCHEMA.empty_table(), []
-    rows = pa.concat_tables(pieces).to_pandas().sort_values(["part", "row"], kind="stable")
-    copies = rows.duplicated(["source", "index"], keep="first")
-    firsts = rows[~copies].copy()
+    rows = pa.concat_tables(pieces, promote_options="default").to_pandas()
+    rows["index"] = rows["index"].astype("Int64")
     rank = {url: i for i, url in enumerate(shard_order)}
-    firsts["rank"] = firsts["source"].map(rank).fillna(len(rank))
-    firsts = firsts.sort_values(["key", "rank", "index", "source"], kind="stable")
-    renamed = firsts.duplicated("key", keep="first")
-    owner = firsts.groupby("key", sort=False)["source"].transform("first")
-    renames = firsts[renamed]
-    dropped = rows[copies]
+    rows["rank"] = rows["source"].map(rank).fillna(len(rank))
+    rows = rows.sort_values(["key", "rank", "index", "source"], kind="stable", na_position="first")
+    renamed = rows.duplicated("key", keep="first")
+    owner = rows.groupby("key", sort=False)["source"].transform("first")
+    renames = rows[renamed]
     exceptions = pa.table({
-        "part": pa.array(np.concatenate([renames["part"], dropped["part"]]).astype(np.int32)),
-        "row": pa.array(np.concatenate([renames["row"], dropped["row"]]).astype(np.int32)),
+        "part": pa.array(renames["part"].to_numpy(np.int32)), "row": pa.array(renames["row"].to_numpy(np.int32)),
         "new_key": pa.array([f"{k}@{s}#{i}" for k, s, i in zip(renames["key"], renames["source"], renames["index"],
-                                                                 strict=True)] + [None] * len(dropped), pa.string()),
-        "first_source": pa.array(list(owner[renamed]) + [None] * len(dropped), pa.string()),
+                                                                 strict=True)], pa.string()),
+        "first_source": pa.array(list(owner[renamed]), pa.string()),
     }, schema=EXCEPTIONS_SCHEMA)
     groups = np.unique(exceptions.column("part").to_numpy() // parts_per_group)
     return exceptions, groups.tolist()
 
 
-def _exceptions_by_part(exceptions: list[pa.Table]) -> dict[int, dict[int, tuple[str, str] | None]]:
-    """part -> row -> (new key, first source), or None for a dropped copy."""
+def _exceptions_by_part(exceptions: list[pa.Table]) -> dict[int, dict[int, tuple[str, str]]]:
+    """part -> row -> (new key, first source)."""
     by_part: dict[int, dict[int, Any]] = {}
     for table in exceptions:
         for part, row, new_key, first in zip(*(table.column(c).to_pylist() for c in EXCEPTIONS_SCHEMA.names),
                                              strict=True):
-            by_part.setdefault(part, {})[row] = None if new_key is None else (new_key, first)
+            by_part.setdefault(part, {})[row] = (new_key, first)
     return by_part
 
 
 def _ranked_rows(table: pa.Table, excepted: dict[int, Any]) -> np.ndarray:
-    """Rows that take part in the top fraction: ok, and neither a second copy nor renamed."""
+    """Rows that take part in the top fraction: ok, and not renamed."""
     mask = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).copy()
     mask[list(excepted)] = False
     return mask
@@ -157,33 +154,21 @@ def fit_sampled(clusters: int, *found: pa.Table | None) -> np.ndarray | None:
 
 def write_parts(output_url: str, parts: list[Part], settings: FilterSettings, top: TopFraction | None,
                 embedding_dim: int, metadata_json: str, captioned: bool, *exceptions: pa.Table) -> dict[str, Any]:
-    """Some parts with their exceptions applied and their keep flags set, to captions/ and filtered/ under
-    the same names; returns their counts."""
+    """Some captions/ parts with their renames applied and their keep flags set, written in place, and their
+    kept rows to filtered/ under the same names; returns their counts."""
     output = OutputDir(output_url)
     excepted = _exceptions_by_part(list(exceptions))
     schema = captions_schema(embedding_dim, metadata_json)
-    counts: dict[str, Any] = {"by_status": Counter(), "by_node": Counter(), "by_actor": Counter(),
-                              "by_compute": Counter(), "actor_peak_rss_mb": 0.0, "kept": 0, "parts": len(parts)}
+    counts: dict[str, Any] = {"by_status": Counter(), "kept": 0, "parts": len(parts)}
     for position, path in parts:
-        table = _apply_exceptions(output.read_table(path), excepted.get(position, {}))
-        if "node" in table.column_names:  # a staged part: where its rows were captioned
-            _count_staged(table, counts)
-        table = conform(table.drop_columns([c for c in STAGING_ONLY if c in table.column_names]), schema)
+        table = _apply_renames(output.read_table(path), excepted.get(position, {}))
+        table = table.drop_columns([c for c in STAGING_ONLY if c in table.column_names])
+        keep = table.schema.get_field_index("keep")  # null until settled: write_part sets it
+        table = conform(table.set_column(keep, "keep", pc.fill_null(table.column(keep), False)), schema)
         counts["kept"] += write_part(output, settings, top, table, embedding_dim, captioned,
                                      path.rsplit("/", 1)[-1])
         counts["by_status"].update(table.column("status").to_pylist())
     return counts
-
-
-def _count_staged(table: pa.Table, counts: dict[str, Any]) -> None:
-    captioned = table.filter(pc.equal(table.column("status"), "ok"))  # not rows failed before the models
-    counts["by_node"].update(captioned.column("node").to_pylist())
-    for name, column in (("by_actor", "actor"), ("by_compute", "compute")):
-        # parts staged by a version that did not record them
-        counts[name].update(captioned.column(column).to_pylist() if column in table.column_names
-                            else ["unrecorded"] * captioned.num_rows)
-    counts["actor_peak_rss_mb"] = max(counts["actor_peak_rss_mb"],
-                                      pc.max(table.column("actor_peak_rss_mb")).as_py() or 0.0)
 
 
 def write_part(output: OutputDir, settings: FilterSettings, top: TopFraction | None, table: pa.Table,
@@ -203,31 +188,27 @@ def write_part(output: OutputDir, settings: FilterSettings, top: TopFraction | N
     return kept_rows.num_rows
 
 
-def _apply_exceptions(table: pa.Table, excepted: dict[int, Any]) -> pa.Table:
-    """A staged part without its second copies, its renamed rows `duplicate_key` rows under their new key."""
-    if not excepted:
+def _apply_renames(table: pa.Table, renames: dict[int, tuple[str, str]]) -> pa.Table:
+    """A part's renamed rows as `duplicate_key` rows under their new key."""
+    if not renames:
         return table
-    renames = {row: hit for row, hit in excepted.items() if hit is not None}
-    if renames:
-        hits = [renames.get(row) for row in range(table.num_rows)]
-        is_renamed = pa.array([hit is not None for hit in hits])
-        becomes_duplicate = pc.and_(is_renamed, pc.equal(table.column("status"), "ok"))  # a failed row keeps its reason
-        replacements = {
-            "key": pa.array([hit[0] if hit else key for hit, key in zip(hits, table.column("key").to_pylist(),
-                                                                       strict=True)], pa.string()),
-            "status": pc.if_else(becomes_duplicate, "duplicate_key", table.column("status")),
-            "error": pc.if_else(becomes_duplicate,
-                                pa.array([f"key also used by an earlier sample in {hit[1]}" if hit else None
-                                          for hit in hits], pa.string()), table.column("error")),
-        }
-        for name in ("caption", "clip_score", "image_embedding", "candidates"):
-            column = table.column(name)
-            replacements[name] = pc.if_else(is_renamed, pa.nulls(len(table), column.type), column)
-        for name, values in replacements.items():
-            table = table.set_column(table.schema.get_field_index(name), name, values)
-    dropped = np.zeros(table.num_rows, dtype=bool)
-    dropped[[row for row, hit in excepted.items() if hit is None]] = True
-    return table.filter(pa.array(~dropped))
+    hits = [renames.get(row) for row in range(table.num_rows)]
+    is_renamed = pa.array([hit is not None for hit in hits])
+    becomes_duplicate = pc.and_(is_renamed, pc.equal(table.column("status"), "ok"))  # a failed row keeps its reason
+    replacements = {
+        "key": pa.array([hit[0] if hit else key for hit, key in zip(hits, table.column("key").to_pylist(),
+                                                                   strict=True)], pa.string()),
+        "status": pc.if_else(becomes_duplicate, "duplicate_key", table.column("status")),
+        "error": pc.if_else(becomes_duplicate,
+                            pa.array([f"key also used by an earlier sample in {hit[1]}" if hit else None
+                                      for hit in hits], pa.string()), table.column("error")),
+    }
+    for name in ("caption", "clip_score", "image_embedding", "candidates"):
+        column = table.column(name)
+        replacements[name] = pc.if_else(is_renamed, pa.nulls(len(table), column.type), column)
+    for name, values in replacements.items():
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    return table
 
 
 def kept_by_shard(output_url: str, parts: list[Part], positions: dict[str, int], ranges: int,

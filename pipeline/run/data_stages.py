@@ -6,7 +6,6 @@ worker processes, and importing the model stack costs each of them ~10 s of CPU 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import resource
 from collections.abc import Generator, Iterator
@@ -15,11 +14,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.io.images import ImageError, ImageSpec, decode_image, portable_image
-from pipeline.io.sinks import STAGING, WEBDATASET, OutputDir, part_name, write_webdataset_shard
+from pipeline.io.sinks import STAGING, WEBDATASET, OutputDir, part_name, shard_id, write_webdataset_shard
 from pipeline.io.sources import Shard, read_samples
 from schemas.captions import captions_schema
 
@@ -74,6 +74,15 @@ class ShardDatasource(Datasource):
         return "ReadShards"
 
 
+def shard_markers(output: OutputDir) -> dict[str, int]:
+    """shard id -> its number of records, for every shard read to its end."""
+    markers = {}
+    for path in output.parts(f"{STAGING}/{SHARD_RECORDS}", pattern="*"):
+        shard, _, records = path.rsplit("/", 1)[-1].partition(".")
+        markers[shard] = int(records)
+    return markers
+
+
 def _read_blocks(shard: Shard, done: set[int], image_column: str | None,
                  key_column: str) -> Generator[pa.Table, None, int]:
     """Yields the blocks of records not in `done`; returns the shard's number of records."""
@@ -90,10 +99,6 @@ def _read_blocks(shard: Shard, done: set[int], image_column: str | None,
     if rows:
         yield pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
     return records
-
-
-def shard_id(url: str) -> str:
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -181,11 +186,16 @@ class StagingSink(Datasink):
         names = []
         for block in blocks:
             table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-            # a block holds a whole shard's rows: parts of at most rows_per_part, each named by its own samples
-            for start in range(0, table.num_rows, self.rows_per_part):
-                part = table.slice(start, self.rows_per_part)
-                names.append(part_name(part.column("source").to_pylist(), part.column("index").to_pylist()))
-                output.write_parquet(part, STAGING, names[-1])
+            if not table.num_rows:  # e.g. an empty tar's: a block without columns
+                continue
+            # parts of one shard each (its parts are found by name when it is published), of at most
+            # rows_per_part rows, each named by its own samples
+            for source in pc.unique(table.column("source")).to_pylist():
+                rows = table.filter(pc.equal(table.column("source"), source))
+                for start in range(0, rows.num_rows, self.rows_per_part):
+                    part = rows.slice(start, self.rows_per_part)
+                    names.append(part_name(source, part.column("index").to_pylist()))
+                    output.write_parquet(part, STAGING, names[-1])
         return names
 
     def on_write_complete(self, write_result: WriteResult[list[str]]) -> None:

@@ -21,9 +21,11 @@ from pipeline.io.sinks import (
     STAGING_CONFIG,
     WEBDATASET,
     OutputDir,
+    part_shard,
+    shard_id,
 )
 from pipeline.io.sources import Shard
-from pipeline.run.data_stages import SHARD_RECORDS, shard_id
+from pipeline.run.data_stages import SHARD_RECORDS, shard_markers
 from pipeline.run.errors import UsageError
 from pipeline.run.tasks import by_range, cluster_cpus, hash_ranges, split_into_ranges, task
 from pipeline.text import describe_error
@@ -106,10 +108,12 @@ def staged_samples(output: OutputDir) -> Staged:
     paths = output.parts(STAGING)
     if not paths:
         return Staged(set(), {}, 0)
-    markers: dict[str, int] = {}
-    for path in output.parts(f"{STAGING}/{SHARD_RECORDS}", pattern="*"):
-        shard_id, _, count = path.rsplit("/", 1)[-1].partition(".")
-        markers[shard_id] = int(count)
+    foreign = [path for path in paths if part_shard(path) is None]
+    if foreign:  # parts that hold several shards' rows cannot be published shard by shard
+        raise UsageError(f"{output.url}/{STAGING} holds parts this version does not write (e.g. "
+                         f"{foreign[0].rsplit('/', 1)[-1]}): finish that run with the version that started it, or "
+                         "use --overwrite")
+    markers = shard_markers(output)
     cpus = cluster_cpus()
     per_task = max(1, min(PARTS_PER_TASK, -(-len(paths) // (2 * cpus))))
     ranges = max(1, min(cpus, -(-len(paths) // per_task)))

@@ -16,10 +16,10 @@ def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def task(function: Callable[..., Any], returns: int = 1, spread: bool = True) -> Any:
-    """`function` as a Ray task of one CPU. Steps that read and write parts spread over the nodes (their input
-    is the output's storage, which every node reaches); the others run where their objects are."""
-    return ray.remote(num_cpus=1, num_returns=returns, scheduling_strategy="SPREAD" if spread else "DEFAULT")(
+def task(function: Callable[..., Any], returns: int = 1, spread: bool = True, cpus: int = 1) -> Any:
+    """`function` as a Ray task of one CPU (or `cpus`). Steps that read and write parts spread over the nodes
+    (their input is the output's storage, which every node reaches); the others run where their objects are."""
+    return ray.remote(num_cpus=cpus, num_returns=returns, scheduling_strategy="SPREAD" if spread else "DEFAULT")(
         function)
 
 
