@@ -150,7 +150,8 @@ def test_output_writes_refused_for_a_while_are_written_whole_and_leave_no_tempor
     flaky.failing_writes = 2
     output.write_parquet(pa.table({"x": [1, 2, 3]}), "captions", "part-a.parquet")
     assert pq.read_table(tmp_path / "out" / "captions" / "part-a.parquet").column("x").to_pylist() == [1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "out" / "captions").iterdir()) == ["part-a.parquet"]
+    assert [str(p.relative_to(tmp_path)) for p in (tmp_path / "out").rglob("*")] == ["out/captions",
+                                                                                  "out/captions/part-a.parquet"]
     flaky.failing_writes = 100
     with pytest.raises(TransientIOError, match=r"writing .*run\.json failed 5 times"):
         output.write_json({"a": 1}, "run.json")

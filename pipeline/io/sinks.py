@@ -105,7 +105,9 @@ class OutputDir:
         path = self.path(*parts)
         folder, name = path.rsplit("/", 1)
         retrying(lambda: self.fs.makedirs(folder, exist_ok=True), f"creating {folder}")
-        temporary = f"{folder}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        # beside the output's folders, not in them: a reader that lists captions/*.parquet while a part is being
+        # written (fsspec's glob, DuckDB) never picks up the half-written file
+        temporary = f"{self.root}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
 
         def write_temporary() -> None:
             with self.fs.open(temporary, "wb") as handle:  # a new try writes the whole file again

@@ -155,7 +155,7 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     remaining = None if config.limit is None else config.limit - staged.rows
     unfinished = [shard for shard in shards if shard.url not in staged.finished]
     actors, parts_written = None, set()
-    publisher = Publisher(output, config.rows_per_file)  # captions/ fills shard by shard as the run goes on
+    publisher = Publisher(output, config.rows_per_file, len(shards))  # captions/ fills shard by shard
     if unfinished and (remaining is None or remaining > 0):
         publisher.start()
         try:

@@ -78,9 +78,11 @@ class Publisher:
     """Publishes shards as they are staged completely, from a thread of the driver while the model stage runs
     (`start`), then everything staged (`finish`). It holds the ids of shards published and in flight, not rows."""
 
-    def __init__(self, output: OutputDir, rows_per_file: int):
+    def __init__(self, output: OutputDir, rows_per_file: int, shards: int | None = None):
         self.output = output
         self.rows_per_file = rows_per_file
+        self.shards = shards  # in the run, for the progress line
+        self.rows_published = 0  # by this attempt
         self.published = {path.rsplit("/", 1)[-1].removesuffix(".json")
                           for path in output.parts(f"{STAGING}/{PUBLISHED}", pattern="*.json")}
         self.in_flight: dict[str, ray.ObjectRef] = {}
@@ -115,7 +117,9 @@ class Publisher:
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
             try:
-                self._collect(wait=False)
+                if self._collect(wait=False):
+                    log.info("captions/: %d%s shards published (%d rows by this attempt)", len(self.published),
+                             f" of {self.shards}" if self.shards else "", self.rows_published)
                 markers = shard_markers(self.output)
                 if any(shard not in self.published and shard not in self.in_flight for shard in markers):
                     self._submit(self.output.parts(STAGING), markers, final=False)
@@ -134,17 +138,23 @@ class Publisher:
                 self.in_flight[shard] = publish.remote(self.output.url, shard, by_shard.get(shard, []),
                                                        None if final else markers[shard], self.rows_per_file)
 
-    def _collect(self, wait: bool) -> None:
-        """Take in the publish tasks that finished (wait: all of them); a shard not complete yet is tried again."""
+    def _collect(self, wait: bool) -> int:
+        """Take in the publish tasks that finished (wait: all of them); a shard not complete yet is tried again.
+        Returns how many shards were published."""
         if not self.in_flight:
-            return
+            return 0
         refs = list(self.in_flight.values())
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)[0])
+        published = 0
         for shard, ref in list(self.in_flight.items()):
             if ref in ready:
                 del self.in_flight[shard]
-                if ray.get(ref) is not None:
+                counts = ray.get(ref)
+                if counts is not None:
                     self.published.add(shard)
+                    self.rows_published += counts["rows"]
+                    published += 1
+        return published
 
 
 COUNTS_PER_TASK = 1000
