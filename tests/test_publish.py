@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 from conftest import jpeg_bytes, read_parts, tar_corpus, write_tar
 
 import pipeline.run.commit as commit
@@ -22,8 +23,10 @@ from pipeline.io.sinks import CAPTIONS, STAGING, OutputDir, part_name, shard_id
 from pipeline.quality.staged_rows import METADATA, StagedRows, write_staged
 from pipeline.run.chain import run
 from pipeline.run.data_stages import SHARD_RECORDS
+from pipeline.run.errors import UsageError
 from pipeline.run.filtering import FilterSettings
 from pipeline.run.publish import Publisher
+from pipeline.run.resume import staged_samples
 
 
 def _mark_read(output: OutputDir, source: str, records: int) -> None:
@@ -159,3 +162,11 @@ def test_captions_are_readable_while_the_run_goes_on(ray_local, tiny_bundle, tmp
                for record in caplog.records)  # the run's progress, as shards are published
     final = read_parts(tmp_path / "out" / CAPTIONS)
     assert final.num_rows == 640 and final.column("keep").null_count == 0 and "index" not in final.column_names
+
+
+def test_staging_left_by_a_version_that_mixed_shards_in_a_part_is_refused_in_one_line(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    spec = StagedRows(rows=10, rows_per_part=10, embedding_dim=8, shard_samples=5)
+    out.write_parquet(spec.part(0)[0], STAGING, "part-0123456789abcdef0123.parquet")  # two shards' rows
+    with pytest.raises(UsageError, match=r"holds parts this version does not write .*--overwrite$"):
+        staged_samples(out)
