@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 PUBLISHED = "published"  # under STAGING: SHARD_ID.json for every shard published, with its counts
 POLL_S = 10.0  # how often the run looks for shards staged completely
 PROVENANCE = ("node", "actor", "compute", "actor_peak_rss_mb")  # staging columns counted, not published
+COUNTS_PER_TASK = 1000  # published records one task sums
 
 
 def publish_shard(output_url: str, source_id: str, paths: list[str], records: int | None, rows_per_file: int,
@@ -104,7 +105,7 @@ class Publisher:
         """Publish every shard not published yet with what is staged of it (a shard that --limit cut short
         too). Every part this attempt wrote must be listed: publishing without one would lose its rows."""
         self.stop()
-        self._collect(wait=True)
+        self._collect(wait=True, retry_failed=True)
         paths = self.output.parts(STAGING)  # one listing: the parts checked are the parts published
         unlisted = parts_written - {path.rsplit("/", 1)[-1] for path in paths}
         if unlisted:
@@ -112,12 +113,12 @@ class Publisher:
                                    f"{STAGING} (e.g. {min(unlisted)}); nothing was committed or deleted: submit "
                                    "the job again")
         self._submit(paths, shard_markers(self.output), final=True)
-        self._collect(wait=True)
+        self._collect(wait=True, retry_failed=False)
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
             try:
-                if self._collect(wait=False):
+                if self._collect(wait=False, retry_failed=True):
                     log.info("captions/: %d%s shards published (%d rows by this attempt)", len(self.published),
                              f" of {self.shards}" if self.shards else "", self.rows_published)
                 markers = shard_markers(self.output)
@@ -138,9 +139,10 @@ class Publisher:
                 self.in_flight[shard] = publish.remote(self.output.url, shard, by_shard.get(shard, []),
                                                        None if final else markers[shard], self.rows_per_file)
 
-    def _collect(self, wait: bool) -> int:
-        """Take in the publish tasks that finished (wait: all of them); a shard not complete yet is tried again.
-        Returns how many shards were published."""
+    def _collect(self, wait: bool, retry_failed: bool) -> int:
+        """Take in the publish tasks that finished (wait: all of them); a shard not complete yet is tried again,
+        and so is one whose task failed (retry_failed; else its error is raised). Returns how many shards were
+        published."""
         if not self.in_flight:
             return 0
         refs = list(self.in_flight.values())
@@ -149,15 +151,19 @@ class Publisher:
         for shard, ref in list(self.in_flight.items()):
             if ref in ready:
                 del self.in_flight[shard]
-                counts = ray.get(ref)
+                try:
+                    counts = ray.get(ref)
+                except Exception as exc:
+                    if not retry_failed:
+                        raise
+                    log.warning("publishing a shard failed (tried again): %s", one_line(str(exc)))
+                    continue
                 if counts is not None:
                     self.published.add(shard)
                     self.rows_published += counts["rows"]
                     published += 1
         return published
 
-
-COUNTS_PER_TASK = 1000
 
 
 def provenance_counts(output: OutputDir) -> dict[str, Any]:
