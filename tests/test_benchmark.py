@@ -7,9 +7,10 @@ import sys
 import time
 import uuid
 
+import pytest
 import torch
 
-from pipeline.quality.benchmarks import flops_per_image
+from pipeline.quality.benchmarks import draft_effect, flops_per_image
 from pipeline.quality.measuring import GpuSampler, ProcessSampler, bottleneck
 
 # a stand-in worker: it holds ~200 MB of its own and touches 300 MB of shared memory (as a Ray worker
@@ -85,3 +86,14 @@ def test_gpu_sampler_reads_nvidia_smi_and_names_the_bottleneck(tmp_path):
     assert bottleneck(idle_gpu, cpu_busy_cores=15.0, cores=16).startswith("CPU")
     assert bottleneck(idle_gpu, cpu_busy_cores=6.0, cores=16).startswith("neither")
     assert bottleneck(None, 6.0, 16) == "no GPU measured"
+
+
+def test_the_draft_measure_compares_a_drafted_jpeg_with_its_full_decode(tiny_bundle, tmp_path):
+    from conftest import jpeg_bytes
+
+    (tmp_path / "large.jpg").write_bytes(jpeg_bytes(0, (600, 400)))  # past twice the encoder's 32 px: drafted
+    (tmp_path / "small.jpg").write_bytes(jpeg_bytes(1, (60, 40)))  # decoded at full scale either way
+    large, small = draft_effect(tiny_bundle, [tmp_path / "large.jpg", tmp_path / "small.jpg"], repeats=1)
+    assert (large["width"], large["height"], large["pixels_differ"]) == (600, 400, True)
+    assert 0.9 < large["cosine"] <= 1.0 and large["full_ms"] > 0 and large["draft_ms"] > 0
+    assert not small["pixels_differ"] and small["cosine"] == pytest.approx(1.0, abs=1e-5)

@@ -347,6 +347,14 @@ def test_prepare_pil_equals_open_clip_preprocess(interpolation, width, height, s
     assert torch.equal(ours, reference(image))
 
 
+def test_a_decode_without_draft_is_the_full_scale_decode():
+    data = encode(photo_like(640, 480), "JPEG", quality=90)
+    spec = ImageSpec(56)
+    exact = prepare_pil(Image.open(io.BytesIO(data)).convert("RGB"), spec)
+    assert np.array_equal(decode_image(data, spec, draft=False).pixels, exact)
+    assert not np.array_equal(decode_image(data, spec).pixels, exact)  # drafted by default
+
+
 @pytest.mark.parametrize("size", [56, 112])  # DCT scale 1/4 and 1/2 of a 640x480 photo
 def test_jpeg_draft_stays_close_to_the_full_decode(size):
     data = encode(photo_like(640, 480), "JPEG", quality=90)

@@ -113,15 +113,16 @@ class DecodedImage:
     height: int
 
 
-def decode_image(data: bytes, spec: ImageSpec) -> DecodedImage:
-    """Untrusted bytes -> `DecodedImage`; raises `ImageError` and nothing else for bad input."""
+def decode_image(data: bytes, spec: ImageSpec, draft: bool = True) -> DecodedImage:
+    """Untrusted bytes -> `DecodedImage`; raises `ImageError` and nothing else for bad input. `draft` False decodes
+    a large JPEG at full scale (the reference the DCT-domain reduction is measured against)."""
     if not data:
         raise ImageError("empty", "zero-byte image")
     try:
         with warnings.catch_warnings():
             # spec.max_pixels is checked below; Pillow's lower warning threshold would only add noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return _decode(data, spec)
+            return _decode(data, spec, draft)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit (header or a GIF/TIFF frame)

@@ -6,6 +6,7 @@ FLOPs per image, the corpora they read. Model: ClipCap MLP mapper 512 -> 3840 ->
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -193,6 +194,35 @@ def flops_per_image(bundle_dir: Path, inputs: str, dtype: torch.dtype, images: i
         counts["scorer"] = counter.get_total_flops() / images
     torch.backends.mha.set_fastpath_enabled(fastpath)
     return counts
+
+
+def draft_effect(bundle_dir: Path, photos: list[Path], repeats: int = 5) -> list[dict]:
+    """Per JPEG: decode time at full scale and with the DCT-domain reduction (`decode_image`'s draft, best of
+    `repeats`), and the cosine between the encoder's embeddings of the two (fp32)."""
+    from pipeline.io.images import decode_image
+    from pipeline.models.bundle import load_bundle
+
+    encoder = load_bundle(bundle_dir, captioner=False).encoder
+    spec = encoder.image_spec
+    rows = []
+    for photo in photos:
+        data = photo.read_bytes()
+        seconds, pixels = {}, {}
+        for draft in (False, True):
+            best = math.inf
+            for _ in range(repeats):
+                tic = time.perf_counter()
+                decoded = decode_image(data, spec, draft=draft)
+                best = min(best, time.perf_counter() - tic)
+            seconds[draft], pixels[draft] = best, decoded.pixels
+        with torch.inference_mode():
+            full, drafted = encoder.encode_images(torch.from_numpy(np.stack([pixels[False], pixels[True]])))
+        rows.append({"photo": photo.name, "width": decoded.width, "height": decoded.height,
+                     "full_ms": round(seconds[False] * 1e3, 2), "draft_ms": round(seconds[True] * 1e3, 2),
+                     "speedup": round(seconds[False] / seconds[True], 2),
+                     "pixels_differ": bool((pixels[False] != pixels[True]).any()),
+                     "cosine": round(float(full @ drafted), 5)})
+    return rows
 
 
 def bare_loop(bundle_dir: Path, inputs: str, batch_size: int, dtype: torch.dtype, limit: int | None = None,
