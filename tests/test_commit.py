@@ -15,7 +15,7 @@ from conftest import read_parts
 import pipeline.run.commit as commit
 import pipeline.run.selection as selection
 from pipeline.config import RunConfig
-from pipeline.io.sinks import STAGING, OutputDir, part_name
+from pipeline.io.sinks import STAGING, OutputDir, by_shard, part_name
 from pipeline.quality.staged_rows import METADATA, StagedRows, write_staged
 from pipeline.run.filtering import FilterSettings, TopFraction, fit_clusters, keep_mask, nearest_cluster
 from pipeline.run.selection import add_counts, count_through, find_cutoffs, ranking, sample_windows
@@ -150,8 +150,7 @@ def test_clusters_and_cutoffs_depend_on_the_samples_not_on_how_the_run_cut_them_
             rows = rows.take(np.random.default_rng(0).permutation(rows.num_rows))
         for start in range(0, rows.num_rows, rows_per_part):
             part = rows.slice(start, rows_per_part)
-            for source in pc.unique(part.column("source")).to_pylist():
-                piece = part.filter(pc.equal(part.column("source"), source))
+            for source, piece in by_shard(part):
                 out.write_parquet(piece, STAGING, part_name(source, piece.column("index").to_pylist()))
         counts = commit.finalize(out, config, spec.shards(), spec.embedding_dim, METADATA, set())
         captions = read_parts(tmp_path / name / "captions").sort_by("key")

@@ -24,11 +24,12 @@ import re
 import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.io.retry import ATTEMPTS, retrying
@@ -227,6 +228,12 @@ def part_name(source: str, indices: list[int]) -> str:
     .parquet) made a part of the same name, which replaced the first, and those rows were lost."""
     digest = hashlib.sha256(",".join(map(str, sorted(indices))).encode()).hexdigest()[:20]
     return f"part-{shard_id(source)}-{digest}.parquet"
+
+
+def by_shard(rows: pa.Table) -> Iterator[tuple[str, pa.Table]]:
+    """`rows` split by their source: a staged part holds one shard's rows (`part_name`)."""
+    for source in pc.unique(rows.column("source")).to_pylist():
+        yield source, rows.filter(pc.equal(rows.column("source"), source))
 
 
 STAGED_PART = re.compile(r"part-([0-9a-f]{32})-[0-9a-f]{20}\.parquet")

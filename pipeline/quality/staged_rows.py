@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.io.sinks import STAGING, OutputDir, part_name
+from pipeline.io.sinks import STAGING, OutputDir, by_shard, part_name
 from pipeline.run.data_stages import staging_schema
 
 SHARD_SAMPLES = 10_000  # samples per input shard, as img2dataset writes them
@@ -81,8 +80,7 @@ def write_staged(output_url: str, spec: StagedRows, numbers: range | None = None
     written = 0
     for number in numbers if numbers is not None else range(spec.parts()):
         for table in spec.part(number):
-            for source in pc.unique(table.column("source")).to_pylist():  # a staged part holds one shard's rows
-                rows = table.filter(pc.equal(table.column("source"), source))
+            for source, rows in by_shard(table):
                 output.write_parquet(rows, STAGING, part_name(source, rows.column("index").to_pylist()))
                 written += rows.num_rows
     return written

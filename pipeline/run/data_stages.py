@@ -14,12 +14,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask, WriteResult
 
 from pipeline.io.images import ImageError, ImageSpec, decode_image, portable_image
-from pipeline.io.sinks import STAGING, WEBDATASET, OutputDir, part_name, shard_id, write_webdataset_shard
+from pipeline.io.sinks import (
+    STAGING,
+    WEBDATASET,
+    OutputDir,
+    by_shard,
+    part_name,
+    shard_id,
+    write_webdataset_shard,
+)
 from pipeline.io.sources import Shard, read_samples
 from schemas.captions import captions_schema
 
@@ -190,8 +197,7 @@ class StagingSink(Datasink):
                 continue
             # parts of one shard each (its parts are found by name when it is published), of at most
             # rows_per_part rows, each named by its own samples
-            for source in pc.unique(table.column("source")).to_pylist():
-                rows = table.filter(pc.equal(table.column("source"), source))
+            for source, rows in by_shard(table):
                 for start in range(0, rows.num_rows, self.rows_per_part):
                     part = rows.slice(start, self.rows_per_part)
                     names.append(part_name(source, part.column("index").to_pylist()))

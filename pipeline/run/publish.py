@@ -42,11 +42,11 @@ def publish_shard(output_url: str, source_id: str, paths: list[str], records: in
     """Publish one shard from its staged parts `paths`; None, publishing nothing, while fewer than `records`
     of its samples are staged (`records` None: publish what is staged, as the run's last step does)."""
     output = OutputDir(output_url)
-    positions = [output.read_table(path, ["index"]).column("index") for path in paths]
-    if records is not None and len(np.unique(np.concatenate([p.to_numpy() for p in positions] or [[]]))) < records:
-        return None
-    counts: dict[str, Any] = {"rows": 0, "by_node": Counter(), "by_actor": Counter(), "by_compute": Counter(),
-                              "actor_peak_rss_mb": 0.0}
+    if records is not None:  # the positions alone: a shard not complete yet is looked at again next round
+        positions = [output.read_table(path, ["index"]).column("index").to_numpy() for path in paths]
+        if len(np.unique(np.concatenate(positions or [[]]))) < records:
+            return None
+    counts = {"rows": 0} | _no_counts()
     if paths:
         rows = pa.concat_tables([output.read_table(path) for path in paths], promote_options="default")
         _, first = np.unique(rows.column("index").to_numpy(), return_index=True)  # sorted by position
@@ -165,7 +165,6 @@ class Publisher:
         return published
 
 
-
 def provenance_counts(output: OutputDir) -> dict[str, Any]:
     """The published shards' counts of where their rows were computed, summed (read by tasks: a run of many
     shards has many of these files)."""
@@ -180,9 +179,12 @@ def _summed_counts(output_url: str, names: list[str]) -> dict[str, Any]:
     return _sum([output.read_json(STAGING, PUBLISHED, name) for name in names])
 
 
+def _no_counts() -> dict[str, Any]:
+    return {"by_node": Counter(), "by_actor": Counter(), "by_compute": Counter(), "actor_peak_rss_mb": 0.0}
+
+
 def _sum(counts: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"by_node": Counter(), "by_actor": Counter(), "by_compute": Counter(),
-                             "actor_peak_rss_mb": 0.0}
+    total = _no_counts()
     for one in counts:
         for name in ("by_node", "by_actor", "by_compute"):
             total[name].update(one[name])
