@@ -85,7 +85,7 @@ def main(inputs, output, model, image_column, key_column, min_clip_score, keep_t
                            allow_foreign_scorer=allow_foreign_scorer, embed_only=embed_only)
     except ValueError as exc:  # settings that cannot work together
         raise click.UsageError(str(exc)) from None
-    # torch and Ray load only once the usage is known to be sound
+    # Ray and the pipeline load only once the usage is known to be sound
     from pipeline.io.retry import TransientIOError
     from pipeline.run.chain import run
     from pipeline.run.errors import ActorStartFailed, StagingNotListed, UsageError

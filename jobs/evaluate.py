@@ -60,7 +60,7 @@ def main(model: str, data: tuple[str, ...], image_root: str | None, splits: tupl
     except (InputError, ModelLoadError) as exc:
         _fail(str(exc))
     try:
-        bundle.captioner.check_max_new_tokens(max_new_tokens)
+        bundle.facts().check_max_new_tokens(max_new_tokens)
     except ValueError as exc:
         _fail(str(exc))
     if json_path:

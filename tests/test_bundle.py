@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,8 +14,9 @@ from conftest import tiny_captioner, tiny_clip
 
 from pipeline.config import GenerationSettings
 from pipeline.generation.generate import generate
-from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
+from pipeline.models.bundle import load_bundle, save_bundle
 from pipeline.models.errors import ModelLoadError
+from pipeline.models.manifest import BUNDLE_FILE, FACTS, bundle_facts, load_manifest
 
 
 @pytest.fixture()
@@ -104,6 +107,46 @@ def test_mismatched_weights_name_the_keys(bundle_dir):
     (path / BUNDLE_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ModelLoadError, match=r"mapper\.safetensors: missing keys transformer\.layers\.2"):
         load_bundle(path)
+
+
+def test_the_facts_a_run_plans_with_are_recorded_and_hold_for_the_models(bundle_dir):
+    path, clip, captioner = bundle_dir
+    manifest = load_manifest(path)
+    recorded = bundle_facts(path, manifest)
+    assert recorded == load_bundle(path).facts()
+    assert (recorded.embed_dim, recorded.encoder_image) == (clip.embed_dim, clip.image_spec)
+    assert recorded.scorer_image is None  # the scorer is the encoder
+    assert recorded.caption_tokens == captioner.max_caption_tokens() > 0
+    with pytest.raises(ValueError, match=f"exceeds the {recorded.caption_tokens} positions"):
+        recorded.check_max_new_tokens(recorded.caption_tokens + 1)
+    # a bundle saved before facts were recorded: built once, the same facts
+    del manifest[FACTS]
+    assert bundle_facts(path, manifest) == recorded
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda f: f.update(embed_dim=f["embed_dim"] + 1), "'facts' (BundleFacts(embed_dim="),
+    (lambda f: f["encoder_image"].update(size=f["encoder_image"]["size"] * 2), "are not those of its models"),
+    (lambda f: f.update(scorer_image=dict(f["encoder_image"])), "are not those of its models"),
+    (lambda f: f.update(embed_dim="wide"), "invalid 'facts' entry"),
+])
+def test_facts_that_are_not_the_models_stop_the_load(bundle_dir, edit, message):
+    # the driver decodes images at the recorded size: the actors must not caption pixels of another size
+    path = bundle_dir[0]
+    manifest = json.loads((path / BUNDLE_FILE).read_text())
+    edit(manifest[FACTS])
+    (path / BUNDLE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match=re.escape(message)) as info:
+        load_bundle(path)
+    assert "\n" not in str(info.value)
+
+
+def test_the_driver_plans_a_run_without_importing_the_models_code(tmp_path):
+    # torch, transformers and open_clip cost seconds to import: only the model actors need them
+    code = ("import sys; import pipeline.run.chain; "
+            "print(sorted(m for m in ('torch', 'transformers', 'open_clip') if m in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("edit,message", [

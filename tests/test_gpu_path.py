@@ -43,7 +43,7 @@ def test_an_actor_start_failure_is_the_remote_exception_on_one_line():
 
     def failure(*last_lines: str) -> Exception:
         return Exception("\n".join(["The actor died because of an error raised in its creation task, "
-                                    "ray::MapWorker(MapBatches(CaptionStage)).__init__() (pid=1, ip=10.0.0.1)",
+                                    "ray::MapWorker(MapBatches(CaptionActor)).__init__() (pid=1, ip=10.0.0.1)",
                                     "Traceback (most recent call last):",
                                     '  File "model_stage.py", line 9, in __init__',
                                     "    raise ModelLoadError(f'...: {problem}')", *last_lines]))

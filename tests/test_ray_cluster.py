@@ -222,7 +222,7 @@ def test_faults_mid_run_lose_and_duplicate_nothing(cluster, tiny_bundle, tmp_pat
         env=_env(RAY_ADDRESS=created.address), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_parts(out, 2, driver)
     if fault == "model_actor":
-        victims = _pids("CaptionStage")
+        victims = _pids("CaptionActor")
         assert victims, "no model actor process found"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

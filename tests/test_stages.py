@@ -22,10 +22,12 @@ from PIL import Image
 
 from pipeline.config import GenerationSettings
 from pipeline.io.images import ImageSpec
-from pipeline.models.bundle import load_bundle, load_manifest
+from pipeline.models.bundle import load_bundle
 from pipeline.models.errors import ModelLoadError
+from pipeline.models.manifest import load_manifest
 from pipeline.run import data_stages as stages
 from pipeline.run import model_stage
+from pipeline.run.model_actor import ShippedBundle
 
 POISON = 7
 
@@ -56,7 +58,7 @@ def test_decode_batch_keeps_every_row_and_reports_bad_bytes():
 def _caption_stage(ray_local, bundle: Path, seen_at: Path | None = None, **options) -> model_stage.CaptionStage:
     """The model actor's class built in this process, as a Ray Data actor builds it, on the tiny bundle
     (looked for at `seen_at` instead of its own path, if given)."""
-    shipped = model_stage.ShippedBundle.of(bundle, load_manifest(bundle)["sha256"])
+    shipped = ShippedBundle.of(bundle, load_manifest(bundle)["sha256"])
     return model_stage.CaptionStage(replace(shipped, path=str(seen_at or shipped.path)),
                                     GenerationSettings(max_new_tokens=3), "fp32", batch_size=8, embedding_dim=24,
                                     metadata_json="{}", **options)
@@ -93,36 +95,37 @@ def test_an_actor_that_sees_the_validated_bundle_loads_it_in_place(ray_local, ti
 
 
 def test_an_actor_that_does_not_see_the_validated_bundle_loads_the_shipped_copy(ray_local, tiny_bundle, tmp_path):
-    shipped = model_stage.ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"])
+    shipped = ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"])
     elsewhere = tmp_path / "elsewhere"  # another node: no such directory
-    assert replace(shipped, path=str(elsewhere)).load().identity() == shipped.load().identity()
+    moved = replace(shipped, path=str(elsewhere))
+    assert model_stage.load_shipped(moved).identity() == model_stage.load_shipped(shipped).identity()
     shutil.copytree(tiny_bundle, elsewhere)  # the same path now holds another bundle
     manifest = json.loads((elsewhere / "bundle.json").read_text())
     (elsewhere / "bundle.json").write_text(json.dumps({**manifest, "name": "another"}))
     assert load_bundle(elsewhere).identity()["name"] == "another"
-    assert replace(shipped, path=str(elsewhere)).load().identity()["name"] == manifest["name"]
+    assert model_stage.load_shipped(moved).identity()["name"] == manifest["name"]
 
 
 def test_without_a_shipped_copy_a_bundle_changed_since_validation_is_an_error(ray_local, tiny_bundle, tmp_path):
     # a Ray the driver started itself gets no copy: its actors must find the very bundle the driver validated
-    unshipped = model_stage.ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"], ship=False)
+    unshipped = ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"], ship=False)
     assert unshipped.files is None
-    assert unshipped.load().identity()["sha256"] == load_manifest(tiny_bundle)["sha256"]
+    assert model_stage.load_shipped(unshipped).identity()["sha256"] == load_manifest(tiny_bundle)["sha256"]
     changed = tmp_path / "changed"
     shutil.copytree(tiny_bundle, changed)
     manifest = json.loads((changed / "bundle.json").read_text())
     (changed / "bundle.json").write_text(json.dumps({**manifest, "name": "another"}))
     with pytest.raises(ModelLoadError, match="changed since this run validated it: it is another bundle"):
-        replace(unshipped, path=str(changed)).load()
+        model_stage.load_shipped(replace(unshipped, path=str(changed)))
     with pytest.raises(ModelLoadError, match="changed since this run validated it"):
-        replace(unshipped, path=str(tmp_path / "gone")).load()
+        model_stage.load_shipped(replace(unshipped, path=str(tmp_path / "gone")))
 
 
 def test_a_seeded_sampled_caption_follows_its_sample_not_its_batch(ray_local, tiny_bundle):
     # Ray Data batches rows as blocks arrive, and a resumed run batches the rest anew: with draws per
     # batch, --seed repeated nothing; each sample now draws from its key's stream
     settings = GenerationSettings(method="sample", num_candidates=2, temperature=3.0, max_new_tokens=6, seed=11)
-    shipped = model_stage.ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"], ship=False)
+    shipped = ShippedBundle.of(tiny_bundle, load_manifest(tiny_bundle)["sha256"], ship=False)
 
     def captions(batch_size: int, order: list[int]) -> dict[str, str]:
         actor = model_stage.CaptionStage(shipped, settings, "fp32", batch_size=batch_size, embedding_dim=24,

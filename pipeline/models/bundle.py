@@ -19,13 +19,12 @@ weights_only=True, and TorchScript archives (OpenAI's CLIP files) through an unp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import shutil
 import uuid
-from dataclasses import dataclass, fields
-from pathlib import Path, PurePosixPath
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,14 +47,20 @@ from pipeline.models.clip import (
 )
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE, Languages, infer, of_manifest
+from pipeline.models.manifest import (
+    BUNDLE_FILE,
+    FACTS,
+    FORMAT,
+    SAME_AS_ENCODER,
+    BundleFacts,
+    load_manifest,
+    model_identity,
+)
 from pipeline.models.text_tokenizers import ClipTextTokenizer
 from pipeline.models.text_tower import TextTowerClip, save_text_tower_files
 from pipeline.models.weights import building_for, load_failure, load_weights, save_weights
 from pipeline.text import describe_error
 
-BUNDLE_FILE = "bundle.json"
-FORMAT = "clipcap-tr-bundle/1"
-SAME_AS_ENCODER = "encoder"
 LM_DIR = "lm"
 
 
@@ -78,12 +83,18 @@ class Bundle:
     def languages(self) -> Languages:
         return of_manifest(self.manifest)
 
+    def facts(self) -> BundleFacts:
+        return models_facts(self.encoder, self.scorer, self.captioner)
+
     def identity(self) -> dict[str, Any]:
         """What run.json and the Parquet metadata record about the models."""
-        return {key: self.manifest[key] for key in ("name", "sha256", "encoder", "captioner", "scorer")} | {
-            "languages": self.languages.to_json(),
-            # a scorer of its own encodes every image again, from pixels decoded at its own input size
-            "scorer_encodes_images": not self.scorer.shares_image_tower(self.encoder)}
+        return model_identity(self.manifest, self.facts())
+
+
+def models_facts(encoder: ClipModel, scorer: ClipModel, captioner: PrefixCaptioner | None) -> BundleFacts:
+    return BundleFacts(embed_dim=encoder.embed_dim, encoder_image=encoder.image_spec,
+                       scorer_image=None if scorer.shares_image_tower(encoder) else scorer.image_spec,
+                       caption_tokens=None if captioner is None else captioner.max_caption_tokens())
 
 
 def save_bundle(path: str | Path, encoder: ClipModel, encoder_spec: ClipSpec, captioner: PrefixCaptioner | None,
@@ -139,6 +150,7 @@ def _write_bundle(path: Path, name: str, encoder: ClipModel, encoder_spec: ClipS
         "encoder": _save_clip(path, "encoder", encoder, encoder_spec, dtype),
         "captioner": None,
         "languages": languages.to_json(),
+        FACTS: models_facts(encoder, encoder if scorer is None else scorer, captioner).to_json(),
     }
     if captioner is not None:
         manifest["captioner"] = {**captioner.config.to_json(), "weights": "mapper.safetensors",
@@ -159,51 +171,6 @@ def _write_bundle(path: Path, name: str, encoder: ClipModel, encoder_spec: ClipS
     (path / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and check bundle.json and the files it lists (presence and sha256)."""
-    path = Path(path)
-    manifest_file = path / BUNDLE_FILE
-    if not path.is_dir():
-        raise ModelLoadError(f"model bundle not found: {path} is not a directory")
-    if not manifest_file.is_file():
-        raise ModelLoadError(f"not a model bundle: {manifest_file} is missing")
-    try:
-        raw = manifest_file.read_bytes()
-        manifest = json.loads(raw)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{manifest_file}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelLoadError(f"{manifest_file}: not a {FORMAT} manifest")
-    for key in ("encoder", "captioner", "scorer", "files"):
-        if key not in manifest:
-            raise ModelLoadError(f"{manifest_file}: missing entry {key!r}")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise ModelLoadError(f"{manifest_file}: 'files' must map file names to sha256 digests")
-    for relative, digest in files.items():
-        listed = PurePosixPath(relative)
-        if listed.is_absolute() or ".." in listed.parts:
-            raise ModelLoadError(f"{manifest_file}: listed file {relative!r} lies outside the bundle")
-        file = path / relative
-        if not file.is_file():
-            raise ModelLoadError(f"bundle file missing: {file} (listed in {BUNDLE_FILE})")
-        if file_sha256(file) != digest:
-            raise ModelLoadError(f"bundle file does not match {BUNDLE_FILE}: {file} (sha256 differs)")
-    manifest.setdefault("name", path.name)
-    manifest["sha256"] = hashlib.sha256(raw).hexdigest()
-    return manifest
-
-
-def read_languages(path: str | Path) -> Languages | None:
-    """The bundle's languages from its bundle.json alone, no file hashed nor model built (a run says them
-    first); None where bundle.json is unreadable, which loading the bundle then reports."""
-    try:
-        manifest = json.loads((Path(path) / BUNDLE_FILE).read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return of_manifest(manifest) if isinstance(manifest, dict) else None
-
-
 def load_bundle(path: str | Path, captioner: bool = True) -> Bundle:
     """Load all three models from a bundle directory, on CPU in float32, in eval mode; `captioner` False leaves the
     captioner out (an embed-only run needs none: no language model in memory)."""
@@ -216,7 +183,15 @@ def load_bundle(path: str | Path, captioner: bool = True) -> Bundle:
     if captioner is not None and captioner.config.prefix_dim != encoder.embed_dim:
         raise ModelLoadError(f"{path / BUNDLE_FILE}: captioner prefix_dim {captioner.config.prefix_dim} "
                              f"does not match the encoder's embedding width {encoder.embed_dim}")
-    return Bundle(encoder=encoder, captioner=captioner, scorer=scorer, manifest=manifest)
+    bundle = Bundle(encoder=encoder, captioner=captioner, scorer=scorer, manifest=manifest)
+    if FACTS in manifest:  # what a run's driver planned with, read from bundle.json: it must be what the models are
+        recorded = BundleFacts.from_json(manifest[FACTS])
+        if captioner is None:
+            recorded = replace(recorded, caption_tokens=None)
+        if recorded != bundle.facts():
+            raise ModelLoadError(f"{path / BUNDLE_FILE}: its {FACTS!r} ({recorded}) are not those of its models "
+                                 f"({bundle.facts()})")
+    return bundle
 
 
 def save_encoder_bundle(clip: str, path: str | Path) -> dict[str, Any]:
@@ -225,10 +200,6 @@ def save_encoder_bundle(clip: str, path: str | Path) -> dict[str, Any]:
     manifest; the same CLIP gives the same bundle, so a rerun resumes."""
     encoder, spec = load_pretrained_clip(clip, "--model", "encoder")
     return save_bundle(path, encoder, spec, None, name=clip)
-
-
-def is_bundle(path: str | Path) -> bool:
-    return (Path(path) / BUNDLE_FILE).is_file()
 
 
 def load_language_model(name_or_dir: str | Path):

@@ -167,13 +167,6 @@ class PrefixCaptioner(nn.Module):
         limit = getattr(self.lm.config, "n_positions", None) or getattr(self.lm.config, "max_position_embeddings", None)
         return None if limit is None else int(limit) - self.config.prefix_length
 
-    def check_max_new_tokens(self, max_new_tokens: int) -> None:
-        """ValueError (one line) when captions of `max_new_tokens` would run past the LM's positions."""
-        room = self.max_caption_tokens()
-        if room is not None and max_new_tokens > room:
-            raise ValueError(f"--max-new-tokens {max_new_tokens} exceeds the {room} positions the model's language "
-                             "model has after its prefix")
-
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(tokens)
 

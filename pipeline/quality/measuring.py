@@ -114,10 +114,10 @@ class ProcessSampler:
     """Samples every process on this machine from /proc once a second, in a thread: peak RSS, peak
     private memory (RSS less the shared object-store pages a Ray worker has touched) and CPU seconds
     per role, the role read off Ray's process titles (a worker is titled by the task it runs:
-    ray::ReadReadShards, ray::MapWorker(MapBatches(CaptionStage)), ray::Write) or the command line.
+    ray::ReadReadShards, ray::MapWorker(MapBatches(CaptionActor)), ray::Write) or the command line.
     CPU seconds per role are the time share of each stage; Linux only."""
 
-    ROLES = (("CaptionStage", "model actor"), ("ReadReadShards", "read tasks"), ("Write", "write tasks"),
+    ROLES = (("CaptionActor", "model actor"), ("ReadReadShards", "read tasks"), ("Write", "write tasks"),
              ("write_webdataset", "webdataset tasks"), ("job submit", "ray job client"),
              ("caption_shards.py", "job driver"),
              # Ray's own processes, by their binaries and scripts: a worker's command line before its

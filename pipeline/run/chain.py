@@ -27,8 +27,8 @@ from pipeline.io.sinks import (
     OutputDir,
 )
 from pipeline.io.sources import expand_inputs
-from pipeline.models.bundle import is_bundle, load_bundle, read_languages, save_encoder_bundle
 from pipeline.models.errors import ModelLoadError
+from pipeline.models.manifest import bundle_facts, is_bundle, load_manifest, model_identity, read_languages
 from pipeline.run.commit import export_webdataset, finalize, refilter
 from pipeline.run.data_stages import (
     ImageSpecs,
@@ -38,7 +38,7 @@ from pipeline.run.data_stages import (
     peak_rss_mb,
 )
 from pipeline.run.errors import ActorStartFailed, UsageError
-from pipeline.run.model_stage import CaptionStage, ShippedBundle
+from pipeline.run.model_actor import CaptionActor, ShippedBundle
 from pipeline.run.placement import (
     actor_memory_estimate,
     actor_places,
@@ -73,6 +73,8 @@ def run(config: RunConfig) -> dict[str, Any]:
     run's --model may be a CLIP alone (ARCH:WEIGHTS, a folder, a transformers name): its actors get it as an
     encoder bundle, written for the run beside it."""
     if config.embed_only and config.model != DEMO_MODEL and not is_bundle(config.model_path):
+        from pipeline.models.bundle import save_encoder_bundle  # builds the CLIP: torch, only here
+
         with tempfile.TemporaryDirectory(prefix="encoder-bundle-") as root:
             save_encoder_bundle(config.model, Path(root) / "bundle")
             return _run(config, Path(root) / "bundle")
@@ -101,22 +103,22 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
     if is_file:
         raise UsageError(f"--output {config.output} is a file, not a directory")
     shards = expand_inputs(list(config.inputs), image_column=config.image_column, key_column=config.key_column)
-    bundle = load_bundle(model_path, captioner=not config.embed_only)
-    if bundle.captioner is None and not config.embed_only:
+    # the driver plans from bundle.json (its files checked); the actors build the models and check them against it
+    manifest = load_manifest(model_path)
+    if manifest["captioner"] is None and not config.embed_only:
         raise UsageError(f"--model {config.model} holds an encoder and no captioner: it can only --embed-only")
+    facts = bundle_facts(model_path, manifest)
     try:
         if not config.embed_only:
-            bundle.captioner.check_max_new_tokens(config.decode.max_new_tokens)
+            facts.check_max_new_tokens(config.decode.max_new_tokens)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    embedding_dim = bundle.encoder.embed_dim
-    scorer_images = None if bundle.scorer.shares_image_tower(bundle.encoder) else bundle.scorer.image_spec
-    image_specs = ImageSpecs(encoder=bundle.encoder.image_spec, scorer=scorer_images)
-    identity = bundle.identity()
-    if identity["scorer_encodes_images"]:
+    embedding_dim = facts.embed_dim
+    image_specs = ImageSpecs(encoder=facts.encoder_image, scorer=facts.scorer_image)
+    identity = model_identity(manifest, facts)
+    if facts.scorer_image is not None:
         log.info("the scorer is a model of its own: each image is decoded at its %d px too and encoded twice "
-                 "(image_embedding stays the encoder's)", image_specs.scorer.size)
-    del bundle  # the driver only validates the models; actors load their own copies
+                 "(image_embedding stays the encoder's)", facts.scorer_image.size)
 
     # the shards the inputs match define the run too: a glob that matches a shard added since a finished
     # run would otherwise leave its samples out while the rerun reports the output complete
@@ -245,7 +247,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
         dataset = dataset.map_batches(decode_images, fn_kwargs={"spec": image_specs}, batch_format="pyarrow",
                                       batch_size=config.batch_size)
     dataset = dataset.map_batches(
-        CaptionStage,
+        CaptionActor,
         # a Ray this process started is this one machine: its actors read the bundle in place, no copy needed
         fn_constructor_kwargs={"bundle": ShippedBundle.of(model_path, bundle_sha256,
                                                           ship=not _ray_started_here()),

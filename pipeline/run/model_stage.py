@@ -1,5 +1,6 @@
-"""The model stage: a Ray Data actor that holds encoder + captioner + scorer once and captions
-batches of decoded (or, on CPU clusters, raw) samples. Plain PyTorch underneath: `caption_batch`."""
+"""The model stage: what a Ray Data model actor runs (`model_actor.CaptionActor`): it holds encoder + captioner +
+scorer once and captions batches of decoded (or, on CPU clusters, raw) samples. Plain PyTorch underneath:
+`caption_batch`."""
 
 from __future__ import annotations
 
@@ -23,49 +24,28 @@ from pipeline.models.bundle import Bundle, load_bundle
 from pipeline.models.errors import ModelLoadError
 from pipeline.precision import resolve_dtype
 from pipeline.run.data_stages import ImageSpecs, decode_images, peak_rss_mb, pixels_from_column, staging_schema
+from pipeline.run.model_actor import ShippedBundle
 from pipeline.text import describe_error
 from schemas.captions import CANDIDATE_TYPE
 
 log = logging.getLogger(__name__)
 
 
-def bundle_files(path: Path) -> dict[str, bytes]:
-    """A bundle directory's files by relative path: what the driver ships to the actors."""
-    return {str(file.relative_to(path)): file.read_bytes() for file in sorted(path.rglob("*")) if file.is_file()}
-
-
-@dataclass(frozen=True)
-class ShippedBundle:
-    """The bundle the driver validated, as the model actors get it: at `path` where their node sees that
-    very bundle (one machine, a shared filesystem), else from `files`, its copy in the object store.
-    Without a copy (a Ray the driver started itself: one node, which sees the driver's files) a bundle
-    changed since it was validated is an error, not another model."""
-
-    path: str
-    sha256: str
-    files: ray.ObjectRef | None  # bundle_files(path)
-
-    @classmethod
-    def of(cls, path: Path, sha256: str, ship: bool = True) -> ShippedBundle:
-        # the copy costs reading the whole bundle and holding it in the object store for the run
-        # (~2.5 s and 590 MB for ViT-B/32 + GPT-2 small)
-        return cls(str(path.resolve()), sha256, ray.put(bundle_files(path)) if ship else None)
-
-    def load(self, captioner: bool = True) -> Bundle:
-        """The bundle's models (without its captioner where `captioner` is False)."""
-        # reading the copy meant a copy in memory and one on disk in every actor (~1 s of its start here)
-        try:
-            bundle = load_bundle(self.path, captioner)  # checks every file against its bundle.json, once
-            found = bundle.identity()["sha256"]
-            if found == self.sha256:
-                return bundle
-            problem = f"it is another bundle now (sha256 {found[:12]}...)"
-        except ModelLoadError as exc:
-            problem = str(exc)  # not on this node, or its files changed
-        if self.files is None:
-            raise ModelLoadError(f"the model bundle {self.path} changed since this run validated it: {problem}")
-        # not on this node, or another bundle there now
-        return load_shipped_bundle(ray.get(self.files), captioner)
+def load_shipped(shipped: ShippedBundle, captioner: bool = True) -> Bundle:
+    """The shipped bundle's models (without its captioner where `captioner` is False)."""
+    # reading the copy meant a copy in memory and one on disk in every actor (~1 s of its start here)
+    try:
+        bundle = load_bundle(shipped.path, captioner)  # checks every file against its bundle.json, once
+        found = bundle.identity()["sha256"]
+        if found == shipped.sha256:
+            return bundle
+        problem = f"it is another bundle now (sha256 {found[:12]}...)"
+    except ModelLoadError as exc:
+        problem = str(exc)  # not on this node, or its files changed
+    if shipped.files is None:
+        raise ModelLoadError(f"the model bundle {shipped.path} changed since this run validated it: {problem}")
+    # not on this node, or another bundle there now
+    return load_shipped_bundle(ray.get(shipped.files), captioner)
 
 
 def load_shipped_bundle(files: dict[str, bytes], captioner: bool = True) -> Bundle:
@@ -117,7 +97,7 @@ class CaptionStage:
             torch.set_num_threads(1)
         self.dtype = resolve_dtype(dtype, self.device)
         # an embed-only run decodes no caption: its actors hold no language model
-        self.bundle: Bundle = bundle.load(captioner=settings is not None).to(self.device, self.dtype)
+        self.bundle: Bundle = load_shipped(bundle, captioner=settings is not None).to(self.device, self.dtype)
         self.settings = settings
         self.batch_size = batch_size
         self.schema = staging_schema(embedding_dim, metadata_json)

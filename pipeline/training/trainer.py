@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from pipeline.io.images import ImageSpec
 from pipeline.io.sources import InputError
-from pipeline.models.bundle import BUNDLE_FILE, load_bundle, save_bundle
+from pipeline.models.bundle import load_bundle, save_bundle
 from pipeline.models.clip import ClipSpec, load_pretrained_clip, pretrained_clip_spec
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
+from pipeline.models.manifest import BUNDLE_FILE
 from pipeline.models.text_tower import read_text_tower_config
 from pipeline.training.checkpoints import Checkpoints
 from pipeline.training.config import TrainConfig
