@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pipeline import precision
+from pipeline.training.compute import Compute
 from pipeline.training.config import TrainConfig
-from pipeline.training.stages import Compute
 
 
 @pytest.mark.parametrize(("capability", "expected"), [

@@ -27,6 +27,9 @@ from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
 from pipeline.models.clip import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
+from pipeline.training.caption_stage import CaptionLoss, _caption_loss_parts, _token_ids, length_grouped
+from pipeline.training.clip_stage import contrastive_loss, word_swap_negative
+from pipeline.training.compute import Compute, cosine_lr
 from pipeline.training.config import CLIPCAP_LR, ClipArch, LMArch, TrainConfig
 from pipeline.training.examples import (
     MAX_LISTED_SKIPS,
@@ -35,16 +38,6 @@ from pipeline.training.examples import (
     StoreWriter,
     add_embedding_examples,
     add_image_examples,
-)
-from pipeline.training.stages import (
-    CaptionLoss,
-    Compute,
-    _caption_loss_parts,
-    _cosine_lr,
-    _length_grouped,
-    _token_ids,
-    contrastive_loss,
-    word_swap_negative,
 )
 from pipeline.training.trainer import train
 from schemas.captions import captions_schema
@@ -79,7 +72,7 @@ def test_learning_rate_warms_up_to_the_peak_and_decays_to_near_zero_however_shor
     total = epochs * steps_per_epoch
     rates = []
     for step in range(total):
-        _cosine_lr(optimizer, peak, step, total, steps_per_epoch)
+        cosine_lr(optimizer, peak, step, total, steps_per_epoch)
         rates.append(optimizer.param_groups[0]["lr"])
     top = int(np.argmax(rates))
     assert rates[top] == pytest.approx(peak) and max(rates) <= peak * (1 + 1e-9)
@@ -91,7 +84,7 @@ def test_learning_rate_warms_up_to_the_peak_and_decays_to_near_zero_however_shor
 
 def test_caption_batches_group_similar_lengths_and_still_cover_every_example_once_in_random_order():
     lengths = np.random.default_rng(0).integers(5, 26, size=165).tolist()
-    batches = _length_grouped(lengths, 16, torch.Generator().manual_seed(1))
+    batches = length_grouped(lengths, 16, torch.Generator().manual_seed(1))
     members = [i for batch in batches for i in batch]
     assert all(len(batch) == 16 for batch in batches)
     assert len(members) == len(set(members)) == 165 // 16 * 16
@@ -103,7 +96,7 @@ def test_caption_batches_group_similar_lengths_and_still_cover_every_example_onc
     assert padding(batches) * 4 < padding(in_order)
     longest = [max(lengths[i] for i in batch) for batch in batches]
     assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
-    assert batches == _length_grouped(lengths, 16, torch.Generator().manual_seed(1))
+    assert batches == length_grouped(lengths, 16, torch.Generator().manual_seed(1))
 
 
 def test_bf16_autocast_moves_attention_off_the_slow_flash_kernel_and_restores_it():
@@ -378,7 +371,7 @@ def test_a_scorer_trains_from_an_outputs_stored_embeddings_with_word_swap_negati
                                                                                      monkeypatch):
     """--embeddings-from OUT --train-scorer: no image is read; the output brings no negatives, so each
     caption's hard negative is a word swap; the bundle keeps --clip's captioner."""
-    import pipeline.training.stages as training
+    import pipeline.training.clip_stage as training
 
     swapped = []
     real_swap = training.word_swap_negative
@@ -442,7 +435,7 @@ def test_embeddings_from_an_output_train_with_every_caption_of_a_caption_file_jo
     folder keys a file by its path below the folder, a WebDataset's by its stem; the COCO file names it by file
     name), or the rows' own
     original_text. No image is read, rows without a caption are left out with one warning."""
-    import pipeline.training.stages as training
+    import pipeline.training.caption_stage as training
 
     _write_output(tmp_path / "output", 24)  # keys k0..k19, k19 a decode_error
     table = pq.read_table(tmp_path / "output" / "part-0.parquet")
@@ -485,7 +478,7 @@ def test_a_student_trains_on_labelled_images_and_an_output_s_kept_rows_without_e
     """The pseudo-label round's student: --embeddings-from OUT, the output folder itself (its filtered/ rows), with
     --data images. The output's rows come with their stored embeddings and captions; the labelled images are
     encoded with --clip as they are read; both are the student's examples."""
-    import pipeline.training.stages as training
+    import pipeline.training.caption_stage as training
 
     _write_output(tmp_path / "out" / "filtered", 24)  # 19 kept rows (k19 a decode_error)
     (tmp_path / "out" / "captions").mkdir()
@@ -668,7 +661,7 @@ def test_stride_16_tower_ends_in_a_3x3_grid_at_48px_and_survives_its_bundle(toke
     from pipeline.models.bundle import save_bundle
     from pipeline.models.clip import ClipSpec, create_clip
     from pipeline.models.errors import ModelLoadError
-    from pipeline.training.stages import build_custom_clip
+    from pipeline.training.clip_stage import build_custom_clip
 
     tokenizer.backend_tokenizer.save(str(tmp_path / "text_tokenizer.json"))
     arch = replace(_config(tmp_path).clip_arch, image_size=48, vision_stride=16)

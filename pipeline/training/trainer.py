@@ -1,5 +1,5 @@
 """A training run (jobs/train_captioner.py): the checks that stop a bad run before any image is read, then the
-stages of `pipeline.training.stages` and the bundle, in this process or on Ray Train.
+stages (`clip_stage`, `caption_stage`) and the bundle, in this process or on Ray Train.
 
 On Ray Train the run is a TorchTrainer of `Scaling.num_workers` workers (DDP; gloo on CPUs, NCCL on GPUs).
 Each epoch's checkpoint, the latest state of every stage so far, goes through Ray Train to `--out/checkpoints`
@@ -32,23 +32,13 @@ from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.manifest import BUNDLE_FILE
 from pipeline.models.text_tower import read_text_tower_config
+from pipeline.training.caption_stage import build_captioner, check_caption_room, shared_tokenizer, train_captioner
 from pipeline.training.checkpoints import Checkpoints
+from pipeline.training.clip_stage import build_custom_clip, build_locked_scorer, train_clip, train_scorer
+from pipeline.training.compute import Compute, embed_images, seed_everything
 from pipeline.training.config import TrainConfig
 from pipeline.training.examples import StoreWriter, add_embedding_examples, add_image_examples
 from pipeline.training.parallel import Parallel
-from pipeline.training.stages import (
-    Compute,
-    build_captioner,
-    build_custom_clip,
-    build_locked_scorer,
-    check_caption_room,
-    embed_images,
-    seed_everything,
-    shared_tokenizer,
-    train_captioner,
-    train_clip,
-    train_scorer,
-)
 
 log = logging.getLogger(__name__)
 
