@@ -49,6 +49,8 @@ def test_webdataset_end_to_end(ray_local, tiny_bundle, tmp_path):
     assert meta["filter"]["keep_top_fraction"] == 0.5 and meta["model"] == "tiny"
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["counts"]["rows"] == 10 and not (tmp_path / "out" / "_staging").exists()
+    timings = run_json["timings"]  # Ray was up already: joining it is quick; the shards were published in the run
+    assert 0 <= timings["ray_start_s"] < 1 and 0 < timings["first_published_s"] <= timings["wall_s"]
     # what "auto" resolved to on the actors' machine, per row: a run resumed elsewhere shows both
     compute = str(resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert run_json["counts"]["rows_by_compute"] == {f"cpu {compute}": 10}
@@ -311,7 +313,7 @@ def test_an_attempt_that_staged_nothing_binds_no_later_command(ray_local, tiny_b
     assert summary["counts"]["rows"] == 2
 
 
-def test_usage_found_after_loading_the_model_is_one_line_before_any_work(tiny_bundle, tmp_path):
+def test_usage_the_bundle_rules_out_is_one_line_before_any_work(tiny_bundle, tmp_path):
     tar_corpus(tmp_path / "in", shards=1, per_shard=1)
     base = {"inputs": (str(tmp_path / "in" / "*.tar"),), "model": str(tiny_bundle)}
     with pytest.raises(UsageError, match=r"--max-new-tokens 100000 exceeds the \d+ positions"):

@@ -52,11 +52,27 @@ def test_a_shard_is_published_once_all_of_it_is_staged_and_then_never_changes(ra
     write_staged(out.url, spec, range(0, 5))  # rows 0-199: shards 1 and 2 whole
     _mark_read(out, first, 100)
     _mark_read(out, second, 120)  # read to its end, but 20 of its samples are still being captioned
+    submitted = []  # shards a publish task was started for
+    real_task = publish.task
+
+    def recording_task(function, cpus):
+        remote = real_task(function, cpus=cpus)
+
+        class Recording:
+            def remote(self, output_url, source_id, *args):
+                submitted.append(source_id)
+                return remote.remote(output_url, source_id, *args)
+
+        return Recording()
+
+    monkeypatch.setattr(publish, "task", recording_task)
     publisher = Publisher(out, rows_per_file=30)
     publisher.start()
     try:
         _wait_for(lambda: shard_id(first) in publisher.published)
         time.sleep(0.3)  # a few more rounds: the second shard is not complete
+        # nor is it looked at by a task each round: its staged parts' footers count too few rows
+        assert submitted == [shard_id(first)]
         published = _published(tmp_path / "out" / CAPTIONS)
         assert len(published) == 4  # positions 0-29, 30-59, 60-89, 90-99
         rows = pa.concat_tables(published.values())
@@ -135,7 +151,10 @@ def test_captions_are_readable_while_the_run_goes_on(ray_local, tiny_bundle, tmp
             # as pyarrow.dataset and datasets list a folder: files named ._tmp-* (being written) are hidden
             for path in sorted(folder.glob("[!._]*.parquet")) if folder.exists() else []:
                 try:
-                    tables.append(pq.read_table(path))  # a part is there whole or not at all
+                    # a part is there whole or not at all; read through one open file: given a path, pyarrow opens
+                    # it twice (footer, then pages), which can see two versions while the commit settles it
+                    with path.open("rb") as handle:
+                        tables.append(pq.read_table(handle))
                 except FileNotFoundError:  # replaced by its settled version since the listing
                     continue
                 except Exception as exc:  # half a part: reported by the test, not lost in this thread

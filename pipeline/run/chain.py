@@ -147,7 +147,9 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
             output.write_json(previous, RUN_JSON)
         return jsonable(previous)
 
+    ray_started = time.time()
     init_ray()
+    ray_seconds = time.time() - ray_started
     staged = staged_samples(output)
     if staged.finished:
         log.info("resuming: %d of %d shards are staged completely and are not read again", len(staged.finished),
@@ -187,6 +189,10 @@ def _run(config: RunConfig, model_path: Path) -> dict[str, Any]:
             "started": datetime.fromtimestamp(started, UTC).isoformat(),
             "finished": datetime.now(UTC).isoformat(),
             "wall_s": round(time.time() - started, 3),
+            "ray_start_s": round(ray_seconds, 3),  # starting a local Ray, or joining the cluster's
+            # what a reader of captions/ waited for its first rows (a shard published whole); null: none this attempt
+            "first_published_s": None if publisher.first_published is None
+            else round(publisher.first_published - started, 3),
             "model_stage_s": round(model_seconds, 3),
             "finalize_s": round(export_started - finalize_started, 3),
             "webdataset_s": round(time.time() - export_started, 3) if webdataset is not None else None,
