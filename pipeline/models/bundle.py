@@ -188,9 +188,10 @@ def load_bundle(path: str | Path, captioner: bool = True) -> Bundle:
         recorded = BundleFacts.from_json(manifest[FACTS])
         if captioner is None:
             recorded = replace(recorded, caption_tokens=None)
-        if recorded != bundle.facts():
+        found = bundle.facts()
+        if recorded != found:
             raise ModelLoadError(f"{path / BUNDLE_FILE}: its {FACTS!r} ({recorded}) are not those of its models "
-                                 f"({bundle.facts()})")
+                                 f"({found})")
     return bundle
 
 

@@ -145,7 +145,8 @@ class Publisher:
         return {shard: records for shard, records in waiting.items() if staged[shard] >= records}
 
     def _submit(self, paths: list[str], markers: dict[str, int], final: bool) -> None:
-        """A publish task for each shard read to its end (final: each shard with staged samples too)."""
+        """A publish task for each shard of `markers` (id -> records) not published or in flight (final: each shard
+        with staged samples too, publishing what is staged of it)."""
         by_shard: dict[str, list[str]] = {}
         for path in paths:
             by_shard.setdefault(part_shard(path), []).append(path)
