@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import tarfile
 
@@ -180,6 +181,43 @@ def test_one_shard_is_captioned_by_every_actor(ray_local, tiny_bundle, tmp_path)
     by_actor = run(config)["counts"]["rows_by_actor"]
     assert len(by_actor) == 2 and min(by_actor.values()) >= 8, by_actor
     assert sum(by_actor.values()) == 48
+
+
+def test_a_shard_smaller_than_a_batch_is_still_shared_by_every_actor(ray_local, tiny_bundle, tmp_path):
+    """A local input of known size is cut into as many equal blocks as there are actors (here 6 rows, batch 256):
+    one block of 6 rows left one of the two actors idle, and a short run took the time of the whole batch."""
+    tar_corpus(tmp_path / "in", shards=1, per_shard=6)
+    config = RunConfig(inputs=(str(tmp_path / "in" / "*.tar"),), output=str(tmp_path / "out"), model=str(tiny_bundle),
+                       decode=GenerationSettings(max_new_tokens=3), actors=ActorRange.parse("2"))
+    assert sorted(run(config)["counts"]["rows_by_actor"].values()) == [3, 3]
+
+
+@pytest.mark.parametrize(("rows", "actors", "batch", "expected"), [
+    (None, 2, 256, 256),  # size unknown: a batch
+    (64, 2, 256, 32),  # smaller than a batch: one block per actor
+    (576, 2, 256, 144),  # 256 + 256 + 64 left one actor the tail alone: 4 x 144
+    (1, 4, 256, 1),
+    (4096, 16, 256, 256),  # a batch per actor exactly
+])
+def test_rows_per_block_gives_every_actor_an_equal_share(rows, actors, batch, expected):
+    from pipeline.run.placement import rows_per_block
+
+    assert rows_per_block(rows, actors, batch) == expected
+    for rows in range(1, 1200):  # never over a batch, and the busiest actor's rows over an equal share: at most
+        block = rows_per_block(rows, actors, batch)  # one per batch each actor takes
+        busiest = math.ceil(math.ceil(rows / block) / actors) * block
+        assert block <= batch and busiest - rows / actors <= math.ceil(rows / (actors * batch)), rows
+
+
+def test_a_small_local_input_is_counted_and_a_large_or_remote_one_is_not(tmp_path):
+    from pipeline.io.sources import count_samples, expand_inputs
+
+    tar_corpus(tmp_path / "in", shards=2, per_shard=5)
+    shards = expand_inputs([str(tmp_path / "in" / "*.tar")])
+    assert count_samples(shards, at_most=10) == 10
+    assert count_samples(shards, at_most=9) is None  # reading stops there
+    remote = [dataclasses.replace(shard, url=f"s3://bucket/{shard.url.rsplit('/', 1)[-1]}") for shard in shards]
+    assert count_samples(remote, at_most=100) is None  # never read twice from a store
 
 
 def test_auto_actors_take_every_gpu_share_or_every_core_the_memory_holds(tiny_bundle):

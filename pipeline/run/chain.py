@@ -26,7 +26,7 @@ from pipeline.io.sinks import (
     STAGING,
     OutputDir,
 )
-from pipeline.io.sources import expand_inputs
+from pipeline.io.sources import count_samples, expand_inputs
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.manifest import bundle_facts, is_bundle, load_manifest, model_identity, read_languages
 from pipeline.run.commit import export_webdataset, finalize, refilter
@@ -45,6 +45,7 @@ from pipeline.run.placement import (
     auto_actors,
     cpu_threads_per_actor,
     live_node_resources,
+    rows_per_block,
     total_resources,
 )
 from pipeline.run.publish import Publisher
@@ -248,10 +249,12 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
                                        concurrency=min(len(shards), READS_PER_ACTOR * actors.max))
     if remaining is not None:
         dataset = dataset.limit(remaining)
-    dataset = _in_blocks_of(dataset, config.batch_size)
+    block_rows = rows_per_block(_rows_to_caption(config, shards, done, remaining, actors.max), actors.max,
+                                config.batch_size)
+    dataset = _in_blocks_of(dataset, block_rows)
     if gpus:  # CPU tasks decode while the GPU actors compute
         dataset = dataset.map_batches(decode_images, fn_kwargs={"spec": image_specs}, batch_format="pyarrow",
-                                      batch_size=config.batch_size)
+                                      batch_size=block_rows)
     dataset = dataset.map_batches(
         CaptionActor,
         # a Ray this process started is this one machine: its actors read the bundle in place, no copy needed
@@ -264,7 +267,7 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
                                # matmul threads wait, so it decodes each batch itself, on the same threads
                                "image_specs": None if gpus else image_specs},
         compute=ray.data.ActorPoolStrategy(min_size=actors.min, max_size=actors.max),
-        batch_size=config.batch_size,
+        batch_size=block_rows,  # not more: Ray Data would join smaller blocks into one actor's task
         batch_format="pyarrow",
         num_gpus=gpus,
     )
@@ -289,8 +292,17 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
     return actors, sink.parts_written
 
 
+def _rows_to_caption(config: RunConfig, shards, done: dict[str, set[int]], remaining: int | None,
+                     actors: int) -> int | None:
+    """How many rows this attempt captions, where that is cheap to know (a small local input, or --limit)."""
+    counted = count_samples(shards, 2 * actors * config.batch_size, config.image_column, config.key_column)
+    if counted is not None:
+        counted -= sum(len(done.get(shard.url, ())) for shard in shards)
+    return remaining if counted is None else counted if remaining is None else min(counted, remaining)
+
+
 def _in_blocks_of(dataset: ray.data.Dataset, rows: int) -> ray.data.Dataset:
-    """`dataset` in blocks of at most `rows` rows, so that each model actor task takes about one batch.
+    """`dataset` in blocks of at most `rows` rows, each one model actor task (`placement.rows_per_block`).
 
     A read task's output is cut into blocks by bytes only (128 MiB): a shard of small images arrived as one
     block, which one actor captioned while the others waited. Ray's streaming repartition cuts by rows, but
@@ -331,6 +343,11 @@ def init_ray() -> None:
         address = os.environ.get("RAY_ADDRESS")
         if address:
             _check_ray_address(address)
+        else:
+            # A Ray started here stops idle workers beyond one per CPU, and the model actors hold every CPU: each
+            # read and write task waited ~2 s for a new worker process. (Read by the raylet started below; a
+            # Ray that `ray start` began, which ray.init joins where there is one, keeps its own setting.)
+            os.environ.setdefault("RAY_num_workers_soft_limit", str(2 * (os.cpu_count() or 1) + 4))
         ray.init(address=address, log_to_driver=True, configure_logging=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}} if address is None else None)
 

@@ -52,3 +52,14 @@ def cpu_threads_per_actor(nodes: list[dict[str, float]], actors: int) -> int:
     cores = min((int(resources.get("CPU", 1)) for resources in nodes), default=1)
     actors_per_node = max(1, -(-actors // max(1, len(nodes))))
     return max(1, cores // actors_per_node)
+
+
+def rows_per_block(rows: int | None, actors: int, batch_size: int) -> int:
+    """The rows each model actor task takes. A run of unknown size: `batch_size`. A run of `rows` rows: the
+    fewest equal blocks of at most `batch_size` rows that are a multiple of `actors`, so that every actor
+    ends at about the same time. Cut by `batch_size` alone, 64 images were one block for one actor while
+    the others waited, and 576 were 256 + 256 + 64: one actor captioned the last 64 alone."""
+    if rows is None or rows <= 0:
+        return batch_size
+    blocks = actors * -(-rows // (actors * batch_size))
+    return max(1, -(-rows // blocks))
