@@ -12,7 +12,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from pipeline.models.captioner import CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import CUSTOM, ClipModel, ClipSpec, create_clip
+from pipeline.models.clip import ClipModel
+from pipeline.models.clip_factory import CUSTOM, ClipSpec, create_clip
 from pipeline.models.text_tokenizers import train_bpe_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -15,7 +15,7 @@ from conftest import tar_corpus, tiny_captioner
 
 from pipeline.config import DEMO_BUNDLE, RunConfig
 from pipeline.models.bundle import load_bundle, save_bundle
-from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.clip_factory import ClipSpec, create_clip
 from pipeline.models.languages import MULTILINGUAL, Languages, infer, of_manifest
 from pipeline.quality.report import build_report
 from pipeline.run.chain import run

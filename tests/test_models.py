@@ -20,7 +20,8 @@ from pipeline.io.images import ImageSpec
 from pipeline.models import clip as clip_module
 from pipeline.models.bundle import Bundle, load_bundle, save_bundle
 from pipeline.models.captioner import CaptionerConfig, MLPMapper, PrefixCaptioner, TransformerMapper
-from pipeline.models.clip import ClipModel, ClipSpec, create_clip
+from pipeline.models.clip import ClipModel
+from pipeline.models.clip_factory import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from pipeline.config import GenerationSettings, RunConfig
 from pipeline.generation.captioning import caption_batch
 from pipeline.models.bundle import load_bundle, save_bundle
-from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.clip_factory import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import MULTILINGUAL, infer
 from pipeline.run.chain import run

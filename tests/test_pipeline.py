@@ -121,7 +121,7 @@ def test_a_clip_alone_embeds_once_and_its_embeddings_train_a_captioner_that_capt
     from conftest import tiny_multilingual_folder
 
     from pipeline.io.images import decode_image
-    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.clip_factory import ClipSpec, create_clip
     from pipeline.models.errors import ModelLoadError
     from pipeline.training.config import ClipArch, LMArch, TrainConfig
 

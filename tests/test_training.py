@@ -25,7 +25,7 @@ from pipeline.generation.generate import decode_texts, generate
 from pipeline.io.images import ImageSpec
 from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle
-from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.clip_factory import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.training.caption_stage import CaptionLoss, _caption_loss_parts, _token_ids, length_grouped
 from pipeline.training.clip_stage import contrastive_loss, word_swap_negative
@@ -639,7 +639,7 @@ def test_training_on_a_bundle_whose_encoder_is_a_named_model_with_stored_weights
     """--clip BUNDLE where the encoder is ARCH + the bundle's own weights file (an imported ClipCap's, or one
     trained with --clip ARCH:FILE): the new bundle must carry those weights, not a name for a file it lacks."""
     from pipeline.models.bundle import save_bundle
-    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.clip_factory import ClipSpec, create_clip
     from pipeline.models.weights import save_weights
 
     torch.manual_seed(0)
@@ -659,7 +659,7 @@ def test_training_on_a_bundle_whose_encoder_is_a_named_model_with_stored_weights
 
 def test_stride_16_tower_ends_in_a_3x3_grid_at_48px_and_survives_its_bundle(tokenizer, tmp_path):
     from pipeline.models.bundle import save_bundle
-    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.clip_factory import ClipSpec, create_clip
     from pipeline.models.errors import ModelLoadError
     from pipeline.training.clip_stage import build_custom_clip
 

@@ -32,18 +32,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.io.digest import file_sha256
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import (
+from pipeline.models.clip import LOCKED_PREFIX, ClipModel, lock_image_tower, uses_quick_gelu
+from pipeline.models.clip_factory import (
     CUSTOM,
     LOCAL_DIR,
-    LOCKED_PREFIX,
     TEXT_TOWER,
-    ClipModel,
     ClipSpec,
     create_clip,
     load_pretrained_clip,
-    lock_image_tower,
     save_open_clip_folder,
-    uses_quick_gelu,
 )
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE, Languages, infer, of_manifest

@@ -13,7 +13,7 @@ import torch
 
 from pipeline.models.bundle import load_language_model, save_bundle
 from pipeline.models.captioner import MAPPERS, CaptionerConfig, PrefixCaptioner
-from pipeline.models.clip import ClipSpec, create_clip
+from pipeline.models.clip_factory import ClipSpec, create_clip
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.weights import load_state

@@ -15,7 +15,7 @@ from typing import Any
 
 MULTILINGUAL = "multilingual"
 PROJECT_LANGUAGE = "tr"
-# pipeline.models.clip.CUSTOM and LOCAL_DIR, repeated here so that this module imports no torch
+# pipeline.models.clip_factory.CUSTOM and LOCAL_DIR, repeated here so that this module imports no torch
 CUSTOM = "custom"
 LOCAL_DIR = "local-dir:"
 # open_clip names, Hugging Face text towers and their config.json model_type, trained on many languages,

@@ -1,5 +1,5 @@
 """A Hugging Face transformers CLIPModel folder or hub name, read as the open_clip CLIP it was converted from
-(`pipeline.models.clip` names these by `is_transformers_clip` and wraps them as any other CLIP)."""
+(`pipeline.models.clip_factory` names these by `is_transformers_clip` and wraps them as any other CLIP)."""
 
 from __future__ import annotations
 

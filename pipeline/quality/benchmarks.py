@@ -127,7 +127,7 @@ def vit_b32_weights(path: Path) -> Path:
     bundle's encoder, and the local weights a peer (clip-retrieval) loads."""
     from safetensors.torch import save_file
 
-    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.clip_factory import ClipSpec, create_clip
 
     if not path.is_file():
         torch.manual_seed(0)
@@ -141,7 +141,7 @@ def real_size_bundle(path: Path) -> Path:
     """ViT-B-32 (`vit_b32_weights`, kept beside it) + ClipCap MLP 512->3840->7680 + GPT-2 small, random weights,
     saved as a bundle (fp16 storage) so the pipeline and the bare loop load the very same model."""
     from pipeline.models.bundle import save_bundle
-    from pipeline.models.clip import ClipSpec, create_clip
+    from pipeline.models.clip_factory import ClipSpec, create_clip
 
     weights = vit_b32_weights(path.parent / VIT_B32_WEIGHTS)
     if (path / "bundle.json").is_file():

@@ -14,16 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.models.clip import (
-    CUSTOM,
-    LOCKED_VISION_PLACEHOLDER,
-    TEXT_TOWER,
-    ClipModel,
-    ClipSpec,
-    create_clip,
-    encode_text_trimmed,
-    lock_image_tower,
-)
+from pipeline.models.clip import LOCKED_VISION_PLACEHOLDER, ClipModel, encode_text_trimmed, lock_image_tower
+from pipeline.models.clip_factory import CUSTOM, TEXT_TOWER, ClipSpec, create_clip
 from pipeline.models.text_tokenizers import ClipTextTokenizer
 from pipeline.training.checkpoints import Checkpoints
 from pipeline.training.compute import Compute, cosine_lr, optimizer_step

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline.io.images import ImageSpec
 from pipeline.io.sources import InputError
 from pipeline.models.bundle import load_bundle, save_bundle
-from pipeline.models.clip import ClipSpec, load_pretrained_clip, pretrained_clip_spec
+from pipeline.models.clip_factory import ClipSpec, load_pretrained_clip, pretrained_clip_spec
 from pipeline.models.errors import ModelLoadError
 from pipeline.models.languages import PROJECT_LANGUAGE
 from pipeline.models.manifest import BUNDLE_FILE
