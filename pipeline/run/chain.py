@@ -249,8 +249,10 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
                                        concurrency=min(len(shards), READS_PER_ACTOR * actors.max))
     if remaining is not None:
         dataset = dataset.limit(remaining)
-    block_rows = rows_per_block(_rows_to_caption(config, shards, done, remaining, actors.max), actors.max,
-                                config.batch_size)
+    # a CPU actor takes seconds a batch, so an actor left idle by a short run or a run's tail is worth counting
+    # the rows for; a GPU's batch takes a fraction of a second
+    rows = remaining if gpus else _rows_to_caption(config, shards, done, remaining, actors.max)
+    block_rows = rows_per_block(rows, actors.max, config.batch_size)
     dataset = _in_blocks_of(dataset, block_rows)
     if gpus:  # CPU tasks decode while the GPU actors compute
         dataset = dataset.map_batches(decode_images, fn_kwargs={"spec": image_specs}, batch_format="pyarrow",
