@@ -46,7 +46,8 @@ from pipeline.run.filtering import FilterSettings
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Images per model batch; decoding gains from every extra row (docs/benchmarks.md).")
+              help="Images per model batch, at most (a small local input on CPU actors is cut into equal "
+                   "batches, as many for each actor); decoding gains from every extra row (docs/benchmarks.md).")
 @click.option("--actors", default="auto", show_default=True,
               help="Model actors: N, MIN-MAX to autoscale, or auto: as many as the nodes up now hold.")
 @click.option("--gpus-per-actor", type=click.FloatRange(0, 1), default=None,
