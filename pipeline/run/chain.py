@@ -297,10 +297,12 @@ def _caption_into_staging(config: RunConfig, output: OutputDir, shards, done, im
 def _rows_to_caption(config: RunConfig, shards, done: dict[str, set[int]], remaining: int | None,
                      actors: int) -> int | None:
     """How many rows this attempt captions, where that is cheap to know (a small local input, or --limit)."""
-    counted = count_samples(shards, 2 * actors * config.batch_size, config.image_column, config.key_column)
-    if counted is not None:
-        counted -= sum(len(done.get(shard.url, ())) for shard in shards)
-    return remaining if counted is None else counted if remaining is None else min(counted, remaining)
+    staged = sum(len(done.get(shard.url, ())) for shard in shards)
+    at_most = 2 * actors * config.batch_size
+    if remaining is not None:  # past the limit, counting on tells nothing more
+        at_most = min(at_most, remaining + staged)
+    counted = count_samples(shards, at_most, config.image_column, config.key_column)
+    return remaining if counted is None else counted - staged
 
 
 def _in_blocks_of(dataset: ray.data.Dataset, rows: int) -> ray.data.Dataset:
